@@ -1,0 +1,37 @@
+# GenEvolve Studio. `make demo` and `make test` install everything they need on first run.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+GE := $(VENV)/bin/genevolve
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-slow bench world clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel of torch, pinned so that nothing pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(GE) rollout --request "Draw the flag of the 2031 Aurora Cup champion above exactly three gold stars" -k 4
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) benchmarks/render_judge_speed.py
+	$(PY) benchmarks/sandbox_levers.py
+
+world: setup
+	$(GE) world build --seed 0 --out assets/world
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

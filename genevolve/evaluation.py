@@ -1,0 +1,130 @@
+"""Render and judge trajectories, roll out groups, and aggregate bench scores.
+
+Scoring one trajectory: its program goes to the generator with its reference images; the image is
+stored by hash; the judge scores it against the request's ground truth (F, V, T, A, KScore) and the
+program-sufficiency judge gives R_text; the reward mixes them: R = (1 - alpha) KScore + alpha R_text.
+Anything that cannot be judged (no program, no readable request, a generator failure) becomes a
+verdict with ``failed`` set and zero scores, counted as a failure, never silently skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from typing import Any, Iterable, Sequence
+
+from .agent import Policy, Tools, run_to_end
+from .records import ImageStore, Program, RenderedImage, Request, Trajectory, Verdict
+
+ALPHA = 0.5
+
+
+def raw_trajectory(request: Request, seed: int = 0) -> Trajectory:
+    """The "raw generator" baseline: the request text goes straight to the generator, no agent, no references."""
+    return Trajectory(id=f"{request.id}-raw-s{seed}", request_id=request.id, request_text=request.text, policy="raw",
+                      seed=seed, program=Program(gen_prompt=request.text), termination="answer")
+
+
+class SandboxScorer:
+    """Renders with the world's generator and judges with the world's judge."""
+
+    def __init__(self, world, alpha: float = ALPHA):
+        self.world = world
+        self.alpha = alpha
+
+    def _reference_images(self, traj: Trajectory) -> tuple[list[Any], list[dict[str, Any]], list[str]]:
+        from PIL import Image
+
+        images, rows, problems = [], [], []
+        for ref in traj.program.reference_images if traj.program else []:
+            info = traj.image(ref.img_id)
+            if info is None or not info.local_path:
+                problems.append(f"reference {ref.img_id} has no image")
+                continue
+            try:
+                with Image.open(info.local_path) as im:
+                    images.append(im.convert("RGB"))
+            except OSError as exc:
+                problems.append(f"reference {ref.img_id} could not be read: {exc}")
+                continue
+            rows.append(self.world.refs.get(info.source_id, {}))
+        return images, rows, problems
+
+    def score(self, request: Request, traj: Trajectory, store: ImageStore, seed: int = 0) -> tuple[RenderedImage | None, Verdict]:
+        base = dict(trajectory_id=traj.id, request_id=request.id, alpha=self.alpha)
+        if traj.program is None:
+            return None, Verdict(**base, failed=f"no program ({traj.termination})", rationale="The trajectory gave no answer.")
+        prog = traj.program
+        refs, rows, problems = self._reference_images(traj)
+        try:
+            image = self.world.generator.generate(prog.gen_prompt, refs, seed=seed)
+        except Exception as exc:  # a generator failure is recorded on this case only
+            return None, Verdict(**base, failed=f"generator failed: {type(exc).__name__}: {exc}")
+        h = store.put(image)
+        ref_hashes = [store.put(im) for im in refs]
+        rendered = RenderedImage(hash=h, width=image.width, height=image.height, generator=self.world.generator.name,
+                                 prompt=prog.gen_prompt, reference_hashes=ref_hashes, seed=seed)
+        if request.scene is None:
+            return rendered, Verdict(**base, image=h, failed=f"request not readable by the sandbox world: {request.parse_error}")
+        from .world.scene import Scene
+
+        scene = Scene.from_dict(request.scene)
+        j = self.world.judge.judge(image, scene, self.world.gt_image(request))
+        r_text, missing = self.world.judge.program_sufficiency(prog.gen_prompt, scene, rows)
+        rationale = j.rationale + (f" Program misses: {'; '.join(missing)}." if missing else "")
+        if problems:
+            rationale += " " + " ".join(problems) + "."
+        reward = (1 - self.alpha) * j.kscore + self.alpha * r_text
+        return rendered, Verdict(**base, image=h, F=j.F, V=j.V, T=j.T, A=j.A, kscore=j.kscore, r_text=r_text,
+                                 reward=reward, rationale=rationale)
+
+
+def rollout_group(request: Request, policy: Policy, tools: Tools, k: int, seed: int = 0,
+                  guide: str | None = None) -> list[Trajectory]:
+    """K independent trajectories for one request; sample i uses seed ``seed * 1000 + i``."""
+    return [run_to_end(request, policy, tools, seed=seed * 1000 + i, traj_id=f"{request.id}-s{seed}-k{i}", guide=guide)
+            for i in range(k)]
+
+
+# ---------------------------------------------------------------------------
+# Aggregation
+# ---------------------------------------------------------------------------
+
+DIMS = ("kscore", "F", "V", "T", "A", "r_text", "reward")
+
+
+def mean_ci(values: Sequence[float], z: float = 1.96) -> tuple[float, float]:
+    """Mean and half-width of a normal-approximation 95 % confidence interval."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return float("nan"), float("nan")
+    m = statistics.fmean(vals)
+    if len(vals) < 2:
+        return m, float("nan")
+    return m, z * statistics.stdev(vals) / math.sqrt(len(vals))
+
+
+def aggregate(pairs: Iterable[tuple[Request, Verdict]]) -> dict[str, Any]:
+    """KScore (and F, V, T, A, R_text, reward) overall and by track, category and difficulty.
+
+    Failed cases count as zero in KScore and reward (the stated missing-case policy) and are counted.
+    """
+    groups: dict[str, dict[str, list[Verdict]]] = {"overall": defaultdict(list), "track": defaultdict(list),
+                                                  "category": defaultdict(list), "difficulty": defaultdict(list)}
+    for req, v in pairs:
+        groups["overall"]["all"].append(v)
+        groups["track"][req.track].append(v)
+        groups["category"][req.category].append(v)
+        groups["difficulty"][str(req.difficulty)].append(v)
+    out: dict[str, Any] = {}
+    for level, bucket in groups.items():
+        out[level] = {}
+        for key, vs in sorted(bucket.items()):
+            row = {"n": len(vs), "failed": sum(v.failed is not None for v in vs)}
+            for d in DIMS:
+                vals = [getattr(v, d) for v in vs]
+                vals = [x for x in vals if x is not None]
+                row[d] = statistics.fmean(vals) if vals else None
+            out[level][key] = row
+    return out

@@ -1,0 +1,268 @@
+"""Text <-> records for the GenEvolve turn format.
+
+Each assistant turn is ``<think>...</think>`` followed by exactly one
+``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` or one ``<answer>{json}</answer>``.
+Tool results come back as a user turn ``<tool_response>\\n...\\n</tool_response>``. At most 11
+assistant turns and 10 tool calls; before the last turn a FINAL STEP message forces an answer;
+a turn with neither a tool call nor an answer gets a format-error note and the loop goes on.
+
+The answer is a prompt-reference program: ``{"gen_prompt": "...", "reference_images":
+[{"img_id": "IMG_003", "note": "..."}]}``. :func:`normalize_program` applies the runtime's rules:
+unknown ids dropped, references sorted by id and capped at two, and records what it changed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from .records import SKILLS, ImageRef, Observation, Program, ProgramRef, ToolCall, Trajectory, Turn
+
+MAX_TURNS = 11
+MAX_TOOL_CALLS = 10
+MAX_REFERENCES = 2
+TOOL_NAMES = ("search", "image_search", "query_knowledge")
+
+FINAL_STEP_MESSAGE = """\
+=== FINAL STEP: OUTPUT ANSWER NOW ===
+This is the final step: tool calls are no longer allowed and will be ignored.
+Output <answer>...</answer> now, using the IMG_### ids you already have (or none), in this format:
+<answer>
+{"gen_prompt": "your generation prompt", "reference_images": [{"img_id": "IMG_###", "note": "..."}]}
+</answer>"""
+
+FORMAT_ERROR_MESSAGE = (
+    "<tool_response>\nFormat error: must output one <tool_call>{...}</tool_call> or <answer>{...}</answer>.\n</tool_response>"
+)
+
+TOOLS_SPEC = [
+    {"type": "function", "function": {"name": "search", "description": "Text search. Supply an array of queries.",
+     "parameters": {"type": "object", "properties": {"queries": {"type": "array", "items": {"type": "string"}},
+                    "top_k": {"type": "integer"}}, "required": ["queries"]}}},
+    {"type": "function", "function": {"name": "image_search", "description": "Text-to-image search; returns images with IMG ids.",
+     "parameters": {"type": "object", "properties": {"query": {"type": "string"}, "top_k": {"type": "integer"}},
+                    "required": ["query"]}}},
+    {"type": "function", "function": {"name": "query_knowledge", "description": "Prompt-writing guidance for one skill.",
+     "parameters": {"type": "object", "properties": {"skill_name": {"type": "string", "enum": list(SKILLS)}},
+                    "required": ["skill_name"]}}},
+]
+
+SYSTEM_PROMPT = """\
+You ground image requests into a prompt for an image generator.
+Each round write <think>...</think> and then exactly one <tool_call>{"name": ..., "arguments": {...}}</tool_call> or one <answer>{...}</answer>.
+Tools: search(queries, top_k) finds facts; image_search(query, top_k) finds reference images with ids IMG_###; query_knowledge(skill_name) gives writing guidance for one skill: """ + ", ".join(SKILLS) + """.
+At most 10 tool calls. Search facts and references for named entities you do not know. Query the skills the request needs and follow them.
+Answer with {"gen_prompt": "...", "reference_images": [{"img_id": "IMG_###", "note": "..."}]}: 1-2 references sorted by id; in gen_prompt name them only as "the first reference image" and "the second reference image", never by id."""
+
+GUIDE_HEADER = "Current-Task Decision Guide"
+
+_THINK_RE = re.compile(r"<think>(.*?)</think>", re.S)
+_TOOL_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+_ANSWER_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.S)
+_IMG_ID_RE = re.compile(r"\bIMG_\d{3,}\b")
+_ORDINAL_RE = re.compile(r"\b(first|second|third|fourth)(?: reference image)\b", re.I)
+_TOOL_RESPONSE_RE = re.compile(r"^<tool_response>\n?(.*?)\n?</tool_response>$", re.S)
+
+
+def system_prompt(guide: str | None = None, base: str = SYSTEM_PROMPT) -> str:
+    """The system prompt; the teacher's adds the decision guide (the student's never does)."""
+    if not guide:
+        return base
+    return f"{base}\n\n## {GUIDE_HEADER}\n{guide.strip()}"
+
+
+@dataclass
+class ParsedTurn:
+    think: str | None
+    tool_call: ToolCall | None
+    answer: dict[str, Any] | None
+    error: str | None  # why this turn is not a valid action (None when it is)
+
+
+def parse_turn(text: str) -> ParsedTurn:
+    """Read one assistant turn. Exactly one action is valid; the error says what went wrong otherwise."""
+    think_m = _THINK_RE.search(text)
+    think = think_m.group(1).strip() if think_m else None
+    tools = _TOOL_RE.findall(text)
+    answers = _ANSWER_RE.findall(text)
+    if tools and answers:
+        return ParsedTurn(think, None, None, "both a tool call and an answer in one turn")
+    if len(tools) > 1:
+        return ParsedTurn(think, None, None, f"{len(tools)} tool calls in one turn (one allowed)")
+    if answers:
+        try:
+            payload = json.loads(answers[0])
+        except json.JSONDecodeError as exc:
+            return ParsedTurn(think, None, None, f"answer is not valid JSON: {exc.msg} at char {exc.pos}")
+        if not isinstance(payload, dict):
+            return ParsedTurn(think, None, None, "answer JSON is not an object")
+        return ParsedTurn(think, None, payload, None)
+    if tools:
+        try:
+            payload = json.loads(tools[0])
+        except json.JSONDecodeError as exc:
+            return ParsedTurn(think, None, None, f"tool call is not valid JSON: {exc.msg} at char {exc.pos}")
+        if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
+            return ParsedTurn(think, None, None, "tool call JSON needs a string 'name'")
+        args = payload.get("arguments") or {}
+        if not isinstance(args, dict):
+            return ParsedTurn(think, None, None, "tool call 'arguments' is not an object")
+        return ParsedTurn(think, ToolCall(name=payload["name"].strip(), arguments=args), None, None)
+    return ParsedTurn(think, None, None, "no <tool_call> and no <answer>")
+
+
+def render_turn(think: str, tool_call: ToolCall | None = None, answer: dict[str, Any] | None = None) -> str:
+    """Write an assistant turn in the protocol's exact format."""
+    if (tool_call is None) == (answer is None):
+        raise ValueError("a turn has exactly one of tool_call or answer")
+    head = f"<think>{think}</think>\n"
+    if tool_call is not None:
+        body = json.dumps({"name": tool_call.name, "arguments": tool_call.arguments}, ensure_ascii=False)
+        return f"{head}<tool_call>{body}</tool_call>"
+    return f"{head}<answer>{json.dumps(answer, ensure_ascii=False)}</answer>"
+
+
+def wrap_observation(text: str) -> str:
+    return f"<tool_response>\n{text}\n</tool_response>"
+
+
+def unwrap_observation(content: str) -> str | None:
+    m = _TOOL_RESPONSE_RE.match(content.strip())
+    return m.group(1) if m else None
+
+
+def normalize_program(payload: dict[str, Any], images: Iterable[ImageRef]) -> Program:
+    """Apply the runtime's answer rules and record every change or problem on the program."""
+    known = {im.img_id for im in images}
+    issues: list[str] = []
+    gen_prompt = payload.get("gen_prompt")
+    if not isinstance(gen_prompt, str):
+        issues.append("gen_prompt is missing or not a string")
+        gen_prompt = ""
+    gen_prompt = gen_prompt.strip()
+    if not gen_prompt:
+        issues.append("empty gen_prompt")
+    raw = payload.get("reference_images") or []
+    if not isinstance(raw, list):
+        issues.append("reference_images is not a list")
+        raw = []
+    refs: list[ProgramRef] = []
+    for r in raw:
+        if not isinstance(r, dict) or not isinstance(r.get("img_id"), str):
+            issues.append(f"dropped a malformed reference entry: {r!r}"[:120])
+            continue
+        img_id = r["img_id"].strip()
+        if img_id not in known:
+            issues.append(f"dropped unknown image id {img_id}")
+            continue
+        if any(x.img_id == img_id for x in refs):
+            issues.append(f"dropped duplicate image id {img_id}")
+            continue
+        refs.append(ProgramRef(img_id=img_id, note=str(r.get("note", "")).strip()))
+    if [x.img_id for x in refs] != sorted(x.img_id for x in refs):
+        issues.append("references re-sorted by id")
+    refs.sort(key=lambda x: x.img_id)
+    if len(refs) > MAX_REFERENCES:
+        issues.append(f"{len(refs)} references capped at {MAX_REFERENCES}")
+        refs = refs[:MAX_REFERENCES]
+    if not refs:
+        issues.append("no valid reference images")
+    if _IMG_ID_RE.search(gen_prompt):
+        issues.append("gen_prompt names images by id instead of ordinal phrases")
+    ordinals = {"first": 1, "second": 2, "third": 3, "fourth": 4}
+    for m in _ORDINAL_RE.finditer(gen_prompt):
+        if ordinals[m.group(1).lower()] > len(refs):
+            issues.append(f"gen_prompt mentions the {m.group(1).lower()} reference image but there are {len(refs)} references")
+            break
+    return Program(gen_prompt=gen_prompt, reference_images=refs, issues=issues)
+
+
+# ---------------------------------------------------------------------------
+# Official SFT records (``messages`` lists) <-> trajectories
+# ---------------------------------------------------------------------------
+
+_IMAGE_LINE_RE = re.compile(r"^(IMG_\d{3,}): title: (.*)$")
+
+
+def images_from_observation(text: str) -> list[ImageRef]:
+    """Recover the IMG ids an image_search observation handed out (for imported records)."""
+    out: list[ImageRef] = []
+    cur: ImageRef | None = None
+    for line in text.splitlines():
+        m = _IMAGE_LINE_RE.match(line)
+        if m:
+            cur = ImageRef(img_id=m.group(1), title=m.group(2))
+            out.append(cur)
+        elif cur is not None and line.startswith("  ") and ": " in line:
+            key, _, val = line.strip().partition(": ")
+            if key in ("url", "local_path", "page_url"):
+                setattr(cur, key, val)
+    return out
+
+
+def trajectory_from_messages(messages: list[dict[str, Any]], traj_id: str = "imported", request_id: str = "imported") -> Trajectory:
+    """Import an official SFT record's ``messages`` (system, user, then assistant/user turns)."""
+    if not messages or messages[0].get("role") != "system":
+        raise ValueError("an SFT record starts with a system message")
+    if len(messages) < 2 or messages[1].get("role") != "user":
+        raise ValueError("an SFT record's second message is the user request")
+    sys_prompt = str(messages[0].get("content", ""))
+    guide = None
+    marker = f"\n\n## {GUIDE_HEADER}\n"
+    if marker in sys_prompt:
+        sys_prompt, guide = sys_prompt.split(marker, 1)
+    traj = Trajectory(id=traj_id, request_id=request_id, request_text=str(messages[1].get("content", "")),
+                      system_prompt=sys_prompt, guide=guide, policy="imported")
+    pending_final = False
+    i = 2
+    while i < len(messages):
+        msg = messages[i]
+        role, content = msg.get("role"), str(msg.get("content", ""))
+        if role == "user":
+            if content == FINAL_STEP_MESSAGE:
+                pending_final = True
+            elif traj.turns:
+                traj.turns[-1].feedback = content
+            else:
+                raise ValueError(f"message {i}: a user message before any assistant turn")
+            i += 1
+            continue
+        if role != "assistant":
+            raise ValueError(f"message {i}: unexpected role {role!r}")
+        p = parse_turn(content)
+        turn = Turn(index=len(traj.turns), raw=content, think=p.think, tool_call=p.tool_call, error=p.error,
+                    forced_final=pending_final, prompt_messages=i)
+        pending_final = False
+        if p.answer is not None:
+            turn.answer = normalize_program(p.answer, traj.images)
+            traj.program = turn.answer
+        traj.turns.append(turn)
+        nxt = messages[i + 1] if i + 1 < len(messages) else None
+        if p.tool_call is not None and nxt and nxt.get("role") == "user":
+            obs_text = unwrap_observation(str(nxt.get("content", "")))
+            if obs_text is not None:
+                imgs = images_from_observation(obs_text) if p.tool_call.name == "image_search" else []
+                traj.images.extend(im for im in imgs if traj.image(im.img_id) is None)
+                turn.observation = Observation(tool=p.tool_call.name, text=obs_text, images=imgs)
+                i += 2
+                continue
+        i += 1
+    traj.termination = "answer" if traj.program is not None else "no_answer"
+    return traj
+
+
+def trajectory_to_messages(traj: Trajectory) -> list[dict[str, str]]:
+    """Export a trajectory as the official ``messages`` list (the exact conversation the policy saw)."""
+    msgs = [{"role": "system", "content": system_prompt(traj.guide, traj.system_prompt or SYSTEM_PROMPT)},
+            {"role": "user", "content": traj.request_text}]
+    for t in traj.turns:
+        if t.forced_final:
+            msgs.append({"role": "user", "content": FINAL_STEP_MESSAGE})
+        msgs.append({"role": "assistant", "content": t.raw})
+        if t.observation is not None:
+            msgs.append({"role": "user", "content": wrap_observation(t.observation.text)})
+        elif t.feedback is not None:
+            msgs.append({"role": "user", "content": t.feedback})
+    return msgs

@@ -1,0 +1,309 @@
+"""Every persisted thing, as a typed and versioned record.
+
+All records carry ``schema_version``; readers reject versions they do not know,
+loudly, instead of guessing. Records are stored as JSON Lines; images are never
+inlined: they live once in a content-addressed folder (:class:`ImageStore`) and
+records name them by hash.
+
+Writes are atomic: a JSONL file is either its old content or its new content,
+never half of each (temporary file + ``os.replace``). Appends write one whole
+line per ``write`` call and ``fsync``; a reader that meets a torn last line
+(a crash mid-append) reports it instead of silently dropping data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+
+SKILLS = (
+    "spatial_layout",
+    "aesthetic_drawing",
+    "text_rendering",
+    "creative_drawing",
+    "anatomy_body_coherence",
+    "attribute_binding",
+    "physical_material_consistency",
+    "quantity_counting",
+)
+
+Track = Literal["knowledge", "quality"]
+Termination = Literal["answer", "max_rounds_reached", "no_answer", "error"]
+
+
+class SchemaError(ValueError):
+    """A record on disk does not match the schema this code understands."""
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != SCHEMA_VERSION:
+            raise ValueError(
+                f"{cls.__name__} has schema_version {v}; this code reads version {SCHEMA_VERSION} only"
+            )
+        return v
+
+
+class Request(Record):
+    """An image request. ``scene`` is the ground-truth scene (sandbox only)."""
+
+    id: str
+    text: str
+    track: Track = "quality"
+    category: str = "free"
+    skills: list[str] = Field(default_factory=list)
+    difficulty: int = 1
+    split: str = "adhoc"
+    gt_image: str | None = None  # image hash in the ImageStore
+    scene: dict[str, Any] | None = None
+    entities: list[str] = Field(default_factory=list)
+    parse_error: str | None = None  # why the sandbox world could not read this request
+
+
+class ToolCall(Record):
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ImageRef(Record):
+    """An image shown to the agent by ``image_search``, with its per-trajectory id."""
+
+    img_id: str
+    title: str = ""
+    url: str = ""
+    local_path: str = ""
+    page_url: str = ""
+    source_id: str = ""  # id in the store that produced it (sandbox reference id)
+
+
+class Observation(Record):
+    """What a tool returned, exactly as the policy sees it (without the wrapper tags)."""
+
+    tool: str
+    text: str
+    images: list[ImageRef] = Field(default_factory=list)
+    error: str | None = None
+
+
+class ProgramRef(Record):
+    img_id: str
+    note: str = ""
+
+
+class Program(Record):
+    """The prompt-reference program z = (g, R)."""
+
+    gen_prompt: str
+    reference_images: list[ProgramRef] = Field(default_factory=list)
+    issues: list[str] = Field(default_factory=list)  # what normalisation changed or dropped
+
+
+class Turn(Record):
+    """One assistant turn and the user turn that answered it (if any)."""
+
+    index: int
+    raw: str
+    think: str | None = None
+    tool_call: ToolCall | None = None
+    answer: Program | None = None
+    observation: Observation | None = None
+    feedback: str | None = None  # a non-tool user message after this turn (format error note)
+    error: str | None = None  # what went wrong in this turn, if anything
+    forced_final: bool = False  # the FINAL STEP message preceded this turn
+    prompt_messages: int = 0  # how many messages the policy saw before writing this turn
+
+
+class Trajectory(Record):
+    id: str
+    request_id: str
+    request_text: str
+    policy: str = ""
+    seed: int = 0
+    system_prompt: str = ""
+    guide: str | None = None  # decision guide in the system prompt (teacher context), if any
+    turns: list[Turn] = Field(default_factory=list)
+    images: list[ImageRef] = Field(default_factory=list)  # every IMG id handed out, in order
+    program: Program | None = None
+    termination: Termination = "answer"
+    errors: list[str] = Field(default_factory=list)
+
+    @property
+    def n_tool_calls(self) -> int:
+        return sum(1 for t in self.turns if t.tool_call is not None)
+
+    def image(self, img_id: str) -> ImageRef | None:
+        return next((i for i in self.images if i.img_id == img_id), None)
+
+
+class RenderedImage(Record):
+    hash: str
+    width: int
+    height: int
+    generator: str
+    prompt: str
+    reference_hashes: list[str] = Field(default_factory=list)
+    seed: int = 0
+
+
+class Verdict(Record):
+    """Judge output for one trajectory. ``kscore`` is the weighted KScore; ``reward`` mixes in R_text."""
+
+    trajectory_id: str
+    request_id: str
+    image: str | None = None
+    F: float = 0.0
+    V: float = 0.0
+    T: float | None = None  # None when the request asks for no text
+    A: float = 0.0
+    kscore: float = 0.0
+    r_text: float = 0.0
+    reward: float = 0.0
+    alpha: float = 0.5
+    text_policy: str = "renormalise"
+    rationale: str = ""
+    failed: str | None = None  # set when nothing could be judged (no program, generator error)
+
+
+class RunInfo(Record):
+    id: str
+    created: str
+    command: str
+    policy: str
+    k: int
+    seed: int
+    requests: list[str] = Field(default_factory=list)
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+R = TypeVar("R", bound=Record)
+
+
+# ---------------------------------------------------------------------------
+# JSON Lines
+# ---------------------------------------------------------------------------
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    _atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[BaseModel]) -> None:
+    """Replace ``path`` with these records, atomically."""
+    lines = [r.model_dump_json() + "\n" for r in records]
+    atomic_write_text(path, "".join(lines))
+
+
+def append_jsonl(path: str | os.PathLike, record: BaseModel) -> None:
+    """Append one record as a single write of one whole line, then fsync."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (record.model_dump_json() + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def iter_jsonl(path: str | os.PathLike, model: type[R]) -> Iterator[R]:
+    """Yield records; a malformed line or an unknown schema raises :class:`SchemaError` naming the line."""
+    path = Path(path)
+    with path.open("r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield model.model_validate_json(line)
+            except ValueError as exc:
+                raise SchemaError(f"{path}:{lineno}: not a valid {model.__name__} record: {exc}") from exc
+
+
+def read_jsonl(path: str | os.PathLike, model: type[R]) -> list[R]:
+    return list(iter_jsonl(path, model))
+
+
+# ---------------------------------------------------------------------------
+# Content-addressed images
+# ---------------------------------------------------------------------------
+
+
+class ImageStore:
+    """Images stored once, by the SHA-256 of their PNG bytes, as ``<root>/<h[:2]>/<h>.png``."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @staticmethod
+    def encode(image: Any) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", optimize=False)
+        return buf.getvalue()
+
+    def put_bytes(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.path(digest)
+        if not path.exists():
+            _atomic_write_bytes(path, data)
+        return digest
+
+    def put(self, image: Any) -> str:
+        """Store a PIL image (or a numpy HxWx3 uint8 array); return its hash."""
+        if not hasattr(image, "save"):
+            from PIL import Image
+
+            image = Image.fromarray(image)
+        return self.put_bytes(self.encode(image))
+
+    def path(self, digest: str) -> Path:
+        if len(digest) < 8 or not all(c in "0123456789abcdef" for c in digest):
+            raise ValueError(f"not an image hash: {digest!r}")
+        return self.root / digest[:2] / f"{digest}.png"
+
+    def __contains__(self, digest: str) -> bool:
+        try:
+            return self.path(digest).exists()
+        except ValueError:
+            return False
+
+    def get(self, digest: str):
+        from PIL import Image
+
+        path = self.path(digest)
+        if not path.exists():
+            raise KeyError(f"image {digest} is not in {self.root}")
+        with Image.open(path) as im:
+            return im.convert("RGB")
