@@ -52,7 +52,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _f(x) -> str:
-    return "-" if x is None else f"{x:.3f}"
+    return "-" if x is None or x != x else f"{x:.3f}"
 
 
 @world_app.command("build")

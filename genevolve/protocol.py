@@ -91,6 +91,8 @@ def parse_turn(text: str) -> ParsedTurn:
         return ParsedTurn(think, None, None, "both a tool call and an answer in one turn")
     if len(tools) > 1:
         return ParsedTurn(think, None, None, f"{len(tools)} tool calls in one turn (one allowed)")
+    if len(answers) > 1:
+        return ParsedTurn(think, None, None, f"{len(answers)} answers in one turn (one allowed)")
     if answers:
         try:
             payload = json.loads(answers[0])
@@ -106,7 +108,9 @@ def parse_turn(text: str) -> ParsedTurn:
             return ParsedTurn(think, None, None, f"tool call is not valid JSON: {exc.msg} at char {exc.pos}")
         if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
             return ParsedTurn(think, None, None, "tool call JSON needs a string 'name'")
-        args = payload.get("arguments") or {}
+        args = payload.get("arguments")
+        if args is None:  # only a missing/null "arguments" means no arguments; [] or "" is malformed
+            args = {}
         if not isinstance(args, dict):
             return ParsedTurn(think, None, None, "tool call 'arguments' is not an object")
         return ParsedTurn(think, ToolCall(name=payload["name"].strip(), arguments=args), None, None)

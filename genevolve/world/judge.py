@@ -12,8 +12,9 @@ object per cell). The text band is read by template-matching OCR (``font.read_te
   like itself), and a banner when text is requested.
 - V, visual correctness: mean over *groups*, each the mean of its checks:
   knowledge (entity emblem matches the ground truth, pixel by pixel), spatial_layout (object in its
-  cell), quantity_counting (connected components == count), attribute_binding (dominant colour),
-  anatomy_body_coherence (figure mask IoU), physical_material_consistency (shading, texture and
+  cell), quantity_counting (connected components == count), attribute_binding (every coloured object
+  has its own dominant colour: one check for the whole set, since leakage is a failure of the set),
+  anatomy_body_coherence (figure mask IoU; a wrong limb count scores 0), physical_material_consistency (shading, texture and
   shadow match), aesthetic_drawing (background lighting matches), creative_drawing (background
   texture correlates with the ground truth's style).
 - T, text accuracy: 1 - edit distance / length between the read text and the requested text;
@@ -168,6 +169,7 @@ class SandboxJudge:
             return o.noun or o.shape or o.kind
 
         checks: dict[str, list[float]] = {g: [] for g in visual_groups(scene)}
+        bound: list[bool] = []  # binding holds only when every coloured object keeps its own colour
         for i, o in enumerate(objs):
             c = where.get(i)
             if c is None:
@@ -196,12 +198,13 @@ class SandboxJudge:
                     notes.append(f"{n} {label(o)}s instead of {o.count}")
             if "attribute_binding" in checks and o.kind in ("shape", "figure") and o.color:
                 got = gen.color_name(c) if c else None
-                checks["attribute_binding"].append(float(got == o.color))
+                bound.append(got == o.color)
                 if got and got != o.color:
                     notes.append(f"the {label(o)} is {got} instead of {o.color}")
             if "anatomy_body_coherence" in checks and o.kind == "figure":
                 iou = _iou(gen.cell_mask(c), gt.cell_mask(o.cell)) if c else 0.0
-                s = float(np.clip((iou - 0.7) / 0.25, 0, 1))
+                # A wrong limb count leaves IoU <= 0.935 with the true figure; the same figure gives 1.
+                s = float(np.clip((iou - 0.94) / 0.05, 0, 1))
                 checks["anatomy_body_coherence"].append(s)
                 if s < 0.5:
                     notes.append(f"the {label(o)}'s body is malformed")
@@ -213,6 +216,8 @@ class SandboxJudge:
                 checks["physical_material_consistency"].append(s)
                 if s < 0.5:
                     notes.append(f"the {label(o)} does not look {o.material}-made with a shadow")
+        if "attribute_binding" in checks:
+            checks["attribute_binding"].append(float(bool(bound) and all(bound)))
         if "aesthetic_drawing" in checks:
             d = float(np.abs(gen.bg_row - gt.bg_row).mean())
             checks["aesthetic_drawing"].append(float(np.clip(1 - (d - 5) / 35, 0, 1)))

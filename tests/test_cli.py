@@ -1,0 +1,79 @@
+"""The command line end to end: rollout run folders, bench JSON, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from genevolve.cli import app
+from genevolve.records import Trajectory, Verdict, read_jsonl
+from genevolve.runs import load_run
+
+runner = CliRunner()
+
+
+def test_rollout_writes_a_complete_run_folder(tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["rollout", "--request", "Draw the flag of the 2031 Aurora Cup champion above exactly three gold stars",
+                              "-k", "3", "--seed", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "KScore" in res.output and str(out) in res.output
+    run = load_run(out)
+    assert len(run.trajectories) == 3 and len(run.verdicts) == 3 and len(run.renders) == 3
+    assert run.info.k == 3 and run.info.seed == 1
+    for v, r in zip(run.verdicts, run.renders):
+        assert v.failed is None and v.image == r.hash and r.hash in run.images
+    assert run.requests[0].gt_image in run.images
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["overall"]["all"]["n"] == 3
+    # Same seed, same trajectories: the run is reproducible.
+    out2 = tmp_path / "run2"
+    runner.invoke(app, ["rollout", "--request", run.requests[0].text, "-k", "3", "--seed", "1", "--out", str(out2)])
+    assert [t.turns[-1].raw for t in load_run(out2).trajectories] == [t.turns[-1].raw for t in run.trajectories]
+
+
+def test_rollout_refuses_to_overwrite_a_run(tmp_path):
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["rollout", "-r", "bench-1000", "-k", "1", "--out", str(out)]).exit_code == 0
+    res = runner.invoke(app, ["rollout", "-r", "bench-1000", "-k", "1", "--out", str(out)])
+    assert res.exit_code != 0 and "already holds a run" in str(res.exception)
+
+
+def test_unreadable_request_is_recorded_not_crashed(tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["rollout", "-r", "Draw a friendly dragon", "-k", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "cannot read this request" in res.output
+    verdicts = read_jsonl(out / "verdicts.jsonl", Verdict)
+    assert len(verdicts) == 2 and all(v.failed and "not readable" in v.failed for v in verdicts)
+    assert all(t.termination == "answer" for t in read_jsonl(out / "trajectories.jsonl", Trajectory))
+
+
+def test_bench_saves_json_by_track_and_category(tmp_path):
+    out = tmp_path / "bench.json"
+    res = runner.invoke(app, ["bench", "--policy", "raw", "--seeds", "0,1", "--limit", "6", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["policy"] == "raw" and data["seeds"] == [0, 1] and data["n_requests"] == 6
+    assert set(data["by"]) == {"overall", "track", "category", "difficulty"}
+    k = data["by"]["overall"]["all"]["kscore"]
+    assert 0.0 <= k["mean"] <= 1.0 and k["ci95"] >= 0.0
+
+
+def test_bad_options_give_clear_errors(tmp_path):
+    res = runner.invoke(app, ["bench", "--skip-skill", "juggling", "--limit", "1", "--out", str(tmp_path / "x.json")])
+    assert res.exit_code != 0 and "unknown skill" in res.output
+    res = runner.invoke(app, ["rollout", "-r", "bench-1000", "--policy", "oracle", "--out", str(tmp_path / "r")])
+    assert res.exit_code != 0 and "unknown policy" in res.output
+    res = runner.invoke(app, ["bench", "--split", "nope", "--out", str(tmp_path / "y.json")])
+    assert res.exit_code != 0 and "no requests in split" in str(res.exception)
+
+
+def test_help_explains_every_option():
+    for cmd in (["rollout"], ["bench"], ["world", "build"]):
+        res = runner.invoke(app, cmd + ["--help"])
+        assert res.exit_code == 0
+    text = runner.invoke(app, ["rollout", "--help"]).output
+    for opt in ("--request", "-k", "--seed", "--out", "--policy", "--noise"):
+        assert opt in text
