@@ -45,6 +45,22 @@ def _policy(world, name: str, noise: str, skip_skill: list[str], p_distractor: O
     raise typer.BadParameter(f"unknown policy {name!r}: use 'expert' or 'raw'", param_hint="--policy")
 
 
+SEARCH_OPT = typer.Option("local", help="Search backend: 'local' (the sandbox's FAISS stores) or 'serper' "
+                          "(a Serper-compatible HTTP API: $SERPER_BASE_URL, $SERPER_API_KEY).")
+
+
+def _tools(world, search: str):
+    from .agent import Tools
+
+    if search == "local":
+        return Tools.for_world(world)
+    if search == "serper":
+        from .tools.serper import SerperImageSearch, SerperTextSearch
+
+        return Tools(SerperTextSearch(), SerperImageSearch(), world.knowledge, show_urls=True)
+    raise typer.BadParameter("search is 'local' or 'serper'", param_hint="--search")
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -93,6 +109,7 @@ def rollout(
     noise: str = typer.Option("cold-start", help="Expert noise: 'none' (perfect) or 'cold-start' (imperfect, varied)."),
     skip_skill: list[str] = typer.Option([], help="Skill the expert never uses (repeatable)."),
     p_distractor: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Chance the expert takes a distractor reference."),
+    search: str = SEARCH_OPT,
     world: Optional[Path] = WORLD_OPT,
 ):
     """Run K trajectories for one request, render and judge them, and write a run folder."""
@@ -114,7 +131,7 @@ def rollout(
     writer = RunWriter(out, RunInfo(id=run_id, created=now_iso(), command="rollout", policy=pol.name if pol else "raw",
                                      k=k, seed=seed, requests=[req.id], config={"noise": noise, "skip_skill": skip_skill}))
     writer.add_request(req, w.gt_image(req) if req.scene else None)
-    tools, scorer = Tools.for_world(w), SandboxScorer(w)
+    tools, scorer = _tools(w, search), SandboxScorer(w)
     pairs = []
     rows = []
     for i in tqdm(range(k), desc=f"rollouts ({req.id})", unit="traj"):
@@ -140,6 +157,7 @@ def bench(
     skip_skill: list[str] = typer.Option([], help="Skill the expert never uses (repeatable)."),
     p_distractor: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Chance the expert takes a distractor reference."),
     limit: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N requests (smoke runs)."),
+    search: str = SEARCH_OPT,
     out: Optional[Path] = typer.Option(None, help="JSON file for the results (default: runs/bench-<policy>-<split>.json)."),
     world: Optional[Path] = WORLD_OPT,
 ):
@@ -157,7 +175,7 @@ def bench(
     pol = _policy(w, policy, noise, skip_skill, p_distractor)
     reqs = w.split(split)[:limit]
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    tools, scorer = Tools.for_world(w), SandboxScorer(w)
+    tools, scorer = _tools(w, search), SandboxScorer(w)
     per_seed = {}
     with tempfile.TemporaryDirectory() as tmp:
         store = ImageStore(tmp)

@@ -77,3 +77,56 @@ def test_help_explains_every_option():
     text = runner.invoke(app, ["rollout", "--help"]).output
     for opt in ("--request", "-k", "--seed", "--out", "--policy", "--noise"):
         assert opt in text
+
+
+def test_rollout_against_a_serper_compatible_server(tmp_path, monkeypatch, world):
+    """The HTTP search backend end to end, against a Serper-format server on loopback."""
+    import base64
+    import io
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    ref = next(r for r in world.refs.values() if r["entity"] == "nation:veloria" and r["variant"] == "official")
+    buf = io.BytesIO()
+    world.ref_image(ref["id"]).save(buf, format="PNG")
+    data_uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body))
+            if self.path == "/search":
+                payload = {"organic": [{"title": "2031 Aurora Cup final", "link": "http://x/1",
+                                        "snippet": "The 2031 Aurora Cup was won by Veloria."}]}
+            else:
+                payload = {"images": [{"title": "Official flag of Veloria", "imageUrl": data_uri, "link": "http://x/2"}]}
+            out = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("SERPER_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.delenv("SERPER_API_KEY", raising=False)
+        monkeypatch.setenv("IMAGE_DOWNLOAD_DIR", str(tmp_path / "dl"))
+        out = tmp_path / "run"
+        res = runner.invoke(app, ["rollout", "-r", "Draw the flag of the 2031 Aurora Cup champion", "-k", "1",
+                                  "--noise", "none", "--search", "serper", "--out", str(out)])
+        assert res.exit_code == 0, res.output
+    finally:
+        server.shutdown()
+    assert [p for p, _ in seen] == ["/search", "/images"]
+    assert seen[0][1] == {"q": "2031 Aurora Cup winner", "num": 5}
+    run = load_run(out)
+    traj = run.trajectories[0]
+    assert traj.program.reference_images[0].img_id == "IMG_001"
+    v = run.verdicts[0]
+    assert v.failed is None and v.V == 1.0  # the downloaded reference is the official flag

@@ -12,26 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from ..records import atomic_write_bytes
 
 
 def meta_path(path: str | os.PathLike) -> Path:
@@ -146,8 +133,8 @@ class VectorIndex:
             meta: dict[str, Any] = {"embedder": self.embedder, "dim": self.dim, "count": len(self)}
             if self.fingerprint:
                 meta["fingerprint"] = self.fingerprint
-        _atomic_write(path, data)
-        _atomic_write(meta_path(path), (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+        atomic_write_bytes(path, data)
+        atomic_write_bytes(meta_path(path), (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VectorIndex":
