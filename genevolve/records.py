@@ -143,7 +143,8 @@ class Trajectory(Record):
 
     @property
     def n_tool_calls(self) -> int:
-        return sum(1 for t in self.turns if t.tool_call is not None)
+        """Tool calls that were executed (a call ignored after FINAL STEP does not count)."""
+        return sum(1 for t in self.turns if t.tool_call is not None and t.observation is not None)
 
     def image(self, img_id: str) -> ImageRef | None:
         return next((i for i in self.images if i.img_id == img_id), None)
