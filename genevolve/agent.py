@@ -105,68 +105,107 @@ class EndStep:
     trajectory: Trajectory
 
 
-def run_episode(request: Request, policy: Policy, tools: Tools, *, seed: int = 0, traj_id: str | None = None,
-                guide: str | None = None, base_prompt: str = SYSTEM_PROMPT,
-                max_turns: int = MAX_TURNS, max_tool_calls: int = MAX_TOOL_CALLS) -> Iterator[TurnStep | EndStep]:
-    """Drive one trajectory, yielding a :class:`TurnStep` per assistant turn and an :class:`EndStep` last."""
-    traj = Trajectory(id=traj_id or f"{request.id}-s{seed}", request_id=request.id, request_text=request.text,
-                      policy=policy.name, seed=seed, system_prompt=base_prompt, guide=guide)
-    messages: list[dict[str, Any]] = [
-        {"role": "system", "content": system_prompt(guide, base_prompt)},
-        {"role": "user", "content": request.text},
-    ]
-    tool_calls = 0
-    traj.termination = "max_rounds_reached"
-    for index in range(max_turns):
-        forced = index == max_turns - 1 or tool_calls >= max_tool_calls
-        if forced:
-            messages.append({"role": "user", "content": FINAL_STEP_MESSAGE})
-        n_seen = len(messages)
-        try:
-            text = policy.complete(messages, seed=seed)
-        except Exception as exc:  # a failing model server ends this trajectory, not the run
-            traj.errors.append(f"turn {index}: policy failed: {type(exc).__name__}: {exc}")
-            traj.termination = "error"
-            break
+class Episode:
+    """One trajectory as a state machine: read :attr:`messages`, feed the policy's text to :meth:`step`.
+
+    Both drivers use it: :func:`run_episode` (one policy call at a time) and the batched rollout
+    engine (many episodes advanced together), so the protocol's rules live in one place.
+    """
+
+    def __init__(self, request: Request, tools: Tools, *, seed: int = 0, traj_id: str | None = None,
+                 guide: str | None = None, base_prompt: str = SYSTEM_PROMPT, policy_name: str = "",
+                 max_turns: int = MAX_TURNS, max_tool_calls: int = MAX_TOOL_CALLS):
+        self.tools = tools
+        self.max_turns = max_turns
+        self.max_tool_calls = max_tool_calls
+        self.traj = Trajectory(id=traj_id or f"{request.id}-s{seed}", request_id=request.id, request_text=request.text,
+                               policy=policy_name, seed=seed, system_prompt=base_prompt, guide=guide,
+                               termination="max_rounds_reached")
+        self.messages: list[dict[str, Any]] = [
+            {"role": "system", "content": system_prompt(guide, base_prompt)},
+            {"role": "user", "content": request.text},
+        ]
+        self.tool_calls = 0
+        self.done = False
+        self._forced = False
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Before each assistant turn: end when out of turns; add FINAL STEP on the last one."""
+        index = len(self.traj.turns)
+        if index >= self.max_turns:
+            self.done = True
+            return
+        self._forced = index == self.max_turns - 1 or self.tool_calls >= self.max_tool_calls
+        if self._forced:
+            self.messages.append({"role": "user", "content": FINAL_STEP_MESSAGE})
+
+    def fail(self, reason: str) -> None:
+        """The policy could not produce a turn (e.g. its server failed): end with termination ``error``."""
+        self.traj.errors.append(f"turn {len(self.traj.turns)}: policy failed: {reason}")
+        self.traj.termination = "error"
+        self.done = True
+
+    def step(self, text: str, **turn_fields: Any) -> Turn:
+        """Consume one assistant turn; run its tool; return the recorded turn."""
+        if self.done:
+            raise RuntimeError("episode already finished")
         if not isinstance(text, str):
-            raise TypeError(f"policy {policy.name} returned {type(text).__name__}, not str")
-        messages.append({"role": "assistant", "content": text})
+            raise TypeError(f"policy returned {type(text).__name__}, not str")
+        index = len(self.traj.turns)
+        n_seen = len(self.messages)
+        self.messages.append({"role": "assistant", "content": text})
         parsed = parse_turn(text)
         turn = Turn(index=index, raw=text, think=parsed.think, tool_call=parsed.tool_call, error=parsed.error,
-                    forced_final=forced, prompt_messages=n_seen)
+                    forced_final=self._forced, prompt_messages=n_seen, **turn_fields)
+        traj = self.traj
         traj.turns.append(turn)
         if parsed.answer is not None:
             turn.answer = normalize_program(parsed.answer, traj.images)
             traj.program = turn.answer
             traj.errors.extend(f"turn {index}: {issue}" for issue in turn.answer.issues if issue != "references re-sorted by id")
             traj.termination = "answer"
-            yield TurnStep(turn)
-            break
-        if parsed.tool_call is not None and not forced:
-            obs = tools.execute(parsed.tool_call, traj.images)
-            tool_calls += 1
+            self.done = True
+        elif parsed.tool_call is not None and not self._forced:
+            obs = self.tools.execute(parsed.tool_call, traj.images)
+            self.tool_calls += 1
             turn.observation = obs
             if obs.error:
                 turn.error = obs.error
                 traj.errors.append(f"turn {index}: {obs.error}")
-            messages.append({"role": "user", "content": wrap_observation(obs.text)})
-            yield TurnStep(turn)
-            continue
-        if parsed.tool_call is not None:  # a tool call after FINAL STEP is ignored and ends the episode
+            self.messages.append({"role": "user", "content": wrap_observation(obs.text)})
+        elif parsed.tool_call is not None:  # a tool call after FINAL STEP is ignored and ends the episode
             turn.error = "tool call after FINAL STEP (ignored)"
             traj.errors.append(f"turn {index}: {turn.error}")
             traj.termination = "max_rounds_reached"
-            yield TurnStep(turn)
+            self.done = True
+        else:
+            traj.errors.append(f"turn {index}: format error: {parsed.error}")
+            if self._forced:
+                traj.termination = "no_answer"
+                self.done = True
+            else:
+                turn.feedback = FORMAT_ERROR_MESSAGE
+                self.messages.append({"role": "user", "content": FORMAT_ERROR_MESSAGE})
+        if not self.done:
+            self._prepare()
+        return turn
+
+
+def run_episode(request: Request, policy: Policy, tools: Tools, *, seed: int = 0, traj_id: str | None = None,
+                guide: str | None = None, base_prompt: str = SYSTEM_PROMPT,
+                max_turns: int = MAX_TURNS, max_tool_calls: int = MAX_TOOL_CALLS) -> Iterator[TurnStep | EndStep]:
+    """Drive one trajectory, yielding a :class:`TurnStep` per assistant turn and an :class:`EndStep` last."""
+    ep = Episode(request, tools, seed=seed, traj_id=traj_id, guide=guide, base_prompt=base_prompt,
+                 policy_name=policy.name, max_turns=max_turns, max_tool_calls=max_tool_calls)
+    while not ep.done:
+        try:
+            text = policy.complete(ep.messages, seed=seed)
+        except Exception as exc:  # a failing model server ends this trajectory, not the run
+            ep.fail(f"{type(exc).__name__}: {exc}")
             break
-        traj.errors.append(f"turn {index}: format error: {parsed.error}")
-        if forced:
-            traj.termination = "no_answer"
-            yield TurnStep(turn)
-            break
-        turn.feedback = FORMAT_ERROR_MESSAGE
-        messages.append({"role": "user", "content": FORMAT_ERROR_MESSAGE})
-        yield TurnStep(turn)
-    yield EndStep(traj)
+        yield TurnStep(ep.step(text))
+    yield EndStep(ep.traj)
 
 
 def run_to_end(request: Request, policy: Policy, tools: Tools, **kwargs) -> Trajectory:

@@ -21,7 +21,8 @@ app.add_typer(world_app, name="world")
 WORLD_OPT = typer.Option(None, "--world", help="World folder (default: assets/world, or $GENEVOLVE_WORLD).")
 
 
-def _policy(world, name: str, noise: str, skip_skill: list[str], p_distractor: Optional[float]):
+def _policy(world, name: str, noise: str, skip_skill: list[str], p_distractor: Optional[float],
+            model: str = "default", adapter: Optional[str] = None):
     from .world.expert import ExpertNoise, ExpertPolicy
     from .records import SKILLS
 
@@ -42,7 +43,44 @@ def _policy(world, name: str, noise: str, skip_skill: list[str], p_distractor: O
         return ExpertPolicy(world, base, name=label)
     if name == "raw":
         return None
-    raise typer.BadParameter(f"unknown policy {name!r}: use 'expert' or 'raw'", param_hint="--policy")
+    from .policies.resolve import resolve_policy
+
+    try:
+        return resolve_policy(name, model=model, adapter=adapter)
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--policy") from exc
+
+
+POLICY_HELP = ("'expert' (scripted planner), 'raw' (request text straight to the generator), 'tiny' (the shipped "
+               "tiny policy), 'smollm2', a model folder, or an OpenAI-compatible base URL (http://host:port/v1).")
+
+
+def _params(temperature: float, top_p: float, max_new_tokens: int):
+    from .policies.base import SamplingParams
+
+    try:
+        return SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+def _run(reqs, pol, tools, k: int, seed: int, params, guides=None, desc: str = "rollouts"):
+    """Trajectories for ``reqs`` x ``k`` with the batched engine (or raw programs), with a progress bar."""
+    from tqdm import tqdm
+
+    from .evaluation import raw_trajectory
+    from .rollout import rollout as run_batch
+
+    if pol is None:
+        return [raw_trajectory(r, seed * 1000 + i) for r in reqs for i in range(k)]
+    bar = tqdm(total=len(reqs) * k, desc=desc, unit="traj")
+
+    def on_turn(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    trajs = run_batch(reqs, pol, tools, k=k, params=params, seed=seed, guides=guides, on_turn=on_turn)
+    bar.close()
+    return trajs
 
 
 SEARCH_OPT = typer.Option("local", help="Search backend: 'local' (the sandbox's FAISS stores) or 'serper' "
@@ -99,63 +137,85 @@ def world_info(world: Optional[Path] = WORLD_OPT):
         typer.echo(f"  {split:7s} {track:10s} {n}")
 
 
+SAMPLING = {
+    "temperature": typer.Option(0.7, min=0.0, help="Sampling temperature for learned policies (0: greedy)."),
+    "top_p": typer.Option(0.95, min=0.0, max=1.0, help="Nucleus sampling mass for learned policies."),
+    "max_new_tokens": typer.Option(384, min=1, help="Token budget of one assistant turn for learned policies."),
+}
+
+
 @app.command()
 def rollout(
     request: str = typer.Option(..., "--request", "-r", help="A sandbox request id (e.g. bench-0001), its text, or any free text."),
     k: int = typer.Option(4, "-k", min=1, max=64, help="Number of trajectories to sample for the request."),
     seed: int = typer.Option(0, help="Seed: trajectory i uses seed*1000+i for the policy and the generator."),
     out: Optional[Path] = typer.Option(None, help="Run folder to write (default: runs/<new run id>)."),
-    policy: str = typer.Option("expert", help="'expert' (scripted planner) or 'raw' (request text straight to the generator)."),
+    policy: str = typer.Option("expert", help=POLICY_HELP),
     noise: str = typer.Option("cold-start", help="Expert noise: 'none' (perfect) or 'cold-start' (imperfect, varied)."),
     skip_skill: list[str] = typer.Option([], help="Skill the expert never uses (repeatable)."),
     p_distractor: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Chance the expert takes a distractor reference."),
+    guide: Optional[str] = typer.Option(None, help="Decision guide for the system prompt: 'oracle' (the request's correct guide) or a text."),
+    model: str = typer.Option("default", help="Model name to ask an OpenAI-compatible server for."),
+    adapter: Optional[str] = typer.Option(None, help="LoRA adapter folder to attach to a local policy."),
+    temperature: float = SAMPLING["temperature"],
+    top_p: float = SAMPLING["top_p"],
+    max_new_tokens: int = SAMPLING["max_new_tokens"],
     search: str = SEARCH_OPT,
     world: Optional[Path] = WORLD_OPT,
 ):
     """Run K trajectories for one request, render and judge them, and write a run folder."""
-    from tqdm import tqdm
-
-    from .agent import Tools, run_to_end
-    from .evaluation import SandboxScorer, aggregate, raw_trajectory
+    from .evaluation import SandboxScorer, aggregate
+    from .guides import oracle_guide
     from .records import RunInfo
     from .runs import RunWriter, new_run_id, now_iso
     from .world import World
 
     w = World(world)
-    pol = _policy(w, policy, noise, skip_skill, p_distractor)
-    req = w.request(request)
+    pol = _policy(w, policy, noise, skip_skill, p_distractor, model, adapter)
+    try:
+        req = w.request(request)
+    except KeyError as exc:
+        raise typer.BadParameter(exc.args[0], param_hint="--request") from exc
     if req.parse_error:
         typer.echo(f"note: the sandbox world cannot read this request ({req.parse_error}); trajectories run, but cannot be judged.")
+    guides = None
+    if guide:
+        guides = {req.id: oracle_guide(w, req) if guide == "oracle" and req.scene else guide}
     run_id = new_run_id("rollout")
     out = out or Path("runs") / run_id
     writer = RunWriter(out, RunInfo(id=run_id, created=now_iso(), command="rollout", policy=pol.name if pol else "raw",
-                                     k=k, seed=seed, requests=[req.id], config={"noise": noise, "skip_skill": skip_skill}))
+                                     k=k, seed=seed, requests=[req.id],
+                                     config={"noise": noise, "skip_skill": skip_skill, "guide": guide, "temperature": temperature,
+                                             "top_p": top_p, "max_new_tokens": max_new_tokens}))
     writer.add_request(req, w.gt_image(req) if req.scene else None)
     tools, scorer = _tools(w, search), SandboxScorer(w)
-    pairs = []
-    rows = []
-    for i in tqdm(range(k), desc=f"rollouts ({req.id})", unit="traj"):
-        s = seed * 1000 + i
-        traj = raw_trajectory(req, s) if pol is None else run_to_end(req, pol, tools, seed=s, traj_id=f"{req.id}-s{seed}-k{i}")
-        rendered, verdict = scorer.score(req, traj, writer.images, seed=s)
+    trajs = _run([req], pol, tools, k, seed, _params(temperature, top_p, max_new_tokens), guides, f"rollouts ({req.id})")
+    pairs, rows = [], []
+    for traj in trajs:
+        rendered, verdict = scorer.score(req, traj, writer.images, seed=traj.seed)
         writer.add(traj, rendered, verdict)
         pairs.append((req, verdict))
         rows.append([traj.id, traj.termination, traj.n_tool_calls, _f(verdict.F), _f(verdict.V), _f(verdict.T), _f(verdict.A),
                      _f(verdict.kscore), _f(verdict.r_text), _f(verdict.reward), (verdict.failed or verdict.rationale)[:60]])
-    summary = aggregate(pairs)
-    writer.finish(summary)
+    writer.finish(aggregate(pairs))
     typer.echo(_table(rows, ["trajectory", "end", "tools", "F", "V", "T", "A", "KScore", "R_text", "reward", "rationale"]))
     typer.echo(f"run folder: {out}")
 
 
 @app.command()
 def bench(
-    policy: str = typer.Option("expert", help="'expert' (scripted planner) or 'raw' (request text straight to the generator)."),
+    policy: str = typer.Option("expert", help=POLICY_HELP),
     split: str = typer.Option("bench", help="Sandbox split to evaluate: sft, evolve or bench."),
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; each seed runs one trajectory per request."),
     noise: str = typer.Option("none", help="Expert noise: 'none' or 'cold-start'."),
     skip_skill: list[str] = typer.Option([], help="Skill the expert never uses (repeatable)."),
     p_distractor: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Chance the expert takes a distractor reference."),
+    guide: Optional[str] = typer.Option(None, help="'oracle': give every request its correct decision guide (teacher-style context)."),
+    model: str = typer.Option("default", help="Model name to ask an OpenAI-compatible server for."),
+    adapter: Optional[str] = typer.Option(None, help="LoRA adapter folder to attach to a local policy."),
+    temperature: float = SAMPLING["temperature"],
+    top_p: float = SAMPLING["top_p"],
+    max_new_tokens: int = SAMPLING["max_new_tokens"],
     limit: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N requests (smoke runs)."),
     search: str = SEARCH_OPT,
     out: Optional[Path] = typer.Option(None, help="JSON file for the results (default: runs/bench-<policy>-<split>.json)."),
@@ -164,29 +224,32 @@ def bench(
     """Run a policy over a split, print KScore by track and category, and save JSON (mean and 95% CI over seeds)."""
     import tempfile
 
-    from tqdm import tqdm
-
-    from .agent import Tools, run_to_end
-    from .evaluation import SandboxScorer, aggregate, mean_ci, raw_trajectory
+    from .evaluation import SandboxScorer, aggregate, mean_ci, protocol_valid
+    from .guides import oracle_guide
     from .records import ImageStore, atomic_write_json
     from .world import World
 
+    if guide not in (None, "oracle"):
+        raise typer.BadParameter("bench takes --guide oracle (or no guide)", param_hint="--guide")
     w = World(world)
-    pol = _policy(w, policy, noise, skip_skill, p_distractor)
+    pol = _policy(w, policy, noise, skip_skill, p_distractor, model, adapter)
     reqs = w.split(split)[:limit]
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     tools, scorer = _tools(w, search), SandboxScorer(w)
-    per_seed = {}
+    guides = {r.id: oracle_guide(w, r) for r in reqs} if guide == "oracle" else None
+    params = _params(temperature, top_p, max_new_tokens)
+    per_seed, valid = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         store = ImageStore(tmp)
         for seed in seed_list:
-            pairs = []
-            for req in tqdm(reqs, desc=f"bench seed {seed}", unit="req"):
-                traj = raw_trajectory(req, seed) if pol is None else run_to_end(req, pol, tools, seed=seed, traj_id=f"{req.id}-s{seed}")
-                _, v = scorer.score(req, traj, store, seed=seed)
-                pairs.append((req, v))
+            trajs = _run(reqs, pol, tools, 1, seed, params, guides, f"bench seed {seed}")
+            pairs = [(req, scorer.score(req, t, store, seed=t.seed)[1]) for req, t in zip(reqs, trajs)]
             per_seed[seed] = aggregate(pairs)
-    summary: dict = {"policy": pol.name if pol else "raw", "split": split, "seeds": seed_list, "n_requests": len(reqs), "by": {}}
+            valid[seed] = sum(protocol_valid(t) for t in trajs) / len(trajs)
+    summary: dict = {"policy": pol.name if pol else "raw", "split": split, "seeds": seed_list, "n_requests": len(reqs),
+                     "guide": guide, "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens},
+                     "protocol_valid": {"per_seed": valid, **dict(zip(("mean", "ci95"), mean_ci(list(valid.values()))))},
+                     "by": {}}
     for level in ("overall", "track", "category", "difficulty"):
         summary["by"][level] = {}
         for key in per_seed[seed_list[0]][level]:
@@ -194,11 +257,11 @@ def bench(
             for d in ("kscore", "F", "V", "T", "A", "r_text", "reward"):
                 vals = [per_seed[s][level][key][d] for s in seed_list if per_seed[s][level][key][d] is not None]
                 m, ci = mean_ci(vals)
-                row[d] = {"mean": m, "ci95": ci}
+                row[d] = {"mean": m, "ci95": ci, "per_seed": vals}
             row["n"] = per_seed[seed_list[0]][level][key]["n"]
             row["failed"] = sum(per_seed[s][level][key]["failed"] for s in seed_list)
             summary["by"][level][key] = row
-    out = out or Path("runs") / f"bench-{policy}-{split}.json"
+    out = out or Path("runs") / f"bench-{Path(policy).name or 'remote'}-{split}.json"
     atomic_write_json(out, summary)
     rows = []
     for level in ("overall", "track", "category"):
@@ -206,9 +269,61 @@ def bench(
             k = row["kscore"]
             rows.append([level, key, row["n"], f"{k['mean']:.3f} ± {0 if k['ci95'] != k['ci95'] else k['ci95']:.3f}",
                          _f(row["F"]["mean"]), _f(row["V"]["mean"]), _f(row["T"]["mean"]), _f(row["A"]["mean"]), row["failed"]])
-    typer.echo(f"policy: {summary['policy']}  split: {split}  seeds: {seed_list}")
+    pv = summary["protocol_valid"]
+    typer.echo(f"policy: {summary['policy']}  split: {split}  seeds: {seed_list}  guide: {guide or '-'}  "
+               f"protocol-valid: {pv['mean']:.3f}")
     typer.echo(_table(rows, ["by", "group", "n", "KScore (95% CI over seeds)", "F", "V", "T", "A", "failed"]))
     typer.echo(f"saved: {out}")
+
+
+@app.command()
+def sft(
+    recipe: str = typer.Option("tiny", help="'tiny': train a tokenizer and a small Llama from scratch on the expert's "
+                               "cold-start data; 'model': fine-tune the model folder given by --model."),
+    out: Path = typer.Option(Path("assets/policy/tiny"), help="Final model folder (replaced atomically when training ends)."),
+    model: Optional[str] = typer.Option(None, help="Base model folder for --recipe model."),
+    data: Optional[Path] = typer.Option(None, help="JSONL of SFT records with a 'messages' list (default: expert cold-start data)."),
+    epochs: int = typer.Option(3, min=1, help="Passes over the data."),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (warm-up, then cosine decay to 10%)."),
+    batch_tokens: int = typer.Option(12288, min=256, help="Padded tokens per optimizer step."),
+    lora_rank: int = typer.Option(0, min=0, help="Train a LoRA adapter of this rank instead of all weights (0: full)."),
+    seed: int = typer.Option(0, help="Seed for data, initialisation and batching."),
+    device: Optional[str] = typer.Option(None, help="Torch device (default: cuda if available, else cpu)."),
+):
+    """Supervised fine-tuning with an assistant-only loss; resumes from its last checkpoint if interrupted."""
+    from .training.sft import SFTConfig, train_sft
+
+    cfg = SFTConfig(out=str(out), recipe=recipe, model=model, data=str(data) if data else None, epochs=epochs, lr=lr,
+                    batch_tokens=batch_tokens, lora_rank=lora_rank, seed=seed, device=device)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    result = train_sft(cfg, log=typer.echo)
+    typer.echo(json.dumps(result))
+
+
+@app.command()
+def serve(
+    policy: str = typer.Option("tiny", help="'tiny', 'smollm2' or a model folder to serve."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default; use 0.0.0.0 to share on a network)."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
+    model_name: Optional[str] = typer.Option(None, help="Name clients use in 'model' (default: the policy's name)."),
+    adapter: Optional[str] = typer.Option(None, help="LoRA adapter folder to load at start (served under its folder name)."),
+):
+    """An OpenAI-compatible chat-completions server over a local policy, with vLLM-style dynamic LoRA loading."""
+    from .policies.resolve import resolve_policy
+    from .serve import run_server
+
+    if policy in ("expert", "raw") or policy.startswith(("http://", "https://")):
+        raise typer.BadParameter("serve needs a local model: tiny, smollm2 or a model folder", param_hint="--policy")
+    pol = resolve_policy(policy)
+    adapters = ()
+    if adapter:
+        name = Path(adapter).name
+        pol.load_adapter(adapter, name)
+        adapters = (name,)
+    run_server(pol, model_name or pol.name, host=host, port=port, adapters=adapters)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,19 @@ class SandboxScorer:
                                  reward=reward, rationale=rationale)
 
 
+_INVALID_ISSUES = ("empty gen_prompt", "gen_prompt is missing", "dropped unknown image id", "dropped a malformed",
+                   "names images by id", "reference_images is not a list", "dropped duplicate")
+
+
+def protocol_valid(traj: Trajectory) -> bool:
+    """Every turn is one well-formed action with a known tool and skill, and it ends in a clean answer."""
+    if traj.termination != "answer" or traj.program is None:
+        return False
+    if any(t.error for t in traj.turns):
+        return False
+    return not any(issue.startswith(_INVALID_ISSUES) for issue in traj.program.issues)
+
+
 def rollout_group(request: Request, policy: Policy, tools: Tools, k: int, seed: int = 0,
                   guide: str | None = None) -> list[Trajectory]:
     """K independent trajectories for one request; sample i uses seed ``seed * 1000 + i``."""

@@ -125,6 +125,7 @@ class Turn(Record):
     error: str | None = None  # what went wrong in this turn, if anything
     forced_final: bool = False  # the FINAL STEP message preceded this turn
     prompt_messages: int = 0  # how many messages the policy saw before writing this turn
+    finish_reason: str | None = None  # "stop" or "length" for learned policies
 
 
 class Trajectory(Record):
@@ -140,6 +141,12 @@ class Trajectory(Record):
     program: Program | None = None
     termination: Termination = "answer"
     errors: list[str] = Field(default_factory=list)
+    # The exact token stream a local policy saw and wrote (empty for scripted or remote policies):
+    # assistant_mask is 1 on tokens the policy sampled, 0 on everything else (prompts, observations);
+    # token_logprobs holds the sampling policy's log-probability of each sampled token (0 elsewhere).
+    token_ids: list[int] = Field(default_factory=list)
+    assistant_mask: list[int] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
 
     @property
     def n_tool_calls(self) -> int:

@@ -124,7 +124,7 @@ def test_rollout_against_a_serper_compatible_server(tmp_path, monkeypatch, world
     finally:
         server.shutdown()
     assert [p for p, _ in seen] == ["/search", "/images"]
-    assert seen[0][1] == {"q": "2031 Aurora Cup winner", "num": 5}
+    assert seen[0][1] == {"q": "2031 Aurora Cup winner", "num": 3}
     run = load_run(out)
     traj = run.trajectories[0]
     assert traj.program.reference_images[0].img_id == "IMG_001"

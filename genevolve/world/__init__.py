@@ -68,6 +68,12 @@ class World:
         for r in self.requests:
             if r.text == id_or_text:
                 return r
+        import re
+
+        if re.fullmatch(r"(sft|evolve|bench)-\d+", id_or_text.strip()):
+            split = self.split(id_or_text.split("-")[0])
+            raise KeyError(f"no sandbox request with id {id_or_text!r} (the {split[0].split} split runs from "
+                           f"{split[0].id} to {split[-1].id})")
         from .requests import ParseError, needed_skills, parse_request
         from .scene import render
 

@@ -210,13 +210,13 @@ class ExpertPolicy:
                 if q is not None:
                     lead = "The last results did not settle it; " if q.startswith("who is") else ""
                     return (f"{lead}The request asks for {phrase}. I search for the fact I am missing.",
-                            ToolCall(name="search", arguments={"queries": [q], "top_k": 5}))
+                            ToolCall(name="search", arguments={"queries": [q], "top_k": 3}))
             name = self._entity_name_known(parsed, i, ctx, dec)
             iq = self._image_query(name)
             if iq not in img_queries:
                 lead = f"So {phrase} points to {name}. " if m.via != "name" else ""
                 return (f"{lead}I need a reference image of {name}.",
-                        ToolCall(name="image_search", arguments={"query": iq, "top_k": 5}))
+                        ToolCall(name="image_search", arguments={"query": iq, "top_k": 4}))
         for s in dec.skills:
             if s not in queried:
                 return (f"The request needs {s.replace('_', ' ')}; I check the {s} guidance.",

@@ -1,0 +1,303 @@
+"""A local transformers policy: any causal LM folder (optionally GGUF), PEFT LoRA adapters, batched sampling.
+
+Generation keeps one :class:`TokenStream` per conversation. A stream holds the exact tokens the
+model has seen and written, which of them it sampled (the assistant mask), their log-probabilities,
+and the model's KV cache. When a conversation grows by a turn, only the new tokens are prefilled
+(the chat template must render prefixes stably, as ChatML does; otherwise the stream is re-encoded
+from scratch). New tokens are prefilled per stream, then all streams decode together: their caches
+are left-padded into one batch, and split back when the turn ends.
+
+Device and dtype are chosen at run time: CUDA with bf16 when available, else CPU float32.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from .base import Completion, Message, SamplingParams
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
+    if dtype:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def encode_conversation(tokenizer, messages: list[Message]) -> tuple[list[int], list[int]]:
+    """Token ids of a whole conversation and its assistant mask (1 on assistant content and end-of-turn).
+
+    Assistant spans are found by rendering growing prefixes, so any prefix-stable chat template works.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+        if text[:start] != tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True):
+            raise ValueError("the chat template does not render conversation prefixes stably")
+        spans.append((start, end))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    mask = []
+    for a, b in offsets:
+        inside = any(s <= a and b <= e and b > a for s, e in spans)
+        # Keep whitespace after the end-of-turn token out of the loss: the template adds it.
+        mask.append(1 if inside and text[a:b].strip() else 0)
+    return ids, mask
+
+
+@dataclass
+class TokenStream:
+    """Everything one conversation has been through, token by token."""
+
+    ids: list[int] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""  # the rendered text the ids stand for (for prefix checks)
+    text_without_stop: str = ""  # the same without the last turn's stop token
+    cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (1, H, T, D), covers ids[:-pending]
+    cached: int = 0  # how many of ids the cache covers
+    resets: int = 0  # times the stream had to be re-encoded from scratch
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row; return (tokens, their log-probabilities under the raw model distribution)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    if params.temperature == 0:
+        tok = logits.argmax(dim=-1)
+    else:
+        probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+        if params.top_p < 1.0:
+            sorted_p, idx = probs.sort(dim=-1, descending=True)
+            keep = sorted_p.cumsum(dim=-1) - sorted_p < params.top_p
+            sorted_p = sorted_p * keep
+            probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+        tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+class LocalPolicy:
+    """A ``ChatPolicy`` over a local causal LM. See the module docstring for how turns are generated."""
+
+    def __init__(self, model, tokenizer, name: str = "local", device: torch.device | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = device or next(model.parameters()).device
+        self._adapter_off = False
+        self.stop_ids = self._stop_ids()
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"tokenizer of {name} has no chat template")
+
+    # -- loading -----------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike, gguf_file: str | None = None, device: str | None = None,
+             dtype: str | None = None, adapter: str | None = None, name: str | None = None) -> "LocalPolicy":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no model folder at {path}")
+        kw = {"gguf_file": gguf_file} if gguf_file else {}
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+        if len(tok) == 0 or tok.vocab_size == 0:
+            raise ValueError(f"the tokenizer loaded from {path} is empty (a hub lookup failed?)")
+        dev = pick_device(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dev, dtype), **kw).to(dev)
+        model.eval()
+        pol = cls(model, tok, name=name or path.name, device=dev)
+        if adapter:
+            pol.load_adapter(adapter, "default")
+        return pol
+
+    def _stop_ids(self) -> set[int]:
+        tok = self.tokenizer
+        ids = set()
+        for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):
+            i = tok.convert_tokens_to_ids(t)
+            if isinstance(i, int) and i >= 0 and i != tok.unk_token_id:
+                ids.add(i)
+        if tok.eos_token_id is not None:
+            ids.add(tok.eos_token_id)
+        return ids
+
+    def decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    # -- LoRA adapters -----------------------------------------------------------
+    def load_adapter(self, path: str | os.PathLike, name: str = "default") -> None:
+        from peft import PeftModel
+
+        if not Path(path).exists():
+            raise FileNotFoundError(f"no adapter at {path}")
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(str(path), adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+        self.model.set_adapter(name)
+        self.model.eval()
+        self._adapter_off = False
+
+    def set_adapter(self, name: str) -> None:
+        self.model.set_adapter(name)
+        self._adapter_off = False
+
+    def disable_adapter(self) -> None:
+        self._adapter_off = True
+
+    def unload_adapter(self, name: str) -> None:
+        self.model.delete_adapter(name)
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(getattr(self.model, "peft_config", {}) or {})
+
+    def _adapter_context(self):
+        import contextlib
+
+        if self._adapter_off and hasattr(self.model, "disable_adapter"):
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    # -- generation --------------------------------------------------------------
+    def generate(self, conversations: Sequence[list[Message]], params: SamplingParams) -> list[Completion]:
+        streams = [TokenStream() for _ in conversations]
+        return self.continue_streams(streams, conversations, params)
+
+    def _render(self, messages: list[Message]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @torch.no_grad()
+    def _prefill(self, stream: TokenStream) -> torch.Tensor:
+        """Run the stream's uncached tokens through the model; return the last position's logits."""
+        from transformers import DynamicCache
+
+        new = stream.ids[stream.cached :]
+        cache = DynamicCache(ddp_cache_data=stream.cache) if stream.cache else DynamicCache()
+        x = torch.tensor([new], device=self.device)
+        pos = torch.arange(stream.cached, stream.cached + len(new), device=self.device)[None]
+        out = self.model(input_ids=x, position_ids=pos, past_key_values=cache, use_cache=True)
+        stream.cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        stream.cached = len(stream.ids)
+        return out.logits[0, -1]
+
+    @torch.no_grad()
+    def continue_streams(self, streams: list[TokenStream], conversations: Sequence[list[Message]],
+                         params: SamplingParams) -> list[Completion]:
+        """Extend each stream to its conversation (prefilling only new tokens), then sample one turn for all."""
+        from transformers import DynamicCache
+
+        if not streams:
+            return []
+        with self._adapter_context():
+            first_logits = []
+            for st, msgs in zip(streams, conversations):
+                text = self._render(msgs)
+                # The last turn's text as the template writes it may end with the turn's stop token or
+                # not (a different stop token, or the token budget ran out): try both.
+                prefix = next((p for p in (st.text, st.text_without_stop) if p and text.startswith(p)), None)
+                if prefix is not None:
+                    delta = self._encode(text[len(prefix) :])
+                    st.ids += delta
+                    st.mask += [0] * len(delta)
+                    st.logprobs += [0.0] * len(delta)
+                else:
+                    if st.text:  # a template that does not extend prefixes: re-encode everything
+                        st.resets += 1
+                    ids, mask = encode_conversation(self.tokenizer, msgs) if st.text else (self._encode(text), None)
+                    if mask is not None:
+                        gen_prompt = self._encode(text[len(self.tokenizer.apply_chat_template(msgs, tokenize=False)) :])
+                        ids, mask = ids + gen_prompt, mask + [0] * len(gen_prompt)
+                    st.ids, st.mask = ids, mask or [0] * len(ids)
+                    st.logprobs = [0.0] * len(ids)  # sampled log-probabilities are lost on a re-encode
+                    st.cache, st.cached = None, 0
+                st.text = text
+                first_logits.append(self._prefill(st))
+
+            B = len(streams)
+            lengths = [st.cached for st in streams]
+            T = max(lengths)
+            n_layers = len(streams[0].cache)
+            layers = []
+            for li in range(n_layers):
+                ks, vs = [], []
+                for st in streams:
+                    k, v = st.cache[li]
+                    pad = T - k.shape[2]
+                    if pad:
+                        k = torch.nn.functional.pad(k, (0, 0, pad, 0))
+                        v = torch.nn.functional.pad(v, (0, 0, pad, 0))
+                    ks.append(k)
+                    vs.append(v)
+                layers.append((torch.cat(ks), torch.cat(vs)))
+            cache = DynamicCache(ddp_cache_data=layers)
+            attn = torch.zeros(B, T, dtype=torch.long, device=self.device)
+            for b, n in enumerate(lengths):
+                attn[b, T - n :] = 1
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(int(params.seed) & 0x7FFFFFFFFFFFFFFF)
+            logits = torch.stack(first_logits)
+            out_ids: list[list[int]] = [[] for _ in range(B)]
+            out_lp: list[list[float]] = [[] for _ in range(B)]
+            finished = [False] * B
+            reason = ["length"] * B
+            for step in range(params.max_new_tokens):
+                tok, lp = _sample(logits, params, gen)
+                for b in range(B):
+                    if finished[b]:
+                        continue
+                    t = int(tok[b])
+                    out_ids[b].append(t)
+                    out_lp[b].append(float(lp[b]))
+                    if t in self.stop_ids:
+                        finished[b], reason[b] = True, "stop"
+                if all(finished) or step == params.max_new_tokens - 1:
+                    break
+                attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=self.device)], dim=1)
+                pos = torch.tensor([[lengths[b] + len(out_ids[b]) - 1] for b in range(B)], device=self.device)
+                out = self.model(input_ids=tok[:, None], position_ids=pos, attention_mask=attn,
+                                 past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits = out.logits[:, -1]
+
+            completions = []
+            full_layers = [(layer.keys, layer.values) for layer in cache.layers]
+            for b, st in enumerate(streams):
+                ids = out_ids[b]
+                # Keep the cache for what this stream actually holds: its past plus the tokens it wrote,
+                # except the last one (never fed back) which the next prefill covers.
+                keep = len(ids) - 1
+                pad = T - lengths[b]
+                st.cache = [(k[b : b + 1, :, pad : T + keep], v[b : b + 1, :, pad : T + keep]) for k, v in full_layers]
+                st.ids += ids
+                st.mask += [1] * len(ids)
+                st.logprobs += out_lp[b]
+                st.cached = lengths[b] + keep
+                body = ids[:-1] if ids and ids[-1] in self.stop_ids else ids
+                content = self.tokenizer.decode(body, skip_special_tokens=False)
+                st.text_without_stop = st.text + content
+                st.text += self.tokenizer.decode(ids, skip_special_tokens=False)
+                completions.append(Completion(text=content, finish_reason=reason[b], token_ids=list(ids), logprobs=list(out_lp[b])))
+            return completions

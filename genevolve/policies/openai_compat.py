@@ -1,0 +1,197 @@
+"""A :class:`ChatPolicy` over any OpenAI-compatible chat-completions server (vLLM, SGLang, ``genevolve.serve``).
+
+Server trouble never raises out of :meth:`OpenAIChatPolicy.generate`: a rollout of many episodes must
+survive one flaky request, so a failed conversation becomes ``Completion(finish_reason="error")`` with a
+reason naming the URL, and :class:`AsAgentPolicy` turns that into an ``error`` termination of that
+episode only. Transient failures (connection errors, time-outs, 429, 5xx) are retried a bounded number
+of times with exponential backoff; other 4xx are the caller's mistake and fail at once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+import httpx
+
+from .base import Completion, Message, SamplingParams
+
+
+def _normalise_base_url(base_url: str) -> str:
+    """``http://host:8000`` -> ``http://host:8000/v1``; a URL that already has a path is kept as given."""
+    base = base_url.strip().rstrip("/")
+    if httpx.URL(base).path in ("", "/"):
+        base += "/v1"
+    return base
+
+
+def _is_retryable_status(code: int) -> bool:
+    return code == 429 or code >= 500
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class OpenAIChatPolicy:
+    """``POST {base_url}/chat/completions`` per conversation, ``max_concurrency`` requests in flight.
+
+    ``max_retries`` is the number of retries after the first attempt, so a request is tried at most
+    ``1 + max_retries`` times, sleeping ``backoff * 2**k`` before retry ``k`` (0-based).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff: float = 1.0,
+        max_concurrency: int = 8,
+        logprobs: bool = True,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+        self.base_url = _normalise_base_url(base_url)
+        self.model = model
+        self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
+        self.max_retries = max(0, int(max_retries))
+        self.backoff = float(backoff)
+        self.max_concurrency = int(max_concurrency)
+        # Flipped off for good once the server says it does not support logprobs (e.g. some proxies).
+        self.logprobs = bool(logprobs)
+        self.name = f"openai:{model}@{self.base_url}"
+        self._url = f"{self.base_url}/chat/completions"
+        self._http = httpx.Client(transport=transport, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> OpenAIChatPolicy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def generate(self, conversations: Sequence[list[Message]], params: SamplingParams) -> list[Completion]:
+        """One completion per conversation, in input order; failures are error completions, not raises."""
+        if len(conversations) <= 1 or self.max_concurrency == 1:
+            return [self._complete(c, params) for c in conversations]
+        workers = min(self.max_concurrency, len(conversations))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openai-policy") as pool:
+            return list(pool.map(lambda c: self._complete(c, params), conversations))
+
+    # -- one request ----------------------------------------------------------------------------
+
+    def _payload(self, messages: list[Message], params: SamplingParams, logprobs: bool) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_new_tokens,
+            "n": 1,
+        }
+        if params.seed is not None:
+            payload["seed"] = params.seed
+        if logprobs:
+            payload["logprobs"] = True
+        return payload
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _post(self, payload: dict[str, Any]) -> tuple[httpx.Response | None, str]:
+        """The bounded retry loop: ``(response, "")`` for a final response (2xx or non-retryable
+        4xx), ``(None, reason)`` when every attempt failed transiently or the request itself failed."""
+        reason = ""
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
+            if attempt and self.backoff > 0:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                resp = self._http.post(self._url, json=payload, headers=self._headers())
+            except httpx.TransportError as exc:  # connect errors, time-outs, dropped connections
+                reason = _describe(exc)
+                continue
+            except httpx.HTTPError as exc:  # e.g. too many redirects: retrying will not help
+                return None, _describe(exc)
+            if _is_retryable_status(resp.status_code):
+                body = resp.text.strip()[:200]
+                reason = f"HTTP {resp.status_code}" + (f": {body}" if body else "")
+                continue
+            return resp, ""
+        return None, f"{reason} after {attempts} attempts"
+
+    def _complete(self, messages: list[Message], params: SamplingParams) -> Completion:
+        use_logprobs = self.logprobs
+        resp, reason = self._post(self._payload(messages, params, use_logprobs))
+        if (
+            resp is not None
+            and use_logprobs
+            and resp.status_code == 400
+            and "logprobs" in resp.text.lower()
+        ):
+            self.logprobs = False
+            resp, reason = self._post(self._payload(messages, params, False))
+        if resp is None:
+            return self._error(reason)
+        if not resp.is_success:
+            body = resp.text.strip()[:300]
+            return self._error(f"HTTP {resp.status_code}" + (f": {body}" if body else ""))
+        return self._parse(resp)
+
+    def _error(self, reason: str) -> Completion:
+        return Completion(text="", finish_reason="error", error=f"POST {self._url} failed: {reason}")
+
+    def _parse(self, resp: httpx.Response) -> Completion:
+        try:
+            data = resp.json()
+        except ValueError:
+            return self._error(f"response is not JSON: {resp.text.strip()[:200]!r}")
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            return self._error(f"response has no choices: {resp.text.strip()[:200]!r}")
+        choice = choices[0]
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            return self._error("response choice has no message")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            return self._error(f"message content is {type(content).__name__}, expected a string")
+        finish = "length" if choice.get("finish_reason") == "length" else "stop"
+        return Completion(
+            text=content or "",
+            finish_reason=finish,
+            token_ids=_token_ids(choice),
+            logprobs=_logprobs(choice),
+        )
+
+
+def _logprobs(choice: dict[str, Any]) -> list[float] | None:
+    """``choices[0].logprobs.content[*].logprob``; None when absent or not in that shape."""
+    logprobs = choice.get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(content, list):
+        return None
+    try:
+        return [float(entry["logprob"]) for entry in content]
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def _token_ids(choice: dict[str, Any]) -> list[int]:
+    """vLLM (``return_token_ids``) and ``genevolve.serve`` put the sampled ids in ``choices[0].token_ids``."""
+    ids = choice.get("token_ids")
+    if not isinstance(ids, list):
+        return []
+    try:
+        return [int(i) for i in ids]
+    except (TypeError, ValueError):
+        return []

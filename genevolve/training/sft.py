@@ -1,0 +1,298 @@
+"""Supervised fine-tuning with an assistant-only loss: the cold start of the tiny sandbox policy.
+
+One loop, top to bottom: data -> tokenizer and model -> length-bucketed batches -> AdamW with
+warm-up and cosine decay -> loss on assistant tokens only -> metrics JSONL -> atomic checkpoints
+(resumable) -> the final model folder with its config and a loss curve.
+
+    genevolve sft --recipe tiny --out assets/policy/tiny      # rebuilds the shipped tiny policy
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..records import atomic_write_json
+
+
+@dataclass
+class SFTConfig:
+    out: str = "assets/policy/tiny"  # final model folder (replaced atomically at the end)
+    recipe: str = "tiny"  # "tiny": new tokenizer + small Llama; "model": fine-tune the model at `model`
+    model: str | None = None  # base model folder for recipe "model"
+    data: str | None = None  # JSONL of {"messages": [...]}; default: the expert's cold-start data from the world
+    epochs: int = 3
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    batch_tokens: int = 12288  # padded tokens per optimizer step
+    max_len: int = 2048  # longer conversations are cut (their tail is lost)
+    grad_clip: float = 1.0
+    weight_decay: float = 0.01
+    lora_rank: int = 0  # 0: full fine-tuning; >0: train a LoRA adapter of this rank instead
+    seed: int = 0
+    save_every: int = 100  # optimizer steps between checkpoints
+    layers: int = 4  # tiny recipe only
+    hidden: int = 256  # tiny recipe only
+    vocab_size: int = 6000  # tiny recipe only (upper bound; BPE stops earlier on small data)
+    device: str | None = None
+    dtype: str | None = None
+
+    def validate(self) -> None:
+        if self.recipe not in ("tiny", "model"):
+            raise ValueError("recipe is 'tiny' or 'model'")
+        if self.recipe == "model" and not self.model:
+            raise ValueError("recipe 'model' needs --model (a model folder)")
+        for name in ("epochs", "batch_tokens", "max_len", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if not 0 < self.lr < 1:
+            raise ValueError("lr must be in (0, 1)")
+        if self.vocab_size > 8192:
+            raise ValueError("the tiny policy's vocabulary is at most 8192")
+
+
+def _load_conversations(cfg: SFTConfig, world, log) -> list[list[dict]]:
+    if cfg.data:
+        rows = []
+        with open(cfg.data, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    msgs = rec["messages"]
+                    assert isinstance(msgs, list) and all("role" in m and "content" in m for m in msgs)
+                except Exception as exc:
+                    raise ValueError(f"{cfg.data}:{n}: not an SFT record with a 'messages' list ({exc})") from exc
+                rows.append(msgs)
+        return rows
+    from .sft_data import conversations, expert_trajectories
+
+    log("generating cold-start trajectories with the scripted expert ...")
+    return conversations(expert_trajectories(world, seed=cfg.seed))
+
+
+def _batches(examples: list[tuple[list[int], list[int]]], batch_tokens: int, rng: random.Random) -> list[list[int]]:
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    batches, cur, cur_max = [], [], 0
+    for i in order:
+        n = len(examples[i][0])
+        if cur and max(cur_max, n) * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, cur_max = [], 0
+        cur.append(i)
+        cur_max = max(cur_max, n)
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def _collate(examples, idx, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = max(len(examples[i][0]) for i in idx)
+    ids = torch.full((len(idx), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(idx), n), dtype=torch.float32)
+    attn = torch.zeros((len(idx), n), dtype=torch.long)
+    for r, i in enumerate(idx):
+        x, m = examples[i]
+        ids[r, : len(x)] = torch.tensor(x)
+        mask[r, : len(m)] = torch.tensor(m, dtype=torch.float32)
+        attn[r, : len(x)] = 1
+    return ids.to(device), mask.to(device), attn.to(device)
+
+
+def assistant_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over tokens whose mask is 1 (the assistant's own tokens)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    tgt_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    m = mask[:, 1:]
+    return -(tgt_logp * m).sum() / m.sum().clamp_min(1.0)
+
+
+def _save_checkpoint(ckpt_dir: Path, model, opt, sched, step: int, epoch: int, cfg: SFTConfig) -> None:
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
+                "epoch": epoch, "rng": torch.get_rng_state()}, tmp / "state.pt")
+    atomic_write_json(tmp / "config.json", asdict(cfg))
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    tmp.rename(ckpt_dir)
+
+
+def plot_curve(metrics_path: Path, out_png: Path, key: str = "loss", title: str = "SFT loss") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    xs, ys = [r["step"] for r in rows], [r[key] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(xs, ys, lw=1, alpha=0.4, label=key)
+    k = max(1, len(ys) // 30)
+    smooth = [sum(ys[max(0, i - k) : i + 1]) / len(ys[max(0, i - k) : i + 1]) for i in range(len(ys))]
+    ax.plot(xs, smooth, lw=2, label=f"{key} (moving mean)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(key)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Run SFT; resume from ``<out>.work/checkpoint`` if a previous run stopped. Returns final metrics."""
+    from tqdm import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from ..policies.local import encode_conversation, pick_device, pick_dtype
+
+    cfg.validate()
+    out = Path(cfg.out)
+    work = out.with_name(out.name + ".work")  # scratch: checkpoint, metrics; becomes part of `out` at the end
+    work.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    if world is None and (cfg.recipe == "tiny" or not cfg.data):
+        from ..world import World
+
+        world = World()
+
+    # Data, tokenizer and model (the tokenizer and data are saved so a resumed run sees the same ones).
+    data_path = work / "sft_data.jsonl"
+    if data_path.exists():
+        convs = [json.loads(line)["messages"] for line in data_path.read_text("utf-8").splitlines() if line.strip()]
+    else:
+        convs = _load_conversations(cfg, world, log)
+        from ..records import atomic_write_text
+
+        atomic_write_text(data_path, "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in convs))
+    if cfg.recipe == "tiny":
+        from transformers import AutoTokenizer
+
+        from ..policies.tiny import build_tiny_model, train_tokenizer
+
+        if (work / "tokenizer" / "tokenizer.json").exists():
+            tok = AutoTokenizer.from_pretrained(work / "tokenizer")
+        else:
+            corpus = [json.loads(line)["text"] for line in (world.root / "corpus.jsonl").read_text("utf-8").splitlines() if line.strip()]
+            tok = train_tokenizer([m["content"] for c in convs for m in c] + corpus, cfg.vocab_size)
+            tok.save_pretrained(work / "tokenizer")
+        model = build_tiny_model(tok, cfg.seed, cfg.layers, cfg.hidden)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(cfg.model)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model)
+    model.to(device=device, dtype=pick_dtype(device, cfg.dtype))
+    if cfg.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    examples = []
+    for c in convs:
+        ids, mask = encode_conversation(tok, c)
+        ids, mask = ids[: cfg.max_len], mask[: cfg.max_len]
+        if sum(mask):
+            examples.append((ids, mask))
+    n_tokens = sum(len(x) for x, _ in examples)
+    log(f"SFT: {len(examples)} conversations, {n_tokens} tokens ({sum(sum(m) for _, m in examples)} assistant), "
+        f"vocab {len(tok)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
+
+    rng = random.Random(cfg.seed)
+    epochs_batches = [_batches(examples, cfg.batch_tokens, rng) for _ in range(cfg.epochs)]
+    total = sum(len(b) for b in epochs_batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, total, num_cycles=0.5 * (1 - cfg.min_lr_ratio))
+    step, metrics_path, ckpt = 0, work / "metrics.jsonl", work / "checkpoint"
+    if (ckpt / "state.pt").exists():
+        state = torch.load(ckpt / "state.pt", map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+        log(f"resumed from step {step}")
+        # Drop metric lines written after the checkpoint, so the curve has no duplicates.
+        if metrics_path.exists():
+            rows = [line for line in metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            from ..records import atomic_write_text
+
+            atomic_write_text(metrics_path, "".join(r + "\n" for r in rows))
+
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    model.train()
+    bar = tqdm(total=total, initial=step, desc="sft", unit="step", disable=not progress)
+    flat = [(e, b) for e, batches in enumerate(epochs_batches) for b in batches]
+    t_last, loss_val = time.time(), float("nan")
+    for e, idx in flat[step:]:
+        ids, mask, attn = _collate(examples, idx, pad_id, device)
+        logits = model(input_ids=ids, attention_mask=attn).logits
+        loss = assistant_loss(logits, ids, mask)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        opt.step()
+        sched.step()
+        step += 1
+        now = time.time()
+        loss_val = float(loss)
+        row = {"step": step, "epoch": e, "loss": loss_val, "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
+               "tokens": int(attn.sum()), "tokens_per_s": float(attn.sum()) / max(now - t_last, 1e-9)}
+        t_last = now
+        with metrics_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{loss_val:.3f}", epoch=e)
+        bar.update(1)
+        if step % cfg.save_every == 0 and step < total:
+            _save_checkpoint(ckpt, model, opt, sched, step, e, cfg)
+    bar.close()
+
+    # The final folder: model, tokenizer, config, metrics and curve, swapped in atomically.
+    model.eval()
+    final_tmp = out.with_name(out.name + ".tmp")
+    if final_tmp.exists():
+        shutil.rmtree(final_tmp)
+    to_save = model
+    if cfg.lora_rank:
+        to_save = model  # a PEFT model saves its adapter only
+    to_save.save_pretrained(final_tmp)
+    tok.save_pretrained(final_tmp)
+    atomic_write_json(final_tmp / "sft_config.json", asdict(cfg))
+    shutil.copy(metrics_path, final_tmp / "metrics.jsonl")
+    plot_curve(metrics_path, final_tmp / "loss_curve.png")
+    result = {"steps": step, "final_loss": loss_val, "conversations": len(examples), "tokens": n_tokens}
+    atomic_write_json(final_tmp / "sft_result.json", result)
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        final_tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        final_tmp.rename(out)
+    shutil.rmtree(work)
+    log(f"saved {out} (final loss {loss_val:.3f}); curve: {out / 'loss_curve.png'}")
+    return result

@@ -1,0 +1,130 @@
+"""The local transformers policy and the batched rollout engine, on a tiny random model (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genevolve.agent import Tools
+from genevolve.policies.base import SamplingParams
+from genevolve.policies.local import LocalPolicy, TokenStream, encode_conversation
+from genevolve.policies.tiny import build_tiny_model, train_tokenizer
+from genevolve.protocol import SYSTEM_PROMPT
+from genevolve.records import Request
+from genevolve.rollout import rollout
+from genevolve.tools.base import ImageHit
+
+TEXTS = [SYSTEM_PROMPT, "Draw three gold stars above a red circle.", "<think>I search.</think><tool_call>{\"name\": \"search\"}</tool_call>",
+         "--- search result for [x] ---\n1. title: y\n  snippet: z\n--- end of search result ---"] * 20
+
+
+@pytest.fixture(scope="module")
+def policy():
+    tok = train_tokenizer(TEXTS, vocab_size=400)
+    model = build_tiny_model(tok, seed=0, layers=2, hidden=64)
+    model.eval()
+    return LocalPolicy(model, tok, name="tiny-random")
+
+
+def conv(text="Draw three gold stars.", extra=()):
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}, *extra]
+
+
+GREEDY = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=12)
+
+
+def test_batched_generation_matches_one_at_a_time(policy):
+    convs = [conv("Draw a red circle."), conv("Draw three gold stars above a very long list of things to draw."), conv("x")]
+    together = policy.generate(convs, GREEDY)
+    alone = [policy.generate([c], GREEDY)[0] for c in convs]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert all(len(c.token_ids) == len(c.logprobs) for c in together)
+
+
+def test_logprobs_are_the_models_own(policy):
+    c = conv()
+    out = policy.generate([c], SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8, seed=3))[0]
+    prompt = policy.tokenizer(policy._render(c), add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + out.token_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(policy.model(input_ids=ids).logits[0].float(), -1)
+    want = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(out.token_ids)]
+    assert out.logprobs == pytest.approx(want, abs=1e-4)
+
+
+def test_streams_reuse_the_cache_across_turns(policy):
+    """Continuing a stream turn by turn gives the same tokens as re-encoding the whole conversation."""
+    msgs = conv()
+    st = TokenStream()
+    first = policy.continue_streams([st], [msgs], GREEDY)[0]
+    msgs2 = msgs + [{"role": "assistant", "content": first.text},
+                    {"role": "user", "content": "<tool_response>\nsome result\n</tool_response>"}]
+    second = policy.continue_streams([st], [msgs2], GREEDY)[0]
+    fresh = policy.generate([msgs2], GREEDY)[0]
+    assert st.resets == 0
+    if first.finish_reason == "stop":  # with a stop token the re-rendered history is token-identical
+        assert second.token_ids == fresh.token_ids
+    # The stream's mask is 1 exactly on the sampled tokens.
+    sampled = [t for t, m in zip(st.ids, st.mask) if m]
+    assert sampled == first.token_ids + second.token_ids
+    assert len(st.ids) == len(st.mask) == len(st.logprobs)
+
+
+def test_encode_conversation_masks_only_assistant_turns(policy):
+    msgs = conv(extra=[{"role": "assistant", "content": "<think>a</think><answer>{}</answer>"},
+                       {"role": "user", "content": "<tool_response>\nobs\n</tool_response>"},
+                       {"role": "assistant", "content": "<think>b</think>"}])
+    ids, mask = encode_conversation(policy.tokenizer, msgs)
+    text = policy.tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    assert text == "<think>a</think><answer>{}</answer><|im_end|><think>b</think><|im_end|>"
+
+
+class FakeTools:
+    def search(self, queries, top_k=5):
+        return "--- search result for [q] ---\n--- end of search result ---"
+
+    def image_search(self, query, top_k=5):
+        return [ImageHit(title="t", url="u", local_path="/tmp/x.png")]
+
+    def query(self, skill_name):
+        return "card"
+
+
+def test_engine_records_exact_streams(policy):
+    tools = Tools(FakeTools(), FakeTools(), FakeTools())
+    reqs = [Request(id="r1", text="Draw a red circle."), Request(id="r2", text="Draw two blue squares above a star.")]
+    trajs = rollout(reqs, policy, tools, k=2, params=SamplingParams(max_new_tokens=16, seed=0), seed=5)
+    assert [t.id for t in trajs] == ["r1-s5-k0", "r1-s5-k1", "r2-s5-k0", "r2-s5-k1"]
+    for t in trajs:
+        assert t.termination in ("answer", "no_answer", "max_rounds_reached")  # a random model rarely answers
+        assert len(t.token_ids) == len(t.assistant_mask) == len(t.token_logprobs)
+        sampled = policy.tokenizer.decode([i for i, m in zip(t.token_ids, t.assistant_mask) if m])
+        for stop in ("<|im_end|>", "<|endoftext|>"):  # the stop token each turn sampled
+            sampled = sampled.replace(stop, "")
+        assert sampled == "".join(turn.raw for turn in t.turns)
+        assert not any("re-encoded" in e for e in t.errors)
+        assert all(turn.finish_reason in ("stop", "length") for turn in t.turns)
+        # Observations and format-error notes are in the stream but never in the mask.
+        assert sum(t.assistant_mask) < len(t.token_ids)
+
+
+def test_lora_adapters_attach_switch_and_disable(policy, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = build_tiny_model(policy.tokenizer, seed=0, layers=2, hidden=64)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "a1")
+    pol = LocalPolicy(build_tiny_model(policy.tokenizer, seed=0, layers=2, hidden=64).eval(), policy.tokenizer)
+    c = [conv()]
+    plain = pol.generate(c, GREEDY)[0].logprobs
+    pol.load_adapter(tmp_path / "a1", "a1")
+    adapted = pol.generate(c, GREEDY)[0].logprobs
+    pol.disable_adapter()
+    disabled = pol.generate(c, GREEDY)[0].logprobs
+    assert adapted != pytest.approx(plain, abs=1e-4)
+    assert disabled == pytest.approx(plain, abs=1e-5)
+    pol.set_adapter("a1")
+    assert pol.generate(c, GREEDY)[0].logprobs == pytest.approx(adapted, abs=1e-5)
+    assert pol.adapters == ["a1"]
+    with pytest.raises(FileNotFoundError):
+        pol.load_adapter(tmp_path / "missing", "x")

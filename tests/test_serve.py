@@ -1,0 +1,267 @@
+"""The OpenAI-compatible server over a fake ChatPolicy: shapes, validation, adapters, and a real round trip."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Sequence
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from genevolve.policies.base import Completion, Message, SamplingParams
+from genevolve.policies.openai_compat import OpenAIChatPolicy
+from genevolve.serve import build_app, run_server
+
+
+class FakePolicy:
+    """Echoes the last user message; token ids are the characters' code points, so decode_token is chr."""
+
+    name = "fake"
+
+    def __init__(self):
+        self.adapters: dict[str, str] = {}
+        self.active: str | None = None
+        self.calls: list[tuple[str | None, list[Message], SamplingParams]] = []
+        self.fail: str | None = None
+
+    def generate(self, conversations: Sequence[list[Message]], params: SamplingParams) -> list[Completion]:
+        out = []
+        for messages in conversations:
+            self.calls.append((self.active, messages, params))
+            if self.fail:
+                out.append(Completion(text="", finish_reason="error", error=self.fail))
+                continue
+            last = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+            text = f"echo: {last}"
+            finish = "stop"
+            if len(text) > params.max_new_tokens:
+                text, finish = text[: params.max_new_tokens], "length"
+            ids = [ord(ch) for ch in text]
+            out.append(Completion(text, finish, ids, [-0.25] * len(ids)))
+        return out
+
+    def decode_token(self, token_id: int) -> str:
+        return chr(token_id)
+
+    def load_adapter(self, path: str, name: str) -> None:
+        self.adapters[name] = path
+
+    def set_adapter(self, name: str) -> None:
+        assert name in self.adapters
+        self.active = name
+
+    def disable_adapter(self) -> None:
+        self.active = None
+
+    def unload_adapter(self, name: str) -> None:
+        del self.adapters[name]
+        if self.active == name:
+            self.active = None
+
+
+@pytest.fixture
+def policy() -> FakePolicy:
+    return FakePolicy()
+
+
+@pytest.fixture
+def client(policy) -> TestClient:
+    return TestClient(build_app(policy, "student"))
+
+
+def chat(client: TestClient, content: str = "a red fox", **fields) -> httpx.Response:
+    body = {"model": "student", "messages": [{"role": "user", "content": content}], **fields}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def test_health_and_models(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert [(m["id"], m["object"]) for m in models["data"]] == [("student", "model")]
+
+
+def test_completion_shape_and_sampling_params(client, policy):
+    resp = chat(client, temperature=0.2, top_p=0.8, max_tokens=64, seed=3)
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    assert isinstance(body["created"], int) and body["model"] == "student"
+    (choice,) = body["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] == "stop"
+    assert choice["message"] == {"role": "assistant", "content": "echo: a red fox"}
+    assert choice["logprobs"] is None
+    assert choice["token_ids"] == [ord(c) for c in "echo: a red fox"]
+    assert body["usage"]["completion_tokens"] == len("echo: a red fox")
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    _, messages, params = policy.calls[-1]
+    assert messages == [{"role": "user", "content": "a red fox"}]
+    assert params == SamplingParams(temperature=0.2, top_p=0.8, max_new_tokens=64, seed=3)
+
+
+def test_defaults_and_length_finish(client, policy):
+    body = chat(client, content="x" * 10, max_tokens=4).json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][0]["message"]["content"] == "echo"
+    chat(client)
+    assert policy.calls[-1][2] == SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=256, seed=None)
+
+
+def test_logprobs_on(client):
+    choice = chat(client, content="hi", logprobs=True).json()["choices"][0]
+    tokens = choice["logprobs"]["content"]
+    assert [t["token"] for t in tokens] == list("echo: hi")
+    assert all(t["logprob"] == -0.25 for t in tokens)
+
+
+def test_logprobs_tokens_empty_without_decode_token(policy):
+    class NoDecode(FakePolicy):
+        decode_token = None  # type: ignore[assignment]
+
+    body = chat(TestClient(build_app(NoDecode(), "student")), content="hi", logprobs=True).json()
+    assert {t["token"] for t in body["choices"][0]["logprobs"]["content"]} == {""}
+
+
+@pytest.mark.parametrize(
+    "fields, needle",
+    [
+        ({"n": 2}, "n must be 1"),
+        ({"stream": True}, "streaming is not supported"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "role"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user"}]}, "content"),
+        ({"temperature": -1}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+    ],
+)
+def test_validation_errors_are_400_with_a_message(client, policy, fields, needle):
+    body = {"model": "student", "messages": [{"role": "user", "content": "hi"}], **fields}
+    resp = client.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error" and needle in error["message"]
+    assert policy.calls == []
+
+
+def test_unknown_model_is_404(client, policy):
+    resp = chat(client, model="nope")
+    assert resp.status_code == 404
+    error = resp.json()["error"]
+    assert error["type"] == "not_found" and "nope" in error["message"] and "student" in error["message"]
+    assert policy.calls == []
+
+
+def test_empty_model_means_base(client, policy):
+    resp = chat(client, model="")
+    assert resp.status_code == 200 and resp.json()["model"] == "student"
+
+
+def test_adapter_load_select_and_unload(client, policy, tmp_path):
+    missing = client.post("/v1/load_lora_adapter", json={"lora_name": "v1", "lora_path": str(tmp_path / "none")})
+    assert missing.status_code == 400 and "does not exist" in missing.json()["error"]["message"]
+
+    resp = client.post("/v1/load_lora_adapter", json={"lora_name": "v1", "lora_path": str(tmp_path)})
+    assert resp.status_code == 200 and resp.json() == {"status": "loaded", "lora_name": "v1"}
+    assert policy.adapters == {"v1": str(tmp_path)}
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["student", "v1"]
+    again = client.post("/v1/load_lora_adapter", json={"lora_name": "v1", "lora_path": str(tmp_path)})
+    assert again.status_code == 400
+
+    assert chat(client, model="v1").json()["model"] == "v1"
+    assert policy.calls[-1][0] == "v1"
+    chat(client, model="student")
+    assert policy.calls[-1][0] is None  # base model: adapter disabled for this request
+    chat(client, model="v1")
+    assert policy.calls[-1][0] == "v1"
+
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "v1"}).json()["status"] == "unloaded"
+    assert policy.adapters == {}
+    assert chat(client, model="v1").status_code == 404
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "v1"}).status_code == 404
+
+
+def test_adapter_endpoints_need_policy_support(tmp_path):
+    class Plain:
+        name = "plain"
+
+        def generate(self, conversations, params):
+            return [Completion("x") for _ in conversations]
+
+    client = TestClient(build_app(Plain(), "student"))
+    resp = client.post("/v1/load_lora_adapter", json={"lora_name": "v1", "lora_path": str(tmp_path)})
+    assert resp.status_code == 400 and "cannot load" in resp.json()["error"]["message"]
+    assert chat(client).json()["choices"][0]["message"]["content"] == "x"
+    assert "token_ids" not in chat(client).json()["choices"][0]
+
+
+def test_error_completion_is_500(client, policy):
+    policy.fail = "CUDA out of memory"
+    resp = chat(client)
+    assert resp.status_code == 500
+    error = resp.json()["error"]
+    assert error["type"] == "server_error" and "CUDA out of memory" in error["message"]
+
+
+def test_run_server_warns_off_loopback(monkeypatch, capsys, policy):
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    run_server(policy, "student")
+    assert calls[-1]["host"] == "127.0.0.1" and "warning" not in capsys.readouterr().err
+    run_server(policy, "student", host="0.0.0.0", port=9000)
+    assert calls[-1] == {"host": "0.0.0.0", "port": 9000, "log_level": "warning"}
+    assert "warning" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# end to end: real uvicorn on a free loopback port, driven by OpenAIChatPolicy
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def live_server(policy):
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # the OS picks a free port, and we hold it: no race with other tests
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(policy, "student"), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+        assert not thread.is_alive(), "server did not shut down"
+
+
+def test_end_to_end_with_openai_policy(live_server, policy, tmp_path):
+    with OpenAIChatPolicy(live_server, "student", backoff=0, max_retries=1) as remote:
+        convs = [[{"role": "system", "content": "s"}, {"role": "user", "content": f"prompt {i}"}] for i in range(5)]
+        out = remote.generate(convs, SamplingParams(temperature=0.0, max_new_tokens=64, seed=1))
+        assert [c.text for c in out] == [f"echo: prompt {i}" for i in range(5)]
+        assert all(c.finish_reason == "stop" and c.error is None for c in out)
+        assert out[0].token_ids == [ord(ch) for ch in "echo: prompt 0"]
+        assert out[0].logprobs == [-0.25] * len(out[0].token_ids)
+        assert policy.calls[-1][2] == SamplingParams(temperature=0.0, top_p=0.95, max_new_tokens=64, seed=1)
+
+        policy.fail = "boom"
+        (bad,) = remote.generate([convs[0]], SamplingParams())
+        assert bad.finish_reason == "error" and "HTTP 500" in bad.error and live_server in bad.error
+        policy.fail = None
+
+    resp = httpx.post(f"{live_server}/v1/load_lora_adapter", json={"lora_name": "v2", "lora_path": str(tmp_path)})
+    assert resp.status_code == 200
+    with OpenAIChatPolicy(f"{live_server}/v1", "v2", backoff=0) as remote:
+        (c,) = remote.generate([convs[0]], SamplingParams())
+        assert c.text == "echo: prompt 0" and policy.calls[-1][0] == "v2"
