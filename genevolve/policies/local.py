@@ -39,27 +39,25 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
 
 
 def encode_conversation(tokenizer, messages: list[Message]) -> tuple[list[int], list[int]]:
-    """Token ids of a whole conversation and its assistant mask (1 on assistant content and end-of-turn).
+    """Token ids of a whole conversation and its assistant mask.
 
-    Assistant spans are found by rendering growing prefixes, so any prefix-stable chat template works.
+    The mask is 1 on every token of each assistant turn's content and on its end-of-turn token, and
+    0 elsewhere (including the whitespace the template writes after the end-of-turn token). Spans are
+    found by rendering growing prefixes, so any prefix-stable chat template works.
     """
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
-        if text[:start] != tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True):
+        head = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not text.startswith(head) or not text.startswith(upto) or not upto.startswith(head + m["content"]):
             raise ValueError("the chat template does not render conversation prefixes stably")
-        spans.append((start, end))
+        spans.append((len(head), len(upto.rstrip())))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    mask = []
-    for a, b in offsets:
-        inside = any(s <= a and b <= e and b > a for s, e in spans)
-        # Keep whitespace after the end-of-turn token out of the loss: the template adds it.
-        mask.append(1 if inside and text[a:b].strip() else 0)
+    mask = [1 if b > a and any(s <= a and b <= e for s, e in spans) else 0 for a, b in offsets]
     return ids, mask
 
 

@@ -29,11 +29,11 @@ class SFTConfig:
     recipe: str = "tiny"  # "tiny": new tokenizer + small Llama; "model": fine-tune the model at `model`
     model: str | None = None  # base model folder for recipe "model"
     data: str | None = None  # JSONL of {"messages": [...]}; default: the expert's cold-start data from the world
-    epochs: int = 3
+    epochs: int = 4
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
-    batch_tokens: int = 12288  # padded tokens per optimizer step
+    batch_tokens: int = 8192  # padded tokens per optimizer step
     max_len: int = 2048  # longer conversations are cut (their tail is lost)
     grad_clip: float = 1.0
     weight_decay: float = 0.01
@@ -257,7 +257,7 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
         sched.step()
         step += 1
         now = time.time()
-        loss_val = float(loss)
+        loss_val = float(loss.detach())
         row = {"step": step, "epoch": e, "loss": loss_val, "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
                "tokens": int(attn.sum()), "tokens_per_s": float(attn.sum()) / max(now - t_last, 1e-9)}
         t_last = now

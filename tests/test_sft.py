@@ -1,0 +1,85 @@
+"""SFT: assistant-only loss, a full tiny run on a few conversations, and resuming after a crash."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from genevolve.training import sft as sft_mod
+from genevolve.training.sft import SFTConfig, assistant_loss, train_sft
+
+
+def test_assistant_loss_ignores_masked_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 5, 7)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 0]], dtype=torch.float32)
+    logp = torch.log_softmax(logits, -1)
+    want = -(logp[0, 1, 3] + logp[0, 2, 4]) / 2  # targets at positions 2 and 3
+    assert assistant_loss(logits, ids, mask) == pytest.approx(float(want))
+    other = logits.clone()
+    other[0, 3:, :] += 100.0  # changing logits that predict unmasked tokens changes nothing
+    assert assistant_loss(other, ids, mask) == pytest.approx(float(want))
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, world):
+    from genevolve.training.sft_data import conversations, expert_trajectories
+
+    it = expert_trajectories(world, split="bench", guided_fraction=0.5, seed=0)
+    convs = conversations([next(it) for _ in range(6)])
+    path = tmp_path_factory.mktemp("sft") / "data.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    return path
+
+
+def _cfg(tmp_path, data):
+    return SFTConfig(out=str(tmp_path / "model"), data=str(data), epochs=3, lr=3e-3, warmup_steps=1,
+                     batch_tokens=2048, layers=1, hidden=64, save_every=2, vocab_size=600)
+
+
+def test_tiny_sft_learns_and_writes_a_loadable_model(tmp_path, small_data, world):
+    res = train_sft(_cfg(tmp_path, small_data), world=world, log=lambda _: None, progress=False)
+    out = tmp_path / "model"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, res["steps"] + 1))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    assert (out / "loss_curve.png").stat().st_size > 1000 and (out / "sft_config.json").exists()
+    assert not (tmp_path / "model.work").exists()
+    from genevolve.policies.local import LocalPolicy
+
+    pol = LocalPolicy.load(out)
+    assert len(pol.tokenizer) <= 8192 and pol.tokenizer.chat_template
+
+
+def test_sft_resumes_after_a_crash(tmp_path, small_data, world, monkeypatch):
+    calls = {"n": 0}
+    real = sft_mod.assistant_loss
+
+    def crashing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed mid-training")
+        return real(*a, **k)
+
+    monkeypatch.setattr(sft_mod, "assistant_loss", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(_cfg(tmp_path, small_data), world=world, log=lambda _: None, progress=False)
+    assert (tmp_path / "model.work" / "checkpoint" / "state.pt").exists() and not (tmp_path / "model").exists()
+    monkeypatch.setattr(sft_mod, "assistant_loss", real)
+    logs = []
+    res = train_sft(_cfg(tmp_path, small_data), world=world, log=logs.append, progress=False)
+    assert any("resumed from step 2" in line for line in logs)
+    rows = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, res["steps"] + 1))
+
+
+def test_bad_sft_data_is_named(tmp_path, world):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "x"}]}\n{"oops": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        train_sft(_cfg(tmp_path, bad), world=world, log=lambda _: None, progress=False)
+    with pytest.raises(ValueError, match="recipe"):
+        SFTConfig(recipe="magic").validate()
