@@ -1,0 +1,33 @@
+"""The shipped tiny sandbox policy: small, loadable offline, and it speaks the protocol."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from genevolve.evaluation import protocol_valid
+from genevolve.policies.base import SamplingParams
+from genevolve.policies.tiny import TINY_DIR, tiny_exists
+
+pytestmark = pytest.mark.skipif(not tiny_exists(TINY_DIR), reason="tiny policy not built")
+
+
+def test_checkpoint_is_small_and_documented():
+    size = sum(p.stat().st_size for p in TINY_DIR.iterdir() if p.is_file())
+    assert size <= 25 * 2**20
+    cfg = json.loads((TINY_DIR / "sft_config.json").read_text())
+    assert cfg["recipe"] == "tiny" and cfg["out"] == "assets/policy/tiny"
+    assert json.loads((TINY_DIR / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_tiny_policy_writes_protocol_valid_trajectories(world, tools):
+    from genevolve.policies.resolve import resolve_policy
+    from genevolve.rollout import rollout
+
+    pol = resolve_policy("tiny")
+    assert 100 < len(pol.tokenizer) <= 8192
+    reqs = world.split("bench")[::15]
+    trajs = rollout(reqs, pol, tools, k=1, params=SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384, seed=0), seed=0)
+    valid = sum(protocol_valid(t) for t in trajs)
+    assert valid >= len(trajs) - 1, [t.errors for t in trajs if not protocol_valid(t)]
