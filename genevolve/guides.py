@@ -17,7 +17,7 @@ SLOT_TITLES = {
     "failure_avoidance": "Failure avoidance",
 }
 
-_CONSTRUCTION = {
+CONSTRUCTION = {
     "spatial_layout": 'place every object "in the <cell> of the image"',
     "quantity_counting": 'write counts as "exactly <number>"',
     "attribute_binding": "give each coloured object its own sentence",
@@ -27,7 +27,7 @@ _CONSTRUCTION = {
     "creative_drawing": "turn the metaphor into its exact style phrase",
     "text_rendering": 'quote the text after "the exact text"',
 }
-_AVOID = {
+AVOID = {
     "spatial_layout": "relation words alone",
     "quantity_counting": "bare numbers",
     "attribute_binding": "two colours in one sentence",
@@ -58,9 +58,9 @@ def oracle_slots(skills: list[str], knowledge: bool, hops: int) -> dict[str, str
     skill = ("Query " + ", ".join(skills) + ".") if skills else "No skill is needed."
     ref = ("Pick the reference titled Official with the exact name; skip misprints, historic, fan-made and look-alike names."
            if knowledge else "No reference image is needed.")
-    cons = ("; ".join(_CONSTRUCTION[s] for s in skills) + ".") if skills else "Describe the object plainly."
+    cons = ("; ".join(CONSTRUCTION[s] for s in skills) + ".") if skills else "Describe the object plainly."
     cons = cons[0].upper() + cons[1:]
-    avoid = ("Never rely on " + ", ".join(_AVOID[s] for s in skills) + ".") if skills else "Do not add objects."
+    avoid = ("Never rely on " + ", ".join(AVOID[s] for s in skills) + ".") if skills else "Do not add objects."
     return {"search_strategy": search, "skill_activation": skill, "reference_selection": ref,
             "prompt_construction": cons, "failure_avoidance": avoid}
 

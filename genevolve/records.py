@@ -186,6 +186,33 @@ class Verdict(Record):
     failed: str | None = None  # set when nothing could be judged (no program, generator error)
 
 
+class ExperienceVersion(Record):
+    """A past state of an experience's slots (kept on every edit)."""
+
+    version: int
+    slots: dict[str, str]
+    saved: str  # ISO time the version was replaced
+    note: str = ""
+
+
+class Experience(Record):
+    """A visual experience: the best-vs-worst difference of a group, as five imperative, entity-free slots."""
+
+    id: str
+    source_request_id: str
+    source_request: str  # the request text its key embedding is made from
+    slots: dict[str, str]  # search_strategy, skill_activation, reference_selection, prompt_construction, failure_avoidance
+    reward_gap: float = 0.0
+    run_id: str = ""
+    step: int = 0
+    best_trajectory: str = ""
+    worst_trajectory: str = ""
+    summariser: str = ""
+    created: str = ""
+    version: int = 1
+    history: list[ExperienceVersion] = Field(default_factory=list)
+
+
 class RunInfo(Record):
     id: str
     created: str

@@ -1,0 +1,251 @@
+"""Visual experiences: mining best-vs-worst pairs, summarising them, and the experience bank.
+
+**Mining.** Per group of K rollouts of one request, the best and worst trajectories by reward form a
+pair when their reward gap is at least ``delta_min`` (0.20) and the worst one is not a pure protocol
+failure (it reached an answer that could be judged); at most ``max_pairs`` (8) per step, largest
+gaps first.
+
+**Bank.** Experiences persist as JSONL (``experiences.jsonl``) with a FAISS index of the MiniLM
+embeddings of their source requests (``experiences.faiss``). Retrieval returns the nearest
+experience when its cosine similarity reaches the gate (0.84). Capacity 500: when full, the bank
+evicts among its oldest quarter (at least the two oldest) the experience with the smallest reward
+gap (FIFO + reward-gap eviction). Every create, edit and delete rewrites the JSONL and the index atomically, so the two
+always agree; a broken JSONL line is set aside in ``experiences.rejected.jsonl`` on load, never
+silently dropped.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .guides import SLOTS, format_guide
+from .records import Experience, ExperienceVersion, Trajectory, Verdict, atomic_write_text
+
+DELTA_MIN = 0.20
+MAX_PAIRS = 8
+GATE = 0.84
+CAPACITY = 500
+MAX_SLOT_CHARS = 400
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------
+# Mining
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    request_id: str
+    request_text: str
+    best: Trajectory
+    worst: Trajectory
+    best_verdict: Verdict
+    worst_verdict: Verdict
+
+    @property
+    def gap(self) -> float:
+        return self.best_verdict.reward - self.worst_verdict.reward
+
+
+def mine_pairs(groups: Sequence[Sequence[tuple[Trajectory, Verdict]]], delta_min: float = DELTA_MIN,
+               max_pairs: int = MAX_PAIRS) -> list[Pair]:
+    """Best-vs-worst pairs from groups of rollouts (one group per request), largest gaps first."""
+    pairs = []
+    for group in groups:
+        if len(group) < 2:
+            continue
+        ranked = sorted(group, key=lambda tv: tv[1].reward)
+        (w, wv), (b, bv) = ranked[0], ranked[-1]
+        if bv.reward - wv.reward < delta_min:
+            continue
+        if w.termination != "answer" or w.program is None or wv.failed:
+            continue  # a pure protocol failure says nothing about visual decisions
+        pairs.append(Pair(b.request_id, b.request_text, b, w, bv, wv))
+    pairs.sort(key=lambda p: p.gap, reverse=True)
+    return pairs[:max_pairs]
+
+
+# ---------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------
+
+
+class ExperienceError(ValueError):
+    """An experience that does not fit the schema (empty or over-long slots, unknown slots)."""
+
+
+def validate_slots(slots: dict[str, Any]) -> dict[str, str]:
+    if not isinstance(slots, dict):
+        raise ExperienceError("slots must be an object with the five slot names")
+    unknown = sorted(set(slots) - set(SLOTS))
+    if unknown:
+        raise ExperienceError(f"unknown slots {unknown}; slots are {', '.join(SLOTS)}")
+    out = {}
+    for s in SLOTS:
+        v = slots.get(s, "")
+        if not isinstance(v, str):
+            raise ExperienceError(f"slot {s} must be text")
+        v = " ".join(v.split())
+        if not v:
+            raise ExperienceError(f"slot {s} is empty")
+        if len(v) > MAX_SLOT_CHARS:
+            raise ExperienceError(f"slot {s} has {len(v)} characters (at most {MAX_SLOT_CHARS})")
+        out[s] = v
+    return out
+
+
+def guide_text(exp: Experience) -> str:
+    """The experience as the teacher's "Current-Task Decision Guide"."""
+    return format_guide(exp.slots)
+
+
+# ---------------------------------------------------------------------------
+# The bank
+# ---------------------------------------------------------------------------
+
+
+class ExperienceBank:
+    """Experiences on disk (JSONL + FAISS) behind create / edit / delete / search / retrieve."""
+
+    def __init__(self, root: str | Path, embedder=None, capacity: int = CAPACITY, gate: float = GATE):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.capacity = capacity
+        self.gate = gate
+        self._embedder = embedder
+        self._lock = threading.RLock()
+        self.items: dict[str, Experience] = {}
+        self.load_errors: list[str] = []
+        self._vecs: dict[str, np.ndarray] = {}
+        self._load()
+
+    @property
+    def jsonl(self) -> Path:
+        return self.root / "experiences.jsonl"
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from .embed import default_embedder
+
+            self._embedder = default_embedder()
+        return self._embedder
+
+    # -- persistence ------------------------------------------------------------
+    def _load(self) -> None:
+        if not self.jsonl.exists():
+            return
+        rejected = []
+        for n, line in enumerate(self.jsonl.read_text("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                exp = Experience.model_validate_json(line)
+                exp.slots = validate_slots(exp.slots)
+            except ValueError as exc:
+                self.load_errors.append(f"{self.jsonl}:{n}: {str(exc).splitlines()[0]}")
+                rejected.append(line)
+                continue
+            self.items[exp.id] = exp
+        if rejected:
+            with (self.root / "experiences.rejected.jsonl").open("a", encoding="utf-8") as fh:
+                fh.writelines(r + "\n" for r in rejected)
+            self._save()
+
+    def _save(self) -> None:
+        atomic_write_text(self.jsonl, "".join(e.model_dump_json() + "\n" for e in self.items.values()))
+        self._rebuild_index()
+
+    def _rebuild_index(self) -> None:
+        from .tools.faiss_store import VectorIndex
+
+        ids = list(self.items)
+        missing = [i for i in ids if i not in self._vecs]
+        if missing:
+            vecs = self.embedder.encode([self.items[i].source_request for i in missing])
+            self._vecs.update(zip(missing, vecs))
+        for gone in set(self._vecs) - set(ids):
+            del self._vecs[gone]
+        index = VectorIndex(self.embedder.dim, getattr(self.embedder, "name", ""))
+        if ids:
+            index.add(np.arange(len(ids), dtype=np.int64), np.stack([self._vecs[i] for i in ids]))
+        index.save(self.root / "experiences.faiss")
+        self._index, self._index_ids = index, ids
+
+    def _ensure_index(self):
+        if not hasattr(self, "_index"):
+            self._rebuild_index()
+        return self._index, self._index_ids
+
+    # -- changes ---------------------------------------------------------------
+    def add(self, source_request_id: str, source_request: str, slots: dict[str, Any], reward_gap: float = 0.0,
+            **provenance: Any) -> Experience:
+        with self._lock:
+            clean = validate_slots(slots)
+            eid = "exp-" + hashlib.sha1(f"{source_request_id}|{_now()}|{len(self.items)}|{json.dumps(clean)}".encode()).hexdigest()[:10]
+            exp = Experience(id=eid, source_request_id=source_request_id, source_request=source_request, slots=clean,
+                             reward_gap=float(reward_gap), created=_now(), **provenance)
+            self.items[eid] = exp
+            self._evict()
+            self._save()
+            return exp
+
+    def _evict(self) -> None:
+        while len(self.items) > self.capacity:
+            oldest = list(self.items.values())[: max(2, len(self.items) // 4)]  # insertion order is age order
+            victim = min(oldest, key=lambda e: e.reward_gap)
+            del self.items[victim.id]
+
+    def edit(self, exp_id: str, slots: dict[str, Any], note: str = "") -> Experience:
+        with self._lock:
+            exp = self.get(exp_id)
+            clean = validate_slots({**exp.slots, **slots})
+            exp.history.append(ExperienceVersion(version=exp.version, slots=dict(exp.slots), saved=_now(), note=note))
+            exp.slots, exp.version = clean, exp.version + 1
+            self._save()
+            return exp
+
+    def delete(self, exp_id: str) -> None:
+        with self._lock:
+            self.get(exp_id)
+            del self.items[exp_id]
+            self._save()
+
+    def get(self, exp_id: str) -> Experience:
+        if exp_id not in self.items:
+            raise KeyError(f"no experience {exp_id!r} in {self.root}")
+        return self.items[exp_id]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    # -- queries ---------------------------------------------------------------
+    def search(self, text: str, k: int = 5) -> list[tuple[float, Experience]]:
+        """Nearest experiences to a request text by cosine similarity of the source requests."""
+        with self._lock:
+            index, ids = self._ensure_index()
+            if not ids:
+                return []
+            q = self.embedder.encode([text])
+            scores, rows = index.search(q, min(k, len(ids)))
+            return [(float(s), self.items[ids[int(r)]]) for s, r in zip(scores[0], rows[0]) if r >= 0]
+
+    def retrieve(self, text: str) -> tuple[Experience | None, float]:
+        """The nearest experience if its similarity reaches the gate, and the similarity."""
+        hits = self.search(text, 1)
+        if not hits:
+            return None, 0.0
+        score, exp = hits[0]
+        return (exp if score >= self.gate else None), score

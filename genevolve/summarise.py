@@ -1,0 +1,166 @@
+"""Summarisers: a best-vs-worst pair in, a five-slot visual experience out.
+
+- :class:`SandboxSummariser` is deterministic: it reads the real differences between the two
+  trajectories (which searches and skills the better one used, which references each picked, which
+  explicit wordings its program has and the worse one lacks, what the judge said went wrong) and
+  writes them in the guide language the policy was cold-started on.
+- :class:`LLMSummariser` asks any chat policy (an OpenAI-compatible server or a local model) with a
+  versioned prompt for the same five slots as JSON, and validates the answer against the schema.
+
+Both return slots that :func:`genevolve.experience.validate_slots` accepts, or raise
+:class:`SummaryError` with the reason (the trainer records it and goes on).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from .experience import ExperienceError, Pair, validate_slots
+from .guides import AVOID, CONSTRUCTION, SLOTS
+from .policies.base import SamplingParams
+
+
+class SummaryError(ValueError):
+    """A pair could not be summarised (model output not JSON, slots invalid, ...)."""
+
+
+_PHRASES = {
+    "spatial_layout": re.compile(r"\bin the (top-left|top-right|bottom-left|bottom-right|top|bottom|left|right|center) of the image\b"),
+    "quantity_counting": re.compile(r"\bexactly (two|three|four|five|six)\b"),
+    "anatomy_body_coherence": re.compile(r"\bwith exactly (two arms and two legs|four legs)\b"),
+    "physical_material_consistency": re.compile(r"\bmade of (polished metal|wood|clear glass)\b"),
+    "aesthetic_drawing": re.compile(r"\b(golden-hour|moonlit night|soft overcast|neon) lighting\b"),
+    "creative_drawing": re.compile(r"\bin (watercolor|pixel art|stained-glass mosaic|ink sketch) style\b"),
+    "text_rendering": re.compile(r'\bexact text "'),
+}
+
+
+def _calls(traj, name):
+    return [t.tool_call for t in traj.turns if t.tool_call is not None and t.tool_call.name == name and t.observation is not None]
+
+
+def _skills(traj) -> list[str]:
+    return [str(c.arguments.get("skill_name")) for c in _calls(traj, "query_knowledge")]
+
+
+def _one_sentence_per_colour(prompt: str) -> bool:
+    colours = re.compile(r"\b(red|blue|green|gold|purple|orange|teal|pink)\b")
+    return all(len(colours.findall(s)) <= 1 for s in re.split(r"[.;!?]", prompt))
+
+
+class SandboxSummariser:
+    name = "sandbox-diff-v1"
+
+    def __init__(self, world):
+        self.world = world
+
+    def _variants(self, traj) -> list[str]:
+        out = []
+        for ref in traj.program.reference_images if traj.program else []:
+            info = traj.image(ref.img_id)
+            row = self.world.refs.get(info.source_id, {}) if info else {}
+            out.append(row.get("variant", "unknown"))
+        return out
+
+    def summarise(self, pair: Pair) -> dict[str, str]:
+        b, w = pair.best, pair.worst
+        bp, wp = (b.program.gen_prompt if b.program else ""), (w.program.gen_prompt if w.program else "")
+        if _calls(b, "search") and not _calls(w, "search"):
+            search = "Search the fact that names the entity first, then image-search its official picture by exact name."
+        elif _calls(b, "image_search") and not _calls(w, "image_search"):
+            search = "Image-search every named entity by its exact name before answering."
+        elif _calls(b, "search") or _calls(b, "image_search"):
+            search = "Search each hop once and image-search each entity by its exact name."
+        else:
+            search = "No search is needed; everything is in the request."
+        gained = [s for s in _skills(b) if s not in _skills(w)]
+        used = gained or _skills(b)
+        skill = ("Query " + ", ".join(dict.fromkeys(used)) + ".") if used else "No skill is needed."
+        bv, wv = self._variants(b), self._variants(w)
+        if bv and all(v == "official" for v in bv) and any(v != "official" for v in wv):
+            ref = "Pick the reference titled Official with the exact name; skip misprints, historic, fan-made and look-alike names."
+        elif bv:
+            ref = "Keep the reference titled Official with the exact name."
+        else:
+            ref = "No reference image is needed."
+        better = [s for s, rx in _PHRASES.items() if rx.search(bp) and not rx.search(wp)]
+        if _one_sentence_per_colour(bp) and not _one_sentence_per_colour(wp):
+            better.append("attribute_binding")
+        if not better:
+            better = [s for s in _skills(b) if s in CONSTRUCTION]
+        cons = ("; ".join(CONSTRUCTION[s] for s in better) + ".") if better else "Describe each object plainly."
+        avoid = ("Never rely on " + ", ".join(AVOID[s] for s in better) + ".") if better else \
+            "Do not leave the generator to guess what the request left implicit."
+        slots = {"search_strategy": search, "skill_activation": skill, "reference_selection": ref,
+                 "prompt_construction": cons[0].upper() + cons[1:], "failure_avoidance": avoid}
+        try:
+            return validate_slots(slots)
+        except ExperienceError as exc:
+            raise SummaryError(str(exc)) from exc
+
+
+LLM_PROMPT_VERSION = "llm-summary-v1"
+LLM_PROMPT = """You compare two attempts at the same image request and distil what made the better one better.
+Write short imperative guidance that would help on similar requests. Never name people, places, teams,
+products, years or any other specific entity; never copy the request. Answer with one JSON object with
+exactly these keys: "search_strategy", "skill_activation", "reference_selection", "prompt_construction",
+"failure_avoidance". Each value is one or two sentences.
+
+Request: {request}
+
+Better attempt (reward {best_reward:.2f}):
+tools: {best_tools}
+program: {best_program}
+judge: {best_rationale}
+
+Worse attempt (reward {worst_reward:.2f}):
+tools: {worst_tools}
+program: {worst_program}
+judge: {worst_rationale}
+"""
+
+
+def _tool_line(traj) -> str:
+    calls = [t.tool_call for t in traj.turns if t.tool_call is not None]
+    return "; ".join(f"{c.name}({json.dumps(c.arguments, ensure_ascii=False)})" for c in calls) or "none"
+
+
+def parse_summary(text: str) -> dict[str, str]:
+    """Find the JSON object in a model's answer and validate its five slots."""
+    m = re.search(r"\{.*\}", text, re.S)
+    if not m:
+        raise SummaryError("the summary has no JSON object")
+    try:
+        obj = json.loads(m.group(0))
+    except json.JSONDecodeError as exc:
+        raise SummaryError(f"the summary is not valid JSON: {exc.msg}") from exc
+    if not isinstance(obj, dict):
+        raise SummaryError("the summary JSON is not an object")
+    try:
+        return validate_slots({k: obj.get(k, "") for k in SLOTS} | {k: v for k, v in obj.items() if k not in SLOTS})
+    except ExperienceError as exc:
+        raise SummaryError(str(exc)) from exc
+
+
+class LLMSummariser:
+    """Summaries from any chat policy (``generate(conversations, params)``), e.g. an OpenAI-compatible VLM/LLM."""
+
+    def __init__(self, policy, params: SamplingParams = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=400)):
+        self.policy = policy
+        self.params = params
+        self.name = f"{LLM_PROMPT_VERSION}:{policy.name}"
+
+    def prompt(self, pair: Pair) -> str:
+        return LLM_PROMPT.format(
+            request=pair.request_text, best_reward=pair.best_verdict.reward, worst_reward=pair.worst_verdict.reward,
+            best_tools=_tool_line(pair.best), worst_tools=_tool_line(pair.worst),
+            best_program=pair.best.program.model_dump_json(include={"gen_prompt", "reference_images"}) if pair.best.program else "none",
+            worst_program=pair.worst.program.model_dump_json(include={"gen_prompt", "reference_images"}) if pair.worst.program else "none",
+            best_rationale=pair.best_verdict.rationale, worst_rationale=pair.worst_verdict.rationale)
+
+    def summarise(self, pair: Pair) -> dict[str, str]:
+        out = self.policy.generate([[{"role": "user", "content": self.prompt(pair)}]], self.params)[0]
+        if out.finish_reason == "error":
+            raise SummaryError(f"summariser call failed: {out.error}")
+        return parse_summary(out.text)

@@ -1,0 +1,144 @@
+"""Pair mining, summarisers and the experience bank."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from genevolve.agent import run_to_end
+from genevolve.embed import HashEmbedder
+from genevolve.evaluation import SandboxScorer
+from genevolve.experience import ExperienceBank, ExperienceError, mine_pairs, validate_slots
+from genevolve.guides import SLOTS
+from genevolve.policies.base import Completion
+from genevolve.records import ImageStore, Trajectory, Verdict
+from genevolve.summarise import LLMSummariser, SandboxSummariser, SummaryError, parse_summary
+from genevolve.world.expert import ExpertNoise, ExpertPolicy
+
+SLOTS_OK = {s: f"Do the {s.replace('_', ' ')} right." for s in SLOTS}
+
+
+def v(tid, reward, failed=None):
+    return Verdict(trajectory_id=tid, request_id="r", reward=reward, failed=failed)
+
+
+def t(tid, termination="answer"):
+    from genevolve.records import Program
+
+    return Trajectory(id=tid, request_id="r", request_text="x", termination=termination,
+                      program=Program(gen_prompt="p") if termination == "answer" else None)
+
+
+def test_mining_keeps_large_gaps_and_skips_protocol_failures():
+    groups = [
+        [(t("a1"), v("a1", 0.9)), (t("a2"), v("a2", 0.5)), (t("a3"), v("a3", 0.6))],  # gap 0.4
+        [(t("b1"), v("b1", 0.7)), (t("b2"), v("b2", 0.6))],  # gap 0.1 < 0.2
+        [(t("c1"), v("c1", 0.9)), (t("c2", "no_answer"), v("c2", 0.0, failed="no program"))],  # protocol failure
+        [(t("d1"), v("d1", 1.0)), (t("d2"), v("d2", 0.3))],  # gap 0.7
+    ]
+    pairs = mine_pairs(groups)
+    assert [(p.best.id, p.worst.id) for p in pairs] == [("d1", "d2"), ("a1", "a2")]
+    assert mine_pairs(groups, max_pairs=1)[0].best.id == "d1"
+
+
+def test_slot_validation():
+    assert validate_slots(SLOTS_OK)["search_strategy"].startswith("Do the")
+    with pytest.raises(ExperienceError, match="empty"):
+        validate_slots({**SLOTS_OK, "skill_activation": "  "})
+    with pytest.raises(ExperienceError, match="characters"):
+        validate_slots({**SLOTS_OK, "skill_activation": "x" * 401})
+    with pytest.raises(ExperienceError, match="unknown slots"):
+        validate_slots({**SLOTS_OK, "mood": "happy"})
+
+
+def test_bank_create_edit_delete_search_persist(tmp_path):
+    emb = HashEmbedder(128)
+    bank = ExperienceBank(tmp_path, embedder=emb)
+    e1 = bank.add("r1", "Draw three gold stars above a red circle", SLOTS_OK, reward_gap=0.5, run_id="run", step=1)
+    e2 = bank.add("r2", "Paint a teal horse at dusk", SLOTS_OK, reward_gap=0.3)
+    assert len(bank) == 2
+    hit, score = bank.retrieve("Draw three gold stars above a red circle")
+    assert hit.id == e1.id and score == pytest.approx(1.0, abs=1e-5)
+    miss, score = bank.retrieve("Show the logo of some phone in neon light")
+    assert miss is None and score < bank.gate
+    bank.edit(e1.id, {"skill_activation": "Query quantity_counting."}, note="tightened")
+    again = ExperienceBank(tmp_path, embedder=emb)  # everything persisted, index consistent with the file
+    got = again.get(e1.id)
+    assert got.version == 2 and got.slots["skill_activation"] == "Query quantity_counting."
+    assert got.history[0].slots["skill_activation"] == SLOTS_OK["skill_activation"] and got.history[0].note == "tightened"
+    assert again.search("Paint a teal horse at dusk", 1)[0][1].id == e2.id
+    again.delete(e2.id)
+    assert [e.id for _, e in ExperienceBank(tmp_path, embedder=emb).search("Paint a teal horse", 5)] == [e1.id]
+    with pytest.raises(KeyError):
+        again.delete("exp-nope")
+
+
+def test_bank_capacity_evicts_old_small_gaps(tmp_path):
+    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(64), capacity=4)
+    gaps = [0.9, 0.2, 0.8, 0.7, 0.6]
+    made = [bank.add(f"r{i}", f"request number {i}", SLOTS_OK, reward_gap=g) for i, g in enumerate(gaps)]
+    # Among the two oldest (gaps 0.9 and 0.2) the small gap goes; the oldest, with a large gap, stays.
+    assert len(bank) == 4 and made[0].id in bank.items and made[1].id not in bank.items
+    bank2 = ExperienceBank(tmp_path / "b", embedder=HashEmbedder(64), capacity=4)
+    for i, g in enumerate([0.5, 0.1, 0.9, 0.8, 0.7, 0.6, 0.4, 0.3, 0.2]):
+        bank2.add(f"r{i}", f"request {i}", SLOTS_OK, reward_gap=g)
+    assert len(bank2) == 4
+    assert sorted(e.reward_gap for e in bank2.items.values()) == [0.2, 0.3, 0.4, 0.9]
+
+
+def test_broken_bank_lines_are_set_aside(tmp_path):
+    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(64))
+    bank.add("r1", "one request", SLOTS_OK)
+    with bank.jsonl.open("a") as fh:
+        fh.write('{"schema_version": 1, "id": "broken"\n')
+    again = ExperienceBank(tmp_path, embedder=HashEmbedder(64))
+    assert len(again) == 1 and again.load_errors and "experiences.jsonl:2" in again.load_errors[0]
+    assert "broken" in (tmp_path / "experiences.rejected.jsonl").read_text()
+    assert all(json.loads(line) for line in again.jsonl.read_text().splitlines())  # the file is clean again
+
+
+def test_sandbox_summariser_reads_real_differences(world, tools):
+    req = next(r for r in world.split("bench") if r.track == "knowledge" and "quantity_counting" in r.skills)
+    good = run_to_end(req, ExpertPolicy(world), tools, seed=0)
+    bad = run_to_end(req, ExpertPolicy(world, ExpertNoise(skip_skills=("quantity_counting",), p_distractor=1.0)), tools, seed=0)
+    sc, store = SandboxScorer(world), ImageStore("/tmp/genevolve-test-images")
+    gv, bv = sc.score(req, good, store)[1], sc.score(req, bad, store)[1]
+    pairs = mine_pairs([[(good, gv), (bad, bv)]])
+    assert pairs and pairs[0].best.id == good.id
+    slots = SandboxSummariser(world).summarise(pairs[0])
+    assert "quantity_counting" in slots["skill_activation"]
+    assert "Official" in slots["reference_selection"]
+    assert "exactly" in slots["prompt_construction"]
+    for entity in req.entities:  # entity-free
+        name = world.data.entities[entity].name
+        assert all(name not in s for s in slots.values())
+
+
+class FakeChat:
+    name = "fake"
+
+    def __init__(self, text):
+        self.text = text
+
+    def generate(self, conversations, params):
+        return [Completion(text=self.text)]
+
+
+def test_llm_summariser_validates_json():
+    pair = type("P", (), {})()
+    good = json.dumps(SLOTS_OK)
+    assert parse_summary(f"Here you go:\n{good}\nThanks") == validate_slots(SLOTS_OK)
+    with pytest.raises(SummaryError, match="no JSON"):
+        parse_summary("I cannot help with that")
+    with pytest.raises(SummaryError, match="not valid JSON"):
+        parse_summary('{"search_strategy": "x",}')
+    with pytest.raises(SummaryError, match="empty"):
+        parse_summary(json.dumps({**SLOTS_OK, "failure_avoidance": ""}))
+    s = LLMSummariser(FakeChat("oops"))
+    s.prompt = lambda p: "prompt"
+    with pytest.raises(SummaryError):
+        s.summarise(pair)
+    s2 = LLMSummariser(FakeChat(good))
+    s2.prompt = lambda p: "prompt"
+    assert s2.summarise(pair)["skill_activation"] == SLOTS_OK["skill_activation"]
