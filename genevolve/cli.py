@@ -326,5 +326,178 @@ def serve(
     run_server(pol, model_name or pol.name, host=host, port=port, adapters=adapters)
 
 
+def _evolve_cfg(out: Path, policy: str, steps: int, b: int, k: int, lambda_ved: float, lora_rank: int, lr: float,
+                delta_min: float, gate: float, seed: int, use_grpo: bool, use_ved: bool, max_new_tokens: int):
+    from .training.evolve import EvolveConfig
+
+    cfg = EvolveConfig(out=str(out), policy=policy, steps=steps, prompts_per_step=b, rollouts_per_prompt=k,
+                       lambda_ved=lambda_ved, lora_rank=lora_rank, lr=lr, delta_min=delta_min, gate=gate, seed=seed,
+                       use_grpo=use_grpo, use_ved=use_ved, max_new_tokens=max_new_tokens)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    return cfg
+
+
+def _bench_requests(world, quick: bool, n: Optional[int]):
+    reqs = world.split("bench")
+    if quick and n is None:
+        n = 24
+    return reqs[:: max(1, len(reqs) // n)][:n] if n else reqs
+
+
+@app.command()
+def evolve(
+    quick: bool = typer.Option(False, "--quick", help="A few minutes: 2 steps of 4 prompts x 4 rollouts, 24 bench requests."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default: runs/evolve-<time>); an existing one is resumed."),
+    policy: str = typer.Option("tiny", help="The SFT student: 'tiny' or a model folder."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Self-evolution steps (default 5; quick 2)."),
+    prompts: Optional[int] = typer.Option(None, "-B", min=1, help="Prompts per step (default 8; quick 4)."),
+    rollouts: Optional[int] = typer.Option(None, "-K", min=2, help="Rollouts per prompt (default 6; quick 4)."),
+    lambda_ved: float = typer.Option(2.0, min=0.0, help="Weight of the VED loss: L = L_GRPO + lambda * L_VED."),
+    lora_rank: int = typer.Option(16, min=1, help="LoRA rank of the student's adapter."),
+    lr: float = typer.Option(1e-3, help="Learning rate of the LoRA weights."),
+    delta_min: float = typer.Option(0.20, min=0.0, max=1.0, help="Smallest best-vs-worst reward gap that makes an experience."),
+    gate: float = typer.Option(0.84, min=-1.0, max=1.0, help="Cosine gate for retrieving an experience."),
+    no_grpo: bool = typer.Option(False, "--no-grpo", help="Drop the GRPO term (VED only)."),
+    no_ved: bool = typer.Option(False, "--no-ved", help="Drop the VED term (GRPO only)."),
+    seed: int = typer.Option(0, help="Seed for prompt order, sampling and initialisation."),
+    eval_seeds: str = typer.Option("0", help="Comma-separated seeds for the before/after/teacher bench comparison."),
+    eval_requests: Optional[int] = typer.Option(None, min=1, help="Bench requests to compare on (default: all; quick 24)."),
+    max_new_tokens: int = typer.Option(384, min=16, help="Token budget of one assistant turn."),
+):
+    """One-click distill-and-compare: GRPO + VED from the SFT student, then before / after / teacher on the bench."""
+    import time as _time
+
+    from .experience import ExperienceBank, guide_text
+    from .policies.resolve import resolve_policy
+    from .records import ImageStore
+    from .training.compare import evaluate, write_report
+    from .training.evolve import evolve as run_evolve
+    from .world import World
+
+    out = out or Path("runs") / f"evolve-{_time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = _evolve_cfg(out, policy, steps or (2 if quick else 5), prompts or (4 if quick else 8), rollouts or (4 if quick else 6),
+                      lambda_ved, lora_rank, lr, delta_min, gate, seed, not no_grpo, not no_ved, max_new_tokens)
+    w = World()
+    t0 = _time.time()
+    typer.echo(f"evolving {policy} ({cfg.arm}): {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.rollouts_per_prompt} rollouts -> {out}")
+    run_evolve(cfg, world=w, log=typer.echo)
+    t_train = _time.time() - t0
+    reqs = _bench_requests(w, quick, eval_requests)
+    seeds = [int(x) for x in eval_seeds.split(",") if x.strip()]
+    adapter = out / "checkpoint" / "adapter"
+    before = resolve_policy(policy)
+    before.name = "student (before)"
+    after = resolve_policy(policy, adapter=str(adapter))
+    after.name = "student (after)"
+    bank = ExperienceBank(out / "bank")
+    guides, hits = {}, 0
+    for r in reqs:
+        exp, _ = bank.retrieve(r.text)
+        if exp is not None:
+            guides[r.id] = guide_text(exp)
+            hits += 1
+    results = {}
+    for name, pol, g in (("student (before)", before, None), ("student (after)", after, None), ("teacher", after, guides)):
+        store = ImageStore(out / "report" / "images" / name.split()[0])
+        res = evaluate(w, pol, reqs, seeds, guides=g, store=store, progress=typer.echo)
+        res["store"] = store
+        results[name] = res
+    extra = (f"Teacher = the trained student with the nearest bank experience (cosine >= {gate}) in its system prompt; "
+             f"{hits}/{len(reqs)} bench requests retrieved one. Training took {t_train:.0f} s; total {_time.time() - t0:.0f} s.")
+    report = write_report(out / "report", f"Distill and compare: {policy}, {cfg.arm}", results, w,
+                          {cfg.arm: [out / "metrics.jsonl"]}, extra, config=cfg.__dict__)
+    typer.echo(open(report).read().split("## Learning curves")[0])
+    typer.echo(f"report: {report}  ({_time.time() - t0:.0f} s in all)")
+
+
+@app.command()
+def ablate(
+    quick: bool = typer.Option(False, "--quick", help="A few minutes: 1 step of 4 prompts x 4 rollouts per arm, 1 seed, 24 requests."),
+    out: Optional[Path] = typer.Option(None, help="Folder for every arm's run and the report (default: runs/ablate-<time>)."),
+    policy: str = typer.Option("tiny", help="The SFT student: 'tiny' or a model folder."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (default 0,1,2; quick 0)."),
+    arms: str = typer.Option("sft,grpo,ved,grpo+ved", help="Arms to run: any of sft, grpo, ved, grpo+ved."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Steps per arm (default 4; quick 1)."),
+    prompts: Optional[int] = typer.Option(None, "-B", min=1, help="Prompts per step (default 8; quick 4)."),
+    rollouts: Optional[int] = typer.Option(None, "-K", min=2, help="Rollouts per prompt (default 6; quick 4)."),
+    lambda_ved: float = typer.Option(2.0, min=0.0, help="Weight of the VED loss."),
+    lora_rank: int = typer.Option(16, min=1, help="LoRA rank."),
+    lr: float = typer.Option(1e-3, help="Learning rate of the LoRA weights."),
+    eval_requests: Optional[int] = typer.Option(None, min=1, help="Bench requests per evaluation (default: all; quick 24)."),
+    max_new_tokens: int = typer.Option(384, min=16, help="Token budget of one assistant turn."),
+):
+    """The ablation: SFT-only, +GRPO, +VED, +GRPO+VED at the same number of rollouts, several seeds, mean ± 95% CI."""
+    import time as _time
+
+    from .evaluation import mean_ci
+    from .policies.resolve import resolve_policy
+    from .records import ImageStore, atomic_write_json
+    from .training.compare import evaluate, write_report
+    from .training.evolve import evolve as run_evolve
+    from .world import World
+
+    arm_list = [a.strip() for a in arms.split(",") if a.strip()]
+    bad = [a for a in arm_list if a not in ("sft", "grpo", "ved", "grpo+ved")]
+    if bad:
+        raise typer.BadParameter(f"unknown arms {bad}", param_hint="--arms")
+    seed_list = [int(x) for x in (seeds or ("0" if quick else "0,1,2")).split(",") if x.strip()]
+    out = out or Path("runs") / f"ablate-{_time.strftime('%Y%m%d-%H%M%S')}"
+    w = World()
+    reqs = _bench_requests(w, quick, eval_requests)
+    t0 = _time.time()
+    per_arm: dict[str, list[dict]] = {a: [] for a in arm_list}
+    metrics: dict[str, list[Path]] = {a: [] for a in arm_list if a != "sft"}
+    for seed in seed_list:
+        for arm in arm_list:
+            store = ImageStore(out / "images" / f"{arm}-s{seed}")
+            if arm == "sft":
+                pol = resolve_policy(policy)
+            else:
+                run_dir = out / f"{arm}-s{seed}"
+                cfg = _evolve_cfg(run_dir, policy, steps or (1 if quick else 4), prompts or (4 if quick else 8),
+                                  rollouts or (4 if quick else 6), lambda_ved, lora_rank, lr, 0.20, 0.84, seed,
+                                  "grpo" in arm, "ved" in arm, max_new_tokens)
+                typer.echo(f"[{arm} seed {seed}] training -> {run_dir}")
+                run_evolve(cfg, world=w, log=typer.echo)
+                metrics[arm].append(run_dir / "metrics.jsonl")
+                pol = resolve_policy(policy, adapter=str(run_dir / "checkpoint" / "adapter"))
+            pol.name = arm
+            res = evaluate(w, pol, reqs, [seed], store=store, progress=typer.echo)
+            res["store"] = store
+            per_arm[arm].append(res)
+            typer.echo(f"[{arm} seed {seed}] bench KScore {res['summary']['overall']['all']['kscore']['mean']:.3f} "
+                       f"({_time.time() - t0:.0f} s so far)")
+    # Mean ± 95% CI over seeds, per arm, overall and per track, for every dimension.
+    results = {}
+    for arm, runs in per_arm.items():
+        summary = {"overall": {}, "track": {}}
+        for level in ("overall", "track"):
+            keys = runs[0]["summary"][level].keys()
+            for key in keys:
+                summary[level][key] = {}
+                for d in ("kscore", "F", "V", "T", "A", "r_text", "reward"):
+                    vals = [r["summary"][level][key][d]["mean"] for r in runs if r["summary"][level][key][d]["mean"] is not None]
+                    vals = [v for v in vals if v == v]
+                    summary[level][key][d] = dict(zip(("mean", "ci95"), mean_ci(vals))) | {"per_seed": vals}
+        results[arm] = {"summary": summary, "records": runs[0]["records"], "store": runs[0]["store"]}
+    sft_k = results.get("sft", {}).get("summary", {}).get("overall", {}).get("all", {}).get("kscore", {})
+    lines = ["## Gains over SFT-only (overall KScore)", "", "| arm | KScore | gain over SFT | per seed |", "| --- | --- | --- | --- |"]
+    for arm, r in results.items():
+        k = r["summary"]["overall"]["all"]["kscore"]
+        gain = (k["mean"] - sft_k["mean"]) if sft_k else float("nan")
+        lines.append(f"| {arm} | {k['mean']:.3f} ± {k['ci95'] if k['ci95'] == k['ci95'] else 0:.3f} | {gain:+.3f} | "
+                     + ", ".join(f"{x:.3f}" for x in k["per_seed"]) + " |")
+    extra = "\n".join(lines) + f"\n\nTotal time: {_time.time() - t0:.0f} s for {len(seed_list)} seed(s) x {len(arm_list)} arm(s)."
+    report = write_report(out / "report", f"Ablation: {policy}", results, w, metrics, extra,
+                          config={"seeds": seed_list, "arms": arm_list, "steps": steps or (1 if quick else 4),
+                                  "B": prompts or (4 if quick else 8), "K": rollouts or (4 if quick else 6), "lambda_ved": lambda_ved})
+    atomic_write_json(out / "ablation.json", {a: r["summary"] for a, r in results.items()} | {"seconds": _time.time() - t0})
+    typer.echo("\n".join(lines))
+    typer.echo(f"report: {report}  ({_time.time() - t0:.0f} s in all)")
+
+
 if __name__ == "__main__":
     app()

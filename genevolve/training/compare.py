@@ -1,0 +1,170 @@
+"""Distill-and-compare: evaluate the student before, after, and as teacher; write the report folder.
+
+The report folder holds ``report.md`` (KScore, F, V, T, A by track for each policy; the ablation
+table when several arms ran), learning-curve PNGs from the metrics JSONL, ``results.json`` and a few
+per-request examples with the before / after / teacher images side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+from ..evaluation import DIMS, SandboxScorer, aggregate, mean_ci
+from ..records import ImageStore, atomic_write_json, atomic_write_text
+
+CURVES = (("reward_mean", "reward (mean)"), ("kscore_mean", "KScore (rollouts)"), ("ved_loss", "VED loss"),
+          ("grpo_loss", "GRPO loss"), ("retrieval_hit_rate", "retrieval hit rate"))
+
+
+def evaluate(world, policy, requests, seeds=(0,), guides: dict[str, str] | None = None, params=None,
+             store: ImageStore | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Bench a policy: per seed, one trajectory per request; returns aggregates and the per-request records."""
+    import tempfile
+
+    from ..agent import Tools
+    from ..policies.base import SamplingParams
+    from ..rollout import rollout
+
+    params = params or SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384)
+    tools, scorer = Tools.for_world(world), SandboxScorer(world)
+    tmp = None
+    if store is None:
+        tmp = tempfile.TemporaryDirectory()
+        store = ImageStore(tmp.name)
+    per_seed, records = {}, []
+    for seed in seeds:
+        if progress:
+            progress(f"evaluating {policy.name} seed {seed} on {len(requests)} requests")
+        trajs = rollout(requests, policy, tools, k=1, params=params, seed=seed, guides=guides)
+        pairs = []
+        for req, tr in zip(requests, trajs):
+            _, v = scorer.score(req, tr, store, seed=tr.seed)
+            pairs.append((req, v))
+            records.append({"seed": seed, "request": req.id, "trajectory": tr, "verdict": v})
+        per_seed[seed] = aggregate(pairs)
+    summary = {}
+    for level in ("overall", "track"):
+        summary[level] = {}
+        for key in per_seed[seeds[0]][level]:
+            summary[level][key] = {d: dict(zip(("mean", "ci95"), mean_ci([per_seed[s][level][key][d] for s in seeds
+                                                                         if per_seed[s][level][key][d] is not None])))
+                                   for d in DIMS}
+            summary[level][key]["per_seed"] = [per_seed[s][level][key]["kscore"] for s in seeds]
+    if tmp:
+        tmp.cleanup()
+    return {"summary": summary, "records": records}
+
+
+def plot_curves(metrics_files: dict[str, list[Path]], out_dir: Path) -> list[Path]:
+    """One PNG per metric; each arm a line (mean over its seeds), thin lines for single seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for key, title in CURVES:
+        fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
+        for arm, files in metrics_files.items():
+            runs = []
+            for f in files:
+                if f.exists():
+                    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+                    runs.append([r.get(key, float("nan")) for r in rows])
+            if not runs:
+                continue
+            n = min(len(r) for r in runs)
+            for r in runs:
+                ax.plot(range(1, len(r) + 1), r, lw=0.6, alpha=0.3)
+            if n:
+                ax.plot(range(1, n + 1), [statistics.fmean(r[i] for r in runs) for i in range(n)], lw=2, label=arm)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out_dir / f"curve_{key}.png"
+        fig.savefig(p)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def _fmt(m: dict) -> str:
+    if m["mean"] is None or m["mean"] != m["mean"]:
+        return "-"
+    ci = m.get("ci95")
+    return f"{m['mean']:.3f}" + (f" ± {ci:.3f}" if ci is not None and ci == ci else "")
+
+
+def table(results: dict[str, dict], dims=("kscore", "F", "V", "T", "A")) -> str:
+    lines = ["| policy | track | " + " | ".join(dims) + " |", "| --- | --- | " + " | ".join("---" for _ in dims) + " |"]
+    for name, res in results.items():
+        s = res["summary"]
+        for key, row in [("all", s["overall"]["all"])] + sorted(s["track"].items()):
+            lines.append(f"| {name} | {key} | " + " | ".join(_fmt(row[d]) for d in dims) + " |")
+    return "\n".join(lines)
+
+
+def write_examples(world, results: dict[str, dict], out_dir: Path, n: int = 6) -> str:
+    """Side-by-side examples (ground truth and each policy's image) for the requests where policies differ most."""
+    from PIL import Image
+
+    ex_dir = out_dir / "examples"
+    ex_dir.mkdir(parents=True, exist_ok=True)
+    names = list(results)
+    by_req: dict[str, dict[str, Any]] = {}
+    for name in names:
+        for rec in results[name]["records"]:
+            if rec["seed"] == results[name]["records"][0]["seed"]:
+                by_req.setdefault(rec["request"], {})[name] = rec
+    spread = sorted(by_req.items(), key=lambda kv: -(max(r["verdict"].kscore for r in kv[1].values())
+                                                      - min(r["verdict"].kscore for r in kv[1].values())))
+    lines = []
+    for rid, recs in spread[:n]:
+        req = world.request(rid)
+        tiles = [world.gt_image(req)]
+        captions = ["ground truth"]
+        for name in names:
+            v = recs[name]["verdict"]
+            img = results[name]["store"].get(v.image) if v.image and v.image in results[name]["store"] else Image.new("RGB", (120, 140), "white")
+            tiles.append(img)
+            captions.append(f"{name}: {v.kscore:.2f}")
+        w = sum(t.width for t in tiles) + 8 * (len(tiles) - 1)
+        canvas = Image.new("RGB", (w, tiles[0].height), "white")
+        x = 0
+        for t in tiles:
+            canvas.paste(t, (x, 0))
+            x += t.width + 8
+        canvas = canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST)
+        canvas.save(ex_dir / f"{rid}.png")
+        lines.append(f"### {rid}\n\n{req.text}\n\n![{rid}](examples/{rid}.png)\n\n" + " · ".join(captions) + "\n")
+        for name in names:
+            tr = recs[name]["trajectory"]
+            prog = tr.program.gen_prompt if tr.program else f"(no program: {tr.termination})"
+            lines.append(f"- **{name}**: {prog}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, title: str, results: dict[str, dict], world, metrics_files: dict[str, list[Path]],
+                 extra_md: str = "", config: dict | None = None) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves = plot_curves(metrics_files, out_dir)
+    md = [f"# {title}", ""]
+    if config:
+        md += ["```json", json.dumps(config, indent=2), "```", ""]
+    md += ["## Held-out bench (mean ± 95 % CI over seeds)", "", table(results), ""]
+    if extra_md:
+        md += [extra_md, ""]
+    md += ["## Learning curves", ""] + [f"![{p.stem}]({p.name})" for p in curves] + [""]
+    md += ["## Examples", "", write_examples(world, results, out_dir)]
+    atomic_write_text(out_dir / "report.md", "\n".join(md) + "\n")
+    atomic_write_json(out_dir / "results.json", {k: v["summary"] for k, v in results.items()})
+    return out_dir / "report.md"

@@ -1,0 +1,343 @@
+"""Self-evolution: GRPO + Visual Experience Distillation with a LoRA student, one readable loop.
+
+Each step: sample B prompts -> roll out K trajectories each with the student (batched engine) ->
+render and judge -> mine best-vs-worst pairs -> summarise them into experiences -> bank ->
+retrieve an experience for every trajectory's request (cosine gate) -> score tokens: the student
+(with gradient), the same weights before the update (pi_old), the teacher (same weights, the guide in
+the system prompt, no gradient) and the reference (adapter disabled, no gradient) -> L = L_GRPO +
+lambda * L_VED -> one AdamW step on the LoRA weights -> metrics JSONL -> atomic checkpoint.
+
+The teacher never rolls out: it re-scores the student's own sampled tokens in its privileged
+context. The student never sees the experience. Arms switch the two terms on and off
+(``use_grpo``, ``use_ved``) so ablations share every other piece of code.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..records import atomic_write_json
+
+
+@dataclass
+class EvolveConfig:
+    out: str = "runs/evolve"  # run folder: metrics, checkpoints, bank, adapter
+    policy: str = "tiny"  # the SFT student: 'tiny' or a model folder
+    use_grpo: bool = True
+    use_ved: bool = True
+    steps: int = 6
+    prompts_per_step: int = 8  # B
+    rollouts_per_prompt: int = 6  # K
+    split: str = "evolve"
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 384
+    lr: float = 1e-3
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lambda_ved: float = 2.0
+    delta_min: float = 0.20
+    max_pairs: int = 8
+    gate: float = 0.84
+    capacity: int = 500
+    top_frac: float = 0.10
+    clip_low: float = 0.20
+    clip_high: float = 0.28
+    beta: float = 1e-3
+    micro_batch: int = 8  # sequences per forward/backward
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str | None = None
+    dtype: str | None = None
+
+    def validate(self) -> None:
+        if not (self.use_grpo or self.use_ved):
+            raise ValueError("at least one of use_grpo and use_ved must be on (SFT-only needs no training)")
+        for name in ("steps", "prompts_per_step", "micro_batch", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.rollouts_per_prompt < 2:
+            raise ValueError("rollouts_per_prompt (K) must be >= 2: GRPO and pair mining compare within a group")
+        if not 0 <= self.delta_min <= 1 or not -1 <= self.gate <= 1:
+            raise ValueError("delta_min is in [0, 1] and gate in [-1, 1]")
+        if self.lambda_ved < 0:
+            raise ValueError("lambda_ved must be >= 0")
+
+    @property
+    def arm(self) -> str:
+        return {(True, True): "grpo+ved", (True, False): "grpo", (False, True): "ved"}[(self.use_grpo, self.use_ved)]
+
+
+@dataclass
+class Scored:
+    """One trajectory's tensors for the update."""
+
+    ids: list[int]
+    mask: list[int]
+    group: int
+    advantage: float = 0.0
+    teacher_ids: list[int] | None = None
+    teacher_offset: int = 0  # teacher_ids[i + offset] == ids[i] for positions after the system block
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _token_logprobs(model, seqs: list[list[int]], device, pad_id: int) -> list[torch.Tensor]:
+    """Log-probability of every token given its prefix (position 0 gets 0), one tensor per sequence."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros((len(seqs), n), dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, device=device)
+        attn[i, : len(s)] = 1
+    logits = model(input_ids=ids, attention_mask=attn).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    logp = torch.cat([torch.zeros(len(seqs), 1, device=device), logp], dim=1)
+    return [logp[i, : len(s)] for i, s in enumerate(seqs)]
+
+
+def _system_block_len(tokenizer, messages_system: dict, ids: list[int]) -> int:
+    """How many leading tokens of ``ids`` encode the system message block (checked, not assumed)."""
+    text = tokenizer.apply_chat_template([messages_system], tokenize=False)
+    sys_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if ids[: len(sys_ids)] != sys_ids:
+        raise ValueError("the token stream does not start with the rendered system block")
+    return len(sys_ids)
+
+
+def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
+           on_step: Callable[[dict], None] | None = None, stop: Callable[[], bool] | None = None) -> dict:
+    """Run self-evolution; resumes from ``<out>/checkpoint`` when present. Returns the last metrics row."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from ..agent import Tools
+    from ..evaluation import SandboxScorer
+    from ..experience import ExperienceBank, guide_text, mine_pairs
+    from ..guides import format_guide
+    from ..policies.base import SamplingParams
+    from ..policies.local import LocalPolicy
+    from ..policies.resolve import resolve_policy
+    from ..protocol import system_prompt
+    from ..records import ImageStore, append_jsonl
+    from ..rollout import rollout
+    from ..summarise import SandboxSummariser, SummaryError
+    from .losses import combined_loss, group_advantages, grpo_loss, ved_loss
+
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", asdict(cfg))
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if world is None:
+        from ..world import World
+
+        world = World()
+    pol: LocalPolicy = resolve_policy(cfg.policy, device=cfg.device, dtype=cfg.dtype)
+    model = pol.model
+    ckpt = out / "checkpoint"
+    if (ckpt / "adapter" / "adapter_config.json").exists():
+        model = PeftModel.from_pretrained(model, str(ckpt / "adapter"), is_trainable=True)
+    else:
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                                 task_type="CAUSAL_LM"))
+    pol.model = model
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    step0 = 0
+    if (ckpt / "state.pt").exists():
+        state = torch.load(ckpt / "state.pt", map_location=pol.device, weights_only=False)
+        opt.load_state_dict(state["opt"])
+        step0 = state["step"]
+        torch.set_rng_state(state["rng"])
+        log(f"resumed from step {step0}")
+    bank = ExperienceBank(out / "bank", capacity=cfg.capacity, gate=cfg.gate)
+    if bank.load_errors:
+        log(f"bank: set aside {len(bank.load_errors)} broken line(s)")
+    tools, scorer = Tools.for_world(world), SandboxScorer(world)
+    summariser = SandboxSummariser(world)
+    store = ImageStore(out / "images")
+    prompts = world.split(cfg.split)
+    order = list(range(len(prompts)))
+    random.Random(cfg.seed).shuffle(order)
+    tok = pol.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    sp = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+    metrics_path = out / "metrics.jsonl"
+    row: dict = {}
+
+    for step in range(step0, cfg.steps):
+        if stop and stop():
+            log("stop requested")
+            break
+        t_step = time.time()
+        times: dict[str, float] = {}
+        batch = [prompts[order[(step * cfg.prompts_per_step + i) % len(order)]] for i in range(cfg.prompts_per_step)]
+
+        # 1. Rollouts with the student (adapter on, no guide).
+        t = time.time()
+        model.eval()
+        trajs = rollout(batch, pol, tools, k=cfg.rollouts_per_prompt, params=sp, seed=cfg.seed * 100_000 + step)
+        times["rollout"] = time.time() - t
+
+        # 2. Render and judge (the scorer does both; the split is measured by the benchmark script).
+        t = time.time()
+        verdicts = [scorer.score(req, tr, store, seed=tr.seed)[1] for req, tr in
+                    zip([r for r in batch for _ in range(cfg.rollouts_per_prompt)], trajs)]
+        times["render_judge"] = time.time() - t
+        with (out / "trajectories.jsonl").open("a", encoding="utf-8") as fh:
+            for tr in trajs:
+                fh.write(tr.model_dump_json(exclude={"token_ids", "assistant_mask", "token_logprobs"}) + "\n")
+        for v in verdicts:
+            append_jsonl(out / "verdicts.jsonl", v)
+        K = cfg.rollouts_per_prompt
+        groups = [list(zip(trajs[i * K : (i + 1) * K], verdicts[i * K : (i + 1) * K])) for i in range(len(batch))]
+
+        # 3. Mine pairs, summarise, bank.
+        t = time.time()
+        new_exps, summary_errors = [], []
+        if cfg.use_ved:
+            for pair in mine_pairs(groups, cfg.delta_min, cfg.max_pairs):
+                try:
+                    slots = summariser.summarise(pair)
+                except SummaryError as exc:
+                    summary_errors.append(str(exc))
+                    continue
+                exp = bank.add(pair.request_id, pair.request_text, slots, reward_gap=pair.gap, run_id=out.name, step=step,
+                               best_trajectory=pair.best.id, worst_trajectory=pair.worst.id, summariser=summariser.name)
+                new_exps.append(exp)
+        times["mine_summarise"] = time.time() - t
+
+        # 4. Advantages and retrieval.
+        rewards_PG = torch.tensor([[v.reward for _, v in g] for g in groups], dtype=torch.float32)
+        adv_PG = group_advantages(rewards_PG)
+        scored: list[Scored] = []
+        hits = 0
+        t = time.time()
+        for gi, g in enumerate(groups):
+            exp, _ = bank.retrieve(batch[gi].text) if cfg.use_ved and len(bank) else (None, 0.0)
+            for j, (tr, _) in enumerate(g):
+                if not tr.token_ids or not any(tr.assistant_mask):
+                    continue
+                s = Scored(tr.token_ids, tr.assistant_mask, gi, float(adv_PG[gi, j]))
+                if exp is not None:
+                    hits += 1
+                    student_sys = {"role": "system", "content": system_prompt(None, tr.system_prompt)}
+                    n_sys = _system_block_len(tok, student_sys, tr.token_ids)
+                    teacher_sys = {"role": "system", "content": system_prompt(guide_text(exp), tr.system_prompt)}
+                    t_prefix = tok(tok.apply_chat_template([teacher_sys], tokenize=False), add_special_tokens=False)["input_ids"]
+                    s.teacher_ids = t_prefix + tr.token_ids[n_sys:]
+                    s.teacher_offset = len(t_prefix) - n_sys
+                scored.append(s)
+        times["retrieve"] = time.time() - t
+
+        # 5. Score tokens and update: student (grad), pi_old / teacher / reference (no grad).
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        n_tokens = sum(sum(s.mask) for s in scored)
+        agg = {"grpo": 0.0, "ved": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "ved_tokens": 0, "mean_gap": 0.0}
+        t_teacher = t_update = 0.0
+        for c in range(0, len(scored), cfg.micro_batch):
+            mb = scored[c : c + cfg.micro_batch]
+            seqs = [s.ids for s in mb]
+            t = time.time()
+            with torch.no_grad():
+                model.eval()
+                old = _token_logprobs(model, seqs, pol.device, pad_id)
+                ref = None
+                if cfg.use_grpo and cfg.beta:
+                    with model.disable_adapter():
+                        ref = _token_logprobs(model, seqs, pol.device, pad_id)
+                teach = [None] * len(mb)
+                tmb = [i for i, s in enumerate(mb) if s.teacher_ids is not None]
+                if cfg.use_ved and tmb:
+                    tl = _token_logprobs(model, [mb[i].teacher_ids for i in tmb], pol.device, pad_id)
+                    for i, lp in zip(tmb, tl):
+                        teach[i] = lp[mb[i].teacher_offset :]  # aligned to the student's positions after the system block
+            t_teacher += time.time() - t
+            t = time.time()
+            model.train()
+            cur = _token_logprobs(model, seqs, pol.device, pad_id)
+            n = max(len(x) for x in seqs)
+
+            def pad(xs, fill=0.0):
+                out = torch.full((len(xs), n), fill, device=pol.device)
+                for i, x in enumerate(xs):
+                    out[i, : len(x)] = x if torch.is_tensor(x) else torch.tensor(x, dtype=torch.float32, device=pol.device)
+                return out
+
+            logp, logp_old = pad(cur), pad(old)
+            mask = pad([s.mask for s in mb])
+            weight = float(mask.sum()) / max(n_tokens, 1)  # token-level mean over the whole batch
+            terms_grpo = terms_ved = None
+            if cfg.use_grpo:
+                adv = torch.tensor([s.advantage for s in mb], device=pol.device)
+                terms_grpo, gs = grpo_loss(logp, logp_old, pad(ref) if ref is not None else None, adv, mask,
+                                           cfg.clip_low, cfg.clip_high, cfg.beta)
+                for k_, v_ in (("grpo", gs.pg_loss), ("kl", gs.kl), ("clip_low", gs.clip_low_frac), ("clip_high", gs.clip_high_frac)):
+                    agg[k_] += v_ * weight
+            if cfg.use_ved and tmb:
+                rows = [i for i in range(len(mb)) if teach[i] is not None]
+                logq = torch.zeros_like(logp)
+                vmask = torch.zeros_like(mask)
+                for i in rows:
+                    # The teacher's stream is longer only by its system block: positions line up after it.
+                    L = min(len(teach[i]), len(mb[i].ids))
+                    logq[i, :L] = teach[i][:L]
+                    vmask[i, :L] = mask[i, :L]
+                terms_ved, vs = ved_loss(logp, logq, logp_old, vmask, cfg.top_frac)
+                agg["ved"] += vs.loss * len(rows) / max(hits, 1)
+                agg["ved_tokens"] += vs.selected
+                agg["mean_gap"] += vs.mean_gap * len(rows) / max(hits, 1)
+            if terms_grpo is None and terms_ved is None:
+                continue
+            loss = combined_loss(terms_grpo * weight if terms_grpo is not None else None,
+                                 terms_ved * (len(tmb) / max(hits, 1)) if terms_ved is not None else None, cfg.lambda_ved)
+            loss.backward()
+            t_update += time.time() - t
+        t = time.time()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if params else 0.0
+        opt.step()
+        t_update += time.time() - t
+        times["teacher_scoring"] = t_teacher
+        times["update"] = t_update
+        model.eval()
+
+        gen_tokens = sum(sum(tr.assistant_mask) for tr in trajs)
+        row = {
+            "step": step + 1, "arm": cfg.arm, "reward_mean": float(rewards_PG.mean()), "reward_std": float(rewards_PG.std()),
+            "kscore_mean": sum(v.kscore for v in verdicts) / len(verdicts),
+            "protocol_valid": sum(1 for tr in trajs if tr.termination == "answer" and not any(t_.error for t_ in tr.turns)) / len(trajs),
+            "grpo_loss": agg["grpo"], "ved_loss": agg["ved"], "kl_ref": agg["kl"], "clip_low_frac": agg["clip_low"],
+            "clip_high_frac": agg["clip_high"], "ved_tokens": agg["ved_tokens"], "teacher_student_gap": agg["mean_gap"],
+            "retrieval_hit_rate": hits / max(len(scored), 1), "bank_size": len(bank), "new_experiences": len(new_exps),
+            "summary_errors": len(summary_errors), "grad_norm": gnorm,
+            "tokens_per_s": (gen_tokens + n_tokens) / max(time.time() - t_step, 1e-9),
+            "seconds": time.time() - t_step, **{f"t_{k_}": v_ for k_, v_ in times.items()},
+        }
+        with metrics_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        # Atomic checkpoint: adapter + optimizer + step, then swapped in.
+        tmp = out / "checkpoint.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        model.save_pretrained(tmp / "adapter")
+        torch.save({"opt": opt.state_dict(), "step": step + 1, "rng": torch.get_rng_state()}, tmp / "state.pt")
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
+        tmp.rename(ckpt)
+        log(f"step {step + 1}/{cfg.steps} [{cfg.arm}] reward {row['reward_mean']:.3f} kscore {row['kscore_mean']:.3f} "
+            f"ved {row['ved_loss']:.4f} grpo {row['grpo_loss']:+.4f} hit {row['retrieval_hit_rate']:.2f} "
+            f"bank {row['bank_size']} ({row['seconds']:.0f}s)")
+        if on_step:
+            on_step(row)
+    return row
