@@ -221,6 +221,7 @@ def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
         adv_PG = group_advantages(rewards_PG)
         scored: list[Scored] = []
         hits = 0
+        teacher_errors: list[str] = []
         t = time.time()
         for gi, g in enumerate(groups):
             exp, _ = bank.retrieve(batch[gi].text) if cfg.use_ved and len(bank) else (None, 0.0)
@@ -229,13 +230,17 @@ def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
                     continue
                 s = Scored(tr.token_ids, tr.assistant_mask, gi, float(adv_PG[gi, j]))
                 if exp is not None:
-                    hits += 1
                     student_sys = {"role": "system", "content": system_prompt(None, tr.system_prompt)}
-                    n_sys = _system_block_len(tok, student_sys, tr.token_ids)
-                    teacher_sys = {"role": "system", "content": system_prompt(guide_text(exp), tr.system_prompt)}
-                    t_prefix = tok(tok.apply_chat_template([teacher_sys], tokenize=False), add_special_tokens=False)["input_ids"]
-                    s.teacher_ids = t_prefix + tr.token_ids[n_sys:]
-                    s.teacher_offset = len(t_prefix) - n_sys
+                    try:
+                        n_sys = _system_block_len(tok, student_sys, tr.token_ids)
+                    except ValueError as exc:  # a stream that was re-encoded differently: no teacher for it
+                        teacher_errors.append(f"{tr.id}: {exc}")
+                    else:
+                        hits += 1
+                        teacher_sys = {"role": "system", "content": system_prompt(guide_text(exp), tr.system_prompt)}
+                        t_prefix = tok(tok.apply_chat_template([teacher_sys], tokenize=False), add_special_tokens=False)["input_ids"]
+                        s.teacher_ids = t_prefix + tr.token_ids[n_sys:]
+                        s.teacher_offset = len(t_prefix) - n_sys
                 scored.append(s)
         times["retrieve"] = time.time() - t
 
@@ -319,7 +324,7 @@ def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
             "grpo_loss": agg["grpo"], "ved_loss": agg["ved"], "kl_ref": agg["kl"], "clip_low_frac": agg["clip_low"],
             "clip_high_frac": agg["clip_high"], "ved_tokens": agg["ved_tokens"], "teacher_student_gap": agg["mean_gap"],
             "retrieval_hit_rate": hits / max(len(scored), 1), "bank_size": len(bank), "new_experiences": len(new_exps),
-            "summary_errors": len(summary_errors), "grad_norm": gnorm,
+            "summary_errors": len(summary_errors), "teacher_errors": len(teacher_errors), "grad_norm": gnorm,
             "tokens_per_s": (gen_tokens + n_tokens) / max(time.time() - t_step, 1e-9),
             "seconds": time.time() - t_step, **{f"t_{k_}": v_ for k_, v_ in times.items()},
         }

@@ -1,8 +1,14 @@
 """Supervised fine-tuning with an assistant-only loss: the cold start of the tiny sandbox policy.
 
 One loop, top to bottom: data -> tokenizer and model -> length-bucketed batches -> AdamW with
-warm-up and cosine decay -> loss on assistant tokens only -> metrics JSONL -> atomic checkpoints
-(resumable) -> the final model folder with its config and a loss curve.
+warm-up and cosine decay -> loss -> metrics JSONL -> atomic checkpoints (resumable) -> the final
+model folder with its config and a loss curve.
+
+A model built from scratch (the tiny recipe) has never read anything, so it first gets
+``pretrain_epochs`` of plain language modelling over the same conversations (every token counts:
+requests, observations and turns), the way a real policy starts from a pretrained LM. That is
+where it learns to copy names and ids from its context. The SFT epochs that follow use the
+assistant-only loss.
 
     genevolve sft --recipe tiny --out assets/policy/tiny      # rebuilds the shipped tiny policy
 """
@@ -30,6 +36,7 @@ class SFTConfig:
     model: str | None = None  # base model folder for recipe "model"
     data: str | None = None  # JSONL of {"messages": [...]}; default: the expert's cold-start data from the world
     epochs: int = 4
+    pretrain_epochs: int = 2  # tiny recipe: first learn the sandbox's text with next-token loss on every token
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
@@ -51,6 +58,8 @@ class SFTConfig:
             raise ValueError("recipe is 'tiny' or 'model'")
         if self.recipe == "model" and not self.model:
             raise ValueError("recipe 'model' needs --model (a model folder)")
+        if self.pretrain_epochs < 0:
+            raise ValueError("pretrain_epochs must be >= 0")
         for name in ("epochs", "batch_tokens", "max_len", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -218,7 +227,8 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
         f"vocab {len(tok)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
 
     rng = random.Random(cfg.seed)
-    epochs_batches = [_batches(examples, cfg.batch_tokens, rng) for _ in range(cfg.epochs)]
+    pre = cfg.pretrain_epochs if cfg.recipe == "tiny" else 0
+    epochs_batches = [_batches(examples, cfg.batch_tokens, rng) for _ in range(pre + cfg.epochs)]
     total = sum(len(b) for b in epochs_batches)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -246,6 +256,9 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
     t_last, loss_val = time.time(), float("nan")
     for e, idx in flat[step:]:
         ids, mask, attn = _collate(examples, idx, pad_id, device)
+        phase = "pretrain" if e < pre else "sft"
+        if phase == "pretrain":
+            mask = attn.float()
         logits = model(input_ids=ids, attention_mask=attn).logits
         loss = assistant_loss(logits, ids, mask)
         if not torch.isfinite(loss):
@@ -258,12 +271,12 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
         step += 1
         now = time.time()
         loss_val = float(loss.detach())
-        row = {"step": step, "epoch": e, "loss": loss_val, "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
+        row = {"step": step, "epoch": e, "phase": phase, "loss": loss_val, "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
                "tokens": int(attn.sum()), "tokens_per_s": float(attn.sum()) / max(now - t_last, 1e-9)}
         t_last = now
         with metrics_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{loss_val:.3f}", epoch=e)
+        bar.set_postfix(loss=f"{loss_val:.3f}", epoch=e, phase=phase)
         bar.update(1)
         if step % cfg.save_every == 0 and step < total:
             _save_checkpoint(ckpt, model, opt, sched, step, e, cfg)

@@ -115,11 +115,24 @@ class ExpertPolicy:
                                answer={"gen_prompt": ctx.request, "reference_images": []})
         dec = self._decide(parsed, ctx, seed)
         action = None if ctx.forced or len(ctx.history) >= MAX_TOOL_CALLS else self._next_action(parsed, ctx, dec)
+        first = not any(m.get("role") == "assistant" for m in messages)
         if action is not None:
             think, call = action
+            if first:  # restate the task (and what a guide asks for) where later turns can read it
+                think = self._restate(ctx) + " " + think
             return render_turn(think, tool_call=call)
         think, answer = self._answer(parsed, ctx, dec, seed)
+        if first:
+            think = self._restate(ctx) + " " + think
         return render_turn(think, answer=answer)
+
+    @staticmethod
+    def _restate(ctx: _Context) -> str:
+        text = f"Request: {ctx.request}."
+        if ctx.guide:
+            skills = [s for s in SKILLS if s in ctx.guide]
+            text += f" The guide asks for {', '.join(skills) if skills else 'no skill'}."
+        return text
 
     # -- decisions ---------------------------------------------------------------
     def _decide(self, parsed: ParsedRequest, ctx: _Context, seed: int) -> _Decisions:
@@ -318,7 +331,7 @@ class ExpertPolicy:
             refs.append({"img_id": img, "note": f"{title}; copy it exactly"})
         used = [s for s in dec.skills]
         think = "I have what I need" + (f": references {', '.join(chosen[:2])}" if chosen else "")
-        think += (f" and guidance from {', '.join(used)}" if used else "") + ". Writing the final prompt."
+        think += (f" and guidance from {', '.join(used)}" if used else "") + f". Writing the final prompt for: {ctx.request}"
         if ctx.forced:
             think = "Final step: answering with what I have."
         return think, {"gen_prompt": gen_prompt, "reference_images": refs}
