@@ -261,34 +261,53 @@ class LocalPolicy:
             out_lp: list[list[float]] = [[] for _ in range(B)]
             finished = [False] * B
             reason = ["length"] * B
+            rows = list(range(B))  # which stream each batch row holds; finished rows leave the batch
+            final_cache: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+            def keep_cache(b: int, r: int) -> None:
+                # A stream's cache: its past plus the tokens it wrote, except the last one (never fed
+                # back), which the next prefill covers.
+                pad, keep = T - lengths[b], len(out_ids[b]) - 1
+                final_cache[b] = [(layer.keys[r : r + 1, :, pad : T + keep], layer.values[r : r + 1, :, pad : T + keep])
+                                  for layer in cache.layers]
+
             for step in range(params.max_new_tokens):
                 tok, lp = _sample(logits, params, gen)
-                for b in range(B):
-                    if finished[b]:
-                        continue
-                    t = int(tok[b])
+                for r, b in enumerate(rows):
+                    t = int(tok[r])
                     out_ids[b].append(t)
-                    out_lp[b].append(float(lp[b]))
+                    out_lp[b].append(float(lp[r]))
                     if t in self.stop_ids:
                         finished[b], reason[b] = True, "stop"
-                if all(finished) or step == params.max_new_tokens - 1:
+                if step == params.max_new_tokens - 1:
                     break
-                attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=self.device)], dim=1)
-                pos = torch.tensor([[lengths[b] + len(out_ids[b]) - 1] for b in range(B)], device=self.device)
+                done = [r for r, b in enumerate(rows) if finished[b]]
+                if done:
+                    for r in done:
+                        keep_cache(rows[r], r)
+                    live = [r for r, b in enumerate(rows) if not finished[b]]
+                    if not live:
+                        break
+                    idx = torch.tensor(live, device=self.device)
+                    for layer in cache.layers:
+                        layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
+                    attn, tok = attn.index_select(0, idx), tok.index_select(0, idx)
+                    rows = [rows[r] for r in live]
+                attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=attn.dtype, device=self.device)], dim=1)
+                pos = torch.tensor([[lengths[b] + len(out_ids[b]) - 1] for b in rows], device=self.device)
                 out = self.model(input_ids=tok[:, None], position_ids=pos, attention_mask=attn,
                                  past_key_values=cache, use_cache=True)
                 cache = out.past_key_values
                 logits = out.logits[:, -1]
+            for r, b in enumerate(rows):
+                if b not in final_cache:
+                    keep_cache(b, r)
 
             completions = []
-            full_layers = [(layer.keys, layer.values) for layer in cache.layers]
             for b, st in enumerate(streams):
                 ids = out_ids[b]
-                # Keep the cache for what this stream actually holds: its past plus the tokens it wrote,
-                # except the last one (never fed back) which the next prefill covers.
                 keep = len(ids) - 1
-                pad = T - lengths[b]
-                st.cache = [(k[b : b + 1, :, pad : T + keep], v[b : b + 1, :, pad : T + keep]) for k, v in full_layers]
+                st.cache = final_cache[b]
                 st.ids += ids
                 st.mask += [1] * len(ids)
                 st.logprobs += out_lp[b]
