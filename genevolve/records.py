@@ -248,6 +248,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def replace_dir(new: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Swap a finished folder ``new`` into place at ``dest``; the old one is removed only after the swap."""
+    import shutil
+
+    new, dest = Path(new), Path(dest)
+    if dest.exists():
+        old = dest.with_name(dest.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        dest.rename(old)
+        new.rename(dest)
+        shutil.rmtree(old)
+    else:
+        new.rename(dest)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(Path(path), text.encode("utf-8"))
 

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from ..records import atomic_write_json
+from ..records import atomic_write_json, replace_dir
 
 
 @dataclass
@@ -297,15 +297,7 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
     plot_curve(metrics_path, final_tmp / "loss_curve.png")
     result = {"steps": step, "final_loss": loss_val, "conversations": len(examples), "tokens": n_tokens}
     atomic_write_json(final_tmp / "sft_result.json", result)
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-        final_tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        final_tmp.rename(out)
+    replace_dir(final_tmp, out)
     shutil.rmtree(work)
     log(f"saved {out} (final loss {loss_val:.3f}); curve: {out / 'loss_curve.png'}")
     return result

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..records import ImageStore, Request, atomic_write_json, atomic_write_text, write_jsonl
+from ..records import ImageStore, Request, atomic_write_json, atomic_write_text, replace_dir, write_jsonl
 from .entities import build_corpus, build_reference_specs, generate_world
 from .requests import QA_CATEGORIES, needed_skills, sample_scene, write_request, parse_request
 from .scene import emblem_to_reference, render, render_emblem
@@ -106,14 +106,6 @@ def build_world(out: str | Path, seed: int = 0, embedder=None, with_index: bool 
         build_indexes(tmp, embedder or default_embedder())
         log("indexes: corpus.faiss, refs.faiss")
 
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+    replace_dir(tmp, out)
     return {"entities": len(w.entities), "events": len(w.events), "documents": len(docs), "references": len(refs),
             "requests": len(requests)}
