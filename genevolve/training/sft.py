@@ -37,6 +37,7 @@ class SFTConfig:
     data: str | None = None  # JSONL of {"messages": [...]}; default: the expert's cold-start data from the world
     epochs: int = 4
     pretrain_epochs: int = 2  # tiny recipe: first learn the sandbox's text with next-token loss on every token
+    guided_fraction: float = 0.5  # expert data: share of requests that also get a guide-following trajectory
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
@@ -87,7 +88,7 @@ def _load_conversations(cfg: SFTConfig, world, log) -> list[list[dict]]:
     from .sft_data import conversations, expert_trajectories
 
     log("generating cold-start trajectories with the scripted expert ...")
-    return conversations(expert_trajectories(world, seed=cfg.seed))
+    return conversations(expert_trajectories(world, seed=cfg.seed, guided_fraction=cfg.guided_fraction))
 
 
 def _batches(examples: list[tuple[list[int], list[int]]], batch_tokens: int, rng: random.Random) -> list[list[int]]:
