@@ -14,7 +14,6 @@ import statistics
 from collections import defaultdict
 from typing import Any, Iterable, Sequence
 
-from .agent import Policy, Tools, run_to_end
 from .records import ImageStore, Program, RenderedImage, Request, Trajectory, Verdict
 
 ALPHA = 0.5
@@ -91,13 +90,6 @@ def protocol_valid(traj: Trajectory) -> bool:
     if any(t.error for t in traj.turns):
         return False
     return not any(issue.startswith(_INVALID_ISSUES) for issue in traj.program.issues)
-
-
-def rollout_group(request: Request, policy: Policy, tools: Tools, k: int, seed: int = 0,
-                  guide: str | None = None) -> list[Trajectory]:
-    """K independent trajectories for one request; sample i uses seed ``seed * 1000 + i``."""
-    return [run_to_end(request, policy, tools, seed=seed * 1000 + i, traj_id=f"{request.id}-s{seed}-k{i}", guide=guide)
-            for i in range(k)]
 
 
 # ---------------------------------------------------------------------------

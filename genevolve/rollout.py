@@ -33,7 +33,7 @@ def rollout(requests: Sequence[Request], policy: Any, tools: Tools, k: int = 1,
             max_turns: int = MAX_TURNS) -> list[Trajectory]:
     """Roll out ``k`` trajectories per request; returns them in request-major order.
 
-    Trajectory ``i`` of a request uses seed ``seed * 1000 + i`` (the same ids as :func:`rollout_group`).
+    Trajectory ``i`` of a request uses seed ``seed * 1000 + i`` and id ``<request>-s<seed>-k<i>``.
     ``on_turn(finished, total)`` is called after every round (for progress bars).
     """
     episodes = [Episode(req, tools, seed=seed * 1000 + i, traj_id=f"{req.id}-s{seed}-k{i}",

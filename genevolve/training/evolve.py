@@ -18,7 +18,8 @@ import json
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -86,7 +87,6 @@ class Scored:
     advantage: float = 0.0
     teacher_ids: list[int] | None = None
     teacher_offset: int = 0  # teacher_ids[i + offset] == ids[i] for positions after the system block
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _token_logprobs(model, seqs: list[list[int]], device, pad_id: int) -> list[torch.Tensor]:
@@ -103,13 +103,28 @@ def _token_logprobs(model, seqs: list[list[int]], device, pad_id: int) -> list[t
     return [logp[i, : len(s)] for i, s in enumerate(seqs)]
 
 
-def _system_block_len(tokenizer, messages_system: dict, ids: list[int]) -> int:
-    """How many leading tokens of ``ids`` encode the system message block (checked, not assumed)."""
-    text = tokenizer.apply_chat_template([messages_system], tokenize=False)
-    sys_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+@lru_cache(maxsize=64)
+def _encoded_system_block(tokenizer, content: str) -> tuple[int, ...]:
+    """Token ids of a rendered system message (every trajectory of a step shares a handful of these)."""
+    text = tokenizer.apply_chat_template([{"role": "system", "content": content}], tokenize=False)
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _system_block_len(tokenizer, base_prompt: str, ids: list[int]) -> int:
+    """How many leading tokens of ``ids`` encode the student's system block (checked, not assumed)."""
+    from ..protocol import system_prompt
+
+    sys_ids = list(_encoded_system_block(tokenizer, system_prompt(None, base_prompt)))
     if ids[: len(sys_ids)] != sys_ids:
         raise ValueError("the token stream does not start with the rendered system block")
     return len(sys_ids)
+
+
+def _teacher_prefix(tokenizer, guide: str, base_prompt: str) -> list[int]:
+    """The teacher's system block: the same base prompt with the decision guide added."""
+    from ..protocol import system_prompt
+
+    return list(_encoded_system_block(tokenizer, system_prompt(guide, base_prompt)))
 
 
 def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
@@ -124,7 +139,6 @@ def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
     from ..policies.base import SamplingParams
     from ..policies.local import LocalPolicy
     from ..policies.resolve import resolve_policy
-    from ..protocol import system_prompt
     from ..records import ImageStore, append_jsonl
     from ..rollout import rollout
     from ..summarise import SandboxSummariser, SummaryError
@@ -230,15 +244,13 @@ def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
                     continue
                 s = Scored(tr.token_ids, tr.assistant_mask, gi, float(adv_PG[gi, j]))
                 if exp is not None:
-                    student_sys = {"role": "system", "content": system_prompt(None, tr.system_prompt)}
                     try:
-                        n_sys = _system_block_len(tok, student_sys, tr.token_ids)
+                        n_sys = _system_block_len(tok, tr.system_prompt, tr.token_ids)
                     except ValueError as exc:  # a stream that was re-encoded differently: no teacher for it
                         teacher_errors.append(f"{tr.id}: {exc}")
                     else:
                         hits += 1
-                        teacher_sys = {"role": "system", "content": system_prompt(guide_text(exp), tr.system_prompt)}
-                        t_prefix = tok(tok.apply_chat_template([teacher_sys], tokenize=False), add_special_tokens=False)["input_ids"]
+                        t_prefix = _teacher_prefix(tok, guide_text(exp), tr.system_prompt)
                         s.teacher_ids = t_prefix + tr.token_ids[n_sys:]
                         s.teacher_offset = len(t_prefix) - n_sys
                 scored.append(s)

@@ -288,10 +288,7 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
     final_tmp = out.with_name(out.name + ".tmp")
     if final_tmp.exists():
         shutil.rmtree(final_tmp)
-    to_save = model
-    if cfg.lora_rank:
-        to_save = model  # a PEFT model saves its adapter only
-    to_save.save_pretrained(final_tmp)
+    model.save_pretrained(final_tmp)  # a PEFT model saves its adapter only
     tok.save_pretrained(final_tmp)
     atomic_write_json(final_tmp / "sft_config.json", asdict(cfg))
     shutil.copy(metrics_path, final_tmp / "metrics.jsonl")
