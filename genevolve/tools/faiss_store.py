@@ -111,6 +111,12 @@ class VectorIndex:
         scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
         return scores, ids.astype(np.int64)
 
+    def reconstruct(self, ids: Any) -> np.ndarray:
+        """The stored vectors of these ids, (N, dim) (the reference editor shifts rows with them)."""
+        i = self._ids(ids)
+        with self._lock:
+            return np.stack([self._index.reconstruct(int(x)) for x in i]) if len(i) else np.zeros((0, self.dim), np.float32)
+
     def ids(self) -> np.ndarray:
         import faiss
 
