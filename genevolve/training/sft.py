@@ -7,7 +7,11 @@ model folder with its config and a loss curve.
 A model built from scratch (the tiny recipe) has never read anything, so it first gets
 ``pretrain_epochs`` of plain language modelling over the same conversations (every token counts:
 requests, observations and turns), the way a real policy starts from a pretrained LM. That is
-where it learns to copy names and ids from its context. The SFT epochs that follow use the
+where it learns the sandbox's language. Copying names, years and ids from far back in the context
+is the one skill that plain language modelling on this small corpus teaches too slowly (the model
+falls back on plausible names), so the recipe starts with ``copy_steps`` of a synthetic copy task
+(a random run of words, a separator, the same run again; loss on the repeat) and keeps
+``copy_mix`` such sequences in every later batch. The SFT epochs that follow use the
 assistant-only loss.
 
     genevolve sft --recipe tiny --out assets/policy/tiny      # rebuilds the shipped tiny policy
@@ -37,6 +41,8 @@ class SFTConfig:
     data: str | None = None  # JSONL of {"messages": [...]}; default: the expert's cold-start data from the world
     epochs: int = 4
     pretrain_epochs: int = 2  # tiny recipe: first learn the sandbox's text with next-token loss on every token
+    copy_steps: int = 0  # steps of the synthetic copy task before everything else (see the module docstring)
+    copy_mix: int = 0  # copy-task sequences added to every later batch (0: none)
     guided_fraction: float = 0.5  # expert data: share of requests that also get a guide-following trajectory
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
@@ -59,8 +65,8 @@ class SFTConfig:
             raise ValueError("recipe is 'tiny' or 'model'")
         if self.recipe == "model" and not self.model:
             raise ValueError("recipe 'model' needs --model (a model folder)")
-        if self.pretrain_epochs < 0:
-            raise ValueError("pretrain_epochs must be >= 0")
+        if self.pretrain_epochs < 0 or self.copy_steps < 0 or self.copy_mix < 0:
+            raise ValueError("pretrain_epochs, copy_steps and copy_mix must be >= 0")
         for name in ("epochs", "batch_tokens", "max_len", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -118,6 +124,26 @@ def _collate(examples, idx, pad_id: int, device) -> tuple[torch.Tensor, torch.Te
         mask[r, : len(m)] = torch.tensor(m, dtype=torch.float32)
         attn[r, : len(x)] = 1
     return ids.to(device), mask.to(device), attn.to(device)
+
+
+COPY_BATCH, COPY_MAX_WORDS = 48, 24
+
+
+def word_token_ids(tokenizer) -> list[int]:
+    """Ids of whole-word tokens (a leading space and at least two letters or digits): the copy task's alphabet."""
+    return sorted(i for t, i in tokenizer.get_vocab().items()
+                  if t.startswith("\u0120") and len(t) > 2 and t[1:].isalnum() and i not in tokenizer.all_special_ids)
+
+
+def copy_batch(word_ids: list[int], sep_id: int, n_rows: int, rng: random.Random, device,
+               max_words: int = COPY_MAX_WORDS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n_rows`` sequences ``w1..wn SEP w1..wn`` (n drawn once per batch); the mask covers the repeat."""
+    n = rng.randint(max(2, max_words // 3), max_words)
+    rows = [[rng.choice(word_ids) for _ in range(n)] for _ in range(n_rows)]
+    ids = torch.tensor([r + [sep_id] + r for r in rows], device=device)
+    mask = torch.zeros_like(ids, dtype=torch.float32)
+    mask[:, n + 1 :] = 1.0
+    return ids, mask, torch.ones_like(ids)
 
 
 def assistant_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -230,7 +256,11 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
     rng = random.Random(cfg.seed)
     pre = cfg.pretrain_epochs if cfg.recipe == "tiny" else 0
     epochs_batches = [_batches(examples, cfg.batch_tokens, rng) for _ in range(pre + cfg.epochs)]
-    total = sum(len(b) for b in epochs_batches)
+    total = cfg.copy_steps + sum(len(b) for b in epochs_batches)
+    words = word_token_ids(tok) if cfg.copy_steps or cfg.copy_mix else []
+    if (cfg.copy_steps or cfg.copy_mix) and len(words) < 50:
+        raise ValueError(f"the copy task needs whole-word tokens; this tokenizer has {len(words)}")
+    sep_id = tok.eos_token_id if tok.eos_token_id is not None else words[0]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, total, num_cycles=0.5 * (1 - cfg.min_lr_ratio))
@@ -253,15 +283,25 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     model.train()
     bar = tqdm(total=total, initial=step, desc="sft", unit="step", disable=not progress)
-    flat = [(e, b) for e, batches in enumerate(epochs_batches) for b in batches]
+    flat = [(-1, None)] * cfg.copy_steps + [(e, b) for e, batches in enumerate(epochs_batches) for b in batches]
     t_last, loss_val = time.time(), float("nan")
     for e, idx in flat[step:]:
-        ids, mask, attn = _collate(examples, idx, pad_id, device)
-        phase = "pretrain" if e < pre else "sft"
-        if phase == "pretrain":
-            mask = attn.float()
-        logits = model(input_ids=ids, attention_mask=attn).logits
-        loss = assistant_loss(logits, ids, mask)
+        copy_rng = random.Random(cfg.seed * 1_000_003 + step)  # per step, so a resumed run draws the same batches
+        copy_loss = None
+        if idx is None:
+            phase = "copy"
+            ids, mask, attn = copy_batch(words, sep_id, COPY_BATCH, copy_rng, device)
+            loss = copy_loss = assistant_loss(model(input_ids=ids).logits, ids, mask)
+        else:
+            ids, mask, attn = _collate(examples, idx, pad_id, device)
+            phase = "pretrain" if e < pre else "sft"
+            if phase == "pretrain":
+                mask = attn.float()
+            loss = assistant_loss(model(input_ids=ids, attention_mask=attn).logits, ids, mask)
+            if cfg.copy_mix:
+                c_ids, c_mask, _ = copy_batch(words, sep_id, cfg.copy_mix, copy_rng, device)
+                copy_loss = assistant_loss(model(input_ids=c_ids).logits, c_ids, c_mask)
+                loss = loss + copy_loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}; lower --lr")
         opt.zero_grad(set_to_none=True)
@@ -272,7 +312,8 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
         step += 1
         now = time.time()
         loss_val = float(loss.detach())
-        row = {"step": step, "epoch": e, "phase": phase, "loss": loss_val, "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
+        row = {"step": step, "epoch": e, "phase": phase, "loss": loss_val,
+               "copy_loss": None if copy_loss is None else float(copy_loss.detach()), "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
                "tokens": int(attn.sum()), "tokens_per_s": float(attn.sum()) / max(now - t_last, 1e-9)}
         t_last = now
         with metrics_path.open("a", encoding="utf-8") as fh:
