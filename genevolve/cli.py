@@ -286,6 +286,8 @@ def sft(
     epochs: int = typer.Option(4, min=1, help="Passes over the data with the assistant-only loss."),
     pretrain_epochs: int = typer.Option(2, min=0, help="Tiny recipe: passes of next-token loss on every token first."),
     guided_fraction: float = typer.Option(0.5, min=0.0, max=1.0, help="Share of requests that also get a guide-following expert trajectory."),
+    copy_steps: int = typer.Option(0, min=0, help="Steps of a synthetic copy task first (teaches copying from far back in the context)."),
+    copy_mix: int = typer.Option(0, min=0, help="Copy-task sequences added to every later batch."),
     lr: float = typer.Option(2e-3, help="Peak learning rate (warm-up, then cosine decay to 10%)."),
     batch_tokens: int = typer.Option(8192, min=256, help="Padded tokens per optimizer step."),
     lora_rank: int = typer.Option(0, min=0, help="Train a LoRA adapter of this rank instead of all weights (0: full)."),
@@ -296,7 +298,7 @@ def sft(
     from .training.sft import SFTConfig, train_sft
 
     cfg = SFTConfig(out=str(out), recipe=recipe, model=model, data=str(data) if data else None, epochs=epochs, lr=lr,
-                    pretrain_epochs=pretrain_epochs, guided_fraction=guided_fraction,
+                    pretrain_epochs=pretrain_epochs, guided_fraction=guided_fraction, copy_steps=copy_steps, copy_mix=copy_mix,
                     batch_tokens=batch_tokens, lora_rank=lora_rank, seed=seed, device=device)
     try:
         cfg.validate()
