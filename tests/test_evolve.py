@@ -71,3 +71,43 @@ def test_config_is_validated():
         EvolveConfig(use_grpo=False, use_ved=False).validate()
     with pytest.raises(ValueError, match="rollouts_per_prompt"):
         EvolveConfig(rollouts_per_prompt=1).validate()
+
+
+def test_live_files_probe_pairs_and_lock(tmp_path, tiny_folder, world, monkeypatch):
+    import genevolve.experience
+    from genevolve.experience import Pair
+    from genevolve.training.live import RunLockedError, is_running, read_metrics, read_probe, run_lock
+
+    # A random model never answers, so no real pair is mined: make the first group one.
+    monkeypatch.setattr(genevolve.experience, "mine_pairs", lambda groups, *a: [
+        Pair(groups[0][0][0].request_id, groups[0][0][0].request_text, groups[0][0][0], groups[0][1][0], groups[0][0][1], groups[0][1][1])])
+    out = tmp_path / "run"
+    bank = ExperienceBank(out / "bank")
+    bank.add("evolve-x", "any request", {s: "Query quantity_counting and write exact counts." for s in SLOTS}, reward_gap=0.5)
+    evolve(_cfg(out, tiny_folder), world=world, log=lambda _: None)
+    probe = read_probe(out)
+    assert probe["step"] == 1 and probe["experience_id"] and probe["guide"].startswith("- Search strategy")
+    sampled = [t for t in probe["tokens"] if t["a"]]
+    assert sampled and all("p" in t and "q" in t and t["p"] <= 0 and t["q"] <= 0 for t in sampled)
+    assert "".join(t["t"] for t in probe["tokens"]).count("<|im_start|>user") >= 1  # starts after the system block
+    assert probe["student"]["verdict"]["trajectory_id"] == probe["student"]["trajectory"]["id"]
+    teacher = probe["teacher"]["trajectory"]
+    assert teacher["id"].endswith("-teacher") and teacher["guide"] == probe["guide"]
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 1 and pairs[0]["step"] == 1 and pairs[0]["best"].endswith("-k0")
+    assert pairs[0]["experience"] in ExperienceBank(out / "bank").items or pairs[0]["error"]
+    assert read_metrics(out / "metrics.jsonl")[0]["t_probe"] >= 0
+    assert not is_running(out)
+    with run_lock(out):
+        assert is_running(out)
+        with pytest.raises(RunLockedError, match="another process"):
+            evolve(_cfg(out, tiny_folder, steps=2), world=world, log=lambda _: None)
+
+
+def test_probe_without_a_teacher_says_why(tmp_path, tiny_folder, world):
+    from genevolve.training.live import read_probe
+
+    evolve(_cfg(tmp_path / "run", tiny_folder, use_ved=False), world=world, log=lambda _: None)
+    probe = read_probe(tmp_path / "run")
+    assert probe["teacher"] is None and "without VED" in probe["note"]
+    assert all("q" not in t for t in probe["tokens"]) and any("p" in t for t in probe["tokens"])

@@ -5,7 +5,8 @@ render and judge -> mine best-vs-worst pairs -> summarise them into experiences 
 retrieve an experience for every trajectory's request (cosine gate) -> score tokens: the student
 (with gradient), the same weights before the update (pi_old), the teacher (same weights, the guide in
 the system prompt, no gradient) and the reference (adapter disabled, no gradient) -> L = L_GRPO +
-lambda * L_VED -> one AdamW step on the LoRA weights -> metrics JSONL -> atomic checkpoint.
+lambda * L_VED -> one AdamW step on the LoRA weights -> metrics JSONL -> atomic checkpoint. For live
+viewers it also writes the mined pairs and a student-vs-teacher probe of one trajectory (:mod:`.live`).
 
 The teacher never rolls out: it re-scores the student's own sampled tokens in its privileged
 context. The student never sees the experience. Arms switch the two terms on and off
@@ -56,6 +57,7 @@ class EvolveConfig:
     micro_batch: int = 8  # sequences per forward/backward
     grad_clip: float = 1.0
     seed: int = 0
+    probe: bool = True  # write probe.json each step for live viewers (costs one guided rollout per step)
     device: str | None = None
     dtype: str | None = None
 
@@ -85,6 +87,7 @@ class Scored:
     mask: list[int]
     group: int
     advantage: float = 0.0
+    index: int = -1  # position among the step's trajectories
     teacher_ids: list[int] | None = None
     teacher_offset: int = 0  # teacher_ids[i + offset] == ids[i] for positions after the system block
 
@@ -129,7 +132,40 @@ def _teacher_prefix(tokenizer, guide: str, base_prompt: str) -> list[int]:
 
 def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
            on_step: Callable[[dict], None] | None = None, stop: Callable[[], bool] | None = None) -> dict:
-    """Run self-evolution; resumes from ``<out>/checkpoint`` when present. Returns the last metrics row."""
+    """Run self-evolution; resumes from ``<out>/checkpoint`` when present. Returns the last metrics row.
+
+    The run folder is locked while training: a second trainer there raises ``RunLockedError``.
+    ``stop()`` is asked before every step; a stopped run resumes from its last checkpoint.
+    """
+    from .live import run_lock
+
+    cfg.validate()
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    with run_lock(cfg.out):
+        return _evolve(cfg, world, log, on_step, stop)
+
+
+def _write_probe(out: Path, tok, step: int, request, traj, verdict, lp: dict, exp, sim: float, teacher, teacher_verdict,
+                 use_ved: bool) -> None:
+    """The live student-vs-teacher view of one trajectory (see :mod:`.live`)."""
+    from ..experience import guide_text
+    from .live import probe_record, token_rows, write_probe
+
+    try:
+        start = _system_block_len(tok, traj.system_prompt, traj.token_ids)
+    except ValueError:
+        start = 0
+    q = lp["q"].tolist() if lp.get("q") is not None else None
+    tokens = token_rows(tok, traj.token_ids, traj.assistant_mask, lp["p"].tolist(), q, start)
+    note = ("" if q is not None else "no teacher: this arm trains without VED" if not use_ved
+            else "no teacher: no experience passed the retrieval gate for this step's requests")
+    write_probe(out, probe_record(step, request, traj, verdict, tokens, exp.id if exp is not None else None,
+                                  guide_text(exp) if exp is not None else None, sim if exp is not None else None,
+                                  teacher, teacher_verdict, note))
+
+
+def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Callable[[dict], None] | None,
+            stop: Callable[[], bool] | None) -> dict:
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from ..agent import Tools
@@ -142,9 +178,9 @@ def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
     from ..records import ImageStore, append_jsonl
     from ..rollout import rollout
     from ..summarise import SandboxSummariser, SummaryError
+    from .live import append_rows
     from .losses import combined_loss, group_advantages, grpo_loss, ved_loss
 
-    cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", asdict(cfg))
@@ -217,17 +253,24 @@ def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
 
         # 3. Mine pairs, summarise, bank.
         t = time.time()
-        new_exps, summary_errors = [], []
+        new_exps, summary_errors, pair_rows = [], [], []
         if cfg.use_ved:
             for pair in mine_pairs(groups, cfg.delta_min, cfg.max_pairs):
+                pair_row = {"step": step + 1, "request_id": pair.request_id, "request": pair.request_text, "best": pair.best.id,
+                            "worst": pair.worst.id, "best_reward": pair.best_verdict.reward,
+                            "worst_reward": pair.worst_verdict.reward, "gap": pair.gap, "experience": None}
+                pair_rows.append(pair_row)
                 try:
                     slots = summariser.summarise(pair)
                 except SummaryError as exc:
                     summary_errors.append(str(exc))
+                    pair_row["error"] = str(exc)
                     continue
                 exp = bank.add(pair.request_id, pair.request_text, slots, reward_gap=pair.gap, run_id=out.name, step=step,
                                best_trajectory=pair.best.id, worst_trajectory=pair.worst.id, summariser=summariser.name)
                 new_exps.append(exp)
+                pair_row["experience"] = exp.id
+        append_rows(out / "pairs.jsonl", pair_rows)
         times["mine_summarise"] = time.time() - t
 
         # 4. Advantages and retrieval.
@@ -237,12 +280,14 @@ def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
         hits = 0
         teacher_errors: list[str] = []
         t = time.time()
+        retrieved = []
         for gi, g in enumerate(groups):
-            exp, _ = bank.retrieve(batch[gi].text) if cfg.use_ved and len(bank) else (None, 0.0)
+            exp, sim = bank.retrieve(batch[gi].text) if cfg.use_ved and len(bank) else (None, 0.0)
+            retrieved.append((exp, sim))
             for j, (tr, _) in enumerate(g):
                 if not tr.token_ids or not any(tr.assistant_mask):
                     continue
-                s = Scored(tr.token_ids, tr.assistant_mask, gi, float(adv_PG[gi, j]))
+                s = Scored(tr.token_ids, tr.assistant_mask, gi, float(adv_PG[gi, j]), index=gi * K + j)
                 if exp is not None:
                     try:
                         n_sys = _system_block_len(tok, tr.system_prompt, tr.token_ids)
@@ -255,6 +300,20 @@ def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
                         s.teacher_offset = len(t_prefix) - n_sys
                 scored.append(s)
         times["retrieve"] = time.time() - t
+
+        # 4b. Probe for live viewers: one scored trajectory (one with a teacher when there is one) and the
+        # teacher's own rollout on its request, with the same weights as the student's rollouts.
+        probe = next((s for s in scored if s.teacher_ids is not None), scored[0] if scored else None) if cfg.probe else None
+        probe_lp: dict = {}
+        teacher_case: tuple = (None, None)
+        t = time.time()
+        if probe is not None and probe.teacher_ids is not None:
+            req = batch[probe.group]
+            t_tr = rollout([req], pol, tools, k=1, params=sp, seed=cfg.seed * 100_000 + step,
+                           guides={req.id: guide_text(retrieved[probe.group][0])})[0]
+            t_tr.id += "-teacher"
+            teacher_case = (t_tr, scorer.score(req, t_tr, store, seed=t_tr.seed)[1])
+        times["probe"] = time.time() - t
 
         # 5. Score tokens and update: student (grad), pi_old / teacher / reference (no grad).
         model.train()
@@ -279,6 +338,9 @@ def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
                     tl = _token_logprobs(model, [mb[i].teacher_ids for i in tmb], pol.device, pad_id)
                     for i, lp in zip(tmb, tl):
                         teach[i] = lp[mb[i].teacher_offset :]  # aligned to the student's positions after the system block
+                for i, s in enumerate(mb):
+                    if s is probe:
+                        probe_lp = {"p": old[i].cpu(), "q": teach[i].cpu() if teach[i] is not None else None}
             t_teacher += time.time() - t
             t = time.time()
             model.train()
@@ -342,6 +404,10 @@ def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
         }
         with metrics_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
+        if probe is not None and probe_lp:
+            exp, sim = retrieved[probe.group]
+            _write_probe(out, tok, step + 1, batch[probe.group], trajs[probe.index], verdicts[probe.index], probe_lp,
+                         exp if probe.teacher_ids is not None else None, sim, *teacher_case, cfg.use_ved)
         # Atomic checkpoint: adapter + optimizer + step, then swapped in.
         tmp = out / "checkpoint.tmp"
         if tmp.exists():
