@@ -1,0 +1,319 @@
+"""The public GenEvolve-Data-Bench layout, loaded from a local folder with ``datasets``.
+
+Expected layout (JSON Lines, JSON arrays or Parquet; the folder names tell the kinds apart)::
+
+    <root>/bench/*.jsonl   {"id", "question", "gt_image", "eval_type", "category", "difficulty"}
+    <root>/rl/*.jsonl      {"id"?, "prompt" | "question", "gt_image", ...}
+    <root>/sft/*.jsonl     {"messages": [{"role", "content"}, ...], "images": [path, ...]}
+    <root>/images/...      pictures the rows name by relative path
+
+A file may also sit directly in ``<root>`` with ``bench``, ``rl`` or ``sft`` in its name. Image
+fields are paths (relative to the row's file, to ``<root>`` or to ``<root>/images``), ``datasets``
+Image values, or ``{"bytes"|"path"}`` objects.
+
+What it becomes:
+
+- bench and RL rows -> :class:`~genevolve.records.Request` (split ``bench`` / ``rl``), ground
+  truths stored by hash in an :class:`~genevolve.records.ImageStore`; ``eval_type`` picks the track
+  (anything naming knowledge -> ``knowledge``, else ``quality``), ``difficulty`` may be a number or
+  easy / medium / hard;
+- SFT rows -> :class:`~genevolve.records.Trajectory` (via the protocol's ``messages`` import), the
+  ``images`` list giving ``IMG_001``, ``IMG_002``, ... their files; and back: our trajectories are
+  exported as ``{"messages", "images"}`` rows in the same format.
+
+A row whose picture is missing raises :class:`DataError` naming the files (the first ten and the
+count), unless ``allow_missing=True``: then the case is kept without it and the scorer records it
+as a missing case (``no ground truth``), never a silent zero.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from .records import ImageStore, Request, Trajectory
+
+DATA_EXTS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+KINDS = ("bench", "rl", "sft")
+_DIFFICULTY = {"easy": 1, "medium": 2, "mid": 2, "hard": 3}
+
+
+class DataError(ValueError):
+    """A dataset folder that cannot be read as the official layout (missing files, pictures or fields)."""
+
+
+@dataclass
+class Loaded:
+    requests: list[Request] = field(default_factory=list)
+    trajectories: list[Trajectory] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # pictures that could not be found or read
+    files: list[str] = field(default_factory=list)
+
+
+def data_files(root: str | os.PathLike, kind: str) -> list[Path]:
+    """The files of one kind (bench, rl or sft) under ``root`` (or ``root`` itself when it is a file)."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"no dataset at {root}")
+    if root.is_file():
+        return [root]
+    sub = root / kind
+    found = sorted(p for p in sub.rglob("*") if p.suffix in DATA_EXTS) if sub.is_dir() else []
+    if not found:
+        pat = re.compile(rf"(^|[^a-z]){kind}([^a-z]|$)", re.I)
+        found = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in DATA_EXTS and pat.search(p.stem))
+    return found
+
+
+def _rows(files: Sequence[Path]) -> Iterable[tuple[Path, dict[str, Any]]]:
+    from datasets import load_dataset
+
+    for f in files:
+        try:
+            ds = load_dataset(DATA_EXTS[f.suffix], data_files=str(f), split="train")
+        except Exception as exc:  # datasets raises many types for a malformed file
+            raise DataError(f"{f}: not readable as {DATA_EXTS[f.suffix]} ({type(exc).__name__}: {str(exc)[:200]})") from exc
+        for row in ds:
+            yield f, row
+
+
+def _open_image(value: Any, roots: Sequence[Path]):
+    """(PIL image, "") or (None, what is missing)."""
+    from PIL import Image
+
+    if value is None or value == "":
+        return None, "no image given"
+    if hasattr(value, "convert"):
+        return value.convert("RGB"), ""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            try:
+                with Image.open(io.BytesIO(value["bytes"])) as im:
+                    return im.convert("RGB"), ""
+            except Exception as exc:
+                return None, f"embedded image unreadable ({type(exc).__name__})"
+        value = value.get("path")
+        if not value:
+            return None, "image object with neither bytes nor path"
+    p = Path(str(value)).expanduser()
+    candidates = [p] if p.is_absolute() else [r / p for r in roots]
+    for c in candidates:
+        if c.is_file():
+            try:
+                with Image.open(c) as im:
+                    return im.convert("RGB"), ""
+            except Exception as exc:  # PIL raises many types for corrupt files
+                return None, f"{c}: not a readable image ({type(exc).__name__})"
+    return None, f"{value} (looked in {', '.join(str(r) for r in roots)})"
+
+
+def _roots(root: Path, f: Path) -> list[Path]:
+    base = root if root.is_dir() else f.parent
+    return list(dict.fromkeys([f.parent, base, base / "images"]))
+
+
+def _difficulty(v: Any) -> int:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return int(v)
+    s = str(v or "").strip().lower()
+    return int(s) if s.isdigit() else _DIFFICULTY.get(s, 1)
+
+
+def _check(missing: list[str], allow_missing: bool, what: str) -> None:
+    if missing and not allow_missing:
+        head = "; ".join(missing[:10])
+        raise DataError(f"{len(missing)} {what} picture(s) missing or unreadable: {head}"
+                        + (" ..." if len(missing) > 10 else "") + " (pass allow_missing / --allow-missing to record them as missing cases)")
+
+
+def load_requests(root: str | os.PathLike, store: ImageStore, kind: str = "bench", allow_missing: bool = False,
+                  limit: int | None = None) -> Loaded:
+    """Bench or RL rows as requests, ground truths put in ``store``."""
+    if kind not in ("bench", "rl"):
+        raise ValueError("kind is 'bench' or 'rl'")
+    root = Path(root)
+    files = data_files(root, kind)
+    if not files:
+        raise DataError(f"no {kind} files under {root} (expected {root / kind}/*.jsonl|json|parquet)")
+    out = Loaded(files=[str(f) for f in files])
+    for n, (f, row) in enumerate(_rows(files)):
+        if limit is not None and len(out.requests) >= limit:
+            break
+        text = row.get("question") or row.get("prompt")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{f}: row {n} has no 'question' (or 'prompt') text")
+        rid = str(row.get("id") if row.get("id") is not None else f"{kind}-{n:05d}")
+        image, why = _open_image(row.get("gt_image"), _roots(root, f))
+        gt = store.put(image) if image is not None else None
+        if image is None:
+            out.missing.append(f"{rid}: {why}")
+        eval_type = str(row.get("eval_type") or "")
+        track = "knowledge" if re.search(r"know|ka\b", eval_type, re.I) else "quality"
+        out.requests.append(Request(id=rid, text=text.strip(), track=track, category=str(row.get("category") or eval_type or "free"),
+                                    difficulty=_difficulty(row.get("difficulty")), split=kind, gt_image=gt))
+    _check(out.missing, allow_missing, f"{kind} ground-truth")
+    return out
+
+
+def _flatten(content: Any) -> str:
+    """Multimodal message content (parts) as text: text parts joined, each picture as ``<image>``."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for p in content:
+            if isinstance(p, dict) and p.get("type") == "text":
+                parts.append(str(p.get("text", "")))
+            elif isinstance(p, dict):
+                parts.append("<image>")
+        return "".join(parts)
+    return "" if content is None else str(content)
+
+
+def load_sft(root: str | os.PathLike, allow_missing: bool = False, image_dir: str | os.PathLike | None = None,
+             limit: int | None = None) -> Loaded:
+    """SFT rows as trajectories; each ``images`` entry becomes the local file of the next IMG id.
+
+    Pictures given as bytes are written to ``image_dir`` (required then) so trajectories can name them.
+    """
+    from .protocol import trajectory_from_messages
+
+    root = Path(root)
+    files = data_files(root, "sft")
+    if not files:
+        raise DataError(f"no sft files under {root} (expected {root / 'sft'}/*.jsonl|json|parquet)")
+    out = Loaded(files=[str(f) for f in files])
+    for n, (f, row) in enumerate(_rows(files)):
+        if limit is not None and len(out.trajectories) >= limit:
+            break
+        msgs = row.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{f}: row {n} has no 'messages' list")
+        messages = [{"role": m.get("role"), "content": _flatten(m.get("content"))} for m in msgs]
+        try:
+            traj = trajectory_from_messages(messages, traj_id=f"sft-{n:05d}", request_id=str(row.get("id") or f"sft-{n:05d}"))
+        except ValueError as exc:
+            raise DataError(f"{f}: row {n}: {exc}") from exc
+        for i, value in enumerate(row.get("images") or []):
+            img_id = f"IMG_{i + 1:03d}"
+            ref = traj.image(img_id)
+            path = _image_path(value, _roots(root, f), image_dir)
+            if isinstance(path, str) and path.startswith("missing:"):
+                out.missing.append(f"{traj.id} {img_id}: {path[8:]}")
+                traj.errors.append(f"{img_id}: picture missing from the dataset")
+                continue
+            if ref is None:
+                from .records import ImageRef
+
+                ref = ImageRef(img_id=img_id, title="image")
+                traj.images.append(ref)
+            ref.local_path = path
+        out.trajectories.append(traj)
+    _check(out.missing, allow_missing, "SFT")
+    return out
+
+
+def _image_path(value: Any, roots: Sequence[Path], image_dir) -> str:
+    if isinstance(value, str):
+        p = Path(value).expanduser()
+        for c in ([p] if p.is_absolute() else [r / p for r in roots]):
+            if c.is_file():
+                return str(c.resolve())
+        return f"missing:{value}"
+    image, why = _open_image(value, roots)
+    if image is None:
+        return f"missing:{why}"
+    if image_dir is None:
+        raise DataError("SFT rows carry pictures as bytes: give image_dir to write them to")
+    return str((ImageStore(image_dir).path(ImageStore(image_dir).put(image))).resolve())
+
+
+def sft_messages(trajs: Iterable[Trajectory]) -> list[dict[str, Any]]:
+    """Trajectories as ``{"messages"}`` rows (what ``genevolve sft --data`` trains on)."""
+    from .protocol import trajectory_to_messages
+
+    return [{"messages": trajectory_to_messages(t)} for t in trajs]
+
+
+def export_sft(trajs: Iterable[Trajectory], out: str | os.PathLike, verdicts: dict[str, Any] | None = None,
+               min_reward: float | None = None) -> dict[str, int]:
+    """Write ``{"messages", "images"}`` rows to ``out`` (JSONL); pictures are copied to ``<out dir>/images``.
+
+    Only answered trajectories are exported; with ``min_reward``, only those whose verdict reaches it.
+    """
+    from .protocol import trajectory_to_messages
+    from .records import atomic_write_text
+
+    out = Path(out)
+    img_dir = out.parent / "images"
+    rows, skipped = [], 0
+    for t in trajs:
+        v = (verdicts or {}).get(t.id)
+        if t.termination != "answer" or (min_reward is not None and (v is None or v.failed or v.reward < min_reward)):
+            skipped += 1
+            continue
+        images = []
+        for ref in t.images:
+            if ref.local_path and Path(ref.local_path).is_file():
+                src = Path(ref.local_path)
+                import hashlib
+
+                dest = img_dir / (hashlib.sha256(src.read_bytes()).hexdigest()[:24] + src.suffix.lower())
+                if not dest.exists():
+                    img_dir.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, dest)
+                images.append(f"images/{dest.name}")
+            else:
+                images.append(ref.url or "")
+        rows.append({"id": t.id, "messages": trajectory_to_messages(t), "images": images})
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return {"exported": len(rows), "skipped": skipped}
+
+
+def run_bench(requests: Sequence[Request], policy, tools, scorer, store: ImageStore, seeds: Sequence[int], params,
+              missing: str = "exclude", guides=None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Roll out, render and judge every request once per seed; aggregate under the missing-case policy.
+
+    ``policy`` None is the raw baseline (request text straight to the generator).
+    """
+    from .evaluation import mean_ci, raw_trajectory
+    from .policies.base import AsAgentPolicy
+    from .rollout import rollout
+    from .scoring import summarise
+
+    if policy is not None and not hasattr(policy, "complete") and not hasattr(policy, "continue_streams"):
+        policy = AsAgentPolicy(policy, params)  # a remote chat policy: one conversation at a time
+    per_seed, cases = {}, []
+    for seed in seeds:
+        if progress:
+            progress(f"seed {seed}: {len(requests)} requests")
+        trajs = [raw_trajectory(r, seed) for r in requests] if policy is None else \
+            rollout(requests, policy, tools, k=1, params=params, seed=seed, guides=guides)
+        pairs = []
+        for req, t in zip(requests, trajs):
+            rendered, v = scorer.score(req, t, store, seed=t.seed)
+            pairs.append((req, v))
+            cases.append({"seed": seed, "trajectory": t, "rendered": rendered, "verdict": v})
+        per_seed[seed] = summarise(pairs, missing)
+    summary: dict[str, Any] = {"seeds": list(seeds), "n_requests": len(requests), "missing_policy": missing,
+                               "missing": {s: per_seed[s]["missing"] for s in seeds}, "by": {}}
+    for level in ("overall", "track", "category", "difficulty"):
+        summary["by"][level] = {}
+        keys = sorted({k for s in seeds for k in per_seed[s][level]})
+        for key in keys:
+            row: dict[str, Any] = {}
+            for d in ("kscore", "F", "V", "T", "A", "r_text", "reward"):
+                vals = [per_seed[s][level][key][d] for s in seeds if key in per_seed[s][level]
+                        and per_seed[s][level][key][d] is not None]
+                m, ci = mean_ci(vals)
+                row[d] = {"mean": m, "ci95": ci, "per_seed": vals}
+            row["n"] = max(per_seed[s][level].get(key, {}).get("n", 0) for s in seeds)
+            row["failed"] = sum(per_seed[s][level].get(key, {}).get("failed", 0) for s in seeds)
+            summary["by"][level][key] = row
+    return {"summary": summary, "cases": cases}
