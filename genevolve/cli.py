@@ -345,6 +345,30 @@ def _evolve_cfg(out: Path, policy: str, steps: int, b: int, k: int, lambda_ved: 
     return cfg
 
 
+def _stop_on_sigterm():
+    """SIGTERM asks the training loop to stop after its current step (checkpointed); the studio's Stop sends it."""
+    import signal
+
+    asked: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: asked.append(1))
+    return lambda: bool(asked)
+
+
+def _train(cfg, world, stop) -> None:
+    """Run the trainer; a stop or a locked run folder ends the command with a clear message."""
+    from .training.evolve import evolve as run_evolve
+    from .training.live import RunLockedError
+
+    try:
+        run_evolve(cfg, world=world, log=typer.echo, stop=stop)
+    except RunLockedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if stop():
+        typer.echo(f"stopped; {cfg.out} holds the last checkpoint: run the same command again to resume")
+        raise typer.Exit(0)
+
+
 def _bench_requests(world, quick: bool, n: Optional[int]):
     reqs = world.split("bench")
     if quick and n is None:
@@ -373,13 +397,13 @@ def evolve(
     max_new_tokens: int = typer.Option(384, min=16, help="Token budget of one assistant turn."),
 ):
     """One-click distill-and-compare: GRPO + VED from the SFT student, then before / after / teacher on the bench."""
+    import signal
     import time as _time
 
     from .experience import ExperienceBank, guide_text
     from .policies.resolve import resolve_policy
     from .records import ImageStore
     from .training.compare import evaluate, write_report
-    from .training.evolve import evolve as run_evolve
     from .world import World
 
     out = out or Path("runs") / f"evolve-{_time.strftime('%Y%m%d-%H%M%S')}"
@@ -388,7 +412,8 @@ def evolve(
     w = World()
     t0 = _time.time()
     typer.echo(f"evolving {policy} ({cfg.arm}): {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.rollouts_per_prompt} rollouts -> {out}")
-    run_evolve(cfg, world=w, log=typer.echo)
+    _train(cfg, w, _stop_on_sigterm())
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # past training, SIGTERM ends the evaluation at once
     t_train = _time.time() - t0
     reqs = _bench_requests(w, quick, eval_requests)
     seeds = [int(x) for x in eval_seeds.split(",") if x.strip()]
@@ -441,7 +466,6 @@ def ablate(
     from .policies.resolve import resolve_policy
     from .records import ImageStore, atomic_write_json
     from .training.compare import evaluate, write_report
-    from .training.evolve import evolve as run_evolve
     from .world import World
 
     arm_list = [a.strip() for a in arms.split(",") if a.strip()]
@@ -452,6 +476,7 @@ def ablate(
     out = out or Path("runs") / f"ablate-{_time.strftime('%Y%m%d-%H%M%S')}"
     w = World()
     reqs = _bench_requests(w, quick, eval_requests)
+    stop = _stop_on_sigterm()
     t0 = _time.time()
     per_arm: dict[str, list[dict]] = {a: [] for a in arm_list}
     metrics: dict[str, list[Path]] = {a: [] for a in arm_list if a != "sft"}
@@ -466,7 +491,7 @@ def ablate(
                                   rollouts or (4 if quick else 6), lambda_ved, lora_rank, lr, 0.20, 0.84, seed,
                                   "grpo" in arm, "ved" in arm, max_new_tokens)
                 typer.echo(f"[{arm} seed {seed}] training -> {run_dir}")
-                run_evolve(cfg, world=w, log=typer.echo)
+                _train(cfg, w, stop)
                 metrics[arm].append(run_dir / "metrics.jsonl")
                 pol = resolve_policy(policy, adapter=str(run_dir / "checkpoint" / "adapter"))
             pol.name = arm
@@ -502,6 +527,29 @@ def ablate(
     atomic_write_json(out / "ablation.json", {a: r["summary"] for a, r in results.items()} | {"seconds": _time.time() - t0})
     typer.echo("\n".join(lines))
     typer.echo(f"report: {report}  ({_time.time() - t0:.0f} s in all)")
+
+
+@app.command()
+def studio(
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default; 0.0.0.0 shares it on a network: set a password)."),
+    port: int = typer.Option(7860, min=1, max=65535, help="Port to listen on."),
+    password_env: str = typer.Option("GENEVOLVE_STUDIO_PASSWORD", help="Environment variable holding a password; "
+                                     "when it is set, the studio asks for it (any user name)."),
+    runs: Path = typer.Option(Path("runs"), help="Folder of run folders the studio opens and writes."),
+    world: Optional[Path] = WORLD_OPT,
+):
+    """The Gradio studio: trajectories side by side, experience and reference editors, distill with a live
+    student-vs-teacher view, and bench comparisons, on the offline sandbox."""
+    from studio.app import launch
+    from studio.services import Services
+
+    password = os.environ.get(password_env) or None
+    if host not in ("127.0.0.1", "localhost", "::1") and not password:
+        typer.echo(f"warning: binding {host} without a password; set ${password_env} to require one", err=True)
+    services = Services.create(world_dir=world, runs_dir=runs)
+    typer.echo(f"GenEvolve Studio on http://{host}:{port}  (world: {services.world.root}, runs: {services.runs_dir}, "
+               f"device: {services.device})")
+    launch(services, host=host, port=port, password=password)
 
 
 if __name__ == "__main__":

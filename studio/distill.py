@@ -1,0 +1,215 @@
+"""Distill view: the form as a ``genevolve evolve``/``ablate`` command, and a run folder read as live UI values.
+
+A run folder of ``evolve`` holds ``metrics.jsonl``, ``pairs.jsonl``, ``probe.json``, ``bank/`` and,
+once compared, ``report/``; one of ``ablate`` holds one such folder per arm and seed plus ``report/``.
+Every reader here tolerates a run that is still writing and a folder that has disappeared.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from genevolve.training.live import is_running, read_jsonl_rows, read_metrics, read_probe
+
+from . import StudioError
+
+ARMS_EVOLVE = ("grpo", "ved")
+ARMS_ABLATE = ("sft", "grpo", "ved", "grpo+ved")
+CURVES = (("reward_mean", "reward (mean)"), ("ved_loss", "VED loss"), ("grpo_loss", "GRPO loss"),
+          ("retrieval_hit_rate", "retrieval hit rate"))
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+
+
+def distill_args(mode: str, out: Path, policy: str = "tiny", arms: list[str] | tuple[str, ...] = ("grpo", "ved"),
+                 quick: bool = True, steps: int | None = None, b: int | None = None, k: int | None = None,
+                 lora_rank: int = 16, lambda_ved: float = 2.0, delta_min: float = 0.20, gate: float = 0.84, seed: int = 0,
+                 max_new_tokens: int = 384, eval_requests: int | None = None) -> list[str]:
+    """The command-line arguments for the form's values, checked with messages a person can act on."""
+    def positive(name, v, low=1):
+        if v is not None and (int(v) != v or v < low):
+            raise StudioError(f"{name} must be a whole number >= {low}")
+        return None if v is None else int(v)
+
+    steps, b, k = positive("steps", steps), positive("B", b), positive("K", k, 2)
+    positive("LoRA rank", lora_rank)
+    positive("max new tokens", max_new_tokens, 16)
+    eval_requests = positive("eval requests", eval_requests)
+    if lambda_ved < 0:
+        raise StudioError("λ_VED must be >= 0")
+    if not 0 <= delta_min <= 1:
+        raise StudioError("δ_min is between 0 and 1")
+    if not -1 <= gate <= 1:
+        raise StudioError("the gate is a cosine similarity between -1 and 1")
+    args = [mode, "--out", str(out), "--policy", policy, "--lora-rank", str(int(lora_rank)), "--lambda-ved", str(lambda_ved),
+            "--max-new-tokens", str(int(max_new_tokens))]
+    if mode == "evolve":
+        bad = [a for a in arms if a not in ARMS_EVOLVE]
+        if bad or not arms:
+            raise StudioError("evolve trains GRPO, VED or both: tick at least one of them")
+        args += ["--delta-min", str(delta_min), "--gate", str(gate), "--seed", str(int(seed))]
+        args += [] if "grpo" in arms else ["--no-grpo"]
+        args += [] if "ved" in arms else ["--no-ved"]
+    elif mode == "ablate":
+        bad = [a for a in arms if a not in ARMS_ABLATE]
+        if bad or not arms:
+            raise StudioError(f"ablate runs any of the arms {', '.join(ARMS_ABLATE)}: tick at least one")
+        args += ["--arms", ",".join(a for a in ARMS_ABLATE if a in arms), "--seeds", str(int(seed))]
+    else:
+        raise StudioError("mode is evolve or ablate")
+    for flag, v in (("--steps", steps), ("-B", b), ("-K", k), ("--eval-requests", eval_requests)):
+        if v is not None:
+            args += [flag, str(v)]
+    if quick:
+        args.append("--quick")
+    return args
+
+
+def check_run_name(name: str) -> str:
+    name = (name or "").strip()
+    if not NAME_RE.match(name):
+        raise StudioError("the run name is letters, digits, '.', '_' and '-' (at most 80, no slashes)")
+    return name
+
+
+# ---------------------------------------------------------------------------
+# Reading a run folder
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Live:
+    out: Path
+    exists: bool
+    running: bool
+    metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # arm (or sub-run) -> rows
+    pairs: list[dict[str, Any]] = field(default_factory=list)
+    probe: dict[str, Any] | None = None
+    probe_dir: Path | None = None
+    report: Path | None = None
+    steps_planned: int | None = None
+    error: str | None = None
+
+    @property
+    def points(self) -> int:
+        return sum(len(rows) for rows in self.metrics.values())
+
+
+def _runs_of(out: Path) -> list[Path]:
+    """The training folders of a run: itself (evolve) or its arm folders (ablate)."""
+    if (out / "config.json").exists() or (out / "metrics.jsonl").exists():
+        return [out]
+    return sorted(p.parent for p in out.glob("*/config.json"))
+
+
+def read_live(out: Path) -> Live:
+    out = Path(out)
+    if not out.is_dir():
+        return Live(out, False, False, error=f"the run folder {out} does not exist (deleted while open?)")
+    runs = _runs_of(out)
+    live = Live(out, True, any(is_running(r) for r in runs))
+    for r in runs:
+        label = r.name if r != out else "run"
+        live.metrics[label] = read_metrics(r / "metrics.jsonl")
+    latest = max(runs, key=lambda r: (r / "metrics.jsonl").stat().st_mtime if (r / "metrics.jsonl").exists() else 0, default=None)
+    if latest is not None:
+        try:
+            live.probe = read_probe(latest)
+            live.probe_dir = latest
+        except ValueError as exc:
+            live.error = str(exc)
+        live.pairs = read_jsonl_rows(latest / "pairs.jsonl")
+        try:
+            import json
+
+            live.steps_planned = json.loads((latest / "config.json").read_text("utf-8")).get("steps")
+        except (OSError, ValueError):
+            pass
+    if (out / "report" / "report.md").exists():
+        live.report = out / "report" / "report.md"
+    return live
+
+
+def latest_pairs(pairs: list[dict[str, Any]]) -> list[list[Any]]:
+    """Table rows of the latest step's mined pairs."""
+    if not pairs:
+        return []
+    last = max(p["step"] for p in pairs)
+    return [[p["step"], p["request_id"], p["request"], round(p["best_reward"], 3), round(p["worst_reward"], 3),
+             round(p["gap"], 3), p.get("experience") or f"(not summarised: {p.get('error', '?')})"]
+            for p in pairs if p["step"] == last]
+
+
+PAIR_HEADERS = ["step", "request", "text", "best R", "worst R", "gap", "experience"]
+
+
+def new_experiences(run: Path, pairs: list[dict[str, Any]]):
+    """The experiences made at the latest step, read from the bank's JSONL (never through a bank object,
+    which could rewrite a file the trainer owns)."""
+    from genevolve.records import Experience
+
+    if not pairs:
+        return []
+    last = max(p["step"] for p in pairs)
+    ids = {p["experience"] for p in pairs if p["step"] == last and p.get("experience")}
+    out = []
+    for row in read_jsonl_rows(Path(run) / "bank" / "experiences.jsonl"):
+        if row.get("id") in ids:
+            try:
+                out.append(Experience.model_validate(row))
+            except ValueError:
+                continue
+    return out
+
+
+def status_text(live: Live, job: dict[str, Any] | None = None) -> str:
+    if not live.exists:
+        return live.error or "no run"
+    state = "running" if live.running else "not running"
+    if job and job.get("out") == str(live.out):
+        state = job["state"]
+    steps = max((len(r) for r in live.metrics.values()), default=0)
+    last = next((rows[-1] for rows in live.metrics.values() if rows), None)
+    parts = [f"{live.out.name}: {state}", f"steps logged {steps}" + (f"/{live.steps_planned}" if live.steps_planned else "")]
+    if last:
+        parts.append(f"reward {last['reward_mean']:.3f} · VED {last['ved_loss']:.4f} · GRPO {last['grpo_loss']:+.4f} · "
+                     f"hit rate {last['retrieval_hit_rate']:.2f} · bank {last['bank_size']}")
+    if live.report:
+        parts.append("report ready")
+    if live.error:
+        parts.append(live.error)
+    return " · ".join(parts)
+
+
+def curves_figure(metrics: dict[str, list[dict[str, Any]]]):
+    """Four small panels (reward, VED loss, GRPO loss, retrieval hit rate), one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(13, 2.6), dpi=90)
+    for ax, (key, title) in zip(axes, CURVES):
+        for label, rows in metrics.items():
+            xs = [r["step"] for r in rows if key in r]
+            ys = [r[key] for r in rows if key in r]
+            if xs:
+                ax.plot(xs, ys, marker="o", lw=1.5, label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    if len(metrics) > 1 and any(metrics.values()):
+        axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def report_parts(report: Path) -> tuple[str, list[Path]]:
+    """The report's text without its image lines (shown as a gallery instead) and the images it names."""
+    text = report.read_text("utf-8")
+    images = [report.parent / m for m in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)]
+    body = re.sub(r"!\[[^\]]*\]\([^)]+\)\n?", "", text)
+    return body, [p for p in images if p.exists()]

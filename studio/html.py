@@ -1,0 +1,356 @@
+"""Pure functions from records to HTML: trajectory columns, verdicts, the best-vs-worst diff, token gaps.
+
+Nothing here touches gradio or the models: every function takes records (and a way to turn image
+hashes or paths into ``src`` values) and returns a string, so each is unit-tested without launching
+the studio. Images are inlined as data URIs: sandbox images are a few kilobytes, and the page then
+needs no file route into the run folders.
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import html
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from genevolve.records import ImageStore, Request, Trajectory, Verdict
+
+FOLD_CHARS = 280  # observations longer than this are folded
+Src = Callable[[str | None], str | None]  # image hash -> src for <img>, None when missing
+
+CSS = """
+.ge-cols {display:flex; gap:10px; overflow-x:auto; align-items:flex-start; padding-bottom:6px}
+.ge-col {flex:1 0 260px; max-width:420px; border:1px solid #d0d4da; border-radius:8px; padding:8px; background:#fff;
+         font-size:13px; color:#1f2328}
+.ge-col.ge-best {border:2px solid #1a7f37} .ge-col.ge-worst {border:2px solid #cf222e}
+.ge-head {display:flex; justify-content:space-between; font-weight:600; margin-bottom:6px}
+.ge-tag {border-radius:4px; padding:0 6px; color:#fff; font-size:11px}
+.ge-tag.best {background:#1a7f37} .ge-tag.worst {background:#cf222e}
+.ge-pics {display:flex; gap:6px} .ge-pics figure {margin:0; text-align:center; font-size:11px; color:#57606a}
+.ge-pics img {width:120px; image-rendering:pixelated; border:1px solid #d0d4da}
+.ge-thumbs {display:flex; flex-wrap:wrap; gap:4px; margin:4px 0}
+.ge-thumbs figure {margin:0; font-size:10px; text-align:center; width:64px; color:#57606a}
+.ge-thumbs img {width:60px; image-rendering:pixelated; border:1px solid #d0d4da}
+.ge-thumbs .chosen img {border:2px solid #0969da}
+.ge-scores {display:grid; grid-template-columns:repeat(4, 1fr); gap:2px; margin:6px 0; font-size:12px}
+.ge-scores b {font-weight:600}
+.ge-rationale {color:#57606a; font-size:12px; margin:2px 0 6px}
+.ge-program pre, .ge-turn pre {white-space:pre-wrap; word-break:break-word; background:#f6f8fa; padding:4px; margin:2px 0;
+                               font-size:12px; border-radius:4px}
+.ge-turn {border-top:1px dashed #d0d4da; padding:4px 0}
+.ge-think {color:#57606a; font-style:italic}
+.ge-call {font-family:monospace; color:#8250df}
+.ge-err {color:#cf222e}
+.ge-diff table {border-collapse:collapse; width:100%; font-size:13px}
+.ge-diff td, .ge-diff th {border:1px solid #d0d4da; padding:4px; vertical-align:top; text-align:left}
+.ge-diff tr.differ td:first-child {border-left:4px solid #bf8700}
+.ge-diff del {background:#ffebe9; text-decoration:none} .ge-diff ins {background:#dafbe1; text-decoration:none}
+.ge-tokens {white-space:pre-wrap; font-family:monospace; font-size:12px; line-height:1.7; border:1px solid #d0d4da;
+            border-radius:6px; padding:6px; max-height:520px; overflow-y:auto; background:#fff; color:#1f2328}
+.ge-tokens .tok {border-radius:2px; cursor:help} .ge-tokens .ctx {color:#8c959f}
+.ge-legend {font-size:12px; color:#57606a; margin:4px 0}
+.ge-legend span {padding:0 6px; border-radius:3px}
+.ge-msg {padding:6px 10px; border-radius:6px; margin:4px 0}
+.ge-msg.err {background:#ffebe9; color:#82071e} .ge-msg.ok {background:#dafbe1; color:#044f1e}
+.ge-msg.info {background:#ddf4ff; color:#0a3069}
+"""
+
+
+def esc(text: Any) -> str:
+    return html.escape("" if text is None else str(text))
+
+
+def message(kind: str, text: str) -> str:
+    """A status line: kind is 'ok', 'err' or 'info'."""
+    return f'<div class="ge-msg {kind}">{esc(text)}</div>'
+
+
+@lru_cache(maxsize=4096)
+def _file_uri(path: str, mtime: float) -> str:
+    data = Path(path).read_bytes()
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def file_src(path: str | os.PathLike | None) -> str | None:
+    """A data URI for an image file (cached by path and modification time), None when it cannot be read."""
+    if not path:
+        return None
+    try:
+        return _file_uri(str(path), os.stat(path).st_mtime)
+    except OSError:
+        return None
+
+
+def store_src(store: ImageStore) -> Src:
+    def src(digest: str | None) -> str | None:
+        if not digest:
+            return None
+        try:
+            return file_src(store.path(digest))
+        except ValueError:
+            return None
+
+    return src
+
+
+def _img(src: str | None, alt: str, cls: str = "") -> str:
+    if src is None:
+        return f'<div class="ge-err" title="{esc(alt)}">[missing image]</div>'
+    return f'<img src="{src}" alt="{esc(alt)}" class="{cls}">'
+
+
+def _num(x: float | None) -> str:
+    return "–" if x is None or x != x else f"{x:.3f}"
+
+
+def verdict_html(v: Verdict | None) -> str:
+    if v is None:
+        return '<div class="ge-err">no verdict</div>'
+    if v.failed:
+        return f'<div class="ge-err">not judged: {esc(v.failed)}</div>'
+    cells = [("F", v.F), ("V", v.V), ("T", v.T), ("A", v.A), ("KScore", v.kscore), ("R_text", v.r_text), ("reward", v.reward)]
+    scores = "".join(f"<div>{k} <b>{_num(x)}</b></div>" for k, x in cells)
+    return f'<div class="ge-scores">{scores}</div><div class="ge-rationale">{esc(v.rationale)}</div>'
+
+
+def best_and_worst(trajs: Sequence[Trajectory], verdicts: dict[str, Verdict]) -> tuple[str | None, str | None]:
+    """Ids of the highest- and lowest-reward trajectories (none when fewer than two or all tie)."""
+    scored = [(verdicts[t.id].reward if t.id in verdicts else 0.0, t.id) for t in trajs]
+    if len(scored) < 2:
+        return None, None
+    best = max(scored, key=lambda x: x[0])
+    worst = min(scored, key=lambda x: x[0])
+    if best[0] == worst[0]:
+        return None, None
+    return best[1], worst[1]
+
+
+def _args(tc) -> str:
+    return ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in tc.arguments.items())
+
+
+def _observation(turn, ref_src: Callable[[Any], str | None]) -> str:
+    obs = turn.observation
+    if obs is None:
+        return ""
+    thumbs = ""
+    if obs.images:
+        thumbs = '<div class="ge-thumbs">' + "".join(
+            f'<figure>{_img(ref_src(im), im.title)}<figcaption>{esc(im.img_id)}</figcaption></figure>' for im in obs.images) + "</div>"
+    text = obs.text
+    if len(text) > FOLD_CHARS:
+        body = f"<details><summary>observation ({len(text)} characters)</summary><pre>{esc(text)}</pre></details>"
+    else:
+        body = f"<pre>{esc(text)}</pre>"
+    err = f'<div class="ge-err">{esc(obs.error)}</div>' if obs.error else ""
+    return thumbs + body + err
+
+
+def trajectory_column(traj: Trajectory, verdict: Verdict | None, src: Src, gt: str | None = None, mark: str | None = None,
+                      title: str | None = None, ref_src: Callable[[Any], str | None] | None = None) -> str:
+    """One trajectory as a column: header, rendered image next to ground truth, verdict, program, turns."""
+    ref_src = ref_src or (lambda im: file_src(im.local_path))
+    tag = f'<span class="ge-tag {mark}">{mark.upper()}</span>' if mark else ""
+    head = f'<div class="ge-head"><span>{esc(title or traj.id)}</span>{tag}</div>'
+    pics = (f'<div class="ge-pics"><figure>{_img(src(verdict.image if verdict else None), "rendered")}<figcaption>rendered'
+            f'</figcaption></figure><figure>{_img(src(gt), "ground truth")}<figcaption>ground truth</figcaption></figure></div>')
+    prog = traj.program
+    if prog is not None:
+        chosen = {r.img_id: r.note for r in prog.reference_images}
+        refs = "".join(f'<figure class="chosen">{_img(ref_src(traj.image(i)) if traj.image(i) else None, i)}'
+                       f'<figcaption>{esc(i)}</figcaption></figure>' for i in chosen)
+        notes = "".join(f"<div>{esc(i)}: {esc(n)}</div>" for i, n in chosen.items())
+        program = (f'<div class="ge-program"><b>Program</b><pre>{esc(prog.gen_prompt)}</pre>'
+                   f'<div class="ge-thumbs">{refs}</div>{notes}'
+                   + ("".join(f'<div class="ge-err">{esc(x)}</div>' for x in prog.issues)) + "</div>")
+    else:
+        program = f'<div class="ge-err">no program ({esc(traj.termination)})</div>'
+    turns = []
+    for t in traj.turns:
+        parts = [f"<div><b>turn {t.index + 1}</b>{' · FINAL STEP' if t.forced_final else ''}</div>"]
+        if t.think:
+            parts.append(f'<div class="ge-think">{esc(t.think)}</div>')
+        if t.tool_call:
+            parts.append(f'<div class="ge-call">{esc(t.tool_call.name)}({esc(_args(t.tool_call))})</div>')
+        if t.answer is not None:
+            parts.append('<div class="ge-call">answer</div>')
+        if t.tool_call is None and t.answer is None:
+            parts.append(f"<pre>{esc(t.raw)}</pre>")
+        parts.append(_observation(t, ref_src))
+        if t.error and not (t.observation and t.observation.error):
+            parts.append(f'<div class="ge-err">{esc(t.error)}</div>')
+        turns.append('<div class="ge-turn">' + "".join(parts) + "</div>")
+    summary = f"{len(traj.turns)} turns · {traj.n_tool_calls} tool calls · {esc(traj.termination)}"
+    cls = f"ge-col ge-{mark}" if mark else "ge-col"
+    return (f'<div class="{cls}" data-traj="{esc(traj.id)}">{head}{pics}{verdict_html(verdict)}{program}'
+            f'<details open><summary>{summary}</summary>{"".join(turns)}</details></div>')
+
+
+def columns_html(request: Request | None, trajs: Sequence[Trajectory], verdicts: dict[str, Verdict], src: Src,
+                 titles: dict[str, str] | None = None, mark: bool = True) -> str:
+    """K trajectories side by side, best and worst marked."""
+    if not trajs:
+        return message("info", "no trajectories")
+    best, worst = best_and_worst(trajs, verdicts) if mark else (None, None)
+    gt = request.gt_image if request is not None else None
+    cols = [trajectory_column(t, verdicts.get(t.id), src, gt, "best" if t.id == best else "worst" if t.id == worst else None,
+                              (titles or {}).get(t.id)) for t in trajs]
+    head = f"<p><b>{esc(request.id)}</b>: {esc(request.text)}</p>" if request is not None else ""
+    return head + f'<div class="ge-cols" data-columns="{len(cols)}">' + "".join(cols) + "</div>"
+
+
+# ---------------------------------------------------------------------------
+# Best-vs-worst diff
+# ---------------------------------------------------------------------------
+
+
+def decisions(traj: Trajectory) -> dict[str, list[str]]:
+    """What a trajectory decided, aspect by aspect (the levers an experience talks about)."""
+    calls = [t.tool_call for t in traj.turns if t.tool_call is not None and t.observation is not None]
+    out = {
+        "tools": [c.name for c in calls],
+        "queries": [q for c in calls if c.name == "search" for q in (c.arguments.get("queries") or [])]
+        + [str(c.arguments.get("query")) for c in calls if c.name == "image_search"],
+        "skills": [str(c.arguments.get("skill_name")) for c in calls if c.name == "query_knowledge"],
+        "references": [],
+        "prompt": [traj.program.gen_prompt] if traj.program else [],
+    }
+    if traj.program:
+        for r in traj.program.reference_images:
+            im = traj.image(r.img_id)
+            out["references"].append(f"{r.img_id}: {im.title if im else '?'}")
+    return out
+
+
+def first_divergence(a: Trajectory, b: Trajectory) -> int | None:
+    """Index of the first turn where the two trajectories take different actions (None when they never do)."""
+    def action(t):
+        if t.tool_call is not None:
+            return (t.tool_call.name, json.dumps(t.tool_call.arguments, sort_keys=True))
+        return ("answer", t.answer.gen_prompt if t.answer else t.raw)
+
+    for i, (x, y) in enumerate(zip(a.turns, b.turns)):
+        if action(x) != action(y):
+            return i
+    return None if len(a.turns) == len(b.turns) else min(len(a.turns), len(b.turns))
+
+
+def _word_diff(a: str, b: str) -> tuple[str, str]:
+    wa, wb = a.split(), b.split()
+    out_a, out_b = [], []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=wa, b=wb, autojunk=False).get_opcodes():
+        sa, sb = esc(" ".join(wa[i1:i2])), esc(" ".join(wb[j1:j2]))
+        if op == "equal":
+            out_a.append(sa)
+            out_b.append(sb)
+        else:
+            if sa:
+                out_a.append(f"<ins>{sa}</ins>")
+            if sb:
+                out_b.append(f"<del>{sb}</del>")
+    return " ".join(out_a), " ".join(out_b)
+
+
+def diff_rows(best: Trajectory, worst: Trajectory) -> list[dict[str, Any]]:
+    """Aspect by aspect: what the best and the worst trajectory did, and whether it differs."""
+    a, b = decisions(best), decisions(worst)
+    return [{"aspect": k, "best": a[k], "worst": b[k], "same": a[k] == b[k]} for k in a]
+
+
+def diff_html(best: Trajectory, worst: Trajectory, best_v: Verdict | None = None, worst_v: Verdict | None = None) -> str:
+    rows = diff_rows(best, worst)
+    div = first_divergence(best, worst)
+    where = "they take the same actions" if div is None else f"they part ways at turn {div + 1}"
+    gap = f" · reward gap {best_v.reward - worst_v.reward:.3f}" if best_v and worst_v else ""
+    body = []
+    for r in rows:
+        if r["aspect"] == "prompt":
+            x, y = _word_diff(" ".join(r["best"]), " ".join(r["worst"]))
+        else:
+            x, y = esc(" → ".join(r["best"]) or "—"), esc(" → ".join(r["worst"]) or "—")
+        body.append(f'<tr class="{"same" if r["same"] else "differ"}"><td>{esc(r["aspect"])}</td><td>{x}</td><td>{y}</td></tr>')
+    return (f'<div class="ge-diff"><p><b>Best {esc(best.id)}</b> vs <b>worst {esc(worst.id)}</b>: {where}{gap}.</p>'
+            f'<table><tr><th>aspect</th><th>best</th><th>worst</th></tr>{"".join(body)}</table></div>')
+
+
+# ---------------------------------------------------------------------------
+# Student vs teacher, token by token
+# ---------------------------------------------------------------------------
+
+
+def gap_colour(gap: float) -> str:
+    """Green where the teacher likes the sampled token more than the student, red where less; stronger with |gap|."""
+    a = min(abs(gap) / 4.0, 1.0) * 0.85
+    return f"rgba(26,127,55,{a:.2f})" if gap > 0 else f"rgba(207,34,46,{a:.2f})"
+
+
+def token_gap_html(tokens: list[dict[str, Any]], fold_chars: int = 400) -> str:
+    """The student's trajectory, each sampled token coloured by log q_teacher - log p_student (hover: both)."""
+    import math
+
+    if not tokens:
+        return message("info", "no tokens yet")
+    parts: list[str] = []
+    ctx: list[str] = []
+    gaps = []
+
+    def flush():
+        if not ctx:
+            return
+        text = "".join(ctx)
+        if len(text) > fold_chars:
+            parts.append(f'<details class="ctx"><summary>context ({len(text)} characters)</summary>'
+                         f'<span class="ctx">{esc(text)}</span></details>')
+        else:
+            parts.append(f'<span class="ctx">{esc(text)}</span>')
+        ctx.clear()
+
+    for t in tokens:
+        if not t.get("a"):
+            ctx.append(t["t"])
+            continue
+        flush()
+        p = t.get("p")
+        q = t.get("q")
+        if p is None:
+            parts.append(f'<span class="tok">{esc(t["t"])}</span>')
+            continue
+        if q is None:
+            tip = f"student p={math.exp(p):.3f} (log {p:.2f}); no teacher"
+            parts.append(f'<span class="tok" title="{esc(tip)}">{esc(t["t"])}</span>')
+            continue
+        gap = q - p
+        gaps.append(gap)
+        tip = f"student p={math.exp(p):.3f} (log {p:.2f}) · teacher q={math.exp(q):.3f} (log {q:.2f}) · log q − log p = {gap:+.2f}"
+        parts.append(f'<span class="tok" data-gap="{gap:.3f}" style="background:{gap_colour(gap)}" title="{esc(tip)}">{esc(t["t"])}</span>')
+    flush()
+    stats = (f"{len(gaps)} sampled tokens scored by the teacher · mean |log q − log p| {sum(map(abs, gaps)) / len(gaps):.3f}"
+             if gaps else "no teacher scores for this trajectory")
+    legend = (f'<div class="ge-legend"><span style="background:{gap_colour(3)}">teacher prefers</span> '
+              f'<span style="background:{gap_colour(-3)}">teacher disagrees</span> · hover a token for both probabilities · {stats}</div>')
+    return legend + f'<div class="ge-tokens" data-scored="{len(gaps)}">' + "".join(parts) + "</div>"
+
+
+def run_view(run, request_id: str | None = None) -> tuple[str, str, str]:
+    """A run folder as (summary line, K columns, best-vs-worst diff) for one of its requests (the first by default)."""
+    if not run.trajectories:
+        return message("info", f"{run.dir.name}: no trajectories yet"), "", ""
+    rid = request_id or run.trajectories[0].request_id
+    trajs = [t for t in run.trajectories if t.request_id == rid]
+    req = next((r for r in run.requests if r.id == rid), None)
+    verdicts = {v.trajectory_id: v for v in run.verdicts if v.request_id == rid}
+    best, worst = best_and_worst(trajs, verdicts)
+    n_req = len({t.request_id for t in run.trajectories})
+    more = f" (showing 1 of {n_req} requests)" if n_req > 1 and request_id is None else ""
+    head = message("ok", f"{run.dir.name}: {len(trajs)} trajectories by {run.info.policy}{more}")
+    diff = ""
+    if best and worst:
+        by_id = {t.id: t for t in trajs}
+        diff = diff_html(by_id[best], by_id[worst], verdicts.get(best), verdicts.get(worst))
+    elif len(trajs) > 1:
+        diff = message("info", "all trajectories have the same reward: no best and worst to compare")
+    return head, columns_html(req, trajs, verdicts, store_src(run.images)), diff

@@ -1,0 +1,294 @@
+"""What the studio works with, created once and shared by every session: the world, the run folders,
+the embedder, the experience banks, the reference store, loaded policies and the distill job.
+
+Actions that touch models or disk live here (rolling out, benching, trying a guide); the views turn
+their results into UI values with the pure functions of :mod:`studio.html` and the view modules.
+Nothing here imports gradio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from genevolve.records import ImageStore, Request, RunInfo, Trajectory, Verdict
+
+from . import StudioError
+from .jobs import DistillJobs
+
+EXPERT, EXPERT_NOISY, RAW, TINY = "expert", "expert (cold-start)", "raw", "tiny"
+ADAPTER_PREFIX = "tiny + "
+STUDIO_BANK = "studio-bank"
+
+
+def device_label() -> str:
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"CUDA GPU ({torch.cuda.get_device_name(0)})"
+    return f"CPU ({torch.get_num_threads()} threads of {os.cpu_count()} cores)"
+
+
+@dataclass
+class Services:
+    world: Any
+    runs_dir: Path
+    embedder: Any
+    refs: Any
+    jobs: DistillJobs
+    device: str
+    _banks: dict[str, Any] = field(default_factory=dict)
+    _policies: dict[str, Any] = field(default_factory=dict)
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    _request_vecs: Any = None
+
+    @classmethod
+    def create(cls, world_dir: str | Path | None = None, runs_dir: str | Path = "runs", embedder=None) -> "Services":
+        from genevolve.embed import default_embedder
+        from genevolve.refstore import ReferenceStore
+        from genevolve.world import World
+
+        embedder = embedder or default_embedder()
+        world = World(world_dir, embedder=embedder)
+        runs = Path(runs_dir).resolve()
+        runs.mkdir(parents=True, exist_ok=True)
+        return cls(world=world, runs_dir=runs, embedder=embedder, refs=ReferenceStore(world.root, embedder),
+                   jobs=DistillJobs(runs, world.root), device=device_label())
+
+    # -- requests ----------------------------------------------------------------
+    def request_choices(self, split: str = "bench") -> list[str]:
+        return [f"{r.id} · {r.text}" for r in self.world.split(split)]
+
+    def resolve_request(self, value: str) -> Request:
+        """A request from a dropdown entry ("bench-0960 · text"), an id, or free text."""
+        value = (value or "").strip()
+        if not value:
+            raise StudioError("pick a bench request or type one")
+        m = re.match(r"^((?:sft|evolve|bench)-\d+) · ", value)
+        try:
+            return self.world.request(m.group(1) if m else value)
+        except KeyError as exc:
+            raise StudioError(exc.args[0]) from None
+
+    # -- policies ----------------------------------------------------------------
+    def policy_choices(self) -> list[str]:
+        adapters = sorted(self.runs_dir.glob("**/checkpoint/adapter/adapter_config.json"))
+        return [EXPERT_NOISY, EXPERT, RAW, TINY] + [ADAPTER_PREFIX + str(p.parent.relative_to(self.runs_dir)) for p in adapters]
+
+    def policy(self, name: str):
+        """A policy by its studio name (None for raw); local models load once and are shared."""
+        from genevolve.world.expert import ExpertNoise, ExpertPolicy
+
+        name = (name or "").strip()
+        if name == EXPERT:
+            return ExpertPolicy(self.world, ExpertNoise(), name="expert")
+        if name == EXPERT_NOISY:
+            return ExpertPolicy(self.world, ExpertNoise.cold_start(), name="expert[cold-start]")
+        if name == RAW:
+            return None
+        with self._lock:
+            if name not in self._policies:
+                from genevolve.policies.resolve import resolve_policy
+
+                try:
+                    if name.startswith(ADAPTER_PREFIX):
+                        adapter = self.runs_dir / name[len(ADAPTER_PREFIX):]
+                        pol = resolve_policy(TINY, adapter=str(adapter))
+                        pol.name = name
+                    else:
+                        pol = resolve_policy(name)
+                except (ValueError, FileNotFoundError, OSError) as exc:
+                    raise StudioError(f"cannot load policy {name!r}: {exc}") from None
+                self._policies[name] = pol
+            return self._policies[name]
+
+    def _trajectories(self, requests: list[Request], pol, k: int, seed: int, guides: dict[str, str] | None = None,
+                      on_turn: Callable[[int, int], None] | None = None) -> list[Trajectory]:
+        from genevolve.evaluation import raw_trajectory
+        from genevolve.policies.base import SamplingParams
+        from genevolve.rollout import rollout
+
+        if pol is None:
+            return [raw_trajectory(r, seed * 1000 + i) for r in requests for i in range(k)]
+        from genevolve.agent import Tools
+
+        params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384)
+        with self._lock if hasattr(pol, "continue_streams") else contextlib.nullcontext():  # one local model, one batch at a time
+            return rollout(requests, pol, Tools.for_world(self.world), k=k, params=params, seed=seed, guides=guides,
+                           on_turn=on_turn)
+
+    # -- rollouts ----------------------------------------------------------------
+    def run_rollouts(self, request: Request, policy_name: str, k: int, seed: int,
+                     progress: Callable[[int, int], None] | None = None) -> Path:
+        """K trajectories for one request, rendered and judged, written as a run folder (as `genevolve rollout`)."""
+        from genevolve.evaluation import SandboxScorer, aggregate
+        from genevolve.runs import RunWriter, new_run_id, now_iso
+
+        if not 1 <= int(k) <= 16:
+            raise StudioError("K is between 1 and 16")
+        pol = self.policy(policy_name)
+        run_id = new_run_id("studio-rollout")
+        writer = RunWriter(self.runs_dir / run_id, RunInfo(id=run_id, created=now_iso(), command="rollout",
+                                                            policy=pol.name if pol else RAW, k=int(k), seed=int(seed),
+                                                            requests=[request.id], config={"studio": True}))
+        writer.add_request(request, self.world.gt_image(request) if request.scene else None)
+        trajs = self._trajectories([request], pol, int(k), int(seed), on_turn=progress)
+        scorer, pairs = SandboxScorer(self.world), []
+        for t in trajs:
+            rendered, verdict = scorer.score(request, t, writer.images, seed=t.seed)
+            writer.add(t, rendered, verdict)
+            pairs.append((request, verdict))
+        writer.finish(aggregate(pairs))
+        return writer.dir
+
+    def list_runs(self, command: str | None = None) -> list[str]:
+        """Run folders under the runs folder (newest first), as paths relative to it."""
+        out = []
+        for p in self.runs_dir.glob("**/run.json"):
+            if command is not None:
+                try:
+                    if RunInfo.model_validate_json(p.read_text("utf-8")).command != command:
+                        continue
+                except (OSError, ValueError):
+                    continue
+            out.append(p.parent)
+        return [str(p.relative_to(self.runs_dir)) for p in sorted(out, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+    def list_runs_training(self) -> list[str]:
+        """Distill runs: folders with metrics or a studio job, and ablation folders around them, newest first."""
+        found = {p.parent for pat in ("**/metrics.jsonl", "**/studio_job.json") for p in self.runs_dir.glob(pat)}
+        found |= {p.parent for p in found if p.parent != self.runs_dir and not (p.parent / "metrics.jsonl").exists()}
+        return [str(p.relative_to(self.runs_dir)) for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+    def list_bench(self) -> list[str]:
+        """Bench results: bench run folders and `genevolve bench` JSON files in the runs folder."""
+        out = self.list_runs("bench")
+        for p in sorted(self.runs_dir.glob("*.json")):
+            try:
+                if "by" in json.loads(p.read_text("utf-8")):
+                    out.append(p.name)
+            except (OSError, ValueError):
+                continue
+        return out
+
+    def run_path(self, name: str) -> Path:
+        """A run folder inside the runs folder; anything that escapes it is refused."""
+        if not name:
+            raise StudioError("pick a run")
+        p = (self.runs_dir / name).resolve()
+        if p != self.runs_dir and self.runs_dir not in p.parents:
+            raise StudioError(f"{name!r} is not inside {self.runs_dir}")
+        return p
+
+    # -- experience banks --------------------------------------------------------
+    def bank_choices(self) -> list[str]:
+        found = {str(p.parent.relative_to(self.runs_dir)) for p in self.runs_dir.glob("**/experiences.jsonl")}
+        return [STUDIO_BANK] + sorted(found - {STUDIO_BANK})
+
+    def bank(self, name: str):
+        from genevolve.experience import ExperienceBank
+
+        path = self.run_path(name or STUDIO_BANK)
+        with self._lock:
+            key = str(path)
+            bank = self._banks.get(key)
+            if bank is None or not path.exists():
+                bank = ExperienceBank(path, embedder=self.embedder)
+                self._banks[key] = bank
+            return bank
+
+    def retrieving_requests(self, bank, exp_id: str, splits: tuple[str, ...] = ("evolve", "bench"), limit: int = 20
+                            ) -> list[tuple[float, Request]]:
+        """Sandbox requests that retrieve this experience (it is their nearest and passes the gate), by similarity."""
+        import numpy as np
+
+        exp = bank.get(exp_id)
+        reqs = [r for s in splits for r in self.world.split(s)]
+        with self._lock:
+            if self._request_vecs is None or len(self._request_vecs[0]) != len(reqs):
+                self._request_vecs = (reqs, self.embedder.encode([r.text for r in reqs]))
+            reqs, vecs = self._request_vecs
+        sims = vecs @ self.embedder.encode([exp.source_request])[0]
+        out = []
+        for i in np.argsort(-sims):
+            if sims[i] < bank.gate or len(out) >= limit:
+                break
+            nearest, score = bank.retrieve(reqs[i].text)
+            if nearest is not None and nearest.id == exp.id:
+                out.append((float(score), reqs[i]))
+        return out
+
+    def try_guide(self, bank, exp_id: str, policy_name: str, seed: int) -> tuple[Request, list[Trajectory], dict[str, Verdict], ImageStore]:
+        """The student and the teacher (the student with this experience as its guide) on the experience's source request."""
+        from genevolve.evaluation import SandboxScorer
+        from genevolve.experience import guide_text
+
+        exp = bank.get(exp_id)
+        if policy_name == RAW:
+            raise StudioError("the raw generator has no system prompt to put a guide in: pick expert or a learned policy")
+        try:
+            req = self.world.request(exp.source_request_id)
+        except KeyError:
+            req = self.world.request(exp.source_request)
+        pol = self.policy(policy_name)
+        student = self._trajectories([req], pol, 1, int(seed))[0]
+        teacher = self._trajectories([req], pol, 1, int(seed), guides={req.id: guide_text(exp)})[0]
+        student.id, teacher.id = "student", "teacher"
+        store = ImageStore(self.runs_dir / ".studio" / "images")
+        scorer = SandboxScorer(self.world)
+        verdicts = {t.id: scorer.score(req, t, store, seed=t.seed)[1] for t in (student, teacher)}
+        if req.gt_image and req.gt_image not in store:
+            store.put(self.world.gt_image(req))
+        return req, [student, teacher], verdicts, store
+
+    # -- references --------------------------------------------------------------
+    def references_changed(self) -> None:
+        """After an edit: the agent's image_search and the scorer's reference rows re-read the store."""
+        self.world.image_search.reload()
+        self.world.__dict__.pop("refs", None)  # World.refs is a cached_property
+
+    # -- bench -------------------------------------------------------------------
+    def run_bench(self, policy_name: str, split: str, limit: int | None, seeds: list[int],
+                  progress: Callable[[str], None] | None = None) -> Path:
+        """A policy over a sandbox split (one trajectory per request and seed), written as a run folder."""
+        from genevolve.evaluation import SandboxScorer
+        from genevolve.runs import RunWriter, new_run_id, now_iso
+
+        from .bench import bench_summary
+
+        if not seeds:
+            raise StudioError("give at least one seed")
+        try:
+            reqs = self.world.split(split)
+        except KeyError as exc:
+            raise StudioError(exc.args[0]) from None
+        reqs = reqs[: int(limit)] if limit else reqs
+        pol = self.policy(policy_name)
+        name = pol.name if pol else RAW
+        run_id = new_run_id("bench-" + re.sub(r"[^A-Za-z0-9]+", "-", policy_name).strip("-"))
+        writer = RunWriter(self.runs_dir / run_id, RunInfo(id=run_id, created=now_iso(), command="bench", policy=name, k=1,
+                                                            seed=seeds[0], requests=[r.id for r in reqs],
+                                                            config={"split": split, "seeds": seeds, "studio": True}))
+        for r in reqs:
+            writer.add_request(r, self.world.gt_image(r) if r.scene else None)
+        scorer = SandboxScorer(self.world)
+        by_seed: dict[int, list[Verdict]] = {}
+        for seed in seeds:
+            if progress:
+                progress(f"seed {seed}: rolling out {len(reqs)} requests with {name}")
+            trajs = self._trajectories(reqs, pol, 1, seed)
+            by_seed[seed] = []
+            for r, t in zip(reqs, trajs):
+                rendered, v = scorer.score(r, t, writer.images, seed=t.seed)
+                writer.add(t, rendered, v)
+                by_seed[seed].append(v)
+        writer.finish({"policy": name, "split": split, "seeds": seeds, "n_requests": len(reqs),
+                       "by": bench_summary(reqs, by_seed)})
+        return writer.dir

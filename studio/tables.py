@@ -1,0 +1,81 @@
+"""Experiences and references as table rows, forms and short texts (pure functions, no gradio)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from genevolve.experience import ExperienceError, validate_slots
+from genevolve.guides import SLOT_TITLES, SLOTS
+from genevolve.records import Experience
+
+from . import StudioError
+
+EXP_HEADERS = ["id", "similarity", "source request", "gap", "run", "step", "version", "search strategy"]
+
+
+def _short(text: str, n: int = 90) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def experience_rows(hits: Sequence[tuple[float | None, Experience]]) -> list[list[Any]]:
+    return [[e.id, "" if s is None else round(s, 3), _short(e.source_request), round(e.reward_gap, 3), e.run_id or "—", e.step,
+             e.version, _short(e.slots.get("search_strategy", ""), 60)] for s, e in hits]
+
+
+def filter_experiences(hits: Sequence[tuple[float | None, Experience]], slot_text: str = "", min_gap: float | None = None,
+                       run: str = "") -> list[tuple[float | None, Experience]]:
+    """Keep experiences whose slots contain ``slot_text``, whose gap reaches ``min_gap`` and whose source run matches."""
+    low = (slot_text or "").strip().lower()
+    out = []
+    for s, e in hits:
+        if low and not any(low in v.lower() for v in e.slots.values()):
+            continue
+        if min_gap is not None and e.reward_gap < min_gap:
+            continue
+        if run and run != "(any)" and e.run_id != run:
+            continue
+        out.append((s, e))
+    return out
+
+
+def form_slots(values: Sequence[str]) -> dict[str, str]:
+    """The five form boxes as validated slots; the message names the slot and the limit."""
+    if len(values) != len(SLOTS):
+        raise StudioError(f"expected {len(SLOTS)} slot values")
+    try:
+        return validate_slots(dict(zip(SLOTS, [v if isinstance(v, str) else "" for v in values])))
+    except ExperienceError as exc:
+        msg = str(exc)
+        for s in SLOTS:
+            msg = msg.replace(f"slot {s} ", f"{SLOT_TITLES[s]} ")
+        raise StudioError(msg) from None
+
+
+def provenance_md(e: Experience) -> str:
+    lines = [f"**{e.id}** · version {e.version} · created {e.created or '?'}",
+             f"- source request: `{e.source_request_id}` {e.source_request}",
+             f"- reward gap {e.reward_gap:.3f} · run `{e.run_id or '—'}` step {e.step} · summariser `{e.summariser or '—'}`"]
+    if e.best_trajectory or e.worst_trajectory:
+        lines.append(f"- best `{e.best_trajectory or '—'}` vs worst `{e.worst_trajectory or '—'}`")
+    return "\n".join(lines)
+
+
+HISTORY_HEADERS = ["version", "replaced", "note"] + [SLOT_TITLES[s] for s in SLOTS]
+
+
+def history_rows(e: Experience) -> list[list[Any]]:
+    rows = [[h.version, h.saved, h.note] + [_short(h.slots.get(s, ""), 80) for s in SLOTS] for h in reversed(e.history)]
+    return [[e.version, "(current)", ""] + [_short(e.slots[s], 80) for s in SLOTS]] + rows
+
+
+REF_HEADERS = ["id", "caption", "entity", "variant"]
+
+
+def ref_rows(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    return [[r["id"], r.get("title", ""), r.get("entity", ""), r.get("variant", "")] for r in rows]
+
+
+def gallery_items(hits: Sequence[tuple[float, dict[str, Any]]]) -> list[tuple[str, str]]:
+    """(image path, caption) pairs for a gallery: id, similarity and caption."""
+    return [(str(r["local_path"]), f"{r['id']} · {s:.2f} · {r.get('title', '')}") for s, r in hits]
