@@ -78,6 +78,10 @@ def _run(reqs, pol, tools, k: int, seed: int, params, guides=None, desc: str = "
     def on_turn(done: int, total: int) -> None:
         bar.update(done - bar.n)
 
+    if not hasattr(pol, "complete") and not hasattr(pol, "continue_streams"):  # a remote chat server
+        from .policies.base import AsAgentPolicy
+
+        pol = AsAgentPolicy(pol, params)
     trajs = run_batch(reqs, pol, tools, k=k, params=params, seed=seed, guides=guides, on_turn=on_turn)
     bar.close()
     return trajs
@@ -220,9 +224,27 @@ def bench(
     search: str = SEARCH_OPT,
     out: Optional[Path] = typer.Option(None, help="JSON file for the results (default: runs/bench-<policy>-<split>.json)."),
     world: Optional[Path] = WORLD_OPT,
+    data: Optional[Path] = typer.Option(None, help="Official GenEvolve-Data-Bench folder: bench its rows with --generator and the VLM --judge."),
+    generator: str = typer.Option("sandbox", help="With --data: 'sandbox', 'tiny', 't2i:<model>', 'img2img:<model>', 'qwen-edit:<model>' or render-service URLs."),
+    judge: Optional[str] = typer.Option(None, help="With --data: OpenAI-compatible VLM judge URL ($OPENAI_API_KEY)."),
+    judge_model: str = typer.Option("gpt-4o", help="With --data: judge model name."),
+    judge_api_key: Optional[str] = typer.Option(None, help="With --data: judge API key (default: $OPENAI_API_KEY)."),
+    judge_cache: Optional[Path] = typer.Option(Path("runs/judge-cache"), help="With --data: judge answers cached by content hash."),
+    rpm: float = typer.Option(0.0, min=0.0, help="With --data: judge requests per minute at most (0: no limit)."),
+    text_policy: str = typer.Option("renormalise", help="With --data: no-text requests: 'renormalise' (F,V,A) or 'half' (T = 0.5)."),
+    missing: str = typer.Option("exclude", help="With --data: failed renders/judgements 'exclude'd from means (reported) or counted as 'zero'."),
+    allow_missing: bool = typer.Option(False, help="With --data: keep rows whose ground truth is missing (as missing cases)."),
+    device: Optional[str] = typer.Option(None, help="With --data: torch device for diffusers generators."),
 ):
     """Run a policy over a split, print KScore by track and category, and save JSON (mean and 95% CI over seeds)."""
     import tempfile
+
+    if data is not None:
+        from .cli_interop import bench_official
+
+        return bench_official(data, policy, seeds, generator, judge, judge_model, judge_api_key, text_policy, missing,
+                              allow_missing, limit, out, search, model, adapter, temperature, top_p, max_new_tokens, device,
+                              judge_cache, rpm, world)
 
     from .evaluation import SandboxScorer, aggregate, mean_ci, protocol_valid
     from .guides import oracle_guide
@@ -551,6 +573,8 @@ def studio(
                f"device: {services.device})")
     launch(services, host=host, port=port, password=password)
 
+
+from . import cli_interop  # noqa: E402,F401  (registers render-service, gateway, index, data, experiences, wise)
 
 if __name__ == "__main__":
     app()

@@ -72,8 +72,11 @@ def data_files(root: str | os.PathLike, kind: str) -> list[Path]:
 
 
 def _rows(files: Sequence[Path]) -> Iterable[tuple[Path, dict[str, Any]]]:
+    import datasets
     from datasets import load_dataset
 
+    datasets.disable_progress_bars()  # the CLI prints its own results; keep stdout clean
+    datasets.logging.set_verbosity_error()
     for f in files:
         try:
             ds = load_dataset(DATA_EXTS[f.suffix], data_files=str(f), split="train")

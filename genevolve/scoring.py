@@ -122,6 +122,7 @@ def summarise(pairs: Iterable[tuple[Request, Verdict]], missing: str = "exclude"
         "n": len(gone),
         "of": len(pairs),
         "ids": [v.trajectory_id for _, v in gone],
+        "errors": {v.trajectory_id: v.failed for _, v in gone[:20]},
         "reasons": dict(Counter(next(p for p in MISSING_PREFIXES if v.failed.startswith(p)) for _, v in gone)),
         "kscore_missing_excluded": k_excl,
         "kscore_missing_as_zero": k_zero,

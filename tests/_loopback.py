@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+from fastapi import Request  # module level: FastAPI resolves the endpoint's annotation here
 
 
 @contextlib.contextmanager
@@ -75,6 +76,12 @@ class FakeVLM:
         images = [_image(p["image_url"]["url"]) for p in parts if p.get("type") == "image_url"] if isinstance(parts, list) else []
         if self.mode == "prose":
             return "The image looks fine to me."
+        if "You compare two attempts" in "".join(texts):
+            return json.dumps({"search_strategy": "Search the fact first, then the picture by its exact name.",
+                               "skill_activation": "Query the skills the request needs.",
+                               "reference_selection": "Keep the official picture.",
+                               "prompt_construction": "State counts and positions explicitly.",
+                               "failure_avoidance": "Never leave a count implicit."})
         if "prompt-reference program" in system:
             prog = json.loads(texts[0].split("Program:\n", 1)[1])
             return json.dumps({"missing": [], "level": 1 if len(prog["gen_prompt"]) >= 40 else 0.25})
@@ -106,7 +113,7 @@ class FakeVLM:
                                                       "finish_reason": "stop"}]})
 
     def app(self):
-        from fastapi import FastAPI, Request
+        from fastapi import FastAPI
         from fastapi.responses import JSONResponse, PlainTextResponse
 
         app = FastAPI()

@@ -171,7 +171,7 @@ def test_missing_policy_is_stated_and_reported():
     pairs = [(req, good), (req, nothing), (req, down)]
     excl = summarise(pairs)
     assert excl["overall"]["all"]["n"] == 2 and excl["overall"]["all"]["kscore"] == pytest.approx(0.4)
-    assert excl["missing"] == {"policy": "exclude", "n": 1, "of": 3, "ids": ["c"], "reasons": {"judge failed": 1},
+    assert excl["missing"] == {"policy": "exclude", "n": 1, "of": 3, "ids": ["c"], "errors": {"c": "judge failed: HTTP 503"}, "reasons": {"judge failed": 1},
                                "kscore_missing_excluded": pytest.approx(0.4), "kscore_missing_as_zero": pytest.approx(0.8 / 3)}
     zero = summarise(pairs, missing="zero")
     assert zero["overall"]["all"]["n"] == 3 and zero["overall"]["all"]["kscore"] == pytest.approx(0.8 / 3)
