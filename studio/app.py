@@ -126,10 +126,11 @@ def _experiences_tab(s: Services) -> None:
     with gr.Row():
         query = gr.Textbox(label="Semantic search: a request", scale=3, elem_id="exp-query")
         slot_filter = gr.Textbox(label="Slot text contains", scale=2, elem_id="exp-filter")
-        min_gap = gr.Number(None, label="Min reward gap", elem_id="exp-gap")
+        min_gap = gr.Textbox("", placeholder="any", label="Min reward gap", elem_id="exp-gap")
         run_filter = gr.Dropdown(["(any)"], value="(any)", label="Source run", elem_id="exp-run")
         search_btn = gr.Button("Search", variant="primary", elem_id="exp-search")
-    table = gr.Dataframe(headers=EXP_HEADERS, interactive=False, wrap=True, max_height=320, elem_id="exp-table")
+    table = gr.Dataframe(headers=EXP_HEADERS, interactive=False, wrap=True, max_height=320, elem_id="exp-table",
+                         column_widths=["12%", "8%", "36%", "6%", "10%", "5%", "6%", "17%"])
     status = gr.HTML(elem_id="exp-status")
     with gr.Row():
         exp_id = gr.Dropdown([], value=None, label="Experience", allow_custom_value=True, scale=3, elem_id="exp-id")
@@ -159,7 +160,7 @@ def _experiences_tab(s: Services) -> None:
     def listing(bank_name, q, slot_text, gap, run):
         bank = s.bank(bank_name)
         hits = bank.search(q, k=len(bank)) if (q or "").strip() and len(bank) else [(None, e) for e in reversed(list(bank.items.values()))]
-        hits = filter_experiences(hits, slot_text, gap, run)
+        hits = filter_experiences(hits, slot_text, _opt_number(gap, "the minimum gap", float), run)
         runs = ["(any)"] + sorted({e.run_id for e in bank.items.values() if e.run_id})
         return {table: experience_rows(hits), exp_id: gr.update(choices=[e.id for _, e in hits]),
                 run_filter: gr.update(choices=runs), status: message("info", f"{len(hits)} of {len(bank)} experiences"
@@ -198,7 +199,7 @@ def _experiences_tab(s: Services) -> None:
         text = (source_text or "").split(" · ", 1)
         req = s.resolve_request(text[0] if len(text) == 2 and text[0].split("-")[0] in ("sft", "evolve", "bench") else source_text)
         e = s.bank(bank_name).add(req.id, req.text, slots, reward_gap=0.0, run_id="studio", summariser="hand-written")
-        out = listing(bank_name, "", "", None, "(any)")
+        out = listing(bank_name, "", "", "", "(any)")
         return {**out, **detail(bank_name, e.id), exp_id: gr.update(choices=out[exp_id]["choices"], value=e.id),
                 status: message("ok", f"created {e.id}")}
 
@@ -207,7 +208,7 @@ def _experiences_tab(s: Services) -> None:
         if not yes:
             raise StudioError("tick 'Yes, delete it' first: deleting cannot be undone")
         s.bank(bank_name).delete((eid or "").strip())
-        out = listing(bank_name, "", "", None, "(any)")
+        out = listing(bank_name, "", "", "", "(any)")
         return {**out, exp_id: gr.update(choices=out[exp_id]["choices"], value=None), confirm: False,
                 status: message("ok", f"deleted {eid}")}
 
@@ -335,16 +336,16 @@ def _distill_tab(s: Services) -> None:
         seed_bank = gr.Dropdown(["(none)"] + s.bank_choices(), value="(none)", label="Start from a bank (evolve)",
                                 elem_id="distill-seed-bank")
     with gr.Row():
-        steps = gr.Number(None, precision=0, label="steps", elem_id="distill-steps")
-        b = gr.Number(None, precision=0, label="B prompts", elem_id="distill-b")
-        k = gr.Number(None, precision=0, label="K rollouts", elem_id="distill-k")
+        steps = gr.Textbox("", placeholder="default", label="steps", elem_id="distill-steps")
+        b = gr.Textbox("", placeholder="default", label="B prompts", elem_id="distill-b")
+        k = gr.Textbox("", placeholder="default", label="K rollouts", elem_id="distill-k")
         rank = gr.Number(16, precision=0, label="LoRA rank")
         lam = gr.Number(2.0, label="λ_VED")
         dmin = gr.Number(0.20, label="δ_min")
         gate = gr.Number(0.84, label="gate", elem_id="distill-gate")
         seed = gr.Number(0, precision=0, label="seed")
         mnt = gr.Number(384, precision=0, label="max new tokens", elem_id="distill-mnt")
-        evr = gr.Number(None, precision=0, label="eval requests", elem_id="distill-evr")
+        evr = gr.Textbox("", placeholder="default", label="eval requests", elem_id="distill-evr")
     with gr.Row():
         start_btn = gr.Button("Start", variant="primary", elem_id="distill-start")
         stop_btn = gr.Button("Stop", elem_id="distill-stop")
@@ -429,8 +430,9 @@ def _distill_tab(s: Services) -> None:
         out = s.runs_dir / name_
         if (out / "config.json").exists() or (out / "report").exists():
             raise StudioError(f"{name_} already holds a run: pick it under 'Watch' and use Resume, or choose another name")
-        args = distill_args(mode_, out, policy_ or TINY, arms_e_ if mode_ == "evolve" else arms_a_, bool(quick_), steps_, b_, k_,
-                            rank_, float(lam_), float(dmin_), float(gate_), int(seed_ or 0), mnt_, evr_)
+        args = distill_args(mode_, out, policy_ or TINY, arms_e_ if mode_ == "evolve" else arms_a_, bool(quick_),
+                            _opt_number(steps_, "steps"), _opt_number(b_, "B"), _opt_number(k_, "K"), rank_, float(lam_),
+                            float(dmin_), float(gate_), int(seed_ or 0), mnt_, _opt_number(evr_, "eval requests"))
         bank = None if seed_bank_ in (None, "", "(none)") or mode_ != "evolve" else s.run_path(seed_bank_)
         text = s.jobs.start(args, out, seed_bank=bank)
         return {msg: message("ok", text), watched: str(out), seen: None, timer: gr.Timer(active=True),
@@ -462,6 +464,17 @@ def _distill_tab(s: Services) -> None:
     resume_btn.click(resume, [watch], [msg, watched, seen, timer])
     watch_btn.click(watch_run, [watch], [watched, seen, timer, msg])
     timer.tick(tick, [watched, seen], live_outputs)
+
+
+def _opt_number(text, name: str, kind=int):
+    """A blank box means "the default"; anything else must be a number."""
+    text = "" if text is None else str(text).strip()
+    if not text:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise StudioError(f"{name} must be a number (or blank for the default)") from None
 
 
 def _signature(out: Path) -> tuple:

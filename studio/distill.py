@@ -189,6 +189,7 @@ def curves_figure(metrics: dict[str, list[dict[str, Any]]]):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 4, figsize=(13, 2.6), dpi=90)
     for ax, (key, title) in zip(axes, CURVES):
@@ -198,6 +199,7 @@ def curves_figure(metrics: dict[str, list[dict[str, Any]]]):
             if xs:
                 ax.plot(xs, ys, marker="o", lw=1.5, label=label)
         ax.set_title(title, fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)

@@ -71,11 +71,11 @@ class DistillJobs:
                                   "stop it before starting another (one run at a time keeps the machine responsive)")
             if is_running(out):
                 raise StudioError(f"{out} is being trained by another process (a terminal run?); wait for it or stop it there")
+            src = Path(seed_bank) / "experiences.jsonl" if seed_bank is not None else None
+            if src is not None and not src.exists():
+                raise StudioError(f"the bank {seed_bank} has no experiences.jsonl")
             out.mkdir(parents=True, exist_ok=True)
-            if seed_bank is not None:
-                src = Path(seed_bank) / "experiences.jsonl"
-                if not src.exists():
-                    raise StudioError(f"the bank {seed_bank} has no experiences.jsonl")
+            if src is not None:
                 from genevolve.records import atomic_write_bytes
 
                 atomic_write_bytes(out / "bank" / "experiences.jsonl", src.read_bytes())

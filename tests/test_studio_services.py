@@ -1,0 +1,142 @@
+"""Studio services and the distill job manager: rollouts to run folders, banks, references, one job at a time."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import time
+
+import pytest
+
+from genevolve.guides import SLOTS
+from genevolve.runs import load_run
+from studio import StudioError
+from studio.html import run_view
+from studio.jobs import DistillJobs
+from studio.services import EXPERT_NOISY, RAW, Services
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory, world):
+    root = tmp_path_factory.mktemp("studio")
+    shutil.copytree(world.root, root / "world")  # the reference editor writes into the store
+    return Services.create(world_dir=root / "world", runs_dir=root / "runs")
+
+
+def test_rollouts_become_a_run_folder_with_k_columns(services):
+    req = services.resolve_request(services.request_choices()[0])
+    assert req.id.startswith("bench-")
+    path = services.run_rollouts(req, EXPERT_NOISY, 3, seed=1)
+    run = load_run(path)
+    assert len(run.trajectories) == 3 and run.info.command == "rollout"
+    head, cols, diff = run_view(run)
+    assert 'data-columns="3"' in cols and cols.count("data:image/png;base64,") >= 6  # renders and ground truths
+    assert str(path.relative_to(services.runs_dir)) in services.list_runs()
+    free = services.resolve_request("Draw three gold stars in the top of the image")
+    assert free.id.startswith("adhoc-") and services.run_rollouts(free, RAW, 1, 0).exists()
+
+
+def test_paths_outside_the_runs_folder_are_refused(services):
+    for bad in ("../world", "/etc", "studio-bank/../../world"):
+        with pytest.raises(StudioError, match="not inside"):
+            services.run_path(bad)
+    with pytest.raises(StudioError, match="pick a bench request"):
+        services.resolve_request("  ")
+    with pytest.raises(StudioError, match="no sandbox request with id"):
+        services.resolve_request("bench-0001")
+    with pytest.raises(StudioError, match="cannot load policy"):
+        services.policy("/no/such/model")
+
+
+def test_bank_edit_is_persisted_and_retrievable(services):
+    bank = services.bank("studio-bank")
+    req = services.world.split("evolve")[0]
+    e = bank.add(req.id, req.text, {s: "Query spatial_layout first." for s in SLOTS}, reward_gap=0.3, run_id="studio")
+    bank.edit(e.id, {"prompt_construction": "Write exactly three stars, each in its own sentence."})
+    reopened = services.bank("studio-bank")
+    assert reopened.get(e.id).version == 2
+    hits = reopened.search(req.text, 3)
+    assert hits[0][1].id == e.id and "exactly three" in hits[0][1].slots["prompt_construction"]
+    retrieving = services.retrieving_requests(reopened, e.id)
+    assert retrieving and retrieving[0][1].id == req.id and retrieving[0][0] == pytest.approx(1.0, abs=1e-4)
+    req2, trajs, verdicts, store = services.try_guide(reopened, e.id, EXPERT_NOISY, seed=0)
+    assert [t.id for t in trajs] == ["student", "teacher"] and trajs[1].guide and not trajs[0].guide
+    assert set(verdicts) == {"student", "teacher"} and req2.id == req.id
+    with pytest.raises(StudioError, match="raw generator"):
+        services.try_guide(reopened, e.id, RAW, 0)
+
+
+def test_uploaded_reference_is_found_by_the_agents_image_search(services):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (30, 20), "purple").save(buf, format="PNG")
+    row = services.refs.add(buf.getvalue(), "Official banner of the Zorblat Guild", filename="banner.png")
+    services.references_changed()
+    hits = services.world.image_search.image_search("Official banner of the Zorblat Guild", 3)
+    assert hits[0].source_id == row["id"]
+    assert services.world.refs[row["id"]]["variant"] == "upload"  # the scorer sees the new row too
+
+
+def test_bench_run_has_a_summary_by_track_category_difficulty(services):
+    path = services.run_bench(RAW, "bench", 4, [0, 1])
+    from studio.bench import load_summary, summary_rows
+
+    s = load_summary(path)
+    assert s["by"]["overall"]["all"]["n"] == 4 and len(s["by"]["overall"]["all"]["kscore"]["per_seed"]) == 2
+    assert summary_rows(s) and str(path.relative_to(services.runs_dir)) in services.list_bench()
+    assert len(load_run(path).trajectories) == 8
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    """Stands in for the interpreter: sleeps like a long training run, exits on SIGTERM."""
+    p = tmp_path / "fakepy"
+    p.write_text("#!/bin/sh\nexec sleep 30\n")
+    p.chmod(p.stat().st_mode | stat.S_IEXEC)
+    return str(p)
+
+
+def test_one_distill_job_at_a_time_stop_kill_resume(tmp_path, fake_python):
+    jobs = DistillJobs(tmp_path, tmp_path, python=fake_python)
+    assert jobs.status()["state"] == "idle"
+    jobs.start(["evolve", "--out", str(tmp_path / "a")], tmp_path / "a")
+    assert jobs.status()["state"] == "running"
+    with pytest.raises(StudioError, match="already running"):
+        jobs.start(["evolve", "--out", str(tmp_path / "b")], tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+    assert "stopping" in jobs.stop()
+    for _ in range(50):
+        if jobs.status()["state"] != "stopping":
+            break
+        time.sleep(0.1)
+    assert jobs.status()["state"] == "stopped"
+    with pytest.raises(StudioError, match="no distill run"):
+        jobs.stop()
+    jobs.resume(tmp_path / "a")
+    assert jobs.status()["command"].startswith("genevolve evolve --out")
+    assert "killed" in jobs.kill() and jobs.status()["state"] == "killed"
+    with pytest.raises(StudioError, match="not started from the studio"):
+        jobs.resume(tmp_path)
+
+
+def test_a_folder_locked_by_another_trainer_is_refused(tmp_path, fake_python):
+    from genevolve.training.live import run_lock
+
+    jobs = DistillJobs(tmp_path, tmp_path, python=fake_python)
+    (tmp_path / "bank").mkdir()
+    with run_lock(tmp_path / "run"):
+        with pytest.raises(StudioError, match="another process"):
+            jobs.start(["evolve"], tmp_path / "run")
+    with pytest.raises(StudioError, match="no experiences.jsonl"):
+        jobs.start(["evolve"], tmp_path / "run2", seed_bank=tmp_path / "bank")
+    assert jobs.status()["state"] == "idle" and not (tmp_path / "run2").exists()
+
+
+def test_the_app_builds_without_launching(services):
+    from studio.app import build_app
+
+    app = build_app(services)
+    assert app.title == "GenEvolve Studio"

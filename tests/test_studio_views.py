@@ -1,0 +1,190 @@
+"""The studio's pure functions: records in, UI values out (no server, no browser)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from genevolve.guides import SLOTS
+from genevolve.records import (Experience, ImageRef, Observation, Program, ProgramRef, Request, ToolCall, Trajectory, Turn,
+                               Verdict)
+from studio import StudioError
+from studio.bench import bench_summary, common_requests, load_summary, summary_figure, summary_rows
+from studio.distill import (curves_figure, distill_args, latest_pairs, new_experiences, read_live, report_parts,
+                            status_text)
+from studio.html import (FOLD_CHARS, best_and_worst, columns_html, diff_rows, first_divergence, gap_colour, token_gap_html,
+                         trajectory_column, verdict_html)
+from studio.tables import experience_rows, filter_experiences, form_slots, history_rows
+
+
+def traj(tid, queries=("flag of Veloria",), skills=("spatial_layout",), prompt="A flag in the top of the image.", obs_text="ok"):
+    turns = []
+    images = [ImageRef(img_id="IMG_001", title="Official flag of Veloria", local_path="/nonexistent.png")]
+    for i, q in enumerate(queries):
+        turns.append(Turn(index=len(turns), raw="", think=f"look {q}", tool_call=ToolCall(name="image_search", arguments={"query": q}),
+                          observation=Observation(tool="image_search", text=obs_text, images=images)))
+    for s in skills:
+        turns.append(Turn(index=len(turns), raw="", think="skill", tool_call=ToolCall(name="query_knowledge", arguments={"skill_name": s}),
+                          observation=Observation(tool="query_knowledge", text="card")))
+    program = Program(gen_prompt=prompt, reference_images=[ProgramRef(img_id="IMG_001", note="copy it")])
+    turns.append(Turn(index=len(turns), raw="<answer>", answer=program))
+    return Trajectory(id=tid, request_id="bench-1", request_text="Draw the flag of Veloria at the top", turns=turns,
+                      images=images, program=program)
+
+
+def verdict(tid, reward, **kw):
+    return Verdict(trajectory_id=tid, request_id="bench-1", reward=reward, kscore=reward, F=1, V=reward, A=0.5, **kw)
+
+
+REQ = Request(id="bench-1", text="Draw the flag of Veloria at the top", track="knowledge", category="flag", difficulty=2)
+
+
+def no_src(_):
+    return None
+
+
+def test_columns_mark_best_and_worst_and_fold_long_observations():
+    a, b = traj("a", obs_text="x" * (FOLD_CHARS + 1)), traj("b")
+    html = columns_html(REQ, [a, b], {"a": verdict("a", 0.9), "b": verdict("b", 0.2)}, no_src)
+    assert 'data-columns="2"' in html and html.count('class="ge-col ') == 2
+    assert 'ge-col ge-best" data-traj="a"' in html and 'ge-col ge-worst" data-traj="b"' in html
+    assert f"observation ({FOLD_CHARS + 1} characters)" in html  # long observation folded
+    assert "IMG_001" in html and "[missing image]" in html  # thumbnail slot with its id, even when the file is gone
+    assert best_and_worst([a, b], {"a": verdict("a", 0.5), "b": verdict("b", 0.5)}) == (None, None)  # a tie marks nothing
+
+
+def test_column_escapes_model_text():
+    t = traj("a", prompt='<script>alert("x")</script>')
+    html = trajectory_column(t, verdict("a", 0.4), no_src)
+    assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+def test_verdict_shows_scores_or_why_it_was_not_judged():
+    assert "KScore <b>0.700</b>" in verdict_html(verdict("a", 0.7))
+    assert "T <b>–</b>" in verdict_html(verdict("a", 0.7))
+    assert "not judged: no program" in verdict_html(Verdict(trajectory_id="a", request_id="r", failed="no program (no_answer)"))
+
+
+def test_diff_finds_where_best_and_worst_part_ways():
+    best = traj("best", queries=("fact", "flag of Veloria"), skills=("spatial_layout", "quantity_counting"),
+                prompt="A flag in the top of the image. Exactly three stars.")
+    worst = traj("worst", queries=("fact", "flag"), skills=("spatial_layout",), prompt="A flag. Three stars.")
+    rows = {r["aspect"]: r for r in diff_rows(best, worst)}
+    assert rows["tools"]["same"] is False and rows["references"]["same"] is True
+    assert rows["skills"]["best"] == ["spatial_layout", "quantity_counting"]
+    assert first_divergence(best, worst) == 1
+    assert first_divergence(best, best) is None
+
+
+def test_token_gap_view_colours_by_teacher_minus_student_and_hovers_both():
+    tokens = [{"t": "<|im_start|>user\nDraw", "a": 0}, {"t": "<think>", "a": 1, "p": math.log(0.5), "q": math.log(0.9)},
+              {"t": "bad", "a": 1, "p": math.log(0.8), "q": math.log(0.1)}, {"t": "x" * 500, "a": 0},
+              {"t": "late", "a": 1, "p": -1.0}]
+    html = token_gap_html(tokens)
+    assert 'data-scored="2"' in html
+    assert "student p=0.500" in html and "teacher q=0.900" in html
+    assert gap_colour(math.log(0.9) - math.log(0.5)).startswith("rgba(26,127,55") and gap_colour(-2).startswith("rgba(207,34,46")
+    assert "context (500 characters)" in html  # long observations fold
+    assert "no teacher" in html
+    assert "no tokens yet" in token_gap_html([])
+
+
+def test_distill_args_follow_the_cli_and_refuse_bad_values(tmp_path):
+    args = distill_args("evolve", tmp_path / "r", arms=["ved"], steps=2, b=2, k=2, gate=-1.0, max_new_tokens=64)
+    assert args[:3] == ["evolve", "--out", str(tmp_path / "r")] and "--no-grpo" in args and "--no-ved" not in args
+    assert args[args.index("-K") + 1] == "2" and "--quick" in args
+    a = distill_args("ablate", tmp_path / "a", arms=["grpo+ved", "sft"], quick=False)
+    assert a[a.index("--arms") + 1] == "sft,grpo+ved" and "--quick" not in a
+    for kw, msg in (({"arms": []}, "at least one"), ({"k": 1}, "K must be"), ({"gate": 2.0}, "gate"),
+                    ({"steps": 0}, "steps must be"), ({"delta_min": -0.1}, "δ_min")):
+        with pytest.raises(StudioError, match=msg):
+            distill_args("evolve", tmp_path / "r", **kw)
+
+
+def _write_run(out: Path, steps: int = 2):
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"steps": 3}))
+    rows = [{"step": s, "reward_mean": 0.1 * s, "ved_loss": 0.5 / s, "grpo_loss": -0.1, "retrieval_hit_rate": 0.5, "bank_size": s}
+            for s in range(1, steps + 1)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "rew')  # torn last line
+    (out / "pairs.jsonl").write_text(json.dumps({"step": 2, "request_id": "evolve-1", "request": "x", "best": "a", "worst": "b",
+                                                 "best_reward": 0.9, "worst_reward": 0.3, "gap": 0.6, "experience": "exp-1"}) + "\n")
+    exp = Experience(id="exp-1", source_request_id="evolve-1", source_request="x", slots={s: "Do it." for s in SLOTS})
+    (out / "bank").mkdir()
+    (out / "bank" / "experiences.jsonl").write_text(exp.model_dump_json() + "\n")
+
+
+def test_read_live_tolerates_a_run_in_progress_and_a_deleted_folder(tmp_path):
+    out = tmp_path / "run"
+    _write_run(out)
+    live = read_live(out)
+    assert live.exists and not live.running and live.points == 2 and live.steps_planned == 3 and live.probe is None
+    assert latest_pairs(live.pairs)[0][-1] == "exp-1"
+    assert [e.id for e in new_experiences(out, live.pairs)] == ["exp-1"]
+    assert "steps logged 2/3" in status_text(live) and "reward 0.200" in status_text(live)
+    curves_figure(live.metrics)
+    import shutil
+
+    shutil.rmtree(out)
+    gone = read_live(out)
+    assert not gone.exists and "does not exist" in status_text(gone)
+
+
+def test_read_live_of_an_ablation_has_one_curve_per_arm(tmp_path):
+    _write_run(tmp_path / "abl" / "grpo-s0")
+    _write_run(tmp_path / "abl" / "ved-s0", steps=1)
+    (tmp_path / "abl" / "report").mkdir()
+    (tmp_path / "abl" / "report" / "report.md").write_text("# R\n\n| a |\n\n![curve](curve_x.png)\n")
+    (tmp_path / "abl" / "report" / "curve_x.png").write_bytes(b"png")
+    live = read_live(tmp_path / "abl")
+    assert set(live.metrics) == {"grpo-s0", "ved-s0"} and live.points == 3 and live.report is not None
+    body, images = report_parts(live.report)
+    assert "![" not in body and "| a |" in body and [p.name for p in images] == ["curve_x.png"]
+
+
+def test_bench_summary_table_chart_and_both_file_shapes(tmp_path):
+    reqs = [REQ, REQ.model_copy(update={"id": "bench-2", "track": "quality", "category": "scene", "difficulty": 1})]
+    by = bench_summary(reqs, {0: [verdict("a", 0.8), verdict("b", 0.4)], 1: [verdict("a", 0.6), verdict("b", 0.2)]})
+    assert by["overall"]["all"]["kscore"]["mean"] == pytest.approx(0.5) and by["track"]["knowledge"]["n"] == 1
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"policy": "raw", "by": by}))
+    summary = load_summary(tmp_path / "run")
+    rows = summary_rows(summary)
+    assert rows[0][:3] == ["overall", "all", 2] and rows[0][3].startswith("0.500 ± ")
+    assert {r[0] for r in rows} == {"overall", "track", "category", "difficulty"}
+    summary_figure({"raw": summary})
+    (tmp_path / "agg.json").write_text(json.dumps({"overall": {"all": {"n": 1, "failed": 0, "kscore": 0.3, "F": 1, "V": 0.2,
+                                                                       "T": None, "A": 0.4, "r_text": 0, "reward": 0.3}}}))
+    assert summary_rows(load_summary(tmp_path / "agg.json"))[0][3] == "0.300"
+    with pytest.raises(StudioError, match="no bench summary"):
+        load_summary(tmp_path / "missing")
+
+
+def test_common_requests_keep_run_a_order():
+    class R:
+        def __init__(self, ids):
+            self.trajectories = [traj("t").model_copy(update={"request_id": i}) for i in ids]
+
+    assert common_requests(R(["b", "a", "c", "a"]), R(["a", "b"])) == ["b", "a"]
+
+
+def test_experience_form_validation_and_tables():
+    ok = ["Search first."] * 5
+    assert form_slots(ok)["failure_avoidance"] == "Search first."
+    with pytest.raises(StudioError, match="Skill activation is empty"):
+        form_slots(["a", " ", "c", "d", "e"])
+    with pytest.raises(StudioError, match="Prompt construction has 401 characters"):
+        form_slots(["a", "b", "c", "x" * 401, "e"])
+    e = Experience(id="exp-1", source_request_id="r", source_request="Draw a red circle", slots=dict(zip(SLOTS, ok)),
+                   reward_gap=0.3, run_id="run-a")
+    e2 = e.model_copy(update={"id": "exp-2", "reward_gap": 0.1, "run_id": "run-b",
+                              "slots": {**e.slots, "prompt_construction": "Write exactly three."}})
+    hits = [(0.9, e), (None, e2)]
+    assert [x.id for _, x in filter_experiences(hits, slot_text="EXACTLY")] == ["exp-2"]
+    assert [x.id for _, x in filter_experiences(hits, min_gap=0.2)] == ["exp-1"]
+    assert [x.id for _, x in filter_experiences(hits, run="run-b")] == ["exp-2"]
+    assert experience_rows(hits)[0][:2] == ["exp-1", 0.9] and experience_rows(hits)[1][1] == ""
+    assert history_rows(e)[0][:2] == [1, "(current)"]
