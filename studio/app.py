@@ -23,7 +23,7 @@ import gradio as gr
 from genevolve.experience import ExperienceError
 from genevolve.guides import SLOT_TITLES, SLOTS
 from genevolve.records import SchemaError
-from genevolve.refstore import MAX_BYTES, RefStoreError
+from genevolve.refstore import MAX_BYTES, RefStoreError, clean_caption
 
 from . import StudioError
 from .bench import SUMMARY_HEADERS, common_requests, load_summary, page_html, summary_figure, summary_rows
@@ -287,10 +287,15 @@ def _references_tab(s: Services) -> None:
     def add(file, cap):
         if not file:
             raise StudioError("choose an image file to upload first")
+        clean_caption(cap)  # a bad caption keeps the chosen file; a bad file is cleared below
         path = Path(file if isinstance(file, str) else file.name)
-        if path.stat().st_size > MAX_BYTES:
-            raise StudioError(f"the file has {path.stat().st_size / 1e6:.1f} MB; images of at most {MAX_BYTES // (1024 * 1024)} MB are accepted")
-        row = s.refs.add(path.read_bytes(), cap, filename=path.name)
+        try:
+            if path.stat().st_size > MAX_BYTES:
+                raise RefStoreError(f"the file has {path.stat().st_size / 1e6:.1f} MB; images of at most "
+                                    f"{MAX_BYTES // (1024 * 1024)} MB are accepted")
+            row = s.refs.add(path.read_bytes(), cap, filename=path.name)
+        except RefStoreError as exc:
+            return {status: message("err", f"{path.name}: {exc}"), upload: None}
         s.references_changed()
         return {status: message("ok", f"added {row['id']}: {row['title']}"), ref_id: row["id"], upload: None,
                 gallery: gallery_items(s.refs.search(row["title"], 8))}
@@ -327,7 +332,8 @@ def _distill_tab(s: Services) -> None:
                 "A run started from the command line can be watched too: pick its folder below.")
     with gr.Row():
         mode = gr.Radio(["evolve", "ablate"], value="evolve", label="Run", elem_id="distill-mode")
-        policy = gr.Dropdown([TINY], value=TINY, allow_custom_value=True, label="Student policy (tiny or a model folder)")
+        policy = gr.Dropdown([TINY], value=TINY, allow_custom_value=True, label="Student policy (tiny or a model folder)",
+                             elem_id="distill-policy")
         quick = gr.Checkbox(True, label="--quick (a few minutes)", elem_id="distill-quick")
         name = gr.Textbox(value="", label="Run name (folder under the runs folder; blank: a new one)", elem_id="distill-name")
     with gr.Row():

@@ -1,0 +1,253 @@
+"""The studio in a real browser: Playwright drives Debian's headless Chromium against `genevolve studio`.
+
+One studio process serves the whole module, on a free port, over a copy of the sandbox world (the
+reference editor writes into it) and a fresh runs folder with a small experience bank. Each test
+saves a screenshot of its view under the module's temporary output folder (printed at the end).
+The distill test trains a one-layer random model so that steps take seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--no-first-run"]
+
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (`make test` installs it)")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory, world):
+    from genevolve.experience import ExperienceBank
+    from genevolve.guides import oracle_slots
+    from genevolve.policies.tiny import build_tiny_model, train_tokenizer
+    from genevolve.protocol import SYSTEM_PROMPT
+
+    root = tmp_path_factory.mktemp("studio-browser")
+    shutil.copytree(world.root, root / "world")
+    runs = root / "runs"
+    bank = ExperienceBank(runs / "studio-bank")
+    exps = []
+    for r in world.split("evolve")[:3]:
+        slots = oracle_slots(list(r.skills), r.track == "knowledge", 0)
+        exps.append(bank.add(r.id, r.text, slots, reward_gap=0.4, run_id="seed-run"))
+    tok = train_tokenizer([SYSTEM_PROMPT] + [r.text for r in world.split("evolve")] * 3, vocab_size=500)
+    build_tiny_model(tok, seed=0, layers=1, hidden=64).save_pretrained(root / "micro")
+    tok.save_pretrained(root / "micro")
+    shots = root / "screenshots"
+    shots.mkdir()
+
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env.pop("GENEVOLVE_STUDIO_PASSWORD", None)
+    log = open(root / "studio.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "genevolve.cli", "studio", "--port", str(port), "--runs", str(runs),
+                             "--world", str(root / "world")], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                log.close()
+                raise RuntimeError(f"studio did not start: {(root / 'studio.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    from playwright.sync_api import sync_playwright
+
+    pw = sync_playwright().start()
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+    try:
+        yield {"url": url, "root": root, "runs": runs, "world": root / "world", "exps": exps, "micro": root / "micro",
+               "shots": shots, "browser": browser}
+    finally:
+        browser.close()
+        pw.stop()
+        for job in runs.glob("**/studio_job.json"):  # a distill run this module started and left running
+            try:
+                os.killpg(json.loads(job.read_text())["pid"], signal.SIGKILL)
+            except (ProcessLookupError, PermissionError, ValueError, KeyError):
+                pass
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+        print(f"\nstudio screenshots: {shots}")
+
+
+@pytest.fixture
+def page(studio):
+    pg = studio["browser"].new_page(viewport={"width": 1400, "height": 1000})
+    pg.set_default_timeout(90_000)
+    pg.goto(studio["url"])
+    pg.get_by_role("tab", name="Trajectories").wait_for()
+    yield pg
+    pg.close()
+
+
+def _fill(page, selector: str, value: str) -> None:
+    box = page.locator(selector)
+    box.fill(value)
+    box.press("Tab")  # gradio commits a box's value on change/blur
+
+
+def test_two_rollouts_stand_side_by_side_and_a_deleted_run_is_reported(studio, page):
+    _fill(page, "#traj-k input[type=number]", "2")
+    page.locator("#traj-run").click()
+    cols = page.locator("#traj-columns .ge-col")
+    cols.nth(1).wait_for()
+    assert cols.count() == 2
+    for i in range(2):
+        assert cols.nth(i).locator(".ge-pics img").count() == 2  # rendered image next to the ground truth
+    assert page.locator("#traj-status").inner_text().count("2 trajectories") == 1
+    page.screenshot(path=str(studio["shots"] / "trajectories.png"), full_page=True)
+
+    run_name = page.locator("#traj-saved input").input_value()
+    shutil.rmtree(studio["runs"] / run_name)
+    page.locator("#traj-open").click()
+    page.locator("#traj-status").get_by_text("no longer exists").wait_for()
+
+
+def test_edit_an_experience_reload_and_find_it_by_semantic_search(studio, page):
+    exp = studio["exps"][1]
+    marker = "Write every count as exactly <number> in words, zebra-check"
+    page.get_by_role("tab", name="Experiences").click()
+    _fill(page, "#exp-id input", exp.id)
+    page.locator("#exp-open").click()
+    slot = page.locator("#exp-slot-prompt_construction textarea")
+    page.wait_for_function(f"document.querySelector('#exp-slot-search_strategy textarea').value.length > 0")
+    assert slot.input_value() == exp.slots["prompt_construction"]
+
+    # Bad input: an empty slot and an over-long one are refused with a message; nothing is saved.
+    _fill(page, "#exp-slot-prompt_construction textarea", "   ")
+    page.locator("#exp-save").click()
+    page.locator("#exp-status").get_by_text("Prompt construction is empty").wait_for()
+    _fill(page, "#exp-slot-prompt_construction textarea", "x" * 401)
+    page.locator("#exp-save").click()
+    page.locator("#exp-status").get_by_text("401 characters").wait_for()
+
+    _fill(page, "#exp-slot-prompt_construction textarea", marker)
+    page.locator("#exp-save").click()
+    page.locator("#exp-status").get_by_text("as version 2").wait_for()
+
+    page.reload()
+    page.get_by_role("tab", name="Experiences").click()
+    _fill(page, "#exp-id input", exp.id)
+    page.locator("#exp-open").click()
+    page.wait_for_function("document.querySelector('#exp-slot-prompt_construction textarea').value.includes('zebra-check')")
+
+    _fill(page, "#exp-query textarea", exp.source_request)
+    page.locator("#exp-search").click()
+    page.locator("#exp-status").get_by_text("3 of 3 experiences").wait_for()
+    page.wait_for_function(f"document.querySelector('#exp-table').innerText.includes('{exp.id}')")
+    ids = re.findall(r"exp-[0-9a-f]{10}", page.locator("#exp-table").inner_text())
+    assert ids and ids[0] == exp.id  # the nearest by meaning comes first
+    _fill(page, "#exp-filter textarea", "zebra-check")
+    page.locator("#exp-search").click()
+    page.locator("#exp-status").get_by_text("1 of 3 experiences").wait_for()
+    page.wait_for_function("(t => (t.match(/exp-[0-9a-f]{10}/g) || []).length === 1)(document.querySelector('#exp-table').innerText)")
+    assert exp.id in page.locator("#exp-table").inner_text()
+    page.screenshot(path=str(studio["shots"] / "experiences.png"), full_page=True)
+
+
+def test_upload_a_reference_and_retrieve_it(studio, page, tmp_path):
+    from PIL import Image
+
+    page.get_by_role("tab", name="References").click()
+    fake = tmp_path / "notes.png"
+    fake.write_text("these are not pixels")
+    page.locator("#refs-upload input[type=file]").set_input_files(str(fake))
+    _fill(page, "#refs-caption textarea", "Official banner of the Quokka Guild")
+    page.locator("#refs-add").click()
+    page.locator("#refs-status").get_by_text("not a readable image").wait_for()
+
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (5000, 8), "white").save(huge)
+    page.locator("#refs-upload input[type=file]").set_input_files(str(huge))
+    page.locator("#refs-add").click()
+    page.locator("#refs-status").get_by_text("5000x8 pixels").wait_for()
+
+    good = tmp_path / "banner.png"
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (120, 40, 160)).save(buf, format="PNG")
+    good.write_bytes(buf.getvalue())
+    page.locator("#refs-upload input[type=file]").set_input_files(str(good))
+    page.locator("#refs-add").click()
+    page.locator("#refs-status").get_by_text("added u0001").wait_for()
+
+    _fill(page, "#refs-query textarea", "banner of the Quokka Guild")
+    page.locator("#refs-search").click()
+    page.locator("#refs-gallery").get_by_text("u0001").first.wait_for()
+    rows = [json.loads(line) for line in (studio["world"] / "refs.jsonl").read_text().splitlines()]
+    assert rows[-1]["id"] == "u0001" and (studio["world"] / "refs" / "u0001.png").exists()
+    page.screenshot(path=str(studio["shots"] / "references.png"), full_page=True)
+
+
+def test_quick_distill_shows_live_curves_and_student_vs_teacher_then_stops(studio, page):
+    page.get_by_role("tab", name="Distill").click()
+    page.locator("#distill-policy input").fill(str(studio["micro"]))
+    page.locator("#distill-policy input").press("Enter")
+    _fill(page, "#distill-name textarea", "quick-distill")
+    _fill(page, "#distill-steps textarea", "8")
+    _fill(page, "#distill-b textarea", "2")
+    _fill(page, "#distill-k textarea", "2")
+    _fill(page, "#distill-mnt input", "16")
+    _fill(page, "#distill-gate input", "-1")  # every request retrieves from the seeded bank: a teacher from step 1
+    page.locator("#distill-seed-bank input").click()
+    page.get_by_role("option", name="studio-bank").click()
+    page.locator("#distill-start").click()
+    page.locator("#distill-msg").get_by_text("started pid").wait_for()
+
+    page.locator("#distill-start").click()  # a second run while one is going is refused
+    page.locator("#distill-msg").get_by_text("already running").wait_for()
+
+    seen, deadline = [], time.time() + 300
+    status = page.locator("#distill-status [data-points]")
+    while time.time() < deadline:
+        if status.count():
+            seen.append(int(status.get_attribute("data-points")))
+        scored = page.locator("#distill-tokens .tok[data-gap]").count()
+        if len(set(seen)) >= 2 and max(seen) >= 2 and scored:
+            break
+        page.wait_for_timeout(500)
+    assert len(set(seen)) >= 2 and max(seen) > min(seen), f"the curve never gained points: {seen}"
+    assert page.locator("#distill-tokens .tok[data-gap]").count() > 0
+    title = page.locator("#distill-tokens .tok[data-gap]").first.get_attribute("title")
+    assert "student p=" in title and "teacher q=" in title
+    assert page.locator("#distill-probe-columns .ge-col").count() == 2  # student and teacher trajectories
+    page.screenshot(path=str(studio["shots"] / "distill.png"), full_page=True)
+
+    page.locator("#distill-stop").click()
+    page.locator("#distill-msg").get_by_text("stopping pid").wait_for()
+    page.wait_for_function("['stopped','finished'].includes(document.querySelector('#distill-status [data-state]')"
+                           "?.getAttribute('data-state'))", timeout=120_000)
+    out = studio["runs"] / "quick-distill"
+    assert (out / "checkpoint" / "adapter").exists() and (out / "probe.json").exists()
+    page.screenshot(path=str(studio["shots"] / "distill-stopped.png"), full_page=True)
+
+    shutil.rmtree(out)  # the folder disappears while it is open
+    assert page.locator("#distill-watch input").input_value() == "quick-distill"
+    page.locator("#distill-watch-btn").click()
+    page.locator("#distill-status").get_by_text("does not exist").wait_for()
