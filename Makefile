@@ -38,6 +38,7 @@ test-slow: setup
 bench: setup
 	$(PY) benchmarks/render_judge_speed.py
 	$(PY) benchmarks/sandbox_levers.py
+	$(PY) benchmarks/studio_speed.py
 
 world: setup
 	$(GE) world build --seed 0 --out assets/world
