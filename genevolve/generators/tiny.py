@@ -37,7 +37,7 @@ def _byte_vocab_tokenizer():
         vocab[s + "</w>"] = len(vocab)
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
 def build_tiny_sd(seed: int = 0, sample_size: int = 16, width: int = 32):
@@ -65,7 +65,7 @@ def build_tiny_sd(seed: int = 0, sample_size: int = 16, width: int = 32):
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=32, bos_token_id=512, eos_token_id=513, pad_token_id=513, projection_dim=32,
+        max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513, projection_dim=32,
     ))
     tokenizer = _byte_vocab_tokenizer()
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
