@@ -5,7 +5,7 @@ GE := $(VENV)/bin/genevolve
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup studio chromium demo test test-slow bench world clean
+.PHONY: setup studio chromium demo test test-slow bench world cuda-check clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,9 @@ test: setup chromium
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+cuda-check: setup
+	$(PY) scripts/cuda_check.py --out runs/cuda_check.json
 
 bench: setup
 	$(PY) benchmarks/render_judge_speed.py
