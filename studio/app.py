@@ -544,6 +544,7 @@ def _bench_tab(s: Services) -> None:
         name = str(path.relative_to(s.runs_dir))
         out = show_many([name])
         out[results] = gr.update(choices=s.list_bench(), value=[name])
+        out[run_a] = out[run_b] = gr.update(choices=s.list_runs())
         return out
 
     @_safe(status)
@@ -563,7 +564,7 @@ def _bench_tab(s: Services) -> None:
         return {page: page_html(ra, rb, ids[i - 1], a, b_), idx: i,
                 status: message("info", f"request {i} of {len(ids)} in both runs: {ids[i - 1]}")}
 
-    eval_btn.click(evaluate, [pol, split, limit, seeds], [table, chart, status, results])
+    eval_btn.click(evaluate, [pol, split, limit, seeds], [table, chart, status, results, run_a, run_b])
     show_btn.click(_safe(status)(show_many), [results], [table, chart, status])
     refresh.click(lambda: (gr.update(choices=s.list_bench()), gr.update(choices=s.list_runs()), gr.update(choices=s.list_runs())),
                   None, [results, run_a, run_b])

@@ -251,3 +251,21 @@ def test_quick_distill_shows_live_curves_and_student_vs_teacher_then_stops(studi
     assert page.locator("#distill-watch input").input_value() == "quick-distill"
     page.locator("#distill-watch-btn").click()
     page.locator("#distill-status").get_by_text("does not exist").wait_for()
+
+
+def test_bench_a_policy_and_page_two_runs_side_by_side(studio, page):
+    page.get_by_role("tab", name="Bench").click()
+    _fill(page, "#bench-limit input", "4")
+    _fill(page, "#bench-seeds textarea", "0,1")
+    page.locator("#bench-eval").click()
+    page.locator("#bench-status").get_by_text("showing bench-raw").wait_for()
+    page.wait_for_function("document.querySelector('#bench-table').innerText.includes('knowledge')")
+    assert page.locator("#bench-chart img, #bench-chart svg, #bench-chart canvas").count() > 0
+    name = next(p.parent.name for p in studio["runs"].glob("bench-raw-*/summary.json"))
+    for box in ("#bench-run-a", "#bench-run-b"):
+        page.locator(f"{box} input").click()
+        page.locator(box).get_by_role("option", name=name, exact=True).click()
+    page.locator("#bench-next").click()
+    page.locator("#bench-status").get_by_text("request 2 of 4").wait_for()
+    assert page.locator("#bench-page .ge-col").count() == 2
+    page.screenshot(path=str(studio["shots"] / "bench.png"), full_page=True)

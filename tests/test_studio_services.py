@@ -140,3 +140,13 @@ def test_the_app_builds_without_launching(services):
 
     app = build_app(services)
     assert app.title == "GenEvolve Studio"
+
+
+def test_studio_command_defaults_to_loopback():
+    from typer.testing import CliRunner
+
+    from genevolve.cli import app
+
+    res = CliRunner().invoke(app, ["studio", "--help"])
+    assert res.exit_code == 0
+    assert "127.0.0.1" in res.output and "7860" in res.output and "GENEVOLVE_STUDIO_PASSWORD" in res.output
