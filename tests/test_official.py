@@ -154,3 +154,18 @@ def test_wise_loading_scoring_and_missing(world, tmp_path):
     assert s2["missing"]["n"] == 1 and "time" not in s2["categories"]
     with pytest.raises(FileNotFoundError, match="cultural_common_sense.json"):
         load_wise(tmp_path)
+
+
+def test_sft_trains_on_official_trajectories(official, tmp_path):
+    """The official SFT split, imported, is what `genevolve sft --data` trains on (one epoch, LoRA, tiny base)."""
+    from genevolve.policies.tiny import TINY_DIR
+    from genevolve.training.sft import SFTConfig, train_sft
+
+    root, _, _, _ = official
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sft_messages(load_sft(root).trajectories)))
+    cfg = SFTConfig(out=str(tmp_path / "student"), recipe="model", model=str(TINY_DIR), data=str(data), epochs=1,
+                    lora_rank=4, batch_tokens=4096, warmup_steps=1, lr=1e-3)
+    result = train_sft(cfg, log=lambda s: None, progress=False)
+    assert result["conversations"] == 3 and result["steps"] >= 1 and result["final_loss"] == result["final_loss"]
+    assert (tmp_path / "student" / "adapter_config.json").exists()
