@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -76,11 +77,18 @@ def test_sft_in_two_gloo_processes(world, tmp_path):
     env = dict(os.environ, ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "out"
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m",
-                           "genevolve.training.accelerate_sft", "--model", str(ROOT / "assets/policy/tiny"), "--data",
-                           str(data), "--out", str(out), "--max-steps", "2", "--batch-size", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # Its own process group, so a time-out ends torchrun's workers too, not torchrun alone.
+    proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m",
+                             "genevolve.training.accelerate_sft", "--model", str(ROOT / "assets/policy/tiny"), "--data",
+                             str(data), "--out", str(out), "--max-steps", "2", "--batch-size", "2"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err[-2000:]
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["backend"] == "gloo" and result["steps"] == 2
     assert result["replicas_in_sync"] and len(result["param_checksums"]) == 2
