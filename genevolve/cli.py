@@ -417,8 +417,13 @@ def evolve(
     eval_seeds: str = typer.Option("0", help="Comma-separated seeds for the before/after/teacher bench comparison."),
     eval_requests: Optional[int] = typer.Option(None, min=1, help="Bench requests to compare on (default: all; quick 24)."),
     max_new_tokens: int = typer.Option(384, min=16, help="Token budget of one assistant turn."),
+    train_only: bool = typer.Option(False, "--train-only", help="Train and checkpoint; skip the bench comparison."),
 ):
-    """One-click distill-and-compare: GRPO + VED from the SFT student, then before / after / teacher on the bench."""
+    """One-click distill-and-compare: GRPO + VED from the SFT student, then before / after / teacher on the bench.
+
+    Under ``accelerate launch`` or ``torchrun`` the processes share the training (data-parallel); the
+    main process then runs the comparison alone.
+    """
     import signal
     import time as _time
 
@@ -437,6 +442,9 @@ def evolve(
     _train(cfg, w, _stop_on_sigterm())
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # past training, SIGTERM ends the evaluation at once
     t_train = _time.time() - t0
+    if train_only or int(os.environ.get("RANK", "0")) > 0:
+        typer.echo(f"trained in {t_train:.0f} s; checkpoint: {out / 'checkpoint'}")
+        return
     reqs = _bench_requests(w, quick, eval_requests)
     seeds = [int(x) for x in eval_seeds.split(",") if x.strip()]
     adapter = out / "checkpoint" / "adapter"

@@ -111,3 +111,37 @@ def test_probe_without_a_teacher_says_why(tmp_path, tiny_folder, world):
     probe = read_probe(tmp_path / "run")
     assert probe["teacher"] is None and "without VED" in probe["note"]
     assert all("q" not in t for t in probe["tokens"]) and any("p" in t for t in probe["tokens"])
+
+
+def test_two_processes_share_a_step_and_stay_in_sync(tmp_path, tiny_folder, world):
+    """torchrun with two gloo processes: prompts split, pairs and bank shared, gradients summed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    ExperienceBank(out / "bank").add("evolve-x", "any request", {s: "Query spatial_layout and place each object." for s in SLOTS},
+                                     reward_gap=0.5)
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", "-m", "genevolve.cli",
+           "evolve", "--out", str(out), "--policy", str(tiny_folder), "--steps", "2", "-B", "2", "-K", "2",
+           "--max-new-tokens", "16", "--gate", "-1", "--lora-rank", "4", "--lr", "1e-2", "--train-only"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["processes"] == 2 for r in rows)
+    for r in rows:
+        a, b = r["replica_checksums"]
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-9)
+        assert r["retrieval_hit_rate"] == 1.0 and r["ved_tokens"] > 0
+    assert len((out / "trajectories.jsonl").read_text().splitlines()) == 2 * 2 * 2  # steps x B x K, written once
+    assert (out / "checkpoint" / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / ".ranks" / "r1" / "bank").exists()

@@ -11,11 +11,19 @@ viewers it also writes the mined pairs and a student-vs-teacher probe of one tra
 The teacher never rolls out: it re-scores the student's own sampled tokens in its privileged
 context. The student never sees the experience. Arms switch the two terms on and off
 (``use_grpo``, ``use_ved``) so ablations share every other piece of code.
+
+Several processes (``accelerate launch`` or ``torchrun``; one per GPU) split each step's prompts: each
+rolls out, renders and judges its share, the shares are gathered so that every process mines the same
+pairs and keeps the same bank, each computes the loss on its own trajectories (normalised over the
+whole step), and the LoRA gradients are summed before the identical optimizer step. Only the main
+process writes the run folder; the others keep their copy of the bank under ``.ranks/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import shutil
 import time
@@ -92,6 +100,50 @@ class Scored:
     teacher_offset: int = 0  # teacher_ids[i + offset] == ids[i] for positions after the system block
 
 
+class _Processes:
+    """Data parallelism over the processes of ``accelerate launch`` / ``torchrun``; one process: no-ops."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = None
+        if self.world > 1:
+            from accelerate import PartialState
+
+            state = PartialState()  # joins the process group: gloo on CPU, nccl on CUDA
+            self.device = str(state.device)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's ``obj``, in rank order, on every process."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def sum_grads(self, params: list[torch.Tensor]) -> None:
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
 def _token_logprobs(model, seqs: list[list[int]], device, pad_id: int) -> list[torch.Tensor]:
     """Log-probability of every token given its prefix (position 0 gets 0), one tensor per sequence."""
     n = max(len(s) for s in seqs)
@@ -140,9 +192,10 @@ def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
     from .live import run_lock
 
     cfg.validate()
+    procs = _Processes()
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    with run_lock(cfg.out):
-        return _evolve(cfg, world, log, on_step, stop)
+    with run_lock(cfg.out) if procs.main else contextlib.nullcontext():
+        return _evolve(cfg, world, log if procs.main else (lambda _: None), on_step, stop, procs)
 
 
 def _write_probe(out: Path, tok, step: int, request, traj, verdict, lp: dict, exp, sim: float, teacher, teacher_verdict,
@@ -165,7 +218,7 @@ def _write_probe(out: Path, tok, step: int, request, traj, verdict, lp: dict, ex
 
 
 def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Callable[[dict], None] | None,
-            stop: Callable[[], bool] | None) -> dict:
+            stop: Callable[[], bool] | None, procs: _Processes) -> dict:
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from ..agent import Tools
@@ -183,14 +236,15 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", asdict(cfg))
+    if procs.main:
+        atomic_write_json(out / "config.json", asdict(cfg))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if world is None:
         from ..world import World
 
         world = World()
-    pol: LocalPolicy = resolve_policy(cfg.policy, device=cfg.device, dtype=cfg.dtype)
+    pol: LocalPolicy = resolve_policy(cfg.policy, device=cfg.device or procs.device, dtype=cfg.dtype)
     model = pol.model
     ckpt = out / "checkpoint"
     if (ckpt / "adapter" / "adapter_config.json").exists():
@@ -209,7 +263,13 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
         step0 = state["step"]
         torch.set_rng_state(state["rng"])
         log(f"resumed from step {step0}")
-    bank = ExperienceBank(out / "bank", capacity=cfg.capacity, gate=cfg.gate)
+    bank_dir = out / "bank"
+    if not procs.main:  # a private copy: the same experiences are added on every process, written once
+        bank_dir = out / ".ranks" / f"r{procs.rank}" / "bank"
+        shutil.rmtree(bank_dir, ignore_errors=True)
+        if (out / "bank").exists():
+            shutil.copytree(out / "bank", bank_dir)
+    bank = ExperienceBank(bank_dir, capacity=cfg.capacity, gate=cfg.gate)
     if bank.load_errors:
         log(f"bank: set aside {len(bank.load_errors)} broken line(s)")
     tools, scorer = Tools.for_world(world), SandboxScorer(world)
@@ -225,30 +285,37 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
     row: dict = {}
 
     for step in range(step0, cfg.steps):
-        if stop and stop():
+        if any(procs.gather(bool(stop and stop()))):  # every process stops at the same step
             log("stop requested")
             break
         t_step = time.time()
         times: dict[str, float] = {}
         batch = [prompts[order[(step * cfg.prompts_per_step + i) % len(order)]] for i in range(cfg.prompts_per_step)]
 
+        K = cfg.rollouts_per_prompt
+        mine = [i for i in range(len(batch)) if i % procs.world == procs.rank]  # this process's prompts
+
         # 1. Rollouts with the student (adapter on, no guide).
         t = time.time()
         model.eval()
-        trajs = rollout(batch, pol, tools, k=cfg.rollouts_per_prompt, params=sp, seed=cfg.seed * 100_000 + step)
+        trajs = rollout([batch[i] for i in mine], pol, tools, k=K, params=sp, seed=cfg.seed * 100_000 + step) if mine else []
         times["rollout"] = time.time() - t
 
         # 2. Render and judge (the scorer does both; the split is measured by the benchmark script).
         t = time.time()
-        verdicts = [scorer.score(req, tr, store, seed=tr.seed)[1] for req, tr in
-                    zip([r for r in batch for _ in range(cfg.rollouts_per_prompt)], trajs)]
+        verdicts = [scorer.score(batch[mine[n // K]], tr, store, seed=tr.seed)[1] for n, tr in enumerate(trajs)]
         times["render_judge"] = time.time() - t
-        with (out / "trajectories.jsonl").open("a", encoding="utf-8") as fh:
-            for tr in trajs:
-                fh.write(tr.model_dump_json(exclude={"token_ids", "assistant_mask", "token_logprobs"}) + "\n")
-        for v in verdicts:
-            append_jsonl(out / "verdicts.jsonl", v)
-        K = cfg.rollouts_per_prompt
+        if procs.world > 1:  # every process sees the whole step, in prompt order
+            got = procs.gather([(i, trajs[j * K : (j + 1) * K], verdicts[j * K : (j + 1) * K]) for j, i in enumerate(mine)])
+            by_prompt = {i: (ts, vs) for part in got for i, ts, vs in part}
+            trajs = [tr for i in range(len(batch)) for tr in by_prompt[i][0]]
+            verdicts = [v for i in range(len(batch)) for v in by_prompt[i][1]]
+        if procs.main:
+            with (out / "trajectories.jsonl").open("a", encoding="utf-8") as fh:
+                for tr in trajs:
+                    fh.write(tr.model_dump_json(exclude={"token_ids", "assistant_mask", "token_logprobs"}) + "\n")
+            for v in verdicts:
+                append_jsonl(out / "verdicts.jsonl", v)
         groups = [list(zip(trajs[i * K : (i + 1) * K], verdicts[i * K : (i + 1) * K])) for i in range(len(batch))]
 
         # 3. Mine pairs, summarise, bank.
@@ -270,7 +337,8 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
                                best_trajectory=pair.best.id, worst_trajectory=pair.worst.id, summariser=summariser.name)
                 new_exps.append(exp)
                 pair_row["experience"] = exp.id
-        append_rows(out / "pairs.jsonl", pair_rows)
+        if procs.main:
+            append_rows(out / "pairs.jsonl", pair_rows)
         times["mine_summarise"] = time.time() - t
 
         # 4. Advantages and retrieval.
@@ -299,11 +367,13 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
                         s.teacher_ids = t_prefix + tr.token_ids[n_sys:]
                         s.teacher_offset = len(t_prefix) - n_sys
                 scored.append(s)
+        n_scored, n_tokens = len(scored), sum(sum(s.mask) for s in scored)  # the whole step's, for normalising
+        scored = [s for s in scored if s.group % procs.world == procs.rank]  # this process's share of the update
         times["retrieve"] = time.time() - t
 
         # 4b. Probe for live viewers: one scored trajectory (one with a teacher when there is one) and the
         # teacher's own rollout on its request, with the same weights as the student's rollouts.
-        probe = next((s for s in scored if s.teacher_ids is not None), scored[0] if scored else None) if cfg.probe else None
+        probe = next((s for s in scored if s.teacher_ids is not None), scored[0] if scored else None) if cfg.probe and procs.main else None
         probe_lp: dict = {}
         teacher_case: tuple = (None, None)
         t = time.time()
@@ -318,7 +388,6 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
         # 5. Score tokens and update: student (grad), pi_old / teacher / reference (no grad).
         model.train()
         opt.zero_grad(set_to_none=True)
-        n_tokens = sum(sum(s.mask) for s in scored)
         agg = {"grpo": 0.0, "ved": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "ved_tokens": 0, "mean_gap": 0.0}
         t_teacher = t_update = 0.0
         for c in range(0, len(scored), cfg.micro_batch):
@@ -383,6 +452,9 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
             loss.backward()
             t_update += time.time() - t
         t = time.time()
+        procs.sum_grads(params)  # each process's loss is already normalised over the whole step
+        if procs.world > 1:
+            agg = {k_: sum(a[k_] for a in procs.gather(agg)) for k_ in agg}
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if params else 0.0
         opt.step()
         t_update += time.time() - t
@@ -391,17 +463,25 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
         model.eval()
 
         gen_tokens = sum(sum(tr.assistant_mask) for tr in trajs)
+        if procs.world > 1:  # the replicas must agree after the summed-gradient step
+            with torch.no_grad():
+                replicas = procs.gather(float(sum(p.double().sum() for p in params)))
         row = {
             "step": step + 1, "arm": cfg.arm, "reward_mean": float(rewards_PG.mean()), "reward_std": float(rewards_PG.std()),
             "kscore_mean": sum(v.kscore for v in verdicts) / len(verdicts),
             "protocol_valid": sum(1 for tr in trajs if tr.termination == "answer" and not any(t_.error for t_ in tr.turns)) / len(trajs),
             "grpo_loss": agg["grpo"], "ved_loss": agg["ved"], "kl_ref": agg["kl"], "clip_low_frac": agg["clip_low"],
             "clip_high_frac": agg["clip_high"], "ved_tokens": agg["ved_tokens"], "teacher_student_gap": agg["mean_gap"],
-            "retrieval_hit_rate": hits / max(len(scored), 1), "bank_size": len(bank), "new_experiences": len(new_exps),
+            "retrieval_hit_rate": hits / max(n_scored, 1), "bank_size": len(bank), "new_experiences": len(new_exps),
             "summary_errors": len(summary_errors), "teacher_errors": len(teacher_errors), "grad_norm": gnorm,
             "tokens_per_s": (gen_tokens + n_tokens) / max(time.time() - t_step, 1e-9),
             "seconds": time.time() - t_step, **{f"t_{k_}": v_ for k_, v_ in times.items()},
         }
+        if procs.world > 1:
+            row["processes"], row["replica_checksums"] = procs.world, replicas
+        if not procs.main:
+            procs.barrier()  # wait for the main process's checkpoint
+            continue
         with metrics_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
         if probe is not None and probe_lp:
@@ -418,6 +498,7 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
         if ckpt.exists():
             shutil.rmtree(ckpt)
         tmp.rename(ckpt)
+        procs.barrier()
         log(f"step {step + 1}/{cfg.steps} [{cfg.arm}] reward {row['reward_mean']:.3f} kscore {row['kscore_mean']:.3f} "
             f"ved {row['ved_loss']:.4f} grpo {row['grpo_loss']:+.4f} hit {row['retrieval_hit_rate']:.2f} "
             f"bank {row['bank_size']} ({row['seconds']:.0f}s)")
