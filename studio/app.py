@@ -26,7 +26,8 @@ from genevolve.records import SchemaError
 from genevolve.refstore import MAX_BYTES, RefStoreError, clean_caption
 
 from . import StudioError
-from .bench import SUMMARY_HEADERS, common_requests, load_summary, page_html, summary_figure, summary_rows
+from .bench import (GENERATORS, SUMMARY_HEADERS, bench_problem, common_requests, load_summary, missing_html, page_html,
+                    summary_figure, summary_rows)
 from .distill import (ARMS_ABLATE, ARMS_EVOLVE, PAIR_HEADERS, check_run_name, curves_figure, distill_args, latest_pairs,
                       new_experiences, read_live, report_parts, status_text)
 from .html import CSS, columns_html, esc, message, run_view, token_gap_html
@@ -502,8 +503,9 @@ def _signature(out: Path) -> tuple:
 
 
 def _bench_tab(s: Services) -> None:
-    gr.Markdown("Evaluate a policy or a trained checkpoint on a sandbox split (KScore by track, category and difficulty, "
-                "mean ± 95 % CI over seeds), then compare two runs request by request.")
+    gr.Markdown("Evaluate a policy or a trained checkpoint on a sandbox split, or on a local GenEvolve-Bench folder scored "
+                "by a VLM judge (KScore by track, category and difficulty, mean ± 95 % CI over seeds), then compare two runs "
+                "request by request.")
     status = gr.HTML(elem_id="bench-status")
     with gr.Row():
         pol = gr.Dropdown(s.policy_choices(), value=RAW, allow_custom_value=True, label="Policy or checkpoint", elem_id="bench-policy")
@@ -511,12 +513,27 @@ def _bench_tab(s: Services) -> None:
         limit = gr.Number(24, precision=0, minimum=1, label="Requests (first N)", elem_id="bench-limit")
         seeds = gr.Textbox("0", label="Seeds (comma-separated)", elem_id="bench-seeds")
         eval_btn = gr.Button("Evaluate", variant="primary", elem_id="bench-eval")
+    with gr.Accordion("A local GenEvolve-Bench folder (used instead of the sandbox split when given)", open=False):
+        with gr.Row():
+            data = gr.Textbox("", label="Data folder (holds bench/)", placeholder="/data/GenEvolve-Data-Bench", scale=3,
+                              elem_id="bench-data")
+            generator = gr.Dropdown(list(GENERATORS), value="sandbox", allow_custom_value=True, elem_id="bench-generator",
+                                    label="Generator (or t2i:<model>, img2img:<model>, a render-service URL)")
+            allow_missing = gr.Checkbox(False, label="keep cases whose picture is missing (counted as missing)",
+                                        elem_id="bench-allow-missing")
+        with gr.Row():
+            judge_url = gr.Textbox("", label="VLM judge URL (OpenAI-compatible)", placeholder="http://127.0.0.1:8000/v1", scale=2,
+                                   elem_id="bench-judge-url")
+            judge_model = gr.Textbox("", label="Judge model", elem_id="bench-judge-model")
+            api_key = gr.Textbox("", type="password", label="API key (blank: $OPENAI_API_KEY; none for a loopback judge)",
+                                 elem_id="bench-api-key")
     with gr.Row():
         results = gr.Dropdown(s.list_bench(), value=None, multiselect=True, label="Results to show (one or more)", scale=4,
                               elem_id="bench-results")
         show_btn = gr.Button("Show", elem_id="bench-show")
         refresh = gr.Button("Refresh lists", size="sm")
     table = gr.Dataframe(headers=["run"] + SUMMARY_HEADERS, interactive=False, wrap=True, max_height=360, elem_id="bench-table")
+    missing_box = gr.HTML(elem_id="bench-missing")
     chart = gr.Plot(label="KScore by track, category, difficulty", elem_id="bench-chart")
     gr.Markdown("### Two runs side by side")
     with gr.Row():
@@ -532,15 +549,23 @@ def _bench_tab(s: Services) -> None:
             raise StudioError("pick one or more results")
         summaries = {n: load_summary(s.run_path(n)) for n in names}
         rows = [[n] + r for n, sm in summaries.items() for r in summary_rows(sm)]
-        return {table: rows, chart: summary_figure(summaries), status: message("ok", f"showing {', '.join(names)}")}
+        problems = [f"{n}: {p}" for n, sm in summaries.items() if (p := bench_problem(sm))]
+        shown = message("err", " · ".join(problems)) if problems else message("ok", f"showing {', '.join(names)}")
+        return {table: rows, chart: summary_figure(summaries), missing_box: missing_html(summaries), status: shown}
 
     @_safe(status)
-    def evaluate(policy, split_, limit_, seeds_, progress=gr.Progress()):
+    def evaluate(policy, split_, limit_, seeds_, data_, generator_, allow_missing_, judge_url_, judge_model_, api_key_,
+                 progress=gr.Progress()):
         try:
             seed_list = [int(x) for x in (seeds_ or "").split(",") if x.strip()]
         except ValueError:
             raise StudioError("seeds are whole numbers separated by commas, e.g. 0,1,2") from None
-        path = s.run_bench(policy, split_, int(limit_) if limit_ else None, seed_list, progress=lambda text: progress(0, desc=text))
+        limit_ = int(limit_) if limit_ else None
+        if (data_ or "").strip():
+            path = s.run_bench_official(data_, policy, generator_, judge_url_, judge_model_, api_key_, limit_, seed_list,
+                                        bool(allow_missing_), progress=lambda text: progress(0, desc=text))
+        else:
+            path = s.run_bench(policy, split_, limit_, seed_list, progress=lambda text: progress(0, desc=text))
         name = str(path.relative_to(s.runs_dir))
         out = show_many([name])
         out[results] = gr.update(choices=s.list_bench(), value=[name])
@@ -564,8 +589,9 @@ def _bench_tab(s: Services) -> None:
         return {page: page_html(ra, rb, ids[i - 1], a, b_), idx: i,
                 status: message("info", f"request {i} of {len(ids)} in both runs: {ids[i - 1]}")}
 
-    eval_btn.click(evaluate, [pol, split, limit, seeds], [table, chart, status, results, run_a, run_b])
-    show_btn.click(_safe(status)(show_many), [results], [table, chart, status])
+    eval_btn.click(evaluate, [pol, split, limit, seeds, data, generator, allow_missing, judge_url, judge_model, api_key],
+                   [table, chart, missing_box, status, results, run_a, run_b])
+    show_btn.click(_safe(status)(show_many), [results], [table, chart, missing_box, status])
     refresh.click(lambda: (gr.update(choices=s.list_bench()), gr.update(choices=s.list_runs()), gr.update(choices=s.list_runs())),
                   None, [results, run_a, run_b])
     for trigger, delta in ((idx.submit, 0), (prev_btn.click, -1), (next_btn.click, 1), (run_a.change, 0), (run_b.change, 0)):

@@ -1,5 +1,5 @@
 """Bench view: per-seed verdicts to a summary (mean and 95 % CI by track, category, difficulty), its table and
-bar chart, and two runs paged through request by request."""
+bar chart, the missing cases of a bench scored by a VLM judge, and two runs paged through request by request."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from genevolve.records import Request, Verdict
 from . import StudioError
 
 LEVELS = ("overall", "track", "category", "difficulty")
+GENERATORS = ("sandbox", "tiny")  # offered in the form; any `--generator` value may be typed (t2i:<model>, a render-service URL)
 DIMS = ("kscore", "F", "V", "T", "A", "r_text", "reward")
 
 
@@ -101,6 +102,48 @@ def summary_figure(summaries: dict[str, dict[str, Any]]):
         axes[0].legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def missing_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per seed of a judged bench (``genevolve bench --data`` or the studio): how many cases are missing
+    (render, judgement or ground truth failed), why, and the KScore under the other convention. Sandbox
+    summaries have no missing cases: no lines."""
+    out = []
+    for seed, m in (summary.get("missing") or {}).items():
+        if not m.get("n"):
+            out.append(f"seed {seed}: no missing cases of {m.get('of', 0)}")
+            continue
+        reasons = ", ".join(f"{why} × {n}" for why, n in m.get("reasons", {}).items())
+        if m.get("policy") == "zero":
+            how, other, alt = "counted as 0", "without them", m.get("kscore_missing_excluded")
+        else:
+            how, other, alt = "left out of the means", "with them as 0", m.get("kscore_missing_as_zero")
+        alt_text = "–" if alt is None or alt != alt else f"{alt:.3f}"
+        out.append(f"seed {seed}: {m['n']} of {m['of']} cases missing ({how}): {reasons}; KScore {other}: {alt_text}")
+    return out
+
+
+def missing_html(summaries: dict[str, dict[str, Any]]) -> str:
+    """The missing-case lines of every shown result that has them."""
+    from .html import esc
+
+    parts = [f"<li><b>{esc(name)}</b>: {esc(line)}</li>" for name, sm in summaries.items() for line in missing_lines(sm)]
+    return f'<ul class="ge-missing">{"".join(parts)}</ul>' if parts else ""
+
+
+def bench_problem(summary: dict[str, Any]) -> str | None:
+    """Why a judged bench has no score at all (every case missing: a judge or generator that is down, no
+    ground truths), with the first error; None when anything was scored."""
+    missing = summary.get("missing") or {}
+    if not missing or any(m.get("n", 0) < m.get("of", 0) for m in missing.values()):
+        return None
+    reasons = sorted({why for m in missing.values() for why in m.get("reasons", {})})
+    first = next((err for m in missing.values() for err in (m.get("errors") or {}).values()), "")
+    hint = {"judge failed": "is the judge running, and is the model name right?",
+            "generator failed": "is the generator (render service) running?",
+            "no ground truth": "the folder's ground-truth pictures are missing"}
+    return (f"every case is missing ({', '.join(reasons)}): " + " ".join(hint.get(r, "") for r in reasons).strip()
+            + (f" First error: {first}" if first else ""))
 
 
 def common_requests(run_a, run_b) -> list[str]:

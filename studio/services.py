@@ -292,3 +292,78 @@ class Services:
         writer.finish({"policy": name, "split": split, "seeds": seeds, "n_requests": len(reqs),
                        "by": bench_summary(reqs, by_seed)})
         return writer.dir
+
+    def run_bench_official(self, data: str, policy_name: str, generator: str, judge_url: str, judge_model: str,
+                           api_key: str | None, limit: int | None, seeds: list[int], allow_missing: bool = False,
+                           progress: Callable[[str], None] | None = None) -> Path:
+        """A policy over the bench rows of a local GenEvolve-Bench folder, rendered by ``generator`` and scored by
+        the VLM judge at ``judge_url`` (as `genevolve bench --data`), written as a run folder. Cases whose render,
+        judgement or ground truth is missing are left out of the means and counted in the summary."""
+        import tempfile
+
+        from genevolve.agent import Tools
+        from genevolve.generators import open_generator
+        from genevolve.judges.vlm import ProgramJudge, VLMJudge
+        from genevolve.official import DataError, load_requests, run_bench
+        from genevolve.policies.base import SamplingParams
+        from genevolve.runs import RunWriter, new_run_id, now_iso
+        from genevolve.scoring import ModelScorer
+
+        if not seeds:
+            raise StudioError("give at least one seed")
+        root = Path((data or "").strip()).expanduser()
+        if not root.is_dir():
+            raise StudioError(f"the data folder {root} does not exist: give a local copy of GenEvolve-Data-Bench "
+                              "(the folder that holds bench/), or clear the field to use a sandbox split")
+        judge_url, judge_model = (judge_url or "").strip(), (judge_model or "").strip()
+        if not judge_url or not judge_model:
+            raise StudioError("a bench folder is scored by a VLM judge: give its OpenAI-compatible URL (…/v1) and model name")
+        try:
+            judge = VLMJudge(judge_url, judge_model, api_key=api_key or None, cache_dir=self.runs_dir / "judge-cache")
+            program_judge = ProgramJudge(judge_url, judge_model, api_key=api_key or None, limiter=judge.limiter,
+                                         cache_dir=self.runs_dir / "judge-cache")
+        except ValueError as exc:  # no API key for a remote judge
+            raise StudioError(str(exc)) from None
+        _check_reachable(judge_url)
+        try:
+            gen = open_generator((generator or "sandbox").strip(), world=self.world)
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            raise StudioError(f"cannot open the generator {generator!r}: {exc}") from None
+        pol = self.policy(policy_name)
+        name = pol.name if pol else RAW
+        with tempfile.TemporaryDirectory() as tmp:
+            gt = ImageStore(tmp)
+            try:
+                loaded = load_requests(root, gt, allow_missing=allow_missing, limit=int(limit) if limit else None)
+            except DataError as exc:
+                hint = "" if allow_missing else " (tick 'keep cases whose picture is missing' to bench the rest)"
+                raise StudioError(f"{exc}{hint}") from None
+            run_id = new_run_id("bench-" + re.sub(r"[^A-Za-z0-9]+", "-", f"{root.name}-{policy_name}").strip("-"))
+            writer = RunWriter(self.runs_dir / run_id, RunInfo(
+                id=run_id, created=now_iso(), command="bench", policy=name, k=1, seed=seeds[0],
+                requests=[r.id for r in loaded.requests],
+                config={"data": str(root), "generator": gen.name, "judge": judge.name, "seeds": seeds, "studio": True}))
+            for r in loaded.requests:  # the ground truths go into the run folder, for paging two runs
+                writer.add_request(r)
+                if r.gt_image:
+                    writer.images.put_bytes(gt.path(r.gt_image).read_bytes())
+        scorer = ModelScorer(gen, judge, program_judge, gt_store=writer.images)
+        params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384)
+        with self._lock if hasattr(pol, "continue_streams") else contextlib.nullcontext():
+            res = run_bench(loaded.requests, pol, Tools.for_world(self.world), scorer, writer.images, seeds, params,
+                            progress=progress)
+        for case in res["cases"]:
+            writer.add(case["trajectory"], case["rendered"], case["verdict"])
+        writer.finish({"policy": name, "data": str(root), "generator": gen.name, "judge": judge.name,
+                       "text_policy": judge.text_policy, "missing_pictures": loaded.missing, **res["summary"]})
+        return writer.dir
+
+
+def _check_reachable(url: str, timeout: float = 5.0) -> None:
+    """Fail at once, with a message, when nothing answers at ``url`` (rather than after every case's retries)."""
+    import httpx
+
+    try:
+        httpx.get(url.rstrip("/") + "/models", timeout=timeout)  # any HTTP answer will do: the server is up
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise StudioError(f"the judge at {url} does not answer ({type(exc).__name__}: {exc}): start it or fix the URL") from None

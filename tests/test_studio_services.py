@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import stat
 import time
@@ -13,7 +14,7 @@ from genevolve.runs import load_run
 from studio import StudioError
 from studio.html import run_view
 from studio.jobs import DistillJobs
-from studio.services import EXPERT_NOISY, RAW, Services
+from studio.services import EXPERT, EXPERT_NOISY, RAW, Services
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +89,54 @@ def test_bench_run_has_a_summary_by_track_category_difficulty(services):
     assert s["by"]["overall"]["all"]["n"] == 4 and len(s["by"]["overall"]["all"]["kscore"]["per_seed"]) == 2
     assert summary_rows(s) and str(path.relative_to(services.runs_dir)) in services.list_bench()
     assert len(load_run(path).trajectories) == 8
+
+
+def _bench_folder(root, world, pictures: bool = True):
+    """Two sandbox bench requests in the official GenEvolve-Data-Bench layout (with or without their pictures)."""
+    (root / "bench").mkdir(parents=True)
+    (root / "images").mkdir()
+    rows = []
+    for r in world.split("bench")[:2]:
+        if pictures:
+            world.gt_image(r).save(root / "images" / f"{r.id}.png")
+        rows.append({"id": r.id, "question": r.text, "gt_image": f"{r.id}.png", "category": r.category,
+                     "eval_type": "knowledge" if r.track == "knowledge" else "quality", "difficulty": "medium"})
+    (root / "bench" / "test.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    return root
+
+
+def test_bench_on_a_local_official_folder_with_a_vlm_judge(services, world, tmp_path, monkeypatch):
+    from _loopback import FakeVLM, free_port_url, serve_app
+    from studio.bench import bench_problem, load_summary, missing_lines, summary_rows
+
+    root = _bench_folder(tmp_path / "GenEvolve-Bench", world)
+    with serve_app(FakeVLM().app()) as url:
+        path = services.run_bench_official(str(root), EXPERT, "sandbox", url + "/v1", "fake-vlm", None, None, [0, 1])
+        s = load_summary(path)
+        assert s["by"]["overall"]["all"]["n"] == 2 and len(s["by"]["overall"]["all"]["kscore"]["per_seed"]) == 2
+        assert s["by"]["overall"]["all"]["kscore"]["mean"] > 0 and s["judge"].endswith("fake-vlm")
+        assert {r[0] for r in summary_rows(s)} == {"overall", "track", "category", "difficulty"}
+        assert missing_lines(s) == ["seed 0: no missing cases of 2", "seed 1: no missing cases of 2"]
+        assert str(path.relative_to(services.runs_dir)) in services.list_bench()
+        run = load_run(path)
+        assert len(run.trajectories) == 4 and all(r.gt_image in run.images for r in run.requests)
+
+        bare = _bench_folder(tmp_path / "no-pictures", world, pictures=False)
+        with pytest.raises(StudioError, match=r"2 bench ground-truth picture\(s\) missing.*tick 'keep cases"):
+            services.run_bench_official(str(bare), RAW, "sandbox", url + "/v1", "fake-vlm", None, None, [0])
+        kept = load_summary(services.run_bench_official(str(bare), RAW, "sandbox", url + "/v1", "fake-vlm", None, None, [0],
+                                                        allow_missing=True))
+        assert kept["missing"]["0"]["reasons"] == {"no ground truth": 2} and len(kept["missing_pictures"]) == 2
+        assert "ground-truth pictures are missing" in bench_problem(kept)
+        with pytest.raises(StudioError, match="cannot open the generator"):
+            services.run_bench_official(str(root), RAW, "t2i:", url + "/v1", "fake-vlm", None, None, [0])
+    with pytest.raises(StudioError, match="does not exist"):
+        services.run_bench_official(str(tmp_path / "nowhere"), RAW, "sandbox", url + "/v1", "fake-vlm", None, None, [0])
+    with pytest.raises(StudioError, match="judge at .* does not answer"):  # the server above is gone
+        services.run_bench_official(str(root), RAW, "sandbox", free_port_url() + "/v1", "fake-vlm", None, None, [0])
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(StudioError, match="OPENAI_API_KEY"):
+        services.run_bench_official(str(root), RAW, "sandbox", "https://api.example.com/v1", "vlm", None, None, [0])
 
 
 @pytest.fixture

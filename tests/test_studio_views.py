@@ -12,7 +12,8 @@ from genevolve.guides import SLOTS
 from genevolve.records import (Experience, ImageRef, Observation, Program, ProgramRef, Request, ToolCall, Trajectory, Turn,
                                Verdict)
 from studio import StudioError
-from studio.bench import bench_summary, common_requests, load_summary, summary_figure, summary_rows
+from studio.bench import (bench_problem, bench_summary, common_requests, load_summary, missing_html, missing_lines,
+                          summary_figure, summary_rows)
 from studio.distill import (curves_figure, distill_args, latest_pairs, new_experiences, read_live, report_parts,
                             status_text)
 from studio.html import (FOLD_CHARS, best_and_worst, columns_html, diff_rows, first_divergence, gap_colour, token_gap_html,
@@ -161,6 +162,29 @@ def test_bench_summary_table_chart_and_both_file_shapes(tmp_path):
     assert summary_rows(load_summary(tmp_path / "agg.json"))[0][3] == "0.300"
     with pytest.raises(StudioError, match="no bench summary"):
         load_summary(tmp_path / "missing")
+
+
+def test_missing_cases_are_counted_and_a_dead_judge_is_named(tmp_path):
+    from genevolve.scoring import summarise
+
+    reqs = [REQ, REQ.model_copy(update={"id": "bench-2", "track": "quality", "category": "scene"})]
+    down = verdict("b", 0.0).model_copy(update={"failed": "judge failed: HTTP 503 overloaded"})
+    # the shape `genevolve bench --data` and the studio save (seed keys become strings in JSON)
+    part = {"by": {"overall": {}}, "missing": {"0": summarise(zip(reqs, [verdict("a", 0.8), down]))["missing"]}}
+    (tmp_path / "s.json").write_text(json.dumps(part))
+    one = load_summary(tmp_path / "s.json")
+    line = missing_lines(one)[0]
+    assert line.startswith("seed 0: 1 of 2 cases missing (left out of the means): judge failed × 1")
+    assert line.endswith("KScore with them as 0: 0.400") and bench_problem(one) is None
+    html = missing_html({"<run>": one, "sandbox": {"by": {}}})
+    assert "&lt;run&gt;" in html and html.count("<li>") == 1  # a sandbox result has no missing cases to show
+    none = {"missing": {"0": summarise(zip(reqs, [verdict("a", 0.8), verdict("b", 0.2)]))["missing"]}}
+    assert missing_lines(none) == ["seed 0: no missing cases of 2"] and bench_problem(none) is None
+    dead = {"missing": {"0": summarise(zip(reqs, [down, down.model_copy(update={"trajectory_id": "c"})]))["missing"]}}
+    problem = bench_problem(dead)
+    assert problem.startswith("every case is missing (judge failed): is the judge running")
+    assert "First error: judge failed: HTTP 503 overloaded" in problem
+    assert bench_problem({"by": {}}) is None
 
 
 def test_common_requests_keep_run_a_order():
