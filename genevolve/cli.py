@@ -354,12 +354,13 @@ def serve(
 
 
 def _evolve_cfg(out: Path, policy: str, steps: int, b: int, k: int, lambda_ved: float, lora_rank: int, lr: float,
-                delta_min: float, gate: float, seed: int, use_grpo: bool, use_ved: bool, max_new_tokens: int):
+                delta_min: float, gate: float, seed: int, use_grpo: bool, use_ved: bool, max_new_tokens: int,
+                probe_request: Optional[str] = None):
     from .training.evolve import EvolveConfig
 
     cfg = EvolveConfig(out=str(out), policy=policy, steps=steps, prompts_per_step=b, rollouts_per_prompt=k,
                        lambda_ved=lambda_ved, lora_rank=lora_rank, lr=lr, delta_min=delta_min, gate=gate, seed=seed,
-                       use_grpo=use_grpo, use_ved=use_ved, max_new_tokens=max_new_tokens)
+                       use_grpo=use_grpo, use_ved=use_ved, max_new_tokens=max_new_tokens, probe_request=probe_request)
     try:
         cfg.validate()
     except ValueError as exc:
@@ -418,6 +419,7 @@ def evolve(
     eval_requests: Optional[int] = typer.Option(None, min=1, help="Bench requests to compare on (default: all; quick 24)."),
     max_new_tokens: int = typer.Option(384, min=16, help="Token budget of one assistant turn."),
     train_only: bool = typer.Option(False, "--train-only", help="Train and checkpoint; skip the bench comparison."),
+    probe_request: Optional[str] = typer.Option(None, help="Sandbox request id the live student-vs-teacher view follows at every step (default: the first evolve request)."),
 ):
     """One-click distill-and-compare: GRPO + VED from the SFT student, then before / after / teacher on the bench.
 
@@ -435,8 +437,11 @@ def evolve(
 
     out = out or Path("runs") / f"evolve-{_time.strftime('%Y%m%d-%H%M%S')}"
     cfg = _evolve_cfg(out, policy, steps or (2 if quick else 5), prompts or (4 if quick else 8), rollouts or (4 if quick else 6),
-                      lambda_ved, lora_rank, lr, delta_min, gate, seed, not no_grpo, not no_ved, max_new_tokens)
+                      lambda_ved, lora_rank, lr, delta_min, gate, seed, not no_grpo, not no_ved, max_new_tokens, probe_request)
     w = World()
+    if probe_request is not None and probe_request not in {r.id for r in w.requests}:
+        raise typer.BadParameter(f"{probe_request!r} is not a sandbox request id (e.g. {w.split('evolve')[0].id})",
+                                 param_hint="--probe-request")
     t0 = _time.time()
     typer.echo(f"evolving {policy} ({cfg.arm}): {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.rollouts_per_prompt} rollouts -> {out}")
     _train(cfg, w, _stop_on_sigterm())
@@ -544,11 +549,17 @@ def ablate(
                     summary[level][key][d] = dict(zip(("mean", "ci95"), mean_ci(vals))) | {"per_seed": vals}
         results[arm] = {"summary": summary, "records": runs[0]["records"], "store": runs[0]["store"]}
     sft_k = results.get("sft", {}).get("summary", {}).get("overall", {}).get("all", {}).get("kscore", {})
-    lines = ["## Gains over SFT-only (overall KScore)", "", "| arm | KScore | gain over SFT | per seed |", "| --- | --- | --- | --- |"]
+    lines = ["## Gains over SFT-only (overall KScore)", "",
+             "The paired gain compares each arm with SFT-only seed by seed (same seed, same bench requests).", "",
+             "| arm | KScore | gain over SFT | paired gain ± 95 % CI | per seed |", "| --- | --- | --- | --- | --- |"]
     for arm, r in results.items():
         k = r["summary"]["overall"]["all"]["kscore"]
         gain = (k["mean"] - sft_k["mean"]) if sft_k else float("nan")
-        lines.append(f"| {arm} | {k['mean']:.3f} ± {k['ci95'] if k['ci95'] == k['ci95'] else 0:.3f} | {gain:+.3f} | "
+        paired = "-"
+        if sft_k and len(sft_k["per_seed"]) == len(k["per_seed"]) and arm != "sft":
+            pm, pc = mean_ci([a - b for a, b in zip(k["per_seed"], sft_k["per_seed"])])
+            paired = f"{pm:+.3f} ± {pc if pc == pc else 0:.3f}"
+        lines.append(f"| {arm} | {k['mean']:.3f} ± {k['ci95'] if k['ci95'] == k['ci95'] else 0:.3f} | {gain:+.3f} | {paired} | "
                      + ", ".join(f"{x:.3f}" for x in k["per_seed"]) + " |")
     extra = "\n".join(lines) + f"\n\nTotal time: {_time.time() - t0:.0f} s for {len(seed_list)} seed(s) x {len(arm_list)} arm(s)."
     report = write_report(out / "report", f"Ablation: {policy}", results, w, metrics, extra,

@@ -411,3 +411,12 @@ def test_image_store_does_not_touch_cwd(tmp_path, monkeypatch):
     ImageStore(root).put(_image())
     assert sorted(os.listdir(tmp_path)) == ["store"]
     assert Path(root).is_dir()
+
+
+def test_mean_ci_uses_student_t_for_few_seeds():
+    from genevolve.evaluation import mean_ci
+
+    m, h = mean_ci([0.30, 0.32, 0.34])
+    assert m == pytest.approx(0.32) and h == pytest.approx(4.3027 * 0.02 / 3 ** 0.5, rel=1e-3)
+    assert mean_ci([0.30, 0.32, 0.34], z=1.96)[1] == pytest.approx(1.96 * 0.02 / 3 ** 0.5)
+    assert mean_ci([0.5])[1] != mean_ci([0.5])[1]  # one value: no interval (nan)
