@@ -73,6 +73,16 @@ def test_config_is_validated():
         EvolveConfig(rollouts_per_prompt=1).validate()
 
 
+def test_cli_refuses_an_unknown_probe_request(tmp_path):
+    from typer.testing import CliRunner
+
+    from genevolve.cli import app
+
+    res = CliRunner().invoke(app, ["evolve", "--out", str(tmp_path / "run"), "--probe-request", "evolve-99999", "--train-only"])
+    text = " ".join(res.output.replace("│", " ").split())  # the error box wraps long lines
+    assert res.exit_code == 2 and "'evolve-99999' is not a sandbox request id" in text and not (tmp_path / "run").exists()
+
+
 def test_live_files_probe_pairs_and_lock(tmp_path, tiny_folder, world, monkeypatch):
     import genevolve.experience
     from genevolve.experience import Pair
@@ -84,24 +94,31 @@ def test_live_files_probe_pairs_and_lock(tmp_path, tiny_folder, world, monkeypat
     out = tmp_path / "run"
     bank = ExperienceBank(out / "bank")
     bank.add("evolve-x", "any request", {s: "Query quantity_counting and write exact counts." for s in SLOTS}, reward_gap=0.5)
-    evolve(_cfg(out, tiny_folder), world=world, log=lambda _: None)
+    probe_id = world.split("evolve")[5].id  # not the default (the first evolve request)
+    seen = []
+    evolve(_cfg(out, tiny_folder, steps=2, probe_request=probe_id), world=world, log=lambda _: None,
+           on_step=lambda row: seen.append((row["step"], read_probe(out)["step"], read_probe(out)["request_id"])))
+    assert seen == [(1, 1, probe_id), (2, 2, probe_id)]  # the same request at every step
     probe = read_probe(out)
-    assert probe["step"] == 1 and probe["experience_id"] and probe["guide"].startswith("- Search strategy")
+    assert probe["experience_id"] and probe["guide"].startswith("- Search strategy")
     sampled = [t for t in probe["tokens"] if t["a"]]
     assert sampled and all("p" in t and "q" in t and t["p"] <= 0 and t["q"] <= 0 for t in sampled)
     assert "".join(t["t"] for t in probe["tokens"]).count("<|im_start|>user") >= 1  # starts after the system block
     assert probe["student"]["verdict"]["trajectory_id"] == probe["student"]["trajectory"]["id"]
     teacher = probe["teacher"]["trajectory"]
     assert teacher["id"].endswith("-teacher") and teacher["guide"] == probe["guide"]
+    assert probe["student"]["trajectory"]["request_id"] == teacher["request_id"] == probe_id
+    trained = {json.loads(line)["id"] for line in (out / "trajectories.jsonl").read_text().splitlines()}
+    assert len(trained) == 2 * 2 * 2 and probe["student"]["trajectory"]["id"] not in trained  # the probe is not trained on
     pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
-    assert len(pairs) == 1 and pairs[0]["step"] == 1 and pairs[0]["best"].endswith("-k0")
+    assert len(pairs) == 2 and pairs[0]["step"] == 1 and pairs[0]["best"].endswith("-k0")
     assert pairs[0]["experience"] in ExperienceBank(out / "bank").items or pairs[0]["error"]
-    assert read_metrics(out / "metrics.jsonl")[0]["t_probe"] >= 0
+    assert read_metrics(out / "metrics.jsonl")[0]["t_probe"] > 0
     assert not is_running(out)
     with run_lock(out):
         assert is_running(out)
         with pytest.raises(RunLockedError, match="another process"):
-            evolve(_cfg(out, tiny_folder, steps=2), world=world, log=lambda _: None)
+            evolve(_cfg(out, tiny_folder, steps=3), world=world, log=lambda _: None)
 
 
 def test_probe_without_a_teacher_says_why(tmp_path, tiny_folder, world):
@@ -109,8 +126,29 @@ def test_probe_without_a_teacher_says_why(tmp_path, tiny_folder, world):
 
     evolve(_cfg(tmp_path / "run", tiny_folder, use_ved=False), world=world, log=lambda _: None)
     probe = read_probe(tmp_path / "run")
+    assert probe["request_id"] == world.split("evolve")[0].id  # by default, the training split's first request
     assert probe["teacher"] is None and "without VED" in probe["note"]
     assert all("q" not in t for t in probe["tokens"]) and any("p" in t for t in probe["tokens"])
+
+
+def test_the_probe_changes_neither_the_batch_nor_the_update(tmp_path, tiny_folder, world):
+    from genevolve.training.live import read_probe
+
+    rows = {}
+    for probe in (False, True):
+        out = tmp_path / str(probe)
+        ExperienceBank(out / "bank").add("evolve-x", "any request", {s: "Query spatial_layout first." for s in SLOTS},
+                                         reward_gap=0.5)
+        rows[probe] = evolve(_cfg(out, tiny_folder, probe=probe), world=world, log=lambda _: None)
+        assert (read_probe(out) is not None) == probe
+    for key in ("reward_mean", "grpo_loss", "ved_loss", "ved_tokens", "grad_norm", "retrieval_hit_rate"):
+        assert rows[True][key] == rows[False][key], key
+    a, b = _adapter_weights(tmp_path / "True"), _adapter_weights(tmp_path / "False")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(x)["id"] for x in (tmp_path / "True" / "trajectories.jsonl").read_text().splitlines()] == \
+        [json.loads(x)["id"] for x in (tmp_path / "False" / "trajectories.jsonl").read_text().splitlines()]
+    with pytest.raises(ValueError, match="not a sandbox request id"):
+        evolve(_cfg(tmp_path / "bad", tiny_folder, probe_request="evolve-99999"), world=world, log=lambda _: None)
 
 
 def test_two_processes_share_a_step_and_stay_in_sync(tmp_path, tiny_folder, world):
@@ -145,3 +183,7 @@ def test_two_processes_share_a_step_and_stay_in_sync(tmp_path, tiny_folder, worl
     assert len((out / "trajectories.jsonl").read_text().splitlines()) == 2 * 2 * 2  # steps x B x K, written once
     assert (out / "checkpoint" / "adapter" / "adapter_model.safetensors").exists()
     assert (out / ".ranks" / "r1" / "bank").exists()
+    from genevolve.training.live import read_probe
+
+    probe = read_probe(out)  # written by the main process alone
+    assert probe["step"] == 2 and probe["request_id"] == world.split("evolve")[0].id and probe["teacher"] is not None

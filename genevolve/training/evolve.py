@@ -6,11 +6,14 @@ retrieve an experience for every trajectory's request (cosine gate) -> score tok
 (with gradient), the same weights before the update (pi_old), the teacher (same weights, the guide in
 the system prompt, no gradient) and the reference (adapter disabled, no gradient) -> L = L_GRPO +
 lambda * L_VED -> one AdamW step on the LoRA weights -> metrics JSONL -> atomic checkpoint. For live
-viewers it also writes the mined pairs and a student-vs-teacher probe of one trajectory (:mod:`.live`).
+viewers it also writes the mined pairs and a student-vs-teacher probe on one fixed request, the same
+at every step (:mod:`.live`); the probe is rolled out and scored apart from the batch, so it changes
+neither the batch nor the gradients.
 
-The teacher never rolls out: it re-scores the student's own sampled tokens in its privileged
-context. The student never sees the experience. Arms switch the two terms on and off
-(``use_grpo``, ``use_ved``) so ablations share every other piece of code.
+In training the teacher never rolls out: it re-scores the student's own sampled tokens in its
+privileged context (only the probe shows what the teacher would write). The student never sees the
+experience. Arms switch the two terms on and off (``use_grpo``, ``use_ved``) so ablations share every
+other piece of code.
 
 Several processes (``accelerate launch`` or ``torchrun``; one per GPU) split each step's prompts: each
 rolls out, renders and judges its share, the shares are gathered so that every process mines the same
@@ -65,7 +68,8 @@ class EvolveConfig:
     micro_batch: int = 8  # sequences per forward/backward
     grad_clip: float = 1.0
     seed: int = 0
-    probe: bool = True  # write probe.json each step for live viewers (costs one guided rollout per step)
+    probe: bool = True  # write probe.json each step for live viewers (costs two rollouts per step, main process only)
+    probe_request: str | None = None  # sandbox request id the probe follows (default: the split's first request)
     device: str | None = None
     dtype: str | None = None
 
@@ -81,6 +85,8 @@ class EvolveConfig:
             raise ValueError("delta_min is in [0, 1] and gate in [-1, 1]")
         if self.lambda_ved < 0:
             raise ValueError("lambda_ved must be >= 0")
+        if self.probe_request is not None and not self.probe_request.strip():
+            raise ValueError("probe_request is a sandbox request id (or None for the split's first request)")
 
     @property
     def arm(self) -> str:
@@ -95,7 +101,6 @@ class Scored:
     mask: list[int]
     group: int
     advantage: float = 0.0
-    index: int = -1  # position among the step's trajectories
     teacher_ids: list[int] | None = None
     teacher_offset: int = 0  # teacher_ids[i + offset] == ids[i] for positions after the system block
 
@@ -211,10 +216,57 @@ def _write_probe(out: Path, tok, step: int, request, traj, verdict, lp: dict, ex
     q = lp["q"].tolist() if lp.get("q") is not None else None
     tokens = token_rows(tok, traj.token_ids, traj.assistant_mask, lp["p"].tolist(), q, start)
     note = ("" if q is not None else "no teacher: this arm trains without VED" if not use_ved
-            else "no teacher: no experience passed the retrieval gate for this step's requests")
+            else "no teacher: no experience passed the retrieval gate for the probe request")
     write_probe(out, probe_record(step, request, traj, verdict, tokens, exp.id if exp is not None else None,
                                   guide_text(exp) if exp is not None else None, sim if exp is not None else None,
                                   teacher, teacher_verdict, note))
+
+
+def _probe_request(world, cfg: EvolveConfig):
+    """The request the probe follows: ``cfg.probe_request`` or the training split's first request."""
+    if cfg.probe_request is None:
+        return world.split(cfg.split)[0]
+    req = next((r for r in world.requests if r.id == cfg.probe_request), None)
+    if req is None:
+        raise ValueError(f"probe_request {cfg.probe_request!r} is not a sandbox request id "
+                         f"(e.g. {world.split(cfg.split)[0].id})")
+    return req
+
+
+def _probe(req, pol, tools, scorer, store, bank, sp, seed: int, pad_id: int, use_ved: bool) -> tuple:
+    """The student once on the probe request and, when an experience passes the gate for it, the teacher
+    once (the guide in its system prompt); the student's tokens scored by the current weights (pi_old:
+    called before the update) and by the teacher's context. No gradient, nothing shared with the batch.
+
+    Returns (student, verdict, logprobs {"p", "q"}, experience or None, similarity, teacher, teacher verdict).
+    """
+    from ..experience import guide_text
+    from ..rollout import rollout
+
+    student = rollout([req], pol, tools, k=1, params=sp, seed=seed)[0]
+    student.id += "-student"
+    verdict = scorer.score(req, student, store, seed=student.seed)[1]
+    exp, sim = bank.retrieve(req.text) if use_ved and len(bank) else (None, 0.0)
+    teacher = teacher_verdict = None
+    if exp is not None:
+        teacher = rollout([req], pol, tools, k=1, params=sp, seed=seed, guides={req.id: guide_text(exp)})[0]
+        teacher.id += "-teacher"
+        teacher_verdict = scorer.score(req, teacher, store, seed=teacher.seed)[1]
+    ids, tok = student.token_ids, pol.tokenizer
+    lp: dict = {"p": torch.zeros(len(ids)), "q": None}
+    if ids:
+        with torch.no_grad():
+            lp["p"] = _token_logprobs(pol.model, [ids], pol.device, pad_id)[0].cpu()
+            if exp is not None:
+                try:
+                    n_sys = _system_block_len(tok, student.system_prompt, ids)
+                except ValueError:  # a stream re-encoded differently: shown without the teacher's numbers
+                    n_sys = None
+                if n_sys is not None:
+                    prefix = _teacher_prefix(tok, guide_text(exp), student.system_prompt)
+                    q = _token_logprobs(pol.model, [prefix + ids[n_sys:]], pol.device, pad_id)[0]
+                    lp["q"] = q[len(prefix) - n_sys :].cpu()  # aligned to the student's positions
+    return student, verdict, lp, exp, sim, teacher, teacher_verdict
 
 
 def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Callable[[dict], None] | None,
@@ -276,6 +328,7 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
     summariser = SandboxSummariser(world)
     store = ImageStore(out / "images")
     prompts = world.split(cfg.split)
+    probe_req = _probe_request(world, cfg)  # checked on every process, so a bad id stops them all
     order = list(range(len(prompts)))
     random.Random(cfg.seed).shuffle(order)
     tok = pol.tokenizer
@@ -348,14 +401,12 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
         hits = 0
         teacher_errors: list[str] = []
         t = time.time()
-        retrieved = []
         for gi, g in enumerate(groups):
-            exp, sim = bank.retrieve(batch[gi].text) if cfg.use_ved and len(bank) else (None, 0.0)
-            retrieved.append((exp, sim))
+            exp, _ = bank.retrieve(batch[gi].text) if cfg.use_ved and len(bank) else (None, 0.0)
             for j, (tr, _) in enumerate(g):
                 if not tr.token_ids or not any(tr.assistant_mask):
                     continue
-                s = Scored(tr.token_ids, tr.assistant_mask, gi, float(adv_PG[gi, j]), index=gi * K + j)
+                s = Scored(tr.token_ids, tr.assistant_mask, gi, float(adv_PG[gi, j]))
                 if exp is not None:
                     try:
                         n_sys = _system_block_len(tok, tr.system_prompt, tr.token_ids)
@@ -371,18 +422,11 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
         scored = [s for s in scored if s.group % procs.world == procs.rank]  # this process's share of the update
         times["retrieve"] = time.time() - t
 
-        # 4b. Probe for live viewers: one scored trajectory (one with a teacher when there is one) and the
-        # teacher's own rollout on its request, with the same weights as the student's rollouts.
-        probe = next((s for s in scored if s.teacher_ids is not None), scored[0] if scored else None) if cfg.probe and procs.main else None
-        probe_lp: dict = {}
-        teacher_case: tuple = (None, None)
+        # 4b. Probe for live viewers: the student and the teacher on the fixed probe request, with this step's
+        # weights before the update (main process only; apart from the batch).
         t = time.time()
-        if probe is not None and probe.teacher_ids is not None:
-            req = batch[probe.group]
-            t_tr = rollout([req], pol, tools, k=1, params=sp, seed=cfg.seed * 100_000 + step,
-                           guides={req.id: guide_text(retrieved[probe.group][0])})[0]
-            t_tr.id += "-teacher"
-            teacher_case = (t_tr, scorer.score(req, t_tr, store, seed=t_tr.seed)[1])
+        probe = (_probe(probe_req, pol, tools, scorer, store, bank, sp, cfg.seed * 100_000 + step, pad_id, cfg.use_ved)
+                 if cfg.probe and procs.main else None)
         times["probe"] = time.time() - t
 
         # 5. Score tokens and update: student (grad), pi_old / teacher / reference (no grad).
@@ -407,9 +451,6 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
                     tl = _token_logprobs(model, [mb[i].teacher_ids for i in tmb], pol.device, pad_id)
                     for i, lp in zip(tmb, tl):
                         teach[i] = lp[mb[i].teacher_offset :]  # aligned to the student's positions after the system block
-                for i, s in enumerate(mb):
-                    if s is probe:
-                        probe_lp = {"p": old[i].cpu(), "q": teach[i].cpu() if teach[i] is not None else None}
             t_teacher += time.time() - t
             t = time.time()
             model.train()
@@ -484,10 +525,9 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
             continue
         with metrics_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
-        if probe is not None and probe_lp:
-            exp, sim = retrieved[probe.group]
-            _write_probe(out, tok, step + 1, batch[probe.group], trajs[probe.index], verdicts[probe.index], probe_lp,
-                         exp if probe.teacher_ids is not None else None, sim, *teacher_case, cfg.use_ved)
+        if probe is not None:
+            student, verdict, lp, exp, sim, teacher, teacher_verdict = probe
+            _write_probe(out, tok, step + 1, probe_req, student, verdict, lp, exp, sim, teacher, teacher_verdict, cfg.use_ved)
         # Atomic checkpoint: adapter + optimizer + step, then swapped in.
         tmp = out / "checkpoint.tmp"
         if tmp.exists():
