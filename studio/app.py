@@ -29,7 +29,7 @@ from . import StudioError
 from .bench import (GENERATORS, SUMMARY_HEADERS, bench_problem, common_requests, load_summary, missing_html, page_html,
                     summary_figure, summary_rows)
 from .distill import (ARMS_ABLATE, ARMS_EVOLVE, PAIR_HEADERS, check_run_name, curves_figure, distill_args, latest_pairs,
-                      new_experiences, read_live, report_parts, status_text)
+                      new_experiences, probe_request_id, read_live, report_parts, status_text)
 from .html import CSS, columns_html, esc, message, run_view, token_gap_html
 from .services import EXPERT_NOISY, RAW, STUDIO_BANK, TINY, Services
 from .tables import (EXP_HEADERS, HISTORY_HEADERS, REF_HEADERS, experience_rows, filter_experiences, form_slots,
@@ -342,6 +342,9 @@ def _distill_tab(s: Services) -> None:
         arms_a = gr.CheckboxGroup(list(ARMS_ABLATE), value=list(ARMS_ABLATE), label="ablate: arms")
         seed_bank = gr.Dropdown(["(none)"] + s.bank_choices(), value="(none)", label="Start from a bank (evolve)",
                                 elem_id="distill-seed-bank")
+        probe_req = gr.Dropdown(s.request_choices("evolve"), value=None, allow_custom_value=True, filterable=True, scale=2,
+                                label="Probe request for student vs teacher (evolve; blank: the first evolve request)",
+                                elem_id="distill-probe-request")
     with gr.Row():
         steps = gr.Textbox("", placeholder="default", label="steps", elem_id="distill-steps")
         b = gr.Textbox("", placeholder="default", label="B prompts", elem_id="distill-b")
@@ -432,14 +435,16 @@ def _distill_tab(s: Services) -> None:
     tick = _safe(status)(refresh_view)
 
     @_safe(msg)
-    def start(mode_, policy_, quick_, name_, arms_e_, arms_a_, seed_bank_, steps_, b_, k_, rank_, lam_, dmin_, gate_, seed_, mnt_, evr_):
+    def start(mode_, policy_, quick_, name_, arms_e_, arms_a_, seed_bank_, probe_, steps_, b_, k_, rank_, lam_, dmin_, gate_, seed_,
+              mnt_, evr_):
         name_ = check_run_name(name_) if (name_ or "").strip() else f"distill-{time.strftime('%Y%m%d-%H%M%S')}"
         out = s.runs_dir / name_
         if (out / "config.json").exists() or (out / "report").exists():
             raise StudioError(f"{name_} already holds a run: pick it under 'Watch' and use Resume, or choose another name")
         args = distill_args(mode_, out, policy_ or TINY, arms_e_ if mode_ == "evolve" else arms_a_, bool(quick_),
                             _opt_number(steps_, "steps"), _opt_number(b_, "B"), _opt_number(k_, "K"), rank_, float(lam_),
-                            float(dmin_), float(gate_), int(seed_ or 0), mnt_, _opt_number(evr_, "eval requests"))
+                            float(dmin_), float(gate_), int(seed_ or 0), mnt_, _opt_number(evr_, "eval requests"),
+                            probe_request_id(probe_, {r.id for r in s.world.requests}))
         bank = None if seed_bank_ in (None, "", "(none)") or mode_ != "evolve" else s.run_path(seed_bank_)
         text = s.jobs.start(args, out, seed_bank=bank)
         return {msg: message("ok", text), watched: str(out), seen: None, timer: gr.Timer(active=True),
@@ -464,7 +469,8 @@ def _distill_tab(s: Services) -> None:
         out = s.run_path(name_)
         return {watched: str(out), seen: None, timer: gr.Timer(active=True), msg: message("info", f"watching {name_}")}
 
-    start_btn.click(start, [mode, policy, quick, name, arms_e, arms_a, seed_bank, steps, b, k, rank, lam, dmin, gate, seed, mnt, evr],
+    start_btn.click(start, [mode, policy, quick, name, arms_e, arms_a, seed_bank, probe_req, steps, b, k, rank, lam, dmin, gate, seed,
+                            mnt, evr],
                     [msg, watched, seen, timer, watch])
     stop_btn.click(stop, None, [msg])
     kill_btn.click(kill, None, [msg])

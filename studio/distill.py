@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from genevolve.training.live import is_running, read_jsonl_rows, read_metrics, read_probe
 
@@ -26,7 +26,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 def distill_args(mode: str, out: Path, policy: str = "tiny", arms: list[str] | tuple[str, ...] = ("grpo", "ved"),
                  quick: bool = True, steps: int | None = None, b: int | None = None, k: int | None = None,
                  lora_rank: int = 16, lambda_ved: float = 2.0, delta_min: float = 0.20, gate: float = 0.84, seed: int = 0,
-                 max_new_tokens: int = 384, eval_requests: int | None = None) -> list[str]:
+                 max_new_tokens: int = 384, eval_requests: int | None = None, probe_request: str | None = None) -> list[str]:
     """The command-line arguments for the form's values, checked with messages a person can act on."""
     def positive(name, v, low=1):
         if v is not None and (int(v) != v or v < low):
@@ -52,7 +52,10 @@ def distill_args(mode: str, out: Path, policy: str = "tiny", arms: list[str] | t
         args += ["--delta-min", str(delta_min), "--gate", str(gate), "--seed", str(int(seed))]
         args += [] if "grpo" in arms else ["--no-grpo"]
         args += [] if "ved" in arms else ["--no-ved"]
+        args += ["--probe-request", probe_request] if probe_request else []
     elif mode == "ablate":
+        if probe_request:
+            raise StudioError("the probe request is for evolve runs: clear it to run an ablation")
         bad = [a for a in arms if a not in ARMS_ABLATE]
         if bad or not arms:
             raise StudioError(f"ablate runs any of the arms {', '.join(ARMS_ABLATE)}: tick at least one")
@@ -65,6 +68,18 @@ def distill_args(mode: str, out: Path, policy: str = "tiny", arms: list[str] | t
     if quick:
         args.append("--quick")
     return args
+
+
+def probe_request_id(value: str | None, known: Collection[str]) -> str | None:
+    """The request id of the form's probe field (an id, or a list entry "evolve-0003 · text"); blank: None,
+    the trainer's default (the first evolve request)."""
+    rid = (value or "").split(" · ", 1)[0].strip()
+    if not rid:
+        return None
+    if rid not in known:
+        raise StudioError(f"the probe request {rid!r} is not a sandbox request id: pick one from the list "
+                          "(or leave it blank for the first evolve request)")
+    return rid
 
 
 def check_run_name(name: str) -> str:

@@ -14,8 +14,8 @@ from genevolve.records import (Experience, ImageRef, Observation, Program, Progr
 from studio import StudioError
 from studio.bench import (bench_problem, bench_summary, common_requests, load_summary, missing_html, missing_lines,
                           summary_figure, summary_rows)
-from studio.distill import (curves_figure, distill_args, latest_pairs, new_experiences, read_live, report_parts,
-                            status_text)
+from studio.distill import (curves_figure, distill_args, latest_pairs, new_experiences, probe_request_id, read_live,
+                            report_parts, status_text)
 from studio.html import (FOLD_CHARS, best_and_worst, columns_html, diff_rows, first_divergence, gap_colour, token_gap_html,
                          trajectory_column, verdict_html)
 from studio.tables import experience_rows, filter_experiences, form_slots, history_rows
@@ -103,6 +103,20 @@ def test_distill_args_follow_the_cli_and_refuse_bad_values(tmp_path):
                     ({"steps": 0}, "steps must be"), ({"delta_min": -0.1}, "δ_min")):
         with pytest.raises(StudioError, match=msg):
             distill_args("evolve", tmp_path / "r", **kw)
+
+
+def test_the_probe_request_goes_to_evolve_as_an_id():
+    known = {"evolve-0003", "bench-0960"}
+    assert probe_request_id("evolve-0003 · Draw the flag", known) == "evolve-0003"
+    assert probe_request_id(" bench-0960 ", known) == "bench-0960" and probe_request_id("", known) is None
+    assert probe_request_id(None, known) is None
+    with pytest.raises(StudioError, match="not a sandbox request id"):
+        probe_request_id("Draw anything", known)
+    args = distill_args("evolve", Path("r"), probe_request="evolve-0003")
+    assert args[args.index("--probe-request") + 1] == "evolve-0003"
+    assert "--probe-request" not in distill_args("evolve", Path("r"))
+    with pytest.raises(StudioError, match="probe request is for evolve"):
+        distill_args("ablate", Path("r"), arms=["sft"], probe_request="evolve-0003")
 
 
 def _write_run(out: Path, steps: int = 2):
