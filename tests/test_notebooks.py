@@ -1,8 +1,5 @@
-"""The notebooks run top to bottom on the CPU (nbclient, a fresh kernel each).
-
-The world and runs notebooks run in every ``make test``. The distill-and-compare notebook trains and
-rolls out the tiny policy, which takes minutes on two busy cores even with its parameters cell set
-smaller than its defaults, so it runs under ``make test-slow``."""
+"""The notebooks run top to bottom on the CPU (nbclient, a fresh kernel each), all of them in every
+``make test``; the distill-and-compare notebook with its parameters cell set to a one-step run."""
 
 from __future__ import annotations
 
@@ -16,11 +13,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 SMALL = {"03_distill_and_compare.ipynb": "STEPS, B, K, N_EVAL, MAX_NEW_TOKENS = 1, 1, 2, 1, 64"}
 
 
-SLOW = {"03_distill_and_compare.ipynb"}
-
-
-@pytest.mark.parametrize("name", [pytest.param(p.name, marks=[pytest.mark.slow] if p.name in SLOW else [])
-                                  for p in sorted(NOTEBOOKS.glob("*.ipynb"))])
+@pytest.mark.parametrize("name", [p.name for p in sorted(NOTEBOOKS.glob("*.ipynb"))])
 def test_notebook_runs(name, tmp_path):
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     if name in SMALL:
