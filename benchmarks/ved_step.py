@@ -161,6 +161,7 @@ def time_shares(policy: str, steps: int, b: int, k: int, seed: int) -> dict:
         "mining+summarising": sum(r.get("t_mine_summarise", 0.0) for r in rows),
         "retrieval": sum(r.get("t_retrieve", 0.0) for r in rows),
         "teacher scoring": sum(r["t_teacher_scoring"] for r in rows),
+        "live probe": sum(r.get("t_probe", 0.0) for r in rows),
         "update": sum(r["t_update"] for r in rows),
     }
     step_total = sum(r["seconds"] for r in rows)
