@@ -205,7 +205,8 @@ def test_upload_a_reference_and_retrieve_it(studio, page, tmp_path):
     page.screenshot(path=str(studio["shots"] / "references.png"), full_page=True)
 
 
-def test_quick_distill_shows_live_curves_and_student_vs_teacher_then_stops(studio, page):
+def test_quick_distill_shows_live_curves_and_student_vs_teacher_then_stops(studio, page, world):
+    probe_id = world.split("evolve")[5].id
     page.get_by_role("tab", name="Distill").click()
     page.locator("#distill-policy input").fill(str(studio["micro"]))
     page.locator("#distill-policy input").press("Enter")
@@ -217,6 +218,8 @@ def test_quick_distill_shows_live_curves_and_student_vs_teacher_then_stops(studi
     _fill(page, "#distill-gate input", "-1")  # every request retrieves from the seeded bank: a teacher from step 1
     page.locator("#distill-seed-bank input").click()
     page.get_by_role("option", name="studio-bank").click()
+    page.locator("#distill-probe-request input").fill(probe_id)
+    page.locator("#distill-probe-request input").press("Enter")
     page.locator("#distill-start").click()
     page.locator("#distill-msg").get_by_text("started pid").wait_for()
 
@@ -237,6 +240,7 @@ def test_quick_distill_shows_live_curves_and_student_vs_teacher_then_stops(studi
     title = page.locator("#distill-tokens .tok[data-gap]").first.get_attribute("title")
     assert "student p=" in title and "teacher q=" in title
     assert page.locator("#distill-probe-columns .ge-col").count() == 2  # student and teacher trajectories
+    assert probe_id in page.locator("#distill-probe-head").inner_text()  # the chosen probe request, at every step
     page.screenshot(path=str(studio["shots"] / "distill.png"), full_page=True)
 
     page.locator("#distill-stop").click()
@@ -269,3 +273,35 @@ def test_bench_a_policy_and_page_two_runs_side_by_side(studio, page):
     page.locator("#bench-status").get_by_text("request 2 of 4").wait_for()
     assert page.locator("#bench-page .ge-col").count() == 2
     page.screenshot(path=str(studio["shots"] / "bench.png"), full_page=True)
+
+
+def test_bench_a_local_official_folder_with_a_fake_judge(studio, page, world):
+    from _loopback import FakeVLM, free_port_url, serve_app
+
+    data = studio["root"] / "GenEvolve-Bench"
+    (data / "bench").mkdir(parents=True)
+    rows = []
+    for r in world.split("bench")[:2]:
+        world.gt_image(r).save(data / f"{r.id}.png")
+        rows.append({"id": r.id, "question": r.text, "gt_image": f"{r.id}.png", "category": r.category,
+                     "eval_type": "knowledge" if r.track == "knowledge" else "quality", "difficulty": "easy"})
+    (data / "bench" / "test.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    page.get_by_role("tab", name="Bench").click()
+    page.get_by_text("A local GenEvolve-Bench folder (used instead").click()  # open the accordion
+    _fill(page, "#bench-seeds textarea", "0")
+    _fill(page, "#bench-data textarea", str(studio["root"] / "nowhere"))
+    page.locator("#bench-eval").click()
+    page.locator("#bench-status").get_by_text("does not exist").wait_for()
+    _fill(page, "#bench-data textarea", str(data))
+    _fill(page, "#bench-judge-model textarea", "fake-vlm")
+    _fill(page, "#bench-judge-url textarea", free_port_url() + "/v1")
+    page.locator("#bench-eval").click()
+    page.locator("#bench-status").get_by_text("does not answer").wait_for()
+    with serve_app(FakeVLM().app()) as url:
+        _fill(page, "#bench-judge-url textarea", url + "/v1")
+        page.locator("#bench-eval").click()
+        page.locator("#bench-status").get_by_text("showing bench-GenEvolve-Bench").wait_for()
+    assert "no missing cases of 2" in page.locator("#bench-missing").inner_text()
+    page.wait_for_function("document.querySelector('#bench-table').innerText.includes('difficulty')")
+    assert page.locator("#bench-chart img, #bench-chart svg, #bench-chart canvas").count() > 0
+    page.screenshot(path=str(studio["shots"] / "bench-official.png"), full_page=True)
