@@ -4,10 +4,11 @@ Besides ``metrics.jsonl`` (one row per step) the trainer writes, in its run fold
 
 - ``pairs.jsonl``: one line per mined best-vs-worst pair (step, request, rewards, gap, and the
   experience made from it or why none was), appended one whole line per write;
-- ``probe.json``: the latest student-vs-teacher comparison, rewritten atomically every step: one of
-  the step's student trajectories with the student's and the teacher's log-probability of every
-  token after the system block, the teacher's own trajectory on the same request (the student's
-  weights with the retrieved guide in the system prompt), both verdicts and rendered images;
+- ``probe.json``: the latest student-vs-teacher comparison, rewritten atomically every step: the
+  student's rollout on the fixed probe request (``EvolveConfig.probe_request``) with the student's
+  and the teacher's log-probability of every token after the system block, the teacher's own
+  trajectory on the same request (the student's weights with the retrieved guide in the system
+  prompt), both verdicts and rendered images;
 - ``.lock``: held (``flock``) while a trainer works in the folder, so a second trainer refuses to
   start there and viewers can tell a live run from a finished or stopped one.
 
