@@ -109,6 +109,17 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*map(str, r)) for r in rows])
 
 
+def _score_rows(summary: dict) -> list[list]:
+    """Table rows of a bench summary: KScore (mean ± CI over seeds) and F, V, T, A by overall, track and category."""
+    rows = []
+    for level in ("overall", "track", "category"):
+        for key, row in summary["by"][level].items():
+            k = row["kscore"]
+            rows.append([level, key, row["n"], f"{k['mean']:.3f} ± {0 if k['ci95'] != k['ci95'] else k['ci95']:.3f}",
+                         _f(row["F"]["mean"]), _f(row["V"]["mean"]), _f(row["T"]["mean"]), _f(row["A"]["mean"]), row["failed"]])
+    return rows
+
+
 def _f(x) -> str:
     return "-" if x is None or x != x else f"{x:.3f}"
 
@@ -285,12 +296,7 @@ def bench(
             summary["by"][level][key] = row
     out = out or Path("runs") / f"bench-{Path(policy).name or 'remote'}-{split}.json"
     atomic_write_json(out, summary)
-    rows = []
-    for level in ("overall", "track", "category"):
-        for key, row in summary["by"][level].items():
-            k = row["kscore"]
-            rows.append([level, key, row["n"], f"{k['mean']:.3f} ± {0 if k['ci95'] != k['ci95'] else k['ci95']:.3f}",
-                         _f(row["F"]["mean"]), _f(row["V"]["mean"]), _f(row["T"]["mean"]), _f(row["A"]["mean"]), row["failed"]])
+    rows = _score_rows(summary)
     pv = summary["protocol_valid"]
     typer.echo(f"policy: {summary['policy']}  split: {split}  seeds: {seed_list}  guide: {guide or '-'}  "
                f"protocol-valid: {pv['mean']:.3f}")

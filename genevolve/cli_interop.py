@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from .cli import POLICY_HELP, SEARCH_OPT, WORLD_OPT, _f, _params, _policy, _table, _tools, app
+from .cli import POLICY_HELP, SEARCH_OPT, WORLD_OPT, _params, _policy, _score_rows, _table, _tools, app
 
 data_app = typer.Typer(help="Official GenEvolve-Data-Bench folders in, our trajectories out as SFT rows.", no_args_is_help=True)
 exp_app = typer.Typer(help="Visual experiences from run folders.", no_args_is_help=True)
@@ -144,12 +144,7 @@ def bench_official(data: Path, policy: str, seeds: str, generator: str, judge: O
                "text_policy": text_policy, **res["summary"]}
     out = out or Path("runs") / f"bench-official-{Path(policy).name or 'remote'}.json"
     atomic_write_json(out, summary)
-    rows = []
-    for level in ("overall", "track", "category"):
-        for key, row in summary["by"][level].items():
-            k = row["kscore"]
-            rows.append([level, key, row["n"], f"{k['mean']:.3f} ± {0 if k['ci95'] != k['ci95'] else k['ci95']:.3f}",
-                         _f(row["F"]["mean"]), _f(row["V"]["mean"]), _f(row["T"]["mean"]), _f(row["A"]["mean"]), row["failed"]])
+    rows = _score_rows(summary)
     typer.echo(f"policy: {summary['policy']}  data: {data}  generator: {gen.name}  judge: {vlm.name}  text policy: {text_policy}")
     typer.echo(_table(rows, ["by", "group", "n", "KScore (95% CI over seeds)", "F", "V", "T", "A", "failed"]))
     for s, m in summary["missing"].items():

@@ -25,6 +25,24 @@ def raw_trajectory(request: Request, seed: int = 0) -> Trajectory:
                       seed=seed, program=Program(gen_prompt=request.text), termination="answer")
 
 
+def load_references(traj: Trajectory) -> tuple[list[tuple[Any, Any]], list[str]]:
+    """The program's reference images as (image info, RGB image) in program order, and what could not be read."""
+    from PIL import Image
+
+    refs, problems = [], []
+    for ref in traj.program.reference_images if traj.program else []:
+        info = traj.image(ref.img_id)
+        if info is None or not info.local_path:
+            problems.append(f"reference {ref.img_id} has no image")
+            continue
+        try:
+            with Image.open(info.local_path) as im:
+                refs.append((info, im.convert("RGB")))
+        except OSError as exc:
+            problems.append(f"reference {ref.img_id} could not be read: {exc}")
+    return refs, problems
+
+
 class SandboxScorer:
     """Renders with the world's generator and judges with the world's judge."""
 
@@ -33,22 +51,8 @@ class SandboxScorer:
         self.alpha = alpha
 
     def _reference_images(self, traj: Trajectory) -> tuple[list[Any], list[dict[str, Any]], list[str]]:
-        from PIL import Image
-
-        images, rows, problems = [], [], []
-        for ref in traj.program.reference_images if traj.program else []:
-            info = traj.image(ref.img_id)
-            if info is None or not info.local_path:
-                problems.append(f"reference {ref.img_id} has no image")
-                continue
-            try:
-                with Image.open(info.local_path) as im:
-                    images.append(im.convert("RGB"))
-            except OSError as exc:
-                problems.append(f"reference {ref.img_id} could not be read: {exc}")
-                continue
-            rows.append(self.world.refs.get(info.source_id, {}))
-        return images, rows, problems
+        refs, problems = load_references(traj)
+        return [im for _, im in refs], [self.world.refs.get(info.source_id, {}) for info, _ in refs], problems
 
     def score(self, request: Request, traj: Trajectory, store: ImageStore, seed: int = 0) -> tuple[RenderedImage | None, Verdict]:
         base = dict(trajectory_id=traj.id, request_id=request.id, alpha=self.alpha)

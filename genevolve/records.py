@@ -280,9 +280,12 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[BaseModel]) -> None:
 
 def append_jsonl(path: str | os.PathLike, record: BaseModel) -> None:
     """Append one record as a single write of one whole line, then fsync."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = (record.model_dump_json() + "\n").encode("utf-8")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    append_bytes(path, (record.model_dump_json() + "\n").encode("utf-8"))
+
+
+def append_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Append ``data`` in one write (whole lines stay whole for concurrent readers), then fsync."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, data)

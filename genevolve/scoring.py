@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Iterable
 
-from .evaluation import ALPHA, aggregate
+from .evaluation import ALPHA, aggregate, load_references
 from .records import ImageStore, RenderedImage, Request, Trajectory, Verdict
 
 MISSING_POLICIES = ("exclude", "zero")
@@ -44,20 +44,8 @@ class ModelScorer:
         self.alpha = alpha if program_judge is not None else 0.0
 
     def _references(self, traj: Trajectory) -> tuple[list[tuple[str, Any]], list[str]]:
-        from PIL import Image
-
-        refs, problems = [], []
-        for ref in traj.program.reference_images if traj.program else []:
-            info = traj.image(ref.img_id)
-            if info is None or not info.local_path:
-                problems.append(f"reference {ref.img_id} has no image")
-                continue
-            try:
-                with Image.open(info.local_path) as im:
-                    refs.append((info.title, im.convert("RGB")))
-            except OSError as exc:
-                problems.append(f"reference {ref.img_id} could not be read: {exc}")
-        return refs, problems
+        refs, problems = load_references(traj)
+        return [(info.title, im) for info, im in refs], problems
 
     def _gt(self, request: Request, store: ImageStore):
         for s in (self.gt_store, store):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import inspect
 import os
 import time
@@ -27,7 +28,7 @@ def _device_and_dtype(device: str | None, dtype: str | None):
     return dev, pick_dtype(dev, dtype)
 
 
-class DiffusersBackend:
+class DiffusersBackend(abc.ABC):
     """Holds one pipeline, built on first use from ``model`` (a hub id or a local folder) or given ready.
 
     ``timeout_s`` bounds one render: checked after every denoising step (pipelines that take
@@ -58,8 +59,9 @@ class DiffusersBackend:
         self.last_notes: list[str] = []  # what the last render did with the references
 
     # -- loading -----------------------------------------------------------------------------
+    @abc.abstractmethod
     def _load(self, model: str, torch_dtype):
-        raise NotImplementedError
+        """The backend's pipeline for ``model`` (a model id or local folder) in ``torch_dtype``."""
 
     def _placed(self, pipe):
         import torch

@@ -17,6 +17,7 @@ Only answers inside the rubric are cached, as small JSON files in ``cache_dir``.
 
 from __future__ import annotations
 
+import abc
 import base64
 import hashlib
 import io
@@ -125,7 +126,7 @@ def find_json_object(text: str) -> dict[str, Any]:
     return obj
 
 
-class ChatJudge:
+class ChatJudge(abc.ABC):
     """Base of the API judges: ``ask(messages, key)`` returns the parsed answer, cached by ``key``."""
 
     prompt_version = "chat-judge-v0"
@@ -153,9 +154,9 @@ class ChatJudge:
         self.name = f"{self.prompt_version}:{model}"
         self.calls = 0  # requests actually sent (cache hits send none)
 
+    @abc.abstractmethod
     def parse(self, text: str) -> dict[str, Any]:
         """Validate one answer against the rubric; raise JudgeError when it does not fit."""
-        raise NotImplementedError
 
     def ask(self, messages: list[dict[str, Any]], key: str) -> tuple[dict[str, Any], bool]:
         """(parsed answer, came from the cache). An answer outside the rubric is asked again

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..records import Trajectory, Verdict, atomic_write_json
+from ..records import Trajectory, Verdict, append_bytes, atomic_write_json
 
 PROBE_VERSION = 1
 
@@ -106,13 +106,7 @@ def append_rows(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Append rows in one write, then fsync (one whole line each)."""
     if not rows:
         return
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
 
 
 def token_rows(tokenizer, ids: list[int], mask: list[int], logp_student: list[float],
