@@ -314,6 +314,8 @@ def sft(
     epochs: int = typer.Option(4, min=1, help="Passes over the data with the assistant-only loss."),
     pretrain_epochs: int = typer.Option(2, min=0, help="Tiny recipe: passes of next-token loss on every token first."),
     guided_fraction: float = typer.Option(0.5, min=0.0, max=1.0, help="Share of requests that also get a guide-following expert trajectory."),
+    extra_requests: int = typer.Option(0, min=0, help="Expert data: freshly sampled requests per category on top of the "
+                                       "sft split (texts never equal to any split's; more distinct requests teach copying)."),
     copy_steps: int = typer.Option(0, min=0, help="Steps of a synthetic copy task first (teaches copying from far back in the context)."),
     copy_mix: int = typer.Option(0, min=0, help="Copy-task sequences added to every later batch."),
     lr: float = typer.Option(2e-3, help="Peak learning rate (warm-up, then cosine decay to 10%)."),
@@ -326,7 +328,7 @@ def sft(
     from .training.sft import SFTConfig, train_sft
 
     cfg = SFTConfig(out=str(out), recipe=recipe, model=model, data=str(data) if data else None, epochs=epochs, lr=lr,
-                    pretrain_epochs=pretrain_epochs, guided_fraction=guided_fraction, copy_steps=copy_steps, copy_mix=copy_mix,
+                    pretrain_epochs=pretrain_epochs, guided_fraction=guided_fraction, extra_requests=extra_requests, copy_steps=copy_steps, copy_mix=copy_mix,
                     batch_tokens=batch_tokens, lora_rank=lora_rank, seed=seed, device=device)
     try:
         cfg.validate()
@@ -445,9 +447,7 @@ def evolve(
     cfg = _evolve_cfg(out, policy, steps or (2 if quick else 5), prompts or (4 if quick else 8), rollouts or (4 if quick else 6),
                       lambda_ved, lora_rank, lr, delta_min, gate, seed, not no_grpo, not no_ved, max_new_tokens, probe_request)
     w = World()
-    if probe_request is not None and probe_request not in {r.id for r in w.requests}:
-        raise typer.BadParameter(f"{probe_request!r} is not a sandbox request id (e.g. {w.split('evolve')[0].id})",
-                                 param_hint="--probe-request")
+    _check_probe_request(w, probe_request)
     t0 = _time.time()
     typer.echo(f"evolving {policy} ({cfg.arm}): {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.rollouts_per_prompt} rollouts -> {out}")
     _train(cfg, w, _stop_on_sigterm())
@@ -484,6 +484,12 @@ def evolve(
     typer.echo(f"report: {report}  ({_time.time() - t0:.0f} s in all)")
 
 
+def _check_probe_request(w, probe_request: str | None) -> None:
+    if probe_request is not None and probe_request not in {r.id for r in w.requests}:
+        raise typer.BadParameter(f"{probe_request!r} is not a sandbox request id (e.g. {w.split('evolve')[0].id})",
+                                 param_hint="--probe-request")
+
+
 @app.command()
 def ablate(
     quick: bool = typer.Option(False, "--quick", help="A few minutes: 1 step of 4 prompts x 4 rollouts per arm, 1 seed, 24 requests."),
@@ -499,6 +505,7 @@ def ablate(
     lr: float = typer.Option(1e-3, help="Learning rate of the LoRA weights."),
     eval_requests: Optional[int] = typer.Option(None, min=1, help="Bench requests per evaluation (default: all; quick 24)."),
     max_new_tokens: int = typer.Option(384, min=16, help="Token budget of one assistant turn."),
+    probe_request: Optional[str] = typer.Option(None, help="Sandbox request id every arm's live student-vs-teacher view follows (default: the first evolve request)."),
 ):
     """The ablation: SFT-only, +GRPO, +VED, +GRPO+VED at the same number of rollouts, several seeds, mean ± 95% CI."""
     import time as _time
@@ -516,6 +523,7 @@ def ablate(
     seed_list = [int(x) for x in (seeds or ("0" if quick else "0,1,2")).split(",") if x.strip()]
     out = out or Path("runs") / f"ablate-{_time.strftime('%Y%m%d-%H%M%S')}"
     w = World()
+    _check_probe_request(w, probe_request)
     reqs = _bench_requests(w, quick, eval_requests)
     stop = _stop_on_sigterm()
     t0 = _time.time()
@@ -530,7 +538,7 @@ def ablate(
                 run_dir = out / f"{arm}-s{seed}"
                 cfg = _evolve_cfg(run_dir, policy, steps or (1 if quick else 4), prompts or (4 if quick else 8),
                                   rollouts or (4 if quick else 6), lambda_ved, lora_rank, lr, 0.20, 0.84, seed,
-                                  "grpo" in arm, "ved" in arm, max_new_tokens)
+                                  "grpo" in arm, "ved" in arm, max_new_tokens, probe_request)
                 typer.echo(f"[{arm} seed {seed}] training -> {run_dir}")
                 _train(cfg, w, stop)
                 metrics[arm].append(run_dir / "metrics.jsonl")

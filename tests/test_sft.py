@@ -104,3 +104,21 @@ def test_copy_phase_runs_first_then_mixes_into_every_batch(tmp_path, small_data,
     assert len(rows) == res["steps"] and all(r["copy_loss"] is not None for r in rows)
     with pytest.raises(ValueError, match="copy_steps"):
         SFTConfig(copy_steps=-1).validate()
+
+
+def test_extra_requests_are_new_texts_of_every_category_and_reproducible(world):
+    from genevolve.training.sft_data import sft_requests
+
+    base = world.split("sft")
+    reqs = sft_requests(world, "sft", extra_per_category=3, seed=5)
+    extra = reqs[len(base):]
+    assert reqs[: len(base)] == base and len(extra) == 3 * 12
+    assert {r.category for r in extra} == {r.category for r in base}
+    every_split = {r.text for r in world.requests}
+    assert not any(r.text in every_split for r in extra)  # never a bench, evolve or sft text
+    assert len({r.text for r in extra}) == len(extra) and all(r.split == "sft-extra" for r in extra)
+    # each reads back to its own scene, so the expert can act on it
+    assert all(world.parse(r.text).scene.to_dict() == r.scene for r in extra)
+    again = sft_requests(world, "sft", extra_per_category=3, seed=5)
+    assert [r.text for r in again] == [r.text for r in reqs]
+    assert [r.text for r in sft_requests(world, "sft", 3, seed=6)][len(base):] != [r.text for r in extra]

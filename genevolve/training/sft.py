@@ -44,6 +44,7 @@ class SFTConfig:
     copy_steps: int = 0  # steps of the synthetic copy task before everything else (see the module docstring)
     copy_mix: int = 0  # copy-task sequences added to every later batch (0: none)
     guided_fraction: float = 0.5  # expert data: share of requests that also get a guide-following trajectory
+    extra_requests: int = 0  # expert data: freshly sampled requests per category on top of the sft split
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
@@ -65,8 +66,8 @@ class SFTConfig:
             raise ValueError("recipe is 'tiny' or 'model'")
         if self.recipe == "model" and not self.model:
             raise ValueError("recipe 'model' needs --model (a model folder)")
-        if self.pretrain_epochs < 0 or self.copy_steps < 0 or self.copy_mix < 0:
-            raise ValueError("pretrain_epochs, copy_steps and copy_mix must be >= 0")
+        if self.pretrain_epochs < 0 or self.copy_steps < 0 or self.copy_mix < 0 or self.extra_requests < 0:
+            raise ValueError("pretrain_epochs, copy_steps, copy_mix and extra_requests must be >= 0")
         for name in ("epochs", "batch_tokens", "max_len", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -94,7 +95,8 @@ def _load_conversations(cfg: SFTConfig, world, log) -> list[list[dict]]:
     from .sft_data import conversations, expert_trajectories
 
     log("generating cold-start trajectories with the scripted expert ...")
-    return conversations(expert_trajectories(world, seed=cfg.seed, guided_fraction=cfg.guided_fraction))
+    return conversations(expert_trajectories(world, seed=cfg.seed, guided_fraction=cfg.guided_fraction,
+                                             extra_per_category=cfg.extra_requests))
 
 
 def _batches(examples: list[tuple[list[int], list[int]]], batch_tokens: int, rng: random.Random) -> list[list[int]]:

@@ -38,6 +38,39 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def sample_requests(w, rng: random.Random, split: str, per_category: int, seen: set[str], id_start: int = 0,
+                    store: ImageStore | None = None) -> list[Request]:
+    """``per_category`` new requests for each of the twelve categories, none whose text is in ``seen``.
+
+    ``seen`` is updated. With ``store`` the ground-truth image is rendered and stored; without it the
+    request has no ``gt_image`` (enough for expert trajectories, which never look at it).
+    """
+    out: list[Request] = []
+    cats = [("knowledge", c) for c in KA_CATEGORIES] + [("quality", c) for c in QA_CATEGORIES]
+    for track, cat in cats:
+        n = 0
+        while n < per_category:
+            parsed = sample_scene(w, rng, track, cat)
+            text = write_request(w, parsed, rng)
+            if text in seen:
+                continue
+            # The text must read back to the same scene: the judge and the expert both rely on it.
+            back = parse_request(text, w)
+            if back.scene.to_dict() != parsed.scene.to_dict():
+                raise AssertionError(f"request does not read back to its scene: {text}")
+            seen.add(text)
+            gt = store.put(render(parsed.scene)) if store is not None else None
+            skills = needed_skills(parsed.scene)
+            difficulty = min(3, 1 + (len(skills) >= 2) + (back.hops >= 1))
+            out.append(Request(
+                id=f"{split}-{id_start + len(out):04d}", text=text, track=track, category=cat, skills=skills,
+                difficulty=difficulty, split=split, gt_image=gt, scene=parsed.scene.to_dict(),
+                entities=[o.entity for o in parsed.scene.objects if o.entity],
+            ))
+            n += 1
+    return out
+
+
 def build_world(out: str | Path, seed: int = 0, embedder=None, with_index: bool = True,
                 log: Callable[[str], None] = print) -> dict:
     """Generate the world into ``out`` (replacing what is there) and return counts."""
@@ -70,29 +103,8 @@ def build_world(out: str | Path, seed: int = 0, embedder=None, with_index: bool 
     rng = random.Random(seed + 3)
     requests: list[Request] = []
     seen: set[str] = set()
-    cats = [("knowledge", c) for c in KA_CATEGORIES] + [("quality", c) for c in QA_CATEGORIES]
     for split, per_cat in SPLITS.items():
-        for track, cat in cats:
-            n = 0
-            while n < per_cat:
-                parsed = sample_scene(w, rng, track, cat)
-                text = write_request(w, parsed, rng)
-                if text in seen:
-                    continue
-                # The text must read back to the same scene: the judge and the expert both rely on it.
-                back = parse_request(text, w)
-                if back.scene.to_dict() != parsed.scene.to_dict():
-                    raise AssertionError(f"request does not read back to its scene: {text}")
-                seen.add(text)
-                gt = store.put(render(parsed.scene))
-                skills = needed_skills(parsed.scene)
-                difficulty = min(3, 1 + (len(skills) >= 2) + (back.hops >= 1))
-                requests.append(Request(
-                    id=f"{split}-{len(requests):04d}", text=text, track=track, category=cat, skills=skills,
-                    difficulty=difficulty, split=split, gt_image=gt, scene=parsed.scene.to_dict(),
-                    entities=[o.entity for o in parsed.scene.objects if o.entity],
-                ))
-                n += 1
+        requests += sample_requests(w, rng, split, per_cat, seen, id_start=len(requests), store=store)
     write_jsonl(tmp / "requests.jsonl", requests)
     log(f"requests: {len(requests)} ({', '.join(f'{s}: {sum(r.split == s for r in requests)}' for s in SPLITS)})")
 
