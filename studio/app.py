@@ -343,7 +343,7 @@ def _distill_tab(s: Services) -> None:
         seed_bank = gr.Dropdown(["(none)"] + s.bank_choices(), value="(none)", label="Start from a bank (evolve)",
                                 elem_id="distill-seed-bank")
         probe_req = gr.Dropdown(s.request_choices("evolve"), value=None, allow_custom_value=True, filterable=True, scale=2,
-                                label="Probe request for student vs teacher (evolve; blank: the first evolve request)",
+                                label="Probe request for student vs teacher (blank: the first evolve request)",
                                 elem_id="distill-probe-request")
     with gr.Row():
         steps = gr.Textbox("", placeholder="default", label="steps", elem_id="distill-steps")

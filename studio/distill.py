@@ -52,16 +52,14 @@ def distill_args(mode: str, out: Path, policy: str = "tiny", arms: list[str] | t
         args += ["--delta-min", str(delta_min), "--gate", str(gate), "--seed", str(int(seed))]
         args += [] if "grpo" in arms else ["--no-grpo"]
         args += [] if "ved" in arms else ["--no-ved"]
-        args += ["--probe-request", probe_request] if probe_request else []
     elif mode == "ablate":
-        if probe_request:
-            raise StudioError("the probe request is for evolve runs: clear it to run an ablation")
         bad = [a for a in arms if a not in ARMS_ABLATE]
         if bad or not arms:
             raise StudioError(f"ablate runs any of the arms {', '.join(ARMS_ABLATE)}: tick at least one")
         args += ["--arms", ",".join(a for a in ARMS_ABLATE if a in arms), "--seeds", str(int(seed))]
     else:
         raise StudioError("mode is evolve or ablate")
+    args += ["--probe-request", probe_request] if probe_request else []
     for flag, v in (("--steps", steps), ("-B", b), ("-K", k), ("--eval-requests", eval_requests)):
         if v is not None:
             args += [flag, str(v)]

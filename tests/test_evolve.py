@@ -78,9 +78,10 @@ def test_cli_refuses_an_unknown_probe_request(tmp_path):
 
     from genevolve.cli import app
 
-    res = CliRunner().invoke(app, ["evolve", "--out", str(tmp_path / "run"), "--probe-request", "evolve-99999", "--train-only"])
-    text = " ".join(res.output.replace("│", " ").split())  # the error box wraps long lines
-    assert res.exit_code == 2 and "'evolve-99999' is not a sandbox request id" in text and not (tmp_path / "run").exists()
+    for cmd in (["evolve", "--train-only"], ["ablate", "--arms", "ved"]):
+        res = CliRunner().invoke(app, [*cmd, "--out", str(tmp_path / "run"), "--probe-request", "evolve-99999"])
+        text = " ".join(res.output.replace("│", " ").split())  # the error box wraps long lines
+        assert res.exit_code == 2 and "'evolve-99999' is not a sandbox request id" in text and not (tmp_path / "run").exists()
 
 
 def test_live_files_probe_pairs_and_lock(tmp_path, tiny_folder, world, monkeypatch):

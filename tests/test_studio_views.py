@@ -115,8 +115,8 @@ def test_the_probe_request_goes_to_evolve_as_an_id():
     args = distill_args("evolve", Path("r"), probe_request="evolve-0003")
     assert args[args.index("--probe-request") + 1] == "evolve-0003"
     assert "--probe-request" not in distill_args("evolve", Path("r"))
-    with pytest.raises(StudioError, match="probe request is for evolve"):
-        distill_args("ablate", Path("r"), arms=["sft"], probe_request="evolve-0003")
+    args = distill_args("ablate", Path("r"), arms=["sft", "ved"], probe_request="evolve-0003")
+    assert args[0] == "ablate" and args[args.index("--probe-request") + 1] == "evolve-0003"
 
 
 def _write_run(out: Path, steps: int = 2):
