@@ -425,6 +425,7 @@ def evolve(
     seed: int = typer.Option(0, help="Seed for prompt order, sampling and initialisation."),
     eval_seeds: str = typer.Option("0", help="Comma-separated seeds for the before/after/teacher bench comparison."),
     eval_requests: Optional[int] = typer.Option(None, min=1, help="Bench requests to compare on (default: all; quick 24)."),
+    eval_samples: int = typer.Option(1, min=1, help="Trajectories per bench request and seed in the comparison (more: less sampling noise)."),
     max_new_tokens: int = typer.Option(384, min=16, help="Token budget of one assistant turn."),
     train_only: bool = typer.Option(False, "--train-only", help="Train and checkpoint; skip the bench comparison."),
     probe_request: Optional[str] = typer.Option(None, help="Sandbox request id the live student-vs-teacher view follows at every step (default: the first evolve request)."),
@@ -473,13 +474,14 @@ def evolve(
     results = {}
     for name, pol, g in (("student (before)", before, None), ("student (after)", after, None), ("teacher", after, guides)):
         store = ImageStore(out / "report" / "images" / name.split()[0])
-        res = evaluate(w, pol, reqs, seeds, guides=g, store=store, progress=typer.echo)
+        res = evaluate(w, pol, reqs, seeds, guides=g, store=store, progress=typer.echo, samples=eval_samples)
         res["store"] = store
         results[name] = res
     extra = (f"Teacher = the trained student with the nearest bank experience (cosine >= {gate}) in its system prompt; "
              f"{hits}/{len(reqs)} bench requests retrieved one. Training took {t_train:.0f} s; total {_time.time() - t0:.0f} s.")
     report = write_report(out / "report", f"Distill and compare: {policy}, {cfg.arm}", results, w,
-                          {cfg.arm: [out / "metrics.jsonl"]}, extra, config=cfg.__dict__)
+                          {cfg.arm: [out / "metrics.jsonl"]}, extra,
+                          config=cfg.__dict__ | {"eval_requests": len(reqs), "eval_seeds": seeds, "eval_samples": eval_samples})
     typer.echo(open(report).read().split("## Learning curves")[0])
     typer.echo(f"report: {report}  ({_time.time() - t0:.0f} s in all)")
 
@@ -504,6 +506,7 @@ def ablate(
     lora_rank: int = typer.Option(16, min=1, help="LoRA rank."),
     lr: float = typer.Option(1e-3, help="Learning rate of the LoRA weights."),
     eval_requests: Optional[int] = typer.Option(None, min=1, help="Bench requests per evaluation (default: all; quick 24)."),
+    eval_samples: int = typer.Option(1, min=1, help="Trajectories per bench request and seed in the comparison (more: less sampling noise)."),
     max_new_tokens: int = typer.Option(384, min=16, help="Token budget of one assistant turn."),
     probe_request: Optional[str] = typer.Option(None, help="Sandbox request id every arm's live student-vs-teacher view follows (default: the first evolve request)."),
 ):
@@ -544,7 +547,7 @@ def ablate(
                 metrics[arm].append(run_dir / "metrics.jsonl")
                 pol = resolve_policy(policy, adapter=str(run_dir / "checkpoint" / "adapter"))
             pol.name = arm
-            res = evaluate(w, pol, reqs, [seed], store=store, progress=typer.echo)
+            res = evaluate(w, pol, reqs, [seed], store=store, progress=typer.echo, samples=eval_samples)
             res["store"] = store
             per_arm[arm].append(res)
             typer.echo(f"[{arm} seed {seed}] bench KScore {res['summary']['overall']['all']['kscore']['mean']:.3f} "
@@ -578,7 +581,8 @@ def ablate(
     extra = "\n".join(lines) + f"\n\nTotal time: {_time.time() - t0:.0f} s for {len(seed_list)} seed(s) x {len(arm_list)} arm(s)."
     report = write_report(out / "report", f"Ablation: {policy}", results, w, metrics, extra,
                           config={"seeds": seed_list, "arms": arm_list, "steps": steps or (1 if quick else 4),
-                                  "B": prompts or (4 if quick else 8), "K": rollouts or (4 if quick else 6), "lambda_ved": lambda_ved})
+                                  "B": prompts or (4 if quick else 8), "K": rollouts or (4 if quick else 6), "lambda_ved": lambda_ved,
+                                  "eval_requests": len(reqs), "eval_samples": eval_samples})
     atomic_write_json(out / "ablation.json", {a: r["summary"] for a, r in results.items()} | {"seconds": _time.time() - t0})
     typer.echo("\n".join(lines))
     typer.echo(f"report: {report}  ({_time.time() - t0:.0f} s in all)")

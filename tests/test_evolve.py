@@ -188,3 +188,20 @@ def test_two_processes_share_a_step_and_stay_in_sync(tmp_path, tiny_folder, worl
 
     probe = read_probe(out)  # written by the main process alone
     assert probe["step"] == 2 and probe["request_id"] == world.split("evolve")[0].id and probe["teacher"] is not None
+
+
+def test_evaluate_averages_several_samples_per_request(world):
+    from genevolve.training.compare import evaluate
+    from genevolve.world.expert import ExpertNoise, ExpertPolicy
+
+    reqs = world.split("bench")[::40][:3]
+    noisy = ExpertPolicy(world, ExpertNoise.cold_start())
+    one = evaluate(world, noisy, reqs, seeds=[0], samples=1)
+    three = evaluate(world, noisy, reqs, seeds=[0], samples=3)
+    assert [(r["request"], r["sample"]) for r in three["records"]] == [(q.id, i) for q in reqs for i in range(3)]
+    ks = [r["verdict"].kscore for r in three["records"]]
+    assert three["summary"]["overall"]["all"]["kscore"]["mean"] == pytest.approx(sum(ks) / len(ks))
+    # sample 0 is the same trajectory a one-sample evaluation draws
+    assert [r["verdict"].kscore for r in three["records"] if r["sample"] == 0] == [r["verdict"].kscore for r in one["records"]]
+    with pytest.raises(ValueError, match="samples"):
+        evaluate(world, noisy, reqs, samples=0)

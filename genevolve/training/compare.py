@@ -21,8 +21,15 @@ CURVES = (("reward_mean", "reward (mean)"), ("kscore_mean", "KScore (rollouts)")
 
 
 def evaluate(world, policy, requests, seeds=(0,), guides: dict[str, str] | None = None, params=None,
-             store: ImageStore | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Bench a policy: per seed, one trajectory per request; returns aggregates and the per-request records."""
+             store: ImageStore | None = None, progress: Callable[[str], None] | None = None,
+             samples: int = 1) -> dict[str, Any]:
+    """Bench a policy: per seed, ``samples`` trajectories per request; returns aggregates and the per-request records.
+
+    A seed's figures average over all its samples: more samples per request shrink the sampling noise of
+    each seed's score (and so the spread over seeds) without changing what is measured.
+    """
+    if samples < 1:
+        raise ValueError("samples must be >= 1")
     import tempfile
 
     from ..agent import Tools
@@ -38,13 +45,15 @@ def evaluate(world, policy, requests, seeds=(0,), guides: dict[str, str] | None 
     per_seed, records = {}, []
     for seed in seeds:
         if progress:
-            progress(f"evaluating {policy.name} seed {seed} on {len(requests)} requests")
-        trajs = rollout(requests, policy, tools, k=1, params=params, seed=seed, guides=guides)
+            progress(f"evaluating {policy.name} seed {seed} on {len(requests)} requests"
+                     + (f" x {samples} samples" if samples > 1 else ""))
+        trajs = rollout(requests, policy, tools, k=samples, params=params, seed=seed, guides=guides)
         pairs = []
-        for req, tr in zip(requests, trajs):
+        for i, tr in enumerate(trajs):  # request-major: sample i % samples of request i // samples
+            req = requests[i // samples]
             _, v = scorer.score(req, tr, store, seed=tr.seed)
             pairs.append((req, v))
-            records.append({"seed": seed, "request": req.id, "trajectory": tr, "verdict": v})
+            records.append({"seed": seed, "sample": i % samples, "request": req.id, "trajectory": tr, "verdict": v})
         per_seed[seed] = aggregate(pairs)
     summary = {}
     for level in ("overall", "track"):
@@ -122,7 +131,7 @@ def write_examples(world, results: dict[str, dict], out_dir: Path, n: int = 6) -
     by_req: dict[str, dict[str, Any]] = {}
     for name in names:
         for rec in results[name]["records"]:
-            if rec["seed"] == results[name]["records"][0]["seed"]:
+            if rec["seed"] == results[name]["records"][0]["seed"] and rec.get("sample", 0) == 0:
                 by_req.setdefault(rec["request"], {})[name] = rec
     spread = sorted(by_req.items(), key=lambda kv: -(max(r["verdict"].kscore for r in kv[1].values())
                                                       - min(r["verdict"].kscore for r in kv[1].values())))
