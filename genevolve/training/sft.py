@@ -7,14 +7,23 @@ model folder with its config and a loss curve.
 A model built from scratch (the tiny recipe) has never read anything, so it first gets
 ``pretrain_epochs`` of plain language modelling over the same conversations (every token counts:
 requests, observations and turns), the way a real policy starts from a pretrained LM. That is
-where it learns the sandbox's language. Copying names, years and ids from far back in the context
-is the one skill that plain language modelling on this small corpus teaches too slowly (the model
-falls back on plausible names), so the recipe starts with ``copy_steps`` of a synthetic copy task
-(a random run of words, a separator, the same run again; loss on the repeat) and keeps
-``copy_mix`` such sequences in every later batch. The SFT epochs that follow use the
-assistant-only loss.
+where it learns the sandbox's language. The SFT epochs that follow use the assistant-only loss.
 
-    genevolve sft --recipe tiny --out assets/policy/tiny      # rebuilds the shipped tiny policy
+Copying names, years and ids from the request and the observations is the skill a small model
+learns last. Trained on the 720 ``sft`` requests alone it learns their texts by heart and restates a
+remembered request instead of the one in front of it; ``extra_requests`` adds freshly sampled
+requests per category (never the text of any split's request), which leaves copying as the only way
+to lower the loss. A synthetic copy task (``copy_steps`` first, ``copy_mix`` per later batch: a
+random run of words, a separator, the same run again, loss on the repeat) is there too, but it
+teaches copying far more slowly on a CPU than more distinct requests do.
+
+The shipped tiny policy is built in two stages (``make tiny-policy``): from scratch on the sft split
+plus 150 extra requests per category, then one more assistant-only epoch on a fresh draw (seed 1:
+other extra requests, other noise) with three in four requests also guided::
+
+    genevolve sft --recipe tiny --out runs/tiny-stage1 --extra-requests 150 --pretrain-epochs 1 --epochs 2
+    genevolve sft --recipe model --model runs/tiny-stage1 --out assets/policy/tiny --extra-requests 150 \
+        --seed 1 --epochs 1 --lr 1e-3 --guided-fraction 0.75
 """
 
 from __future__ import annotations
