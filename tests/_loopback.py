@@ -127,3 +127,21 @@ class FakeVLM:
             return PlainTextResponse(resp.text, status_code=resp.status_code)
 
         return app
+
+
+def run_process_group(cmd: list[str], env: dict, timeout: float = 300, cwd=None) -> tuple[int, str]:
+    """Run ``cmd`` in its own process group (so a time-out ends torchrun's workers too, not torchrun
+    alone); return its exit code and stderr."""
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, err

@@ -155,10 +155,10 @@ def test_the_probe_changes_neither_the_batch_nor_the_update(tmp_path, tiny_folde
 def test_two_processes_share_a_step_and_stay_in_sync(tmp_path, tiny_folder, world):
     """torchrun with two gloo processes: prompts split, pairs and bank shared, gradients summed."""
     import os
-    import signal
-    import subprocess
     import sys
     from pathlib import Path
+
+    from _loopback import run_process_group
 
     out = tmp_path / "run"
     ExperienceBank(out / "bank").add("evolve-x", "any request", {s: "Query spatial_layout and place each object." for s in SLOTS},
@@ -167,14 +167,8 @@ def test_two_processes_share_a_step_and_stay_in_sync(tmp_path, tiny_folder, worl
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", "-m", "genevolve.cli",
            "evolve", "--out", str(out), "--policy", str(tiny_folder), "--steps", "2", "-B", "2", "-K", "2",
            "--max-new-tokens", "16", "--gate", "-1", "--lora-rank", "4", "--lr", "1e-2", "--train-only"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, err[-3000:]
+    code, err = run_process_group(cmd, env)
+    assert code == 0, err[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["processes"] == 2 for r in rows)
     for r in rows:

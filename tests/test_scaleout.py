@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 from genevolve.policies.base import SamplingParams
 from genevolve.scaleout import AdapterHotLoader, RemoteStudent
 
-from _loopback import serve_app
+from _loopback import run_process_group, serve_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,18 +75,10 @@ def test_sft_in_two_gloo_processes(world, tmp_path):
     env = dict(os.environ, ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "out"
-    # Its own process group, so a time-out ends torchrun's workers too, not torchrun alone.
-    proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m",
-                             "genevolve.training.accelerate_sft", "--model", str(ROOT / "assets/policy/tiny"), "--data",
-                             str(data), "--out", str(out), "--max-steps", "2", "--batch-size", "2"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, err[-2000:]
+    code, err = run_process_group([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m",
+                                   "genevolve.training.accelerate_sft", "--model", str(ROOT / "assets/policy/tiny"), "--data",
+                                   str(data), "--out", str(out), "--max-steps", "2", "--batch-size", "2"], env, cwd=ROOT)
+    assert code == 0, err[-2000:]
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["backend"] == "gloo" and result["steps"] == 2
     assert result["replicas_in_sync"] and len(result["param_checksums"]) == 2
