@@ -5,9 +5,7 @@ skills, distractor references, loose wording, skipped searches) and how to use a
 when one is in the system prompt (the same noisy expert, following the request's correct guide).
 
 ``extra_per_category`` adds freshly sampled requests from the same world (texts never equal to any
-request of any split). A small model trained on the 720 ``sft`` requests alone learns their texts by
-heart and restates a remembered request instead of copying the one in front of it; more distinct
-requests leave copying as the only way to lower the loss.
+request of any split); ``genevolve/training/sft.py`` says why.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ class World:
             split = self.split(id_or_text.split("-")[0])
             raise KeyError(f"no sandbox request with id {id_or_text!r} (the {split[0].split} split runs from "
                            f"{split[0].id} to {split[-1].id})")
-        from .requests import ParseError, needed_skills, parse_request
+        from .requests import ParseError, difficulty, needed_skills, parse_request
         from .scene import render
 
         rid = "adhoc-" + hashlib.sha1(id_or_text.encode("utf-8")).hexdigest()[:10]
@@ -86,7 +86,7 @@ class World:
         track = "knowledge" if parsed.mentions else "quality"
         skills = needed_skills(parsed.scene)
         return Request(id=rid, text=id_or_text, track=track, category="adhoc", skills=skills,
-                       difficulty=min(3, 1 + (len(skills) >= 2) + (parsed.hops >= 1)), split="adhoc",
+                       difficulty=difficulty(skills, parsed.hops), split="adhoc",
                        gt_image=gt, scene=parsed.scene.to_dict(),
                        entities=[o.entity for o in parsed.scene.objects if o.entity])
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..records import ImageStore, Request, atomic_write_json, atomic_write_text, replace_dir, write_jsonl
 from .entities import build_corpus, build_reference_specs, generate_world
-from .requests import QA_CATEGORIES, needed_skills, sample_scene, write_request, parse_request
+from .requests import QA_CATEGORIES, difficulty, needed_skills, sample_scene, write_request, parse_request
 from .scene import emblem_to_reference, render, render_emblem
 from .skills import SKILL_CARDS
 
@@ -61,10 +61,9 @@ def sample_requests(w, rng: random.Random, split: str, per_category: int, seen: 
             seen.add(text)
             gt = store.put(render(parsed.scene)) if store is not None else None
             skills = needed_skills(parsed.scene)
-            difficulty = min(3, 1 + (len(skills) >= 2) + (back.hops >= 1))
             out.append(Request(
                 id=f"{split}-{id_start + len(out):04d}", text=text, track=track, category=cat, skills=skills,
-                difficulty=difficulty, split=split, gt_image=gt, scene=parsed.scene.to_dict(),
+                difficulty=difficulty(skills, back.hops), split=split, gt_image=gt, scene=parsed.scene.to_dict(),
                 entities=[o.entity for o in parsed.scene.objects if o.entity],
             ))
             n += 1

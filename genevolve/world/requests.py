@@ -76,6 +76,11 @@ class ParsedRequest:
 # ---------------------------------------------------------------------------
 
 
+def difficulty(skills: list[str], hops: int) -> int:
+    """1 to 3: one more for two or more skills, one more for a fact to look up first."""
+    return min(3, 1 + (len(skills) >= 2) + (hops >= 1))
+
+
 def needed_skills(scene: Scene) -> list[str]:
     objs = scene.objects
     need = []
