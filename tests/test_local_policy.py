@@ -110,6 +110,13 @@ def test_engine_records_exact_streams(policy):
         assert all(turn.finish_reason in ("stop", "length") for turn in t.turns)
         # Observations and format-error notes are in the stream but never in the mask.
         assert sum(t.assistant_mask) < len(t.token_ids)
+        # Streams of different lengths shared one padded batch per turn, yet every recorded
+        # log-probability is what the model gives the whole stream read in one pass.
+        with torch.no_grad():
+            logp = torch.log_softmax(policy.model(input_ids=torch.tensor([t.token_ids])).logits[0].float(), -1)
+        at = [i for i, m in enumerate(t.assistant_mask) if m]
+        want = [float(logp[i - 1, t.token_ids[i]]) for i in at]
+        assert [t.token_logprobs[i] for i in at] == pytest.approx(want, abs=1e-4)
 
 
 def test_lora_adapters_attach_switch_and_disable(policy, tmp_path):
