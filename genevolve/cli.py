@@ -30,9 +30,10 @@ def _policy(world, name: str, noise: str, skip_skill: list[str], p_distractor: O
         if s not in SKILLS:
             raise typer.BadParameter(f"unknown skill {s!r}; skills: {', '.join(SKILLS)}", param_hint="--skip-skill")
     if name == "expert":
-        base = {"none": ExpertNoise(), "cold-start": ExpertNoise.cold_start()}.get(noise)
-        if base is None:
-            raise typer.BadParameter("noise is 'none' or 'cold-start'", param_hint="--noise")
+        try:
+            base = ExpertNoise.named(noise)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--noise") from exc
         from dataclasses import replace
 
         base = replace(base, skip_skills=tuple(skip_skill))
@@ -166,7 +167,8 @@ def rollout(
     seed: int = typer.Option(0, help="Seed: trajectory i uses seed*1000+i for the policy and the generator."),
     out: Optional[Path] = typer.Option(None, help="Run folder to write (default: runs/<new run id>)."),
     policy: str = typer.Option("expert", help=POLICY_HELP),
-    noise: str = typer.Option("cold-start", help="Expert noise: 'none' (perfect) or 'cold-start' (imperfect, varied)."),
+    noise: str = typer.Option("cold-start", help="Expert noise: 'none' (perfect), 'cold-start' (imperfect, varied) or "
+                              "'blind-spots' (cold-start, plus three skills mostly skipped without a guide)."),
     skip_skill: list[str] = typer.Option([], help="Skill the expert never uses (repeatable)."),
     p_distractor: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Chance the expert takes a distractor reference."),
     guide: Optional[str] = typer.Option(None, help="Decision guide for the system prompt: 'oracle' (the request's correct guide) or a text."),
@@ -222,7 +224,7 @@ def bench(
     policy: str = typer.Option("expert", help=POLICY_HELP),
     split: str = typer.Option("bench", help="Sandbox split to evaluate: sft, evolve or bench."),
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; each seed runs one trajectory per request."),
-    noise: str = typer.Option("none", help="Expert noise: 'none' or 'cold-start'."),
+    noise: str = typer.Option("none", help="Expert noise: 'none', 'cold-start' or 'blind-spots'."),
     skip_skill: list[str] = typer.Option([], help="Skill the expert never uses (repeatable)."),
     p_distractor: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Chance the expert takes a distractor reference."),
     guide: Optional[str] = typer.Option(None, help="'oracle': give every request its correct decision guide (teacher-style context)."),
@@ -314,6 +316,8 @@ def sft(
     epochs: int = typer.Option(4, min=1, help="Passes over the data with the assistant-only loss."),
     pretrain_epochs: int = typer.Option(2, min=0, help="Tiny recipe: passes of next-token loss on every token first."),
     guided_fraction: float = typer.Option(0.5, min=0.0, max=1.0, help="Share of requests that also get a guide-following expert trajectory."),
+    noise: str = typer.Option("cold-start", help="Expert data: noise of the unguided trajectories, 'cold-start' or "
+                              "'blind-spots' (three skills mostly skipped unless a guide names them)."),
     extra_requests: int = typer.Option(0, min=0, help="Expert data: freshly sampled requests per category on top of the "
                                        "sft split (texts never equal to any split's; more distinct requests teach copying)."),
     copy_steps: int = typer.Option(0, min=0, help="Steps of a synthetic copy task first (teaches copying from far back in the context)."),
@@ -328,7 +332,7 @@ def sft(
     from .training.sft import SFTConfig, train_sft
 
     cfg = SFTConfig(out=str(out), recipe=recipe, model=model, data=str(data) if data else None, epochs=epochs, lr=lr,
-                    pretrain_epochs=pretrain_epochs, guided_fraction=guided_fraction, extra_requests=extra_requests, copy_steps=copy_steps, copy_mix=copy_mix,
+                    pretrain_epochs=pretrain_epochs, guided_fraction=guided_fraction, noise=noise, extra_requests=extra_requests, copy_steps=copy_steps, copy_mix=copy_mix,
                     batch_tokens=batch_tokens, lora_rank=lora_rank, seed=seed, device=device)
     try:
         cfg.validate()

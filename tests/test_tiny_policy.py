@@ -16,12 +16,16 @@ pytestmark = pytest.mark.skipif(not tiny_exists(TINY_DIR), reason="tiny policy n
 def test_checkpoint_is_small_and_documented():
     size = sum(p.stat().st_size for p in TINY_DIR.iterdir() if p.is_file())
     assert size <= 25 * 2**20
-    # two stages, both recorded (make tiny-policy): from scratch, then one epoch on a fresh draw
+    # three stages, all recorded (make tiny-policy): from scratch, then one epoch on a fresh draw,
+    # then one more on another draw whose unguided data has blind spots
     stage1 = json.loads((TINY_DIR / "stage1" / "sft_config.json").read_text())
+    stage2 = json.loads((TINY_DIR / "stage2" / "sft_config.json").read_text())
     cfg = json.loads((TINY_DIR / "sft_config.json").read_text())
     assert stage1["recipe"] == "tiny" and stage1["extra_requests"] > 0 and stage1["out"] == "runs/tiny-stage1"
-    assert cfg["recipe"] == "model" and cfg["model"] == stage1["out"] and cfg["out"] == "assets/policy/tiny"
-    assert cfg["seed"] != stage1["seed"]  # a fresh draw of extra requests and noise
+    assert stage2["recipe"] == "model" and stage2["model"] == stage1["out"] and stage2["out"] == "runs/tiny-stage2"
+    assert cfg["recipe"] == "model" and cfg["model"] == stage2["out"] and cfg["out"] == "assets/policy/tiny"
+    assert len({stage1["seed"], stage2["seed"], cfg["seed"]}) == 3  # fresh draws of extra requests and noise
+    assert cfg["noise"] == "blind-spots" and stage2["noise"] == "cold-start"
     assert json.loads((TINY_DIR / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 

@@ -269,6 +269,30 @@ def test_expert_follows_a_decision_guide(world, tools):
     assert "exactly" in guided.program.gen_prompt.lower()
 
 
+def test_blind_spot_noise_skips_its_skills_unless_guided(world, tools):
+    from genevolve.guides import oracle_guide
+
+    noise = ExpertNoise.blind_spots()
+    assert noise.blind_skills and ExpertNoise.named("blind-spots") == noise
+    with pytest.raises(ValueError, match="unknown expert noise"):
+        ExpertNoise.named("loud")
+    pol = ExpertPolicy(world, noise)
+    called = lambda t: {tt.tool_call.arguments.get("skill_name") for tt in t.turns if tt.tool_call}
+    counts = {"blind": [0, 0], "other": [0, 0], "guided blind": [0, 0]}
+    for i, r in enumerate(world.split("evolve")[:60]):
+        plain, guided = run_to_end(r, pol, tools, seed=i), run_to_end(r, pol, tools, seed=i, guide=oracle_guide(world, r))
+        for s in r.skills:
+            key = "blind" if s in noise.blind_skills else "other"
+            counts[key][0] += s in called(plain)
+            counts[key][1] += 1
+            if key == "blind":
+                counts["guided blind"][0] += s in called(guided)
+                counts["guided blind"][1] += 1
+    rate = {k: a / b for k, (a, b) in counts.items()}
+    assert counts["blind"][1] >= 20 and rate["blind"] <= 0.3 and rate["other"] >= 0.5, rate
+    assert rate["guided blind"] == 1.0
+
+
 def test_expert_writes_protocol_valid_trajectories(world, tools):
     noisy = ExpertPolicy(world, ExpertNoise.cold_start())
     for r in world.split("evolve")[:30]:

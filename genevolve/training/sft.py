@@ -17,13 +17,17 @@ to lower the loss. A synthetic copy task (``copy_steps`` first, ``copy_mix`` per
 random run of words, a separator, the same run again, loss on the repeat) is there too, but it
 teaches copying far more slowly on a CPU than more distinct requests do.
 
-The shipped tiny policy is built in two stages (``make tiny-policy``): from scratch on the sft split
-plus 150 extra requests per category, then one more assistant-only epoch on a fresh draw (seed 1:
-other extra requests, other noise) with three in four requests also guided::
+The shipped tiny policy is built in three stages (``make tiny-policy``): from scratch on the sft split
+plus 150 extra requests per category; one more assistant-only epoch on a fresh draw (seed 1: other
+extra requests, other noise) with three in four requests also guided; and one more on another draw
+(seed 2) whose unguided trajectories have blind spots (``--noise blind-spots``: three skills mostly
+skipped unless a guide names them; see ``ExpertNoise.blind_spots`` for why)::
 
     genevolve sft --recipe tiny --out runs/tiny-stage1 --extra-requests 150 --pretrain-epochs 1 --epochs 2
-    genevolve sft --recipe model --model runs/tiny-stage1 --out assets/policy/tiny --extra-requests 150 \
+    genevolve sft --recipe model --model runs/tiny-stage1 --out runs/tiny-stage2 --extra-requests 150 \
         --seed 1 --epochs 1 --lr 1e-3 --guided-fraction 0.75
+    genevolve sft --recipe model --model runs/tiny-stage2 --out assets/policy/tiny --extra-requests 150 \
+        --seed 2 --epochs 1 --lr 1e-3 --guided-fraction 0.75 --noise blind-spots
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class SFTConfig:
     copy_mix: int = 0  # copy-task sequences added to every later batch (0: none)
     guided_fraction: float = 0.5  # expert data: share of requests that also get a guide-following trajectory
     extra_requests: int = 0  # expert data: freshly sampled requests per category on top of the sft split
+    noise: str = "cold-start"  # expert data: noise of the unguided trajectories (ExpertNoise.named)
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
@@ -82,6 +87,9 @@ class SFTConfig:
                 raise ValueError(f"{name} must be >= 1")
         if not 0 < self.lr < 1:
             raise ValueError("lr must be in (0, 1)")
+        from ..world.expert import ExpertNoise
+
+        ExpertNoise.named(self.noise)
         if self.vocab_size > 8192:
             raise ValueError("the tiny policy's vocabulary is at most 8192")
 
@@ -104,8 +112,10 @@ def _load_conversations(cfg: SFTConfig, world, log) -> list[list[dict]]:
     from .sft_data import conversations, expert_trajectories
 
     log("generating cold-start trajectories with the scripted expert ...")
+    from ..world.expert import ExpertNoise
+
     return conversations(expert_trajectories(world, seed=cfg.seed, guided_fraction=cfg.guided_fraction,
-                                             extra_per_category=cfg.extra_requests))
+                                             noise=ExpertNoise.named(cfg.noise), extra_per_category=cfg.extra_requests))
 
 
 def _batches(examples: list[tuple[list[int], list[int]]], batch_tokens: int, rng: random.Random) -> list[list[int]]:

@@ -6,6 +6,8 @@ it. Noise knobs make it imperfect in the ways that matter (they are drawn once p
 the sampling seed):
 
 - ``skip_skills`` / ``p_skip_skill``: never query a needed skill, so its wording is not applied;
+- ``blind_skills`` / ``p_blind``: skip these skills far more often than the others (a systematic
+  blind spot, which a student trained on the data keeps, rather than noise it averages away);
 - ``p_distractor``: pick a distractor reference (misprint, historic, fan-made, look-alike twin);
 - ``p_vague``: query a skill but still write the request's loose wording;
 - ``p_skip_search``: skip the fact search a multi-hop entity needs, and guess.
@@ -52,11 +54,32 @@ class ExpertNoise:
     p_distractor: float = 0.0
     p_vague: float = 0.0
     p_skip_search: float = 0.0
+    blind_skills: tuple[str, ...] = ()
+    p_blind: float = 0.0
 
     @classmethod
     def cold_start(cls) -> "ExpertNoise":
         """The noise used for cold-start SFT data: imperfect, so self-evolution has headroom."""
         return cls(p_skip_skill=0.35, p_distractor=0.3, p_vague=0.2, p_skip_search=0.25)
+
+    @classmethod
+    def blind_spots(cls) -> "ExpertNoise":
+        """Cold-start noise plus three skills the unguided expert mostly forgets (layout, lighting, anatomy).
+
+        A student trained on independent coin-flip skips learns to query every skill about as often as
+        the data does, so a guide only fixes the few it happens to drop. Skills that are skipped 85 % of
+        the time without a guide and always queried with one are a behaviour a guide really changes:
+        the gap self-evolution is meant to close.
+        """
+        return replace(cls.cold_start(), blind_skills=("spatial_layout", "aesthetic_drawing", "anatomy_body_coherence"),
+                       p_blind=0.85)
+
+    @classmethod
+    def named(cls, name: str) -> "ExpertNoise":
+        presets = {"none": cls, "cold-start": cls.cold_start, "blind-spots": cls.blind_spots}
+        if name not in presets:
+            raise ValueError(f"unknown expert noise {name!r}; choose one of {', '.join(presets)}")
+        return presets[name]()
 
 
 @dataclass
@@ -150,7 +173,8 @@ class ExpertPolicy:
         rng = random.Random(_stable("expert", ctx.request, seed))
         skills, applied = [], set()
         for s in needed_skills(parsed.scene):
-            skip = s in noise.skip_skills or (s not in guided and rng.random() < noise.p_skip_skill)
+            p_skip = noise.p_blind if s in noise.blind_skills else noise.p_skip_skill
+            skip = s in noise.skip_skills or (s not in guided and rng.random() < p_skip)
             if skip:
                 continue
             skills.append(s)
