@@ -1,13 +1,12 @@
 """Batched multi-turn rollouts: B requests x K samples advance together.
 
-Every trajectory is an :class:`~genevolve.agent.Episode` (the protocol's rules live there). Each
-round, the engine collects the episodes that still need a turn, asks the policy for all their turns
-at once, feeds each text back to its episode (which runs the tool and appends the observation) and
-drops finished episodes from the batch. With a :class:`~genevolve.policies.local.LocalPolicy` each
-episode keeps a token stream, so the KV cache carries over from turn to turn and the trajectory
-records exactly the tokens the policy produced (assistant mask) and their log-probabilities. Any
-other policy (the scripted expert, an OpenAI-compatible server) is called one conversation at a
-time with the episode's own seed.
+Every trajectory is an :class:`~genevolve.agent.Episode` (the protocol's rules live there). With a
+:class:`~genevolve.policies.local.LocalPolicy` the episodes share one batch with continuous
+batching (:mod:`genevolve.policies.continuous`): an episode whose turn ends runs its tool and
+rejoins while the others keep writing, its KV cache stays in place from turn to turn, and the
+trajectory records exactly the tokens the policy produced (assistant mask) and their
+log-probabilities. Any other policy (the scripted expert, an OpenAI-compatible server) is called
+one conversation at a time with the episode's own seed, round by round.
 """
 
 from __future__ import annotations
@@ -22,8 +21,8 @@ from .policies.base import SamplingParams
 from .records import Request, Trajectory
 
 
-def _turn_seed(seed: int, round_index: int, chunk: int) -> int:
-    h = hashlib.sha256(f"{seed}/{round_index}/{chunk}".encode()).digest()
+def _sampling_seed(seed: int) -> int:
+    h = hashlib.sha256(f"{seed}/0/0".encode()).digest()
     return int.from_bytes(h[:8], "little") & 0x7FFFFFFFFFFFFFFF
 
 
@@ -34,35 +33,38 @@ def rollout(requests: Sequence[Request], policy: Any, tools: Tools, k: int = 1,
     """Roll out ``k`` trajectories per request; returns them in request-major order.
 
     Trajectory ``i`` of a request uses seed ``seed * 1000 + i`` and id ``<request>-s<seed>-k<i>``.
-    ``on_turn(finished, total)`` is called after every round (for progress bars).
+    ``on_turn(finished, total)`` is called as trajectories finish (for progress bars). ``max_batch``
+    caps the rows of a local policy's batch; more trajectories wait for a free row.
     """
     episodes = [Episode(req, tools, seed=seed * 1000 + i, traj_id=f"{req.id}-s{seed}-k{i}",
                         guide=(guides or {}).get(req.id), policy_name=policy.name, max_turns=max_turns)
                 for req in requests for i in range(k)]
-    batched = hasattr(policy, "continue_streams")
-    streams: dict[int, Any] = {}
+    batched = hasattr(policy, "run_conversations")
+    streams: list[Any] = []
     if batched:
-        from .policies.local import TokenStream
+        from .policies.continuous import ModelCallError
 
-        streams = {id(e): TokenStream() for e in episodes}
-    rnd = 0
-    while True:
-        active = [e for e in episodes if not e.done]
-        if not active:
-            break
-        if batched:
-            for c in range(0, len(active), max_batch):
-                chunk = active[c : c + max_batch]
-                p = replace(params, seed=_turn_seed(seed, rnd, c))
-                try:
-                    comps = policy.continue_streams([streams[id(e)] for e in chunk], [e.messages for e in chunk], p)
-                except Exception as exc:  # the whole chunk failed (e.g. out of memory): record, do not crash
-                    for e in chunk:
-                        e.fail(f"{type(exc).__name__}: {exc}")
-                    continue
-                for e, comp in zip(chunk, comps):
-                    e.step(comp.text, finish_reason=comp.finish_reason)
-        else:
+        def next_messages(i: int):
+            return None if episodes[i].done else episodes[i].messages
+
+        def turn_done(i: int, comp) -> None:
+            episodes[i].step(comp.text, finish_reason=comp.finish_reason)
+            if episodes[i].done and on_turn:
+                on_turn(sum(e.done for e in episodes), len(episodes))
+
+        try:
+            streams = policy.run_conversations(len(episodes), next_messages, turn_done,
+                                               replace(params, seed=_sampling_seed(seed)), max_batch=max_batch)
+        except ModelCallError as exc:  # the model failed mid-batch (e.g. out of memory): record, do not crash
+            streams = exc.streams
+            for e in episodes:
+                if not e.done:
+                    e.fail(str(exc))
+    else:
+        while True:
+            active = [e for e in episodes if not e.done]
+            if not active:
+                break
             for e in active:
                 try:
                     text = policy.complete(e.messages, seed=e.traj.seed)
@@ -70,13 +72,12 @@ def rollout(requests: Sequence[Request], policy: Any, tools: Tools, k: int = 1,
                     e.fail(f"{type(exc).__name__}: {exc}")
                     continue
                 e.step(text)
-        rnd += 1
-        if on_turn:
-            on_turn(sum(e.done for e in episodes), len(episodes))
+            if on_turn:
+                on_turn(sum(e.done for e in episodes), len(episodes))
     out = []
-    for e in episodes:
+    for i, e in enumerate(episodes):
         if batched:
-            st = streams[id(e)]
+            st = streams[i]
             e.traj.token_ids, e.traj.assistant_mask, e.traj.token_logprobs = list(st.ids), list(st.mask), list(st.logprobs)
             if st.resets:
                 e.traj.errors.append(f"token stream re-encoded {st.resets} time(s): earlier turns' log-probabilities are 0")

@@ -94,15 +94,22 @@ class FakeTools:
         return "card"
 
 
-def test_engine_records_exact_streams(policy):
+@pytest.mark.parametrize("max_batch", [64, 3])  # 3 rows for 4 trajectories: one waits for a free row
+def test_engine_records_exact_streams(policy, max_batch):
     tools = Tools(FakeTools(), FakeTools(), FakeTools())
     reqs = [Request(id="r1", text="Draw a red circle."), Request(id="r2", text="Draw two blue squares above a star.")]
-    trajs = rollout(reqs, policy, tools, k=2, params=SamplingParams(max_new_tokens=16, seed=0), seed=5)
+    trajs = rollout(reqs, policy, tools, k=2, params=SamplingParams(max_new_tokens=16, seed=0), seed=5, max_batch=max_batch)
     assert [t.id for t in trajs] == ["r1-s5-k0", "r1-s5-k1", "r2-s5-k0", "r2-s5-k1"]
     for t in trajs:
         assert t.termination in ("answer", "no_answer", "max_rounds_reached")  # a random model rarely answers
         assert len(t.token_ids) == len(t.assistant_mask) == len(t.token_logprobs)
-        sampled = policy.tokenizer.decode([i for i, m in zip(t.token_ids, t.assistant_mask) if m])
+        runs, cur = [], []  # each turn's sampled tokens are one run of the mask (decoded apart: a turn
+        for i, m in zip(t.token_ids, t.assistant_mask):  # cut by the token budget may end mid-character)
+            if m:
+                cur.append(i)
+            elif cur:
+                runs, cur = runs + [cur], []
+        sampled = "".join(policy.tokenizer.decode(r) for r in runs + [cur])
         for stop in ("<|im_end|>", "<|endoftext|>"):  # the stop token each turn sampled
             sampled = sampled.replace(stop, "")
         assert sampled == "".join(turn.raw for turn in t.turns)
@@ -117,6 +124,27 @@ def test_engine_records_exact_streams(policy):
         at = [i for i, m in enumerate(t.assistant_mask) if m]
         want = [float(logp[i - 1, t.token_ids[i]]) for i in at]
         assert [t.token_logprobs[i] for i in at] == pytest.approx(want, abs=1e-4)
+
+
+def test_engine_is_reproducible_and_records_model_failures(policy, monkeypatch):
+    tools = Tools(FakeTools(), FakeTools(), FakeTools())
+    reqs = [Request(id="r1", text="Draw a red circle.")]
+    params = SamplingParams(max_new_tokens=16)
+    a, b = (rollout(reqs, policy, tools, k=3, params=params, seed=1) for _ in range(2))
+    assert [t.token_ids for t in a] == [t.token_ids for t in b]
+
+    calls = {"n": 0}
+    real = policy.model.forward
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(policy.model, "forward", flaky)
+    trajs = rollout(reqs, policy, tools, k=3, params=params, seed=1)
+    assert all(t.termination == "error" and any("out of memory" in e for e in t.errors) for t in trajs)
 
 
 def test_lora_adapters_attach_switch_and_disable(policy, tmp_path):

@@ -4,9 +4,11 @@ Generation keeps one :class:`TokenStream` per conversation. A stream holds the e
 model has seen and written, which of them it sampled (the assistant mask), their log-probabilities,
 and the model's KV cache. When a conversation grows by a turn, only the new tokens are prefilled
 (the chat template must render prefixes stably, as ChatML does; otherwise the stream is re-encoded
-from scratch). All streams of a turn share one batch: their caches are left-padded into a buffer
-allocated once for the turn, their new tokens are prefilled in one call, they decode together, and
-each stream's cache is cut back out when it finishes its turn.
+from scratch). Multi-turn rollouts go through :meth:`LocalPolicy.run_conversations` (continuous
+batching, :mod:`genevolve.policies.continuous`). :meth:`LocalPolicy.continue_streams` writes one
+turn for a set of streams in lock-step: their caches are left-padded into a buffer allocated once
+for the turn, their new tokens are prefilled in one call, they decode together, and each stream's
+cache is cut back out when it finishes its turn.
 
 Device and dtype are chosen at run time: CUDA with bf16 when available, else CPU float32.
 """
@@ -24,6 +26,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .base import Completion, Message, SamplingParams
+from .continuous import _kv_shape
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -210,6 +213,13 @@ class LocalPolicy:
             st.cache, st.cached = None, 0
         st.text = text
 
+    def run_conversations(self, n: int, next_messages, on_turn, params: SamplingParams,
+                          max_batch: int = 64) -> list[TokenStream]:
+        """Multi-turn generation with continuous batching (see :mod:`genevolve.policies.continuous`)."""
+        from .continuous import ContinuousBatch
+
+        return ContinuousBatch(self, n, next_messages, on_turn, params, max_batch=max_batch).run()
+
     @torch.no_grad()
     def continue_streams(self, streams: list[TokenStream], conversations: Sequence[list[Message]],
                          params: SamplingParams) -> list[Completion]:
@@ -356,15 +366,6 @@ class _TurnLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
-
-
-def _kv_shape(config) -> tuple[int, int, int]:
-    """(layers, key/value heads, head dim) of a decoder config."""
-    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    heads = cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return cfg.num_hidden_layers, kv, dim
 
 
 class _TurnCache(Cache):

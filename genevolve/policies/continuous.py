@@ -1,0 +1,276 @@
+"""Continuous batching for multi-turn rollouts with a local transformers model.
+
+Lock-step rounds (every conversation writes one turn, then all tools run, then the next round)
+leave most of the batch idle: a round lasts as long as its longest turn. Here each conversation
+holds one row of a batch for its whole life. A row that finishes its turn leaves decoding at once;
+its tool runs, its new tokens (the observation and the next prompt) are prefilled, and it rejoins
+while the others keep decoding.
+
+Each row keeps its own tokens in columns ``[0, length)`` of a key/value buffer, so a row never
+moves and its cache is never copied between turns. A forward call writes each row's new tokens
+right after its own length; the 4D attention mask built here lets row r's query j see exactly the
+columns ``< length[r] + j + 1``. Rows that are not decoding get a pad token that writes past their
+own length (overwritten later, never seen). New tokens are prefilled in one call for all rows
+that wait, once enough of them wait (``join_fraction`` of the decoding rows) or none decode.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .base import Completion, Message, SamplingParams
+
+class ModelCallError(RuntimeError):
+    """The model failed in the middle of a batch (e.g. out of memory); ``streams`` holds what was written."""
+
+    def __init__(self, message: str, streams):
+        super().__init__(message)
+        self.streams = streams
+
+
+class _RowLayer(CacheLayerMixin):
+    """One layer's keys/values, (rows, heads, capacity, dim); each row writes after its own length."""
+
+    is_sliding = False
+    is_compileable = False
+    is_initialized = True
+
+    def __init__(self, kbuf: torch.Tensor, vbuf: torch.Tensor, owner: "_RowCache"):  # noqa: the mixin's init sets keys
+        self.kbuf, self.vbuf, self.owner = kbuf, vbuf, owner
+        self.dtype, self.device = kbuf.dtype, kbuf.device
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass  # allocated up front
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.kbuf[:, :, : self.owner.width]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.vbuf[:, :, : self.owner.width]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        cols = self.owner.write_cols  # (rows, n)
+        rows = torch.arange(cols.shape[0], device=cols.device)[:, None]
+        self.kbuf[rows, :, cols] = key_states.transpose(1, 2)
+        self.vbuf[rows, :, cols] = value_states.transpose(1, 2)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.owner.width
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.width, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class _RowCache(Cache):
+    """A transformers cache whose rows have their own lengths (see the module docstring)."""
+
+    def __init__(self, kbufs: list[torch.Tensor], vbufs: list[torch.Tensor], lengths: torch.Tensor):
+        super().__init__(layers=[_RowLayer(k, v, self) for k, v in zip(kbufs, vbufs)])
+        self.lengths = lengths  # (rows,) tokens each row holds
+        self.width = 0
+        self.write_cols = torch.zeros(0, 0, dtype=torch.long)
+
+    def prepare(self, n: int) -> torch.Tensor:
+        """Before a forward with ``n`` tokens per row: where they go, and the 4D mask (rows, 1, n, width)."""
+        dev = self.lengths.device
+        self.write_cols = self.lengths[:, None] + torch.arange(n, device=dev)[None]
+        self.width = int(self.write_cols.max()) + 1
+        cols = torch.arange(self.width, device=dev)
+        return (cols[None, None, :] <= self.write_cols[:, :, None])[:, None]
+
+
+def _kv_shape(config) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of a decoder config."""
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv, dim
+
+
+class ContinuousBatch:
+    """Drive many conversations through one model with continuous batching.
+
+    ``next_messages(i)`` gives conversation i's messages before its next turn (``None`` when it is
+    finished); ``on_turn(i, completion)`` receives each turn as soon as it is written (the caller
+    runs the tool there). ``policy`` is a :class:`~genevolve.policies.local.LocalPolicy`; its token
+    streams keep, per conversation, the exact tokens seen and written, the assistant mask and the
+    sampled log-probabilities.
+
+    Rows are kept sorted by state: decoding rows first, then rows waiting for a prefill, then idle
+    rows. Each forward call then runs on a contiguous slice of the buffers (a view, no copy), and a
+    row that changes state is swapped with the row at its region's edge (a copy of two rows).
+    """
+
+    def __init__(self, policy, n: int, next_messages: Callable[[int], Sequence[Message] | None],
+                 on_turn: Callable[[int, Completion], None], params: SamplingParams, max_batch: int = 64,
+                 join_fraction: float = 0.25):
+        from .local import TokenStream
+
+        self.p, self.params = policy, params
+        self.next_messages, self.on_turn = next_messages, on_turn
+        self.streams = [TokenStream() for _ in range(n)]
+        self.queue = list(range(n))[::-1]  # conversations not yet given a row (popped from the end)
+        self.rows = min(n, max_batch)
+        self.join_fraction = join_fraction
+        self.slot: list[int | None] = [None] * self.rows  # conversation each row holds
+        self.turn: list[list[tuple[int, float]]] = [[] for _ in range(self.rows)]  # (token, logprob) this turn
+        self.lengths = [0] * self.rows  # tokens each row holds in the buffers
+        self.n_decode = self.n_wait = 0  # rows [0, n_decode) decode, the next n_wait wait, the rest are idle
+        self.dev = policy.device
+        self.gen = None
+        if params.seed is not None:
+            self.gen = torch.Generator(device=self.dev)
+            self.gen.manual_seed(int(params.seed) & 0x7FFFFFFFFFFFFFFF)
+        n_layers, kv, dim = _kv_shape(policy.model.config)
+        self.capacity = 0
+        self.bufs = [torch.zeros(self.rows, kv, 0, dim, device=self.dev, dtype=policy.model.dtype)
+                     for _ in range(2 * n_layers)]  # keys and values of each layer
+        self.forwards = 0
+
+    # -- rows --------------------------------------------------------------------
+    def _swap(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        n = max(self.lengths[a], self.lengths[b])
+        if n:
+            for buf in self.bufs:
+                tmp = buf[a, :, :n].clone()
+                buf[a, :, :n] = buf[b, :, :n]
+                buf[b, :, :n] = tmp
+        for meta in (self.slot, self.turn, self.lengths):
+            meta[a], meta[b] = meta[b], meta[a]
+
+    def _assign(self, r: int) -> None:
+        """Row r (the first idle row) takes the next queued conversation that still needs a turn."""
+        while self.queue:
+            i = self.queue.pop()
+            msgs = self.next_messages(i)
+            if msgs is not None:
+                self.slot[r], self.lengths[r], self.turn[r] = i, 0, []
+                self._extend(r, msgs)
+                self.n_wait += 1
+                return
+        self.slot[r], self.lengths[r] = None, 0
+
+    def _extend(self, r: int, msgs: Sequence[Message]) -> None:
+        st = self.streams[self.slot[r]]
+        resets = st.resets
+        st.cached = self.lengths[r]
+        self.p._extend(st, list(msgs))
+        if st.resets != resets:  # re-encoded from scratch: the row's cache no longer matches
+            self.lengths[r] = 0
+        st.cache = None  # the row's buffers hold it
+
+    def _ensure_capacity(self, need: int) -> None:
+        if need <= self.capacity:
+            return
+        cap = max(need, 2 * self.capacity, 256)
+        for i, b in enumerate(self.bufs):
+            nb = torch.zeros(b.shape[0], b.shape[1], cap, b.shape[3], device=b.device, dtype=b.dtype)
+            nb[:, :, : b.shape[2]] = b
+            self.bufs[i] = nb
+        self.capacity = cap
+
+    def _finish_turn(self, r: int) -> None:
+        """Row r (decoding) ended its turn: hand it over, then move the row to waiting or idle."""
+        i, st = self.slot[r], self.streams[self.slot[r]]
+        ids = [t for t, _ in self.turn[r]]
+        lps = [lp for _, lp in self.turn[r]]
+        self.turn[r] = []
+        stop = bool(ids) and ids[-1] in self.p.stop_ids
+        body = ids[:-1] if stop else ids
+        content = self.p.tokenizer.decode(body, skip_special_tokens=False)
+        st.text_without_stop = st.text + content
+        st.text += self.p.tokenizer.decode(ids, skip_special_tokens=False)
+        st.cached = self.lengths[r]  # every token but the last one sampled
+        self._swap(r, self.n_decode - 1)  # to the first waiting position
+        self.n_decode -= 1
+        r = self.n_decode
+        self.on_turn(i, Completion(text=content, finish_reason="stop" if stop else "length", token_ids=ids, logprobs=lps))
+        msgs = self.next_messages(i)
+        if msgs is not None:
+            self._extend(r, msgs)
+            self.n_wait += 1
+            return
+        self._swap(r, self.n_decode + self.n_wait)  # to the first idle position ...
+        self._assign(self.n_decode + self.n_wait)  # ... where the next queued conversation may take it
+
+    # -- model calls -------------------------------------------------------------
+    def _forward(self, lo: int, hi: int, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Run tokens ``x`` (hi - lo, n) for rows [lo, hi); return the logits at ``keep`` (default: the last)."""
+        n = x.shape[1]
+        lengths = torch.tensor(self.lengths[lo:hi], device=self.dev)
+        self._ensure_capacity(int(lengths.max()) + n)
+        half = len(self.bufs) // 2
+        cache = _RowCache([b[lo:hi] for b in self.bufs[:half]], [b[lo:hi] for b in self.bufs[half:]], lengths)
+        mask = cache.prepare(n)
+        try:
+            out = self.p.model(input_ids=x, position_ids=cache.write_cols, attention_mask=mask, past_key_values=cache,
+                               use_cache=True, logits_to_keep=keep if keep is not None else 1)
+        except Exception as exc:
+            raise ModelCallError(f"{type(exc).__name__}: {exc}", self.streams) from exc
+        self.forwards += 1
+        return out.logits[:, -1]
+
+    def _prefill(self) -> None:
+        lo, hi = self.n_decode, self.n_decode + self.n_wait
+        news = [self.streams[self.slot[r]].ids[self.lengths[r] :] for r in range(lo, hi)]
+        n = max(len(t) for t in news)
+        x = torch.zeros(hi - lo, n, dtype=torch.long, device=self.dev)
+        for k, t in enumerate(news):
+            x[k, : len(t)] = torch.tensor(t, device=self.dev)
+        keep = torch.tensor([len(t) - 1 for t in news], device=self.dev)[:, None]
+        logits = self._forward(lo, hi, x, keep)
+        for k, t in enumerate(news):
+            self.lengths[lo + k] += len(t)
+        self.n_decode, self.n_wait = hi, 0
+        self._sample(lo, hi, logits)
+
+    def _decode(self) -> None:
+        hi = self.n_decode
+        x = torch.tensor([[self.streams[self.slot[r]].ids[-1]] for r in range(hi)], device=self.dev)
+        logits = self._forward(0, hi, x, None)
+        for r in range(hi):
+            self.lengths[r] += 1
+        self._sample(0, hi, logits)
+
+    def _sample(self, lo: int, hi: int, logits: torch.Tensor) -> None:
+        """Sample one token for rows [lo, hi) (all decoding); end the turns that are over."""
+        from .local import _sample
+
+        tok, lp = _sample(logits, self.params, self.gen)
+        done = []
+        for r, t, l in zip(range(lo, hi), tok.tolist(), lp.tolist()):
+            st = self.streams[self.slot[r]]
+            st.ids.append(t)
+            st.mask.append(1)
+            st.logprobs.append(l)
+            self.turn[r].append((t, l))
+            if t in self.p.stop_ids or len(self.turn[r]) >= self.params.max_new_tokens:
+                done.append(r)
+        for r in reversed(done):  # from the end, so the swaps never move a row still to be handled
+            self._finish_turn(r)
+
+    # -- the loop ----------------------------------------------------------------
+    @torch.no_grad()
+    def run(self):
+        """Run every conversation to its end; return the token streams."""
+        for r in range(self.rows):
+            self._assign(self.n_wait)
+        with self.p._adapter_context():
+            while self.n_decode or self.n_wait:
+                if self.n_wait and (not self.n_decode or self.n_wait >= max(1, self.join_fraction * self.n_decode)):
+                    self._prefill()
+                else:
+                    self._decode()
+        return self.streams
