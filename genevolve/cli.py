@@ -79,7 +79,7 @@ def _run(reqs, pol, tools, k: int, seed: int, params, guides=None, desc: str = "
     def on_turn(done: int, total: int) -> None:
         bar.update(done - bar.n)
 
-    if not hasattr(pol, "complete") and not hasattr(pol, "continue_streams"):  # a remote chat server
+    if not hasattr(pol, "complete") and not hasattr(pol, "run_conversations"):  # a remote chat server
         from .policies.base import AsAgentPolicy
 
         pol = AsAgentPolicy(pol, params)

@@ -290,7 +290,7 @@ def run_bench(requests: Sequence[Request], policy, tools, scorer, store: ImageSt
     from .rollout import rollout
     from .scoring import summarise
 
-    if policy is not None and not hasattr(policy, "complete") and not hasattr(policy, "continue_streams"):
+    if policy is not None and not hasattr(policy, "complete") and not hasattr(policy, "run_conversations"):
         policy = AsAgentPolicy(policy, params)  # a remote chat policy: one conversation at a time
     per_seed, cases = {}, []
     for seed in seeds:

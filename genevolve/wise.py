@@ -172,7 +172,7 @@ def run_wise(items: Sequence[WiseItem], generator, judge: WiseJudge, store, poli
 
     reqs = [it.request() for it in items]
     params = params or SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384)
-    if policy is not None and not hasattr(policy, "complete") and not hasattr(policy, "continue_streams"):
+    if policy is not None and not hasattr(policy, "complete") and not hasattr(policy, "run_conversations"):
         policy = AsAgentPolicy(policy, params)
     trajs = [raw_trajectory(r, seed) for r in reqs] if policy is None else rollout(reqs, policy, tools, k=1, params=params, seed=seed)
     results: dict[int, dict[str, Any]] = {}

@@ -7,7 +7,7 @@ import torch
 
 from genevolve.agent import Tools
 from genevolve.policies.base import SamplingParams
-from genevolve.policies.local import LocalPolicy, TokenStream, encode_conversation
+from genevolve.policies.local import LocalPolicy, encode_conversation
 from genevolve.policies.tiny import build_tiny_model, train_tokenizer
 from genevolve.protocol import SYSTEM_PROMPT
 from genevolve.records import Request
@@ -53,20 +53,23 @@ def test_logprobs_are_the_models_own(policy):
 
 
 def test_streams_reuse_the_cache_across_turns(policy):
-    """Continuing a stream turn by turn gives the same tokens as re-encoding the whole conversation."""
-    msgs = conv()
-    st = TokenStream()
-    first = policy.continue_streams([st], [msgs], GREEDY)[0]
-    msgs2 = msgs + [{"role": "assistant", "content": first.text},
-                    {"role": "user", "content": "<tool_response>\nsome result\n</tool_response>"}]
-    second = policy.continue_streams([st], [msgs2], GREEDY)[0]
-    fresh = policy.generate([msgs2], GREEDY)[0]
+    """Continuing a conversation turn by turn gives the same tokens as re-encoding the whole of it."""
+    obs = {"role": "user", "content": "<tool_response>\nsome result\n</tool_response>"}
+    turns = []
+
+    def next_messages(i):
+        if len(turns) == 2:
+            return None
+        return conv() + ([{"role": "assistant", "content": turns[0].text}, obs] if turns else [])
+
+    (st,) = policy.run_conversations(1, next_messages, lambda i, c: turns.append(c), GREEDY)
+    fresh = policy.generate([conv() + [{"role": "assistant", "content": turns[0].text}, obs]], GREEDY)[0]
     assert st.resets == 0
-    if first.finish_reason == "stop":  # with a stop token the re-rendered history is token-identical
-        assert second.token_ids == fresh.token_ids
+    if turns[0].finish_reason == "stop":  # with a stop token the re-rendered history is token-identical
+        assert turns[1].token_ids == fresh.token_ids
     # The stream's mask is 1 exactly on the sampled tokens.
     sampled = [t for t, m in zip(st.ids, st.mask) if m]
-    assert sampled == first.token_ids + second.token_ids
+    assert sampled == turns[0].token_ids + turns[1].token_ids
     assert len(st.ids) == len(st.mask) == len(st.logprobs)
 
 
@@ -94,8 +97,13 @@ class FakeTools:
         return "card"
 
 
-@pytest.mark.parametrize("max_batch", [64, 3])  # 3 rows for 4 trajectories: one waits for a free row
-def test_engine_records_exact_streams(policy, max_batch):
+@pytest.mark.parametrize("max_batch,prefill_scores", [(64, None), (3, None), (64, 1)])
+def test_engine_records_exact_streams(policy, max_batch, prefill_scores, monkeypatch):
+    """3 rows for 4 trajectories: one waits for a free row; a tiny score budget: one row per prefill call."""
+    from genevolve.policies import continuous
+
+    if prefill_scores:
+        monkeypatch.setattr(continuous, "PREFILL_SCORES", prefill_scores)
     tools = Tools(FakeTools(), FakeTools(), FakeTools())
     reqs = [Request(id="r1", text="Draw a red circle."), Request(id="r2", text="Draw two blue squares above a star.")]
     trajs = rollout(reqs, policy, tools, k=2, params=SamplingParams(max_new_tokens=16, seed=0), seed=5, max_batch=max_batch)

@@ -23,6 +23,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .base import Completion, Message, SamplingParams
 
+PREFILL_SCORES = 2**26  # attention scores one prefill call may hold (heads x rows x new tokens x width)
+
+
 class ModelCallError(RuntimeError):
     """The model failed in the middle of a batch (e.g. out of memory); ``streams`` holds what was written."""
 
@@ -88,13 +91,13 @@ class _RowCache(Cache):
         return (cols[None, None, :] <= self.write_cols[:, :, None])[:, None]
 
 
-def _kv_shape(config) -> tuple[int, int, int]:
-    """(layers, key/value heads, head dim) of a decoder config."""
+def _kv_shape(config) -> tuple[int, int, int, int]:
+    """(layers, attention heads, key/value heads, head dim) of a decoder config."""
     cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return cfg.num_hidden_layers, kv, dim
+    return cfg.num_hidden_layers, heads, kv, dim
 
 
 class ContinuousBatch:
@@ -131,7 +134,7 @@ class ContinuousBatch:
         if params.seed is not None:
             self.gen = torch.Generator(device=self.dev)
             self.gen.manual_seed(int(params.seed) & 0x7FFFFFFFFFFFFFFF)
-        n_layers, kv, dim = _kv_shape(policy.model.config)
+        n_layers, self.heads, kv, dim = _kv_shape(policy.model.config)
         self.capacity = 0
         self.bufs = [torch.zeros(self.rows, kv, 0, dim, device=self.dev, dtype=policy.model.dtype)
                      for _ in range(2 * n_layers)]  # keys and values of each layer
@@ -169,12 +172,11 @@ class ContinuousBatch:
         self.p._extend(st, list(msgs))
         if st.resets != resets:  # re-encoded from scratch: the row's cache no longer matches
             self.lengths[r] = 0
-        st.cache = None  # the row's buffers hold it
 
     def _ensure_capacity(self, need: int) -> None:
         if need <= self.capacity:
             return
-        cap = max(need, 2 * self.capacity, 256)
+        cap = (need + 511) // 256 * 256  # some room, not a doubling: the buffers hold every row at the longest length
         for i, b in enumerate(self.bufs):
             nb = torch.zeros(b.shape[0], b.shape[1], cap, b.shape[3], device=b.device, dtype=b.dtype)
             nb[:, :, : b.shape[2]] = b
@@ -223,18 +225,27 @@ class ContinuousBatch:
         return out.logits[:, -1]
 
     def _prefill(self) -> None:
+        """Prefill every waiting row's new tokens, in as few calls as the memory bound allows."""
         lo, hi = self.n_decode, self.n_decode + self.n_wait
         news = [self.streams[self.slot[r]].ids[self.lengths[r] :] for r in range(lo, hi)]
-        n = max(len(t) for t in news)
-        x = torch.zeros(hi - lo, n, dtype=torch.long, device=self.dev)
-        for k, t in enumerate(news):
-            x[k, : len(t)] = torch.tensor(t, device=self.dev)
-        keep = torch.tensor([len(t) - 1 for t in news], device=self.dev)[:, None]
-        logits = self._forward(lo, hi, x, keep)
+        logits, start = [], lo
+        while start < hi:  # rows [start, end) in one call, its attention scores within PREFILL_SCORES
+            end, n, width = start, 0, 0
+            while end < hi:
+                n2, w2 = max(n, len(news[end - lo])), max(width, self.lengths[end] + len(news[end - lo]))
+                if end > start and (end + 1 - start) * n2 * w2 * self.heads > PREFILL_SCORES:
+                    break
+                end, n, width = end + 1, n2, w2
+            x = torch.zeros(end - start, n, dtype=torch.long, device=self.dev)
+            for k in range(start, end):
+                x[k - start, : len(news[k - lo])] = torch.tensor(news[k - lo], device=self.dev)
+            keep = torch.tensor([len(news[k - lo]) - 1 for k in range(start, end)], device=self.dev)[:, None]
+            logits.append(self._forward(start, end, x, keep))
+            start = end
         for k, t in enumerate(news):
             self.lengths[lo + k] += len(t)
         self.n_decode, self.n_wait = hi, 0
-        self._sample(lo, hi, logits)
+        self._sample(lo, hi, torch.cat(logits))
 
     def _decode(self) -> None:
         hi = self.n_decode
