@@ -41,7 +41,7 @@ class _RowLayer(CacheLayerMixin):
     is_compileable = False
     is_initialized = True
 
-    def __init__(self, kbuf: torch.Tensor, vbuf: torch.Tensor, owner: "_RowCache"):  # noqa: the mixin's init sets keys
+    def __init__(self, kbuf: torch.Tensor, vbuf: torch.Tensor, owner: "_Writes"):  # noqa: the mixin's init sets keys
         self.kbuf, self.vbuf, self.owner = kbuf, vbuf, owner
         self.dtype, self.device = kbuf.dtype, kbuf.device
 
@@ -73,22 +73,36 @@ class _RowLayer(CacheLayerMixin):
         return -1
 
 
+class _Writes:
+    """Where the coming forward call writes: columns (rows, n), and the width the layers expose.
+
+    The layers point here rather than at their cache: a cycle would keep the buffers of every past
+    call alive until the garbage collector happened to run.
+    """
+
+    width = 0
+    write_cols = torch.zeros(0, 0, dtype=torch.long)
+
+
 class _RowCache(Cache):
     """A transformers cache whose rows have their own lengths (see the module docstring)."""
 
     def __init__(self, kbufs: list[torch.Tensor], vbufs: list[torch.Tensor], lengths: torch.Tensor):
-        super().__init__(layers=[_RowLayer(k, v, self) for k, v in zip(kbufs, vbufs)])
+        self.writes = _Writes()
+        super().__init__(layers=[_RowLayer(k, v, self.writes) for k, v in zip(kbufs, vbufs)])
         self.lengths = lengths  # (rows,) tokens each row holds
-        self.width = 0
-        self.write_cols = torch.zeros(0, 0, dtype=torch.long)
+
+    @property
+    def write_cols(self) -> torch.Tensor:
+        return self.writes.write_cols
 
     def prepare(self, n: int) -> torch.Tensor:
         """Before a forward with ``n`` tokens per row: where they go, and the 4D mask (rows, 1, n, width)."""
-        dev = self.lengths.device
-        self.write_cols = self.lengths[:, None] + torch.arange(n, device=dev)[None]
-        self.width = int(self.write_cols.max()) + 1
-        cols = torch.arange(self.width, device=dev)
-        return (cols[None, None, :] <= self.write_cols[:, :, None])[:, None]
+        dev, w = self.lengths.device, self.writes
+        w.write_cols = self.lengths[:, None] + torch.arange(n, device=dev)[None]
+        w.width = int(w.write_cols.max()) + 1
+        cols = torch.arange(w.width, device=dev)
+        return (cols[None, None, :] <= w.write_cols[:, :, None])[:, None]
 
 
 def _kv_shape(config) -> tuple[int, int, int, int]:
@@ -172,6 +186,12 @@ class ContinuousBatch:
         self.p._extend(st, list(msgs))
         if st.resets != resets:  # re-encoded from scratch: the row's cache no longer matches
             self.lengths[r] = 0
+
+    def _drop_idle_rows(self) -> None:
+        """Free the rows no conversation will use again (idle rows are last; nothing is queued)."""
+        k = self.n_decode + self.n_wait
+        self.bufs = [b[:k].clone() for b in self.bufs]
+        self.rows, self.slot, self.turn, self.lengths = k, self.slot[:k], self.turn[:k], self.lengths[:k]
 
     def _ensure_capacity(self, need: int) -> None:
         if need <= self.capacity:
@@ -280,6 +300,8 @@ class ContinuousBatch:
             self._assign(self.n_wait)
         with self.p._adapter_context():
             while self.n_decode or self.n_wait:
+                if not self.queue and self.n_decode + self.n_wait <= self.rows // 2:
+                    self._drop_idle_rows()
                 if self.n_wait and (not self.n_decode or self.n_wait >= max(1, self.join_fraction * self.n_decode)):
                     self._prefill()
                 else:
