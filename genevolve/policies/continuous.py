@@ -6,12 +6,12 @@ holds one row of a batch for its whole life. A row that finishes its turn leaves
 its tool runs, its new tokens (the observation and the next prompt) are prefilled, and it rejoins
 while the others keep decoding.
 
-Each row keeps its own tokens in columns ``[0, length)`` of a key/value buffer, so a row never
-moves and its cache is never copied between turns. A forward call writes each row's new tokens
-right after its own length; the 4D attention mask built here lets row r's query j see exactly the
-columns ``< length[r] + j + 1``. Rows that are not decoding get a pad token that writes past their
-own length (overwritten later, never seen). New tokens are prefilled in one call for all rows
-that wait, once enough of them wait (``join_fraction`` of the decoding rows) or none decode.
+Each row keeps its own tokens in columns ``[0, length)`` of a key/value buffer, so its cache is
+never cut out and re-assembled between turns. A forward call writes each row's new tokens right
+after its own length; the 4D attention mask built here lets row r's query j see exactly the
+columns ``< length[r] + j + 1``. Waiting rows are prefilled together, once enough of them wait
+(``join_fraction`` of the decoding rows) or none decode, in as few calls as ``PREFILL_SCORES``
+allows.
 """
 
 from __future__ import annotations
@@ -152,7 +152,6 @@ class ContinuousBatch:
         self.capacity = 0
         self.bufs = [torch.zeros(self.rows, kv, 0, dim, device=self.dev, dtype=policy.model.dtype)
                      for _ in range(2 * n_layers)]  # keys and values of each layer
-        self.forwards = 0
 
     # -- rows --------------------------------------------------------------------
     def _swap(self, a: int, b: int) -> None:
@@ -182,7 +181,6 @@ class ContinuousBatch:
     def _extend(self, r: int, msgs: Sequence[Message]) -> None:
         st = self.streams[self.slot[r]]
         resets = st.resets
-        st.cached = self.lengths[r]
         self.p._extend(st, list(msgs))
         if st.resets != resets:  # re-encoded from scratch: the row's cache no longer matches
             self.lengths[r] = 0
@@ -214,7 +212,6 @@ class ContinuousBatch:
         content = self.p.tokenizer.decode(body, skip_special_tokens=False)
         st.text_without_stop = st.text + content
         st.text += self.p.tokenizer.decode(ids, skip_special_tokens=False)
-        st.cached = self.lengths[r]  # every token but the last one sampled
         self._swap(r, self.n_decode - 1)  # to the first waiting position
         self.n_decode -= 1
         r = self.n_decode
@@ -241,7 +238,6 @@ class ContinuousBatch:
                                use_cache=True, logits_to_keep=keep if keep is not None else 1)
         except Exception as exc:
             raise ModelCallError(f"{type(exc).__name__}: {exc}", self.streams) from exc
-        self.forwards += 1
         return out.logits[:, -1]
 
     def _prefill(self) -> None:

@@ -1,10 +1,10 @@
 """A local transformers policy: any causal LM folder (optionally GGUF), PEFT LoRA adapters, batched sampling.
 
 Generation keeps one :class:`TokenStream` per conversation. A stream holds the exact tokens the
-model has seen and written, which of them it sampled (the assistant mask), their log-probabilities,
-and the model's KV cache. When a conversation grows by a turn, only the new tokens are prefilled
-(the chat template must render prefixes stably, as ChatML does; otherwise the stream is re-encoded
-from scratch). Generation goes through :meth:`LocalPolicy.run_conversations`, which batches any
+model has seen and written, which of them it sampled (the assistant mask) and their
+log-probabilities; the batch keeps its KV cache. When a conversation grows by a turn, only the new
+tokens are prefilled (the chat template must render prefixes stably, as ChatML does; otherwise the
+stream is re-encoded from scratch). Generation goes through :meth:`LocalPolicy.run_conversations`, which batches any
 number of multi-turn conversations continuously (:mod:`genevolve.policies.continuous`);
 :meth:`LocalPolicy.generate` is one turn for each of a list of conversations.
 
@@ -71,7 +71,6 @@ class TokenStream:
     logprobs: list[float] = field(default_factory=list)
     text: str = ""  # the rendered text the ids stand for (for prefix checks)
     text_without_stop: str = ""  # the same without the last turn's stop token
-    cached: int = 0  # how many of ids the model's KV cache covers (the batch's buffers hold it)
     resets: int = 0  # times the stream had to be re-encoded from scratch
 
 
@@ -209,7 +208,6 @@ class LocalPolicy:
                 ids, mask = ids + gen_prompt, mask + [0] * len(gen_prompt)
             st.ids, st.mask = ids, mask or [0] * len(ids)
             st.logprobs = [0.0] * len(ids)  # sampled log-probabilities are lost on a re-encode
-            st.cached = 0
         st.text = text
 
     def run_conversations(self, n: int, next_messages, on_turn, params: SamplingParams,
