@@ -1,18 +1,22 @@
-"""Losses as pure tensor functions: GRPO, Visual Experience Distillation (VED) and its full-vocabulary variants.
+"""Losses as pure tensor functions: GRPO and Visual Experience Distillation (VED).
 
-Shapes: B sequences, T tokens, V vocabulary; P prompts x G rollouts for rewards. ``mask_BT`` is 1 on
-the assistant tokens a loss may touch. All log-probabilities are natural logs of the sampled tokens
-unless a name says ``_BTV`` (full distributions).
+Shapes: B sequences, T tokens; P prompts x G rollouts for rewards. ``mask_BT`` is 1 on the
+assistant tokens a loss may touch. All log-probabilities are natural logs of the sampled tokens.
 
 VED (DESIGN.md section 1). On each sampled student token: l = log p_student - log q_teacher,
 clamped to [-10, 10]; k3(l) = exp(-l) - 1 + l, a sampled-token estimate of KL(student || teacher);
 rho = min(p_theta / p_theta_old, 2). L_VED = mean over selected tokens of rho * k3(l), where the
 selected tokens are, per sequence, the top 10 % of its masked tokens by |log q - log p|.
 
-Why rho keeps its gradient: at theta = theta_old, E_{y ~ p_old}[rho * k3] equals KL(p_theta || q) as
-a function of theta, so differentiating rho * k3 gives the exact reverse-KL gradient in expectation
-(tested on a small vocabulary). With rho detached the same expression would follow the *forward*
-KL's gradient instead.
+The gradient is not left to autograd on rho * k3(clamp(l)). Inside the clamp and below the cap that
+derivative is rho * l * grad log p, which is the reverse-KL gradient (its expectation under the
+sampling policy at theta = theta_old is grad KL(p_theta || q); tested by exact enumeration). Outside
+them it goes wrong: past the clamp l is a constant, so only d rho / d log p = rho survives and the
+token gets rho * k3(-10) ~ 2e4 with the wrong sign (pushed down when the teacher wants it up), and at
+the cap the derivative rho * (1 - exp(-l)) reaches 2e4 too. So the loss is written with the value
+rho * k3(l_c) and the gradient min(rho, cap) * l_c * grad log p (rho and l_c detached, l_c the clamped
+gap): the sampled-token self-distillation gradient of TRL's SDPO/SDFT, whose sign is always that of
+the reverse-KL gradient and whose size is at most cap * clamp.
 """
 
 from __future__ import annotations
@@ -31,10 +35,17 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def group_advantages(rewards_PG: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO advantages: (r - group mean) / (group std + eps); a group with equal rewards gets zeros."""
-    mean = rewards_PG.mean(dim=1, keepdim=True)
-    std = rewards_PG.std(dim=1, keepdim=True, unbiased=False)
-    return (rewards_PG - mean) / (std + eps)
+    """GRPO advantages: (r - group mean) / (group std + eps); a group with equal rewards gets exact zeros.
+
+    Computed in float64: in float32 the mean of equal values can miss them by one ulp, and that
+    residue divided by (0 + eps) became an advantage of about +-0.1.
+    """
+    r = rewards_PG.double()
+    mean = r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True, unbiased=False)
+    adv = (r - mean) / (std + eps)
+    constant = (r == r[:, :1]).all(dim=1, keepdim=True)
+    return adv.masked_fill(constant, 0.0).to(rewards_PG.dtype)
 
 
 def select_top_tokens(gap_BT: torch.Tensor, mask_BT: torch.Tensor, frac: float = TOP_FRAC) -> torch.Tensor:
@@ -64,37 +75,17 @@ def ved_loss(logp_BT: torch.Tensor, logq_BT: torch.Tensor, logp_old_BT: torch.Te
              top_frac: float = TOP_FRAC, clamp: float = VED_CLAMP, rho_cap: float = RHO_CAP) -> tuple[torch.Tensor, VEDStats]:
     """The sampled-token VED loss (the paper's SDL). ``logq_BT`` (teacher) carries no gradient."""
     logq_BT = logq_BT.detach()
-    ell = (logp_BT - logq_BT).clamp(-clamp, clamp)
+    ell = (logp_BT.detach() - logq_BT).clamp(-clamp, clamp)
     k3 = torch.exp(-ell) - 1.0 + ell
-    rho = torch.exp(logp_BT - logp_old_BT.detach()).clamp(max=rho_cap)
+    rho = torch.exp(logp_BT.detach() - logp_old_BT.detach()).clamp(max=rho_cap)
+    # Value rho * k3(l_c); gradient rho * l_c * grad log p (see the module docstring).
+    per_token = rho * k3 + rho * ell * (logp_BT - logp_BT.detach())
     sel = select_top_tokens((logq_BT - logp_BT).detach().abs(), mask_BT, top_frac)
-    loss = masked_mean(rho * k3, sel)
+    loss = masked_mean(per_token, sel)
     n = int(sel.sum())
     stats = VEDStats(float(loss.detach()), n, float(masked_mean((logq_BT - logp_BT).detach().abs(), sel)),
-                     float(masked_mean((rho.detach() >= rho_cap).float(), sel)) if n else 0.0)
+                     float(masked_mean((rho >= rho_cap).float(), sel)) if n else 0.0)
     return loss, stats
-
-
-def reverse_kl_full(logp_BTV: torch.Tensor, logq_BTV: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """Exact KL(student || teacher) over the vocabulary, averaged over masked positions."""
-    kl = (logp_BTV.exp() * (logp_BTV - logq_BTV.detach())).sum(-1)
-    return masked_mean(kl, mask_BT)
-
-
-def forward_kl_full(logp_BTV: torch.Tensor, logq_BTV: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """Exact KL(teacher || student) over the vocabulary, averaged over masked positions."""
-    q = logq_BTV.detach()
-    kl = (q.exp() * (q - logp_BTV)).sum(-1)
-    return masked_mean(kl, mask_BT)
-
-
-def jsd_full(logp_BTV: torch.Tensor, logq_BTV: torch.Tensor, mask_BT: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
-    """Generalised Jensen-Shannon divergence: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q."""
-    q = logq_BTV.detach()
-    logm = torch.logsumexp(torch.stack([logp_BTV + torch.log(torch.tensor(beta)), q + torch.log(torch.tensor(1 - beta))]), 0)
-    kl_pm = (logp_BTV.exp() * (logp_BTV - logm)).sum(-1)
-    kl_qm = (q.exp() * (q - logm)).sum(-1)
-    return masked_mean(beta * kl_pm + (1 - beta) * kl_qm, mask_BT)
 
 
 @dataclass
