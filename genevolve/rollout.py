@@ -11,8 +11,6 @@ one conversation at a time with the episode's own seed, round by round.
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from .agent import Episode, Tools
@@ -21,18 +19,14 @@ from .policies.base import SamplingParams
 from .records import Request, Trajectory
 
 
-def _sampling_seed(seed: int) -> int:
-    h = hashlib.sha256(f"{seed}/0/0".encode()).digest()
-    return int.from_bytes(h[:8], "little") & 0x7FFFFFFFFFFFFFFF
-
-
 def rollout(requests: Sequence[Request], policy: Any, tools: Tools, k: int = 1,
             params: SamplingParams = SamplingParams(), seed: int = 0, guides: dict[str, str] | None = None,
             max_batch: int = 64, on_turn: Callable[[int, int], None] | None = None,
             max_turns: int = MAX_TURNS) -> list[Trajectory]:
     """Roll out ``k`` trajectories per request; returns them in request-major order.
 
-    Trajectory ``i`` of a request uses seed ``seed * 1000 + i`` and id ``<request>-s<seed>-k<i>``.
+    Trajectory ``i`` of a request uses seed ``seed * 1000 + i`` and id ``<request>-s<seed>-k<i>``; its
+    tokens depend only on the weights, its own messages and that seed, never on the rest of the batch.
     ``on_turn(finished, total)`` is called as trajectories finish (for progress bars). ``max_batch``
     caps the rows of a local policy's batch; more trajectories wait for a free row.
     """
@@ -53,8 +47,8 @@ def rollout(requests: Sequence[Request], policy: Any, tools: Tools, k: int = 1,
                 on_turn(sum(e.done for e in episodes), len(episodes))
 
         try:
-            streams = policy.run_conversations(len(episodes), next_messages, turn_done,
-                                               replace(params, seed=_sampling_seed(seed)), max_batch=max_batch)
+            streams = policy.run_conversations(len(episodes), next_messages, turn_done, params, max_batch=max_batch,
+                                               seeds=[e.traj.seed for e in episodes])
         except ModelCallError as exc:  # the model failed mid-batch (e.g. out of memory): record, do not crash
             streams = exc.streams
             for e in episodes:

@@ -71,7 +71,7 @@ def test_sampled_estimator_gradient_matches_exact_reverse_kl_in_expectation():
         (g,) = torch.autograd.grad(loss, theta)
         expected += p_old[y] * g
     assert torch.allclose(expected, exact, atol=1e-5)
-    # Detaching the ratio would follow the forward-KL gradient instead: the test can tell the two apart.
+    # The forward-KL gradient differs: the test can tell the two apart.
     fwd = torch.autograd.grad((logq.exp() * (logq - torch.log_softmax(theta, -1))).sum(), theta)[0]
     assert not torch.allclose(exact, fwd, atol=1e-3)
 

@@ -39,3 +39,27 @@ def test_tiny_policy_writes_protocol_valid_trajectories(world, tools):
     trajs = rollout(reqs, pol, tools, k=1, params=SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384, seed=0), seed=0)
     valid = sum(protocol_valid(t) for t in trajs)
     assert valid >= len(trajs) - 1, [t.errors for t in trajs if not protocol_valid(t)]
+
+
+def test_a_trajectory_does_not_depend_on_its_batch(world, tools):
+    """The same request and seed give the same tokens alone, in a batch of twelve, and next to guided rows."""
+    from genevolve.guides import oracle_guide
+    from genevolve.policies.resolve import resolve_policy
+    from genevolve.rollout import rollout
+
+    pol = resolve_policy("tiny")
+    params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384)
+    reqs = world.split("bench")[::10][:12]
+    target = reqs[3]
+    alone = rollout([target], pol, tools, k=2, params=params, seed=4)
+    batch = rollout(reqs, pol, tools, k=2, params=params, seed=4)
+    guided = rollout(reqs, pol, tools, k=2, params=params, seed=4,
+                     guides={r.id: oracle_guide(world, r) for r in reqs if r.id != target.id})
+    got = [t for t in batch if t.request_id == target.id]
+    got_guided = [t for t in guided if t.request_id == target.id]
+    assert [t.token_ids for t in got] == [t.token_ids for t in alone]
+    assert [t.token_ids for t in got_guided] == [t.token_ids for t in alone]
+    assert alone[0].token_ids != alone[1].token_ids  # the two seeds do sample differently
+    # Two requests that share a seed do not share their noise: their first sampled tokens are not all alike.
+    firsts = {tuple(t.token_ids[i] for i, m in enumerate(t.assistant_mask) if m)[:12] for t in batch[::2]}
+    assert len(firsts) > 1

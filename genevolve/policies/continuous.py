@@ -12,10 +12,17 @@ after its own length; the 4D attention mask built here lets row r's query j see 
 columns ``< length[r] + j + 1``. Waiting rows are prefilled together, once enough of them wait
 (``join_fraction`` of the decoding rows) or none decode, in as few calls as ``PREFILL_SCORES``
 allows.
+
+Sampling never depends on the batch: each token is drawn by inverting its row's distribution at a
+uniform number keyed by (the conversation's seed, its first user message, the token's position in
+its stream) (:func:`~genevolve.policies.local.stream_key`). A trajectory is then the same alone, in
+a batch of many, or next to rows that carry guides, up to floating-point differences between batch
+shapes that can flip a near-tie (``benchmarks/batch_invariance.py`` measures how often).
 """
 
 from __future__ import annotations
 
+import random
 from typing import Callable, Sequence
 
 import torch
@@ -130,7 +137,7 @@ class ContinuousBatch:
 
     def __init__(self, policy, n: int, next_messages: Callable[[int], Sequence[Message] | None],
                  on_turn: Callable[[int, Completion], None], params: SamplingParams, max_batch: int = 64,
-                 join_fraction: float = 0.25):
+                 join_fraction: float = 0.25, seeds: Sequence[int] | None = None):
         from .local import TokenStream
 
         self.p, self.params = policy, params
@@ -144,10 +151,12 @@ class ContinuousBatch:
         self.lengths = [0] * self.rows  # tokens each row holds in the buffers
         self.n_decode = self.n_wait = 0  # rows [0, n_decode) decode, the next n_wait wait, the rest are idle
         self.dev = policy.device
-        self.gen = None
-        if params.seed is not None:
-            self.gen = torch.Generator(device=self.dev)
-            self.gen.manual_seed(int(params.seed) & 0x7FFFFFFFFFFFFFFF)
+        if seeds is None:
+            seeds = [params.seed] * n
+        elif len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} conversations")
+        self.seeds = [int(s) if s is not None else random.SystemRandom().getrandbits(63) for s in seeds]
+        self.keys: list[int | None] = [None] * n  # each conversation's noise key, set from its first messages
         n_layers, self.heads, kv, dim = _kv_shape(policy.model.config)
         self.capacity = 0
         self.bufs = [torch.zeros(self.rows, kv, 0, dim, device=self.dev, dtype=policy.model.dtype)
@@ -179,7 +188,12 @@ class ContinuousBatch:
         self.slot[r], self.lengths[r] = None, 0
 
     def _extend(self, r: int, msgs: Sequence[Message]) -> None:
-        st = self.streams[self.slot[r]]
+        from .local import stream_key
+
+        i = self.slot[r]
+        if self.keys[i] is None:
+            self.keys[i] = stream_key(self.seeds[i], msgs)
+        st = self.streams[i]
         resets = st.resets
         self.p._extend(st, list(msgs))
         if st.resets != resets:  # re-encoded from scratch: the row's cache no longer matches
@@ -273,9 +287,10 @@ class ContinuousBatch:
 
     def _sample(self, lo: int, hi: int, logits: torch.Tensor) -> None:
         """Sample one token for rows [lo, hi) (all decoding); end the turns that are over."""
-        from .local import _sample
+        from .local import _sample, uniform
 
-        tok, lp = _sample(logits, self.params, self.gen)
+        u = [uniform(self.keys[self.slot[r]], len(self.streams[self.slot[r]].ids)) for r in range(lo, hi)]
+        tok, lp = _sample(logits, self.params, u)
         done = []
         for r, t, l in zip(range(lo, hi), tok.tolist(), lp.tolist()):
             st = self.streams[self.slot[r]]

@@ -74,19 +74,55 @@ class TokenStream:
     resets: int = 0  # times the stream had to be re-encoded from scratch
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row; return (tokens, their log-probabilities under the raw model distribution)."""
+_M64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a well-mixed 64-bit integer from any integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def stream_key(seed: int, messages: Sequence[Message]) -> int:
+    """The sampling-noise key of one conversation: its seed and its first user message.
+
+    Two requests that share a seed then never share their noise, while the same request with and
+    without a decision guide (a system-prompt change) does: common random numbers for paired
+    comparisons (teacher vs student, before vs after).
+    """
+    import hashlib
+
+    first = next((m.get("content") for m in messages if m.get("role") == "user"), "")
+    digest = hashlib.sha256(str(first).encode("utf-8")).digest()
+    return _mix64(_mix64(int(seed) & _M64) ^ int.from_bytes(digest[:8], "little"))
+
+
+def uniform(key: int, position: int) -> float:
+    """A uniform number in [0, 1) that depends only on a stream key and a token position."""
+    return (_mix64(key ^ _mix64(position)) >> 11) * 2.0**-53
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, u: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row by inverting its (temperature, top-p) distribution at ``u[row]``.
+
+    Each row's token is a function of that row's logits and its own uniform number, never of the other
+    rows (a shared random generator would make a trajectory depend on the batch it ran in). Returns
+    (tokens, their log-probabilities under the raw model distribution).
+    """
     logp = torch.log_softmax(logits.float(), dim=-1)
     if params.temperature == 0:
         tok = logits.argmax(dim=-1)
     else:
         probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+        sorted_p, idx = probs.sort(dim=-1, descending=True, stable=True)
         if params.top_p < 1.0:
-            sorted_p, idx = probs.sort(dim=-1, descending=True)
-            keep = sorted_p.cumsum(dim=-1) - sorted_p < params.top_p
-            sorted_p = sorted_p * keep
-            probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-        tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            sorted_p = sorted_p * (sorted_p.cumsum(dim=-1) - sorted_p < params.top_p)
+        cdf = sorted_p.cumsum(dim=-1)
+        target = torch.tensor(list(u), dtype=cdf.dtype, device=cdf.device)[:, None] * cdf[:, -1:]
+        j = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1)
+        tok = idx.gather(-1, j).squeeze(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
@@ -175,7 +211,7 @@ class LocalPolicy:
 
     # -- generation --------------------------------------------------------------
     def generate(self, conversations: Sequence[list[Message]], params: SamplingParams) -> list[Completion]:
-        """One assistant turn for each conversation, all in one batch."""
+        """One assistant turn for each conversation, all in one batch (each sampled with ``params.seed``)."""
         comps: list[Completion | None] = [None] * len(conversations)
         if conversations:
             self.run_conversations(len(conversations), lambda i: None if comps[i] else conversations[i],
@@ -211,8 +247,11 @@ class LocalPolicy:
         st.text = text
 
     def run_conversations(self, n: int, next_messages, on_turn, params: SamplingParams,
-                          max_batch: int = 64) -> list[TokenStream]:
-        """Multi-turn generation with continuous batching (see :mod:`genevolve.policies.continuous`)."""
+                          max_batch: int = 64, seeds: Sequence[int] | None = None) -> list[TokenStream]:
+        """Multi-turn generation with continuous batching (see :mod:`genevolve.policies.continuous`).
+
+        Conversation i samples with ``seeds[i]`` (default: ``params.seed`` for all; random when that is None).
+        """
         from .continuous import ContinuousBatch
 
-        return ContinuousBatch(self, n, next_messages, on_turn, params, max_batch=max_batch).run()
+        return ContinuousBatch(self, n, next_messages, on_turn, params, max_batch=max_batch, seeds=seeds).run()
