@@ -116,8 +116,9 @@ def _score_rows(summary: dict) -> list[list]:
     for level in ("overall", "track", "category"):
         for key, row in summary["by"][level].items():
             k = row["kscore"]
-            rows.append([level, key, row["n"], f"{k['mean']:.3f} ± {0 if k['ci95'] != k['ci95'] else k['ci95']:.3f}",
-                         _f(row["F"]["mean"]), _f(row["V"]["mean"]), _f(row["T"]["mean"]), _f(row["A"]["mean"]), row["failed"]])
+            rows.append([level, key, row["n"], _f(k["mean"]) + (f" ± {k['ci95']:.3f}" if k["ci95"] is not None else ""),
+                         _f(row["F"]["mean"]), _f(row["V"]["mean"]), _f(row["T"]["mean"]), _f(row["A"]["mean"]), row["failed"],
+                         row.get("missing", 0)])
     return rows
 
 
@@ -194,7 +195,9 @@ def rollout(
     except KeyError as exc:
         raise typer.BadParameter(exc.args[0], param_hint="--request") from exc
     if req.parse_error:
-        typer.echo(f"note: the sandbox world cannot read this request ({req.parse_error}); trajectories run, but cannot be judged.")
+        from .world.requests import outside_world_note
+
+        typer.echo("note: " + outside_world_note(req.parse_error))
     guides = None
     if guide:
         guides = {req.id: oracle_guide(w, req) if guide == "oracle" and req.scene else guide}
@@ -235,7 +238,7 @@ def bench(
     max_new_tokens: int = SAMPLING["max_new_tokens"],
     limit: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N requests (smoke runs)."),
     search: str = SEARCH_OPT,
-    out: Optional[Path] = typer.Option(None, help="JSON file for the results (default: runs/bench-<policy>-<split>.json)."),
+    out: Optional[Path] = typer.Option(None, help="JSON file for the results (default: runs/bench-<policy>-<checksum>-<split>.json)."),
     world: Optional[Path] = WORLD_OPT,
     data: Optional[Path] = typer.Option(None, help="Official GenEvolve-Data-Bench folder: bench its rows with --generator and the VLM --judge."),
     generator: str = typer.Option("sandbox", help="With --data: 'sandbox', 'tiny', 't2i:<model>', 'img2img:<model>', 'qwen-edit:<model>' or render-service URLs."),
@@ -259,15 +262,19 @@ def bench(
                               allow_missing, limit, out, search, model, adapter, temperature, top_p, max_new_tokens, device,
                               judge_cache, rpm, world)
 
+    import re
+
     from .evaluation import SandboxScorer, aggregate, mean_ci, protocol_valid
     from .guides import oracle_guide
     from .records import ImageStore, atomic_write_json
+    from .runs import policy_checksum
     from .world import World
 
     if guide not in (None, "oracle"):
         raise typer.BadParameter("bench takes --guide oracle (or no guide)", param_hint="--guide")
     w = World(world)
     pol = _policy(w, policy, noise, skip_skill, p_distractor, model, adapter)
+    checksum = policy_checksum(policy, adapter, pol.name if pol else "raw", model)
     reqs = w.split(split)[:limit]
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     tools, scorer = _tools(w, search), SandboxScorer(w)
@@ -281,8 +288,10 @@ def bench(
             pairs = [(req, scorer.score(req, t, store, seed=t.seed)[1]) for req, t in zip(reqs, trajs)]
             per_seed[seed] = aggregate(pairs)
             valid[seed] = sum(protocol_valid(t) for t in trajs) / len(trajs)
-    summary: dict = {"policy": pol.name if pol else "raw", "split": split, "seeds": seed_list, "n_requests": len(reqs),
-                     "guide": guide, "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens},
+    summary: dict = {"policy": pol.name if pol else "raw", "policy_sha256": checksum, "adapter": adapter, "model": model,
+                     "noise": noise if policy == "expert" else None, "world": str(w.root),
+                     "split": split, "seeds": seed_list, "n_requests": len(reqs), "guide": guide,
+                     "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens},
                      "protocol_valid": {"per_seed": valid, **dict(zip(("mean", "ci95"), mean_ci(list(valid.values()))))},
                      "by": {}}
     for level in ("overall", "track", "category", "difficulty"):
@@ -295,14 +304,17 @@ def bench(
                 row[d] = {"mean": m, "ci95": ci, "per_seed": vals}
             row["n"] = per_seed[seed_list[0]][level][key]["n"]
             row["failed"] = sum(per_seed[s][level][key]["failed"] for s in seed_list)
+            row["missing"] = sum(per_seed[s][level][key]["missing"] for s in seed_list)
             summary["by"][level][key] = row
-    out = out or Path("runs") / f"bench-{Path(policy).name or 'remote'}-{split}.json"
+    if out is None:  # named by policy and checksum, so runs of different policies never overwrite each other
+        label = re.sub(r"[^A-Za-z0-9._+-]+", "-", summary["policy"]).strip("-") or "policy"
+        out = Path("runs") / f"bench-{label}-{checksum[:8]}-{split}.json"
     atomic_write_json(out, summary)
     rows = _score_rows(summary)
     pv = summary["protocol_valid"]
     typer.echo(f"policy: {summary['policy']}  split: {split}  seeds: {seed_list}  guide: {guide or '-'}  "
                f"protocol-valid: {pv['mean']:.3f}")
-    typer.echo(_table(rows, ["by", "group", "n", "KScore (95% CI over seeds)", "F", "V", "T", "A", "failed"]))
+    typer.echo(_table(rows, ["by", "group", "n", "KScore (95% CI over seeds)", "F", "V", "T", "A", "failed", "missing"]))
     typer.echo(f"saved: {out}")
 
 
@@ -579,8 +591,8 @@ def ablate(
         paired = "-"
         if sft_k and len(sft_k["per_seed"]) == len(k["per_seed"]) and arm != "sft":
             pm, pc = mean_ci([a - b for a, b in zip(k["per_seed"], sft_k["per_seed"])])
-            paired = f"{pm:+.3f} ± {pc if pc == pc else 0:.3f}"
-        lines.append(f"| {arm} | {k['mean']:.3f} ± {k['ci95'] if k['ci95'] == k['ci95'] else 0:.3f} | {gain:+.3f} | {paired} | "
+            paired = f"{pm:+.3f} ± {pc or 0:.3f}"
+        lines.append(f"| {arm} | {k['mean']:.3f} ± {k['ci95'] or 0:.3f} | {gain:+.3f} | {paired} | "
                      + ", ".join(f"{x:.3f}" for x in k["per_seed"]) + " |")
     extra = "\n".join(lines) + f"\n\nTotal time: {_time.time() - t0:.0f} s for {len(seed_list)} seed(s) x {len(arm_list)} arm(s)."
     report = write_report(out / "report", f"Ablation: {policy}", results, w, metrics, extra,

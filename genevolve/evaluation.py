@@ -3,8 +3,9 @@
 Scoring one trajectory: its program goes to the generator with its reference images; the image is
 stored by hash; the judge scores it against the request's ground truth (F, V, T, A, KScore) and the
 program-sufficiency judge gives R_text; the reward mixes them: R = (1 - alpha) KScore + alpha R_text.
-Anything that cannot be judged (no program, no readable request, a generator failure) becomes a
-verdict with ``failed`` set and zero scores, counted as a failure, never silently skipped.
+Every case gets a verdict; nothing is silently skipped. A trajectory with no program is the policy's
+failure: it scores 0. A case that cannot be judged (a request outside the sandbox world has no ground
+truth; the generator failed) is *missing*: its scores are ``None`` and aggregates count it apart.
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ from typing import Any, Iterable, Sequence
 from .records import ImageStore, Program, RenderedImage, Request, Trajectory, Verdict
 
 ALPHA = 0.5
+# A verdict whose ``failed`` starts with one of these was not judged: a missing case, never a 0.
+MISSING_PREFIXES = ("generator failed", "judge failed", "no ground truth")
+UNSCORED = dict(F=None, V=None, T=None, A=None, kscore=None, r_text=None, reward=None)
+
+
+def is_missing(v: Verdict) -> bool:
+    """A case that failed for reasons outside the policy: left out of means and counted as missing."""
+    return v.failed is not None and v.failed.startswith(MISSING_PREFIXES)
 
 
 def raw_trajectory(request: Request, seed: int = 0) -> Trajectory:
@@ -63,13 +72,14 @@ class SandboxScorer:
         try:
             image = self.world.generator.generate(prog.gen_prompt, refs, seed=seed)
         except Exception as exc:  # a generator failure is recorded on this case only
-            return None, Verdict(**base, failed=f"generator failed: {type(exc).__name__}: {exc}")
+            return None, Verdict(**base, **UNSCORED, failed=f"generator failed: {type(exc).__name__}: {exc}")
         h = store.put(image)
         ref_hashes = [store.put(im) for im in refs]
         rendered = RenderedImage(hash=h, width=image.width, height=image.height, generator=self.world.generator.name,
                                  prompt=prog.gen_prompt, reference_hashes=ref_hashes, seed=seed)
-        if request.scene is None:
-            return rendered, Verdict(**base, image=h, failed=f"request not readable by the sandbox world: {request.parse_error}")
+        if request.scene is None:  # rendered for a look, but there is nothing to compare it with
+            return rendered, Verdict(**base, **UNSCORED, image=h, failed="no ground truth: the request lies outside "
+                                     f"the sandbox world ({request.parse_error})")
         from .world.scene import Scene
 
         scene = Scene.from_dict(request.scene)
@@ -105,13 +115,16 @@ DIMS = ("kscore", "F", "V", "T", "A", "r_text", "reward")
 
 def mean_ci(values: Sequence[float], z: float | None = None) -> tuple[float, float]:
     """Mean and half-width of a 95 % confidence interval: Student's t with n - 1 degrees of freedom
-    (seeds are few: with 3, the t quantile is 4.30, not 1.96), or the normal one when ``z`` is given."""
+    (seeds are few: with 3, the t quantile is 4.30, not 1.96), or the normal one when ``z`` is given.
+
+    Undefined is ``None``: no values, no mean; one value, no interval.
+    """
     vals = [v for v in values if v is not None]
     if not vals:
-        return float("nan"), float("nan")
+        return None, None
     m = statistics.fmean(vals)
     if len(vals) < 2:
-        return m, float("nan")
+        return m, None
     if z is None:
         from scipy.stats import t
 
@@ -122,22 +135,25 @@ def mean_ci(values: Sequence[float], z: float | None = None) -> tuple[float, flo
 def aggregate(pairs: Iterable[tuple[Request, Verdict]]) -> dict[str, Any]:
     """KScore (and F, V, T, A, R_text, reward) overall and by track, category and difficulty.
 
-    Failed cases count as zero in KScore and reward (the stated missing-case policy) and are counted.
+    ``failed`` counts the policy's failures (no program), which score 0 and count; ``missing`` counts the
+    cases that could not be judged (:func:`is_missing`), which are left out of every mean. A mean over
+    nothing is ``None``. A request with no track, category or difficulty is in no group at that level.
     """
     groups: dict[str, dict[str, list[Verdict]]] = {"overall": defaultdict(list), "track": defaultdict(list),
                                                   "category": defaultdict(list), "difficulty": defaultdict(list)}
     for req, v in pairs:
         groups["overall"]["all"].append(v)
-        groups["track"][req.track].append(v)
-        groups["category"][req.category].append(v)
-        groups["difficulty"][str(req.difficulty)].append(v)
+        for level, key in (("track", req.track), ("category", req.category), ("difficulty", req.difficulty)):
+            if key is not None:
+                groups[level][str(key)].append(v)
     out: dict[str, Any] = {}
     for level, bucket in groups.items():
         out[level] = {}
         for key, vs in sorted(bucket.items()):
-            row = {"n": len(vs), "failed": sum(v.failed is not None for v in vs)}
+            judged = [v for v in vs if not is_missing(v)]
+            row = {"n": len(vs), "failed": sum(v.failed is not None for v in judged), "missing": len(vs) - len(judged)}
             for d in DIMS:
-                vals = [getattr(v, d) for v in vs]
+                vals = [getattr(v, d) for v in judged]
                 vals = [x for x in vals if x is not None]
                 row[d] = statistics.fmean(vals) if vals else None
             out[level][key] = row

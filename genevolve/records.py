@@ -59,14 +59,18 @@ class Record(BaseModel):
 
 
 class Request(Record):
-    """An image request. ``scene`` is the ground-truth scene (sandbox only)."""
+    """An image request. ``scene`` is the ground-truth scene (sandbox only).
+
+    Track, category and difficulty are ``None`` for a request nobody classified (free text the
+    sandbox cannot read): nothing is invented for it.
+    """
 
     id: str
     text: str
-    track: Track = "quality"
-    category: str = "free"
+    track: Track | None = "quality"
+    category: str | None = "free"
     skills: list[str] = Field(default_factory=list)
-    difficulty: int = 1
+    difficulty: int | None = 1
     split: str = "adhoc"
     gt_image: str | None = None  # image hash in the ImageStore
     scene: dict[str, Any] | None = None
@@ -168,18 +172,22 @@ class RenderedImage(Record):
 
 
 class Verdict(Record):
-    """Judge output for one trajectory. ``kscore`` is the weighted KScore; ``reward`` mixes in R_text."""
+    """Judge output for one trajectory. ``kscore`` is the weighted KScore; ``reward`` mixes in R_text.
+
+    A case that could not be judged (no ground truth, a generator or judge failure) holds ``None``
+    scores: it is missing, not 0. A trajectory with no answer scores 0: that is the policy's result.
+    """
 
     trajectory_id: str
     request_id: str
     image: str | None = None
-    F: float = 0.0
-    V: float = 0.0
+    F: float | None = 0.0
+    V: float | None = 0.0
     T: float | None = None  # None when the request asks for no text
-    A: float = 0.0
-    kscore: float = 0.0
-    r_text: float = 0.0
-    reward: float = 0.0
+    A: float | None = 0.0
+    kscore: float | None = 0.0
+    r_text: float | None = 0.0
+    reward: float | None = 0.0
     alpha: float = 0.5
     text_policy: str = "renormalise"
     rationale: str = ""
@@ -269,7 +277,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """Standard JSON only: a NaN or infinity raises (undefined values are written as null by the caller)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[BaseModel]) -> None:
@@ -324,9 +333,19 @@ class ImageStore:
 
     @staticmethod
     def encode(image: Any) -> bytes:
+        """PNG bytes of a PIL image or a numpy HxWx3 uint8 array."""
+        if not hasattr(image, "save"):
+            from PIL import Image
+
+            image = Image.fromarray(image)
         buf = io.BytesIO()
         image.save(buf, format="PNG", optimize=False)
         return buf.getvalue()
+
+    @classmethod
+    def digest(cls, image: Any) -> str:
+        """The hash ``put`` would store ``image`` under, without storing it."""
+        return hashlib.sha256(cls.encode(image)).hexdigest()
 
     def put_bytes(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
@@ -337,10 +356,6 @@ class ImageStore:
 
     def put(self, image: Any) -> str:
         """Store a PIL image (or a numpy HxWx3 uint8 array); return its hash."""
-        if not hasattr(image, "save"):
-            from PIL import Image
-
-            image = Image.fromarray(image)
         return self.put_bytes(self.encode(image))
 
     def path(self, digest: str) -> Path:

@@ -10,13 +10,16 @@ Layout::
     images/             content-addressed PNGs (renders, references used, ground truths)
     summary.json        aggregate scores (written last, atomically)
 
-Lines are appended one whole line per write and fsynced, so a crash leaves every finished case
-intact; ``summary.json`` only exists once the run has finished.
+Every file and ``images/`` exist from the start (empty until a case lands), so a run in which no
+trajectory answers is still a whole folder; its summary then says why. Lines are appended one whole
+line per write and fsynced, so a crash leaves every finished case intact; ``summary.json`` only exists
+once the run has finished.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +49,12 @@ class RunWriter:
             raise FileExistsError(f"{self.dir} already holds a run; choose another --out")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.images = ImageStore(self.dir / "images")
+        self.images.root.mkdir(exist_ok=True)
         self.info = info
+        self.cases = self.answered = 0
         atomic_write_json(self.dir / "run.json", info.model_dump())
+        for name in ("requests.jsonl", "trajectories.jsonl", "renders.jsonl", "verdicts.jsonl"):
+            (self.dir / name).touch()
 
     def add_request(self, request: Request, gt_image=None) -> None:
         if gt_image is not None:
@@ -59,8 +66,12 @@ class RunWriter:
         if rendered is not None:
             append_jsonl(self.dir / "renders.jsonl", rendered)
         append_jsonl(self.dir / "verdicts.jsonl", verdict)
+        self.cases += 1
+        self.answered += traj.program is not None
 
     def finish(self, summary: dict[str, Any]) -> None:
+        if not self.answered:
+            summary = {**summary, "note": "no trajectory produced an answer" if self.cases else "no trajectories ran"}
         atomic_write_json(self.dir / "summary.json", summary)
 
 
@@ -94,6 +105,39 @@ def load_run(path: str | Path) -> Run:
 
     return Run(d, info, rows("requests.jsonl", Request), rows("trajectories.jsonl", Trajectory),
                rows("renders.jsonl", RenderedImage), rows("verdicts.jsonl", Verdict))
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def policy_checksum(policy: str, adapter: str | None = None, label: str | None = None, model: str = "default") -> str:
+    """sha256 naming what a ``--policy`` ran: the weight files of a local model and of its adapter, the scripted
+    policy's label (its name and noise knobs), or a remote server's URL and model name (its weights are out of sight)."""
+    h = hashlib.sha256()
+    if policy in ("expert", "raw"):
+        h.update((label or policy).encode("utf-8"))
+        return h.hexdigest()
+    if policy.startswith(("http://", "https://")):
+        h.update(f"{policy}|{model}".encode("utf-8"))
+        return h.hexdigest()
+    if policy == "tiny":
+        from .policies.tiny import TINY_DIR as folder
+    elif policy == "smollm2":
+        from .policies.resolve import smollm2_path
+
+        folder = smollm2_path()[0]
+    else:
+        folder = Path(policy)
+    for d in [Path(folder)] + ([Path(adapter)] if adapter else []):
+        files = sorted(p for p in d.iterdir() if p.suffix in WEIGHT_SUFFIXES) if d.is_dir() else []
+        if not files:
+            raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {d}")
+        for p in files:
+            h.update(p.name.encode("utf-8") + b"\0")
+            with p.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
 
 
 def now_iso() -> str:

@@ -12,8 +12,8 @@ judge, R = KScore and alpha is recorded as 0).
   because failing to answer is the policy's result;
 - the *infrastructure's* failure (prefix ``generator failed`` / ``judge failed`` / ``no ground
   truth``): the render or judge call failed, or the dataset has no ground-truth image for the case.
-  Those are *missing* cases. With ``missing="exclude"`` (default) they are left out of every
-  mean; with ``missing="zero"`` they count as 0. Either way :func:`summarise` reports how many
+  Those are *missing* cases: their scores are ``None``. With ``missing="exclude"`` (default) they
+  are left out of every mean; with ``missing="zero"`` they count as 0. Either way :func:`summarise` reports how many
   there are, their ids and reasons, and the overall KScore under the other convention as well,
   so no zero is ever mixed into an average silently.
 """
@@ -23,16 +23,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Iterable
 
-from .evaluation import ALPHA, aggregate, load_references
+from .evaluation import ALPHA, MISSING_PREFIXES, UNSCORED, aggregate, is_missing, load_references
 from .records import ImageStore, RenderedImage, Request, Trajectory, Verdict
 
 MISSING_POLICIES = ("exclude", "zero")
-MISSING_PREFIXES = ("generator failed", "judge failed", "no ground truth")
-
-
-def is_missing(v: Verdict) -> bool:
-    """A case that failed for reasons outside the policy (see the module docstring)."""
-    return v.failed is not None and v.failed.startswith(MISSING_PREFIXES)
+__all__ = ["MISSING_POLICIES", "MISSING_PREFIXES", "ModelScorer", "is_missing", "summarise"]
 
 
 class ModelScorer:
@@ -62,27 +57,27 @@ class ModelScorer:
             return None, Verdict(**base, failed=f"no program ({traj.termination})", rationale="The trajectory gave no answer.")
         gt = self._gt(request, store)
         if gt is None:
-            return None, Verdict(**base, failed=f"no ground truth image for {request.id}"
+            return None, Verdict(**base, **UNSCORED, failed=f"no ground truth image for {request.id}"
                                  + (f" ({request.gt_image} not in the image store)" if request.gt_image else ""))
         prog = traj.program
         refs, problems = self._references(traj)
         try:
             image = self.generator.generate(prog.gen_prompt, [im for _, im in refs], seed=seed)
         except Exception as exc:  # a generator failure is recorded on this case only
-            return None, Verdict(**base, failed=f"generator failed: {type(exc).__name__}: {exc}")
+            return None, Verdict(**base, **UNSCORED, failed=f"generator failed: {type(exc).__name__}: {exc}")
         h = store.put(image)
         rendered = RenderedImage(hash=h, width=image.width, height=image.height, generator=self.generator.name,
                                  prompt=prog.gen_prompt, reference_hashes=[store.put(im) for _, im in refs], seed=seed)
         try:
             j = self.judge.judge(request.text, image, gt)
         except JudgeError as exc:
-            return rendered, Verdict(**base, image=h, failed=f"judge failed: {exc}")
+            return rendered, Verdict(**base, **UNSCORED, image=h, failed=f"judge failed: {exc}")
         r_text, missing = 0.0, []
         if self.program_judge is not None:
             try:
                 s = self.program_judge.judge(request.text, prog, refs)
             except JudgeError as exc:
-                return rendered, Verdict(**base, image=h, F=j.F, V=j.V, T=j.T, A=j.A, kscore=j.kscore,
+                return rendered, Verdict(**base, **UNSCORED | dict(F=j.F, V=j.V, T=j.T, A=j.A, kscore=j.kscore), image=h,
                                          rationale=j.rationale, failed=f"judge failed: program sufficiency: {exc}")
             r_text, missing = s.r_text, s.missing
         rationale = j.rationale + (f" Program misses: {'; '.join(missing)}." if missing else "")
@@ -100,11 +95,13 @@ def summarise(pairs: Iterable[tuple[Request, Verdict]], missing: str = "exclude"
         raise ValueError(f"missing is one of {', '.join(MISSING_POLICIES)}, not {missing!r}")
     pairs = list(pairs)
     gone = [(r, v) for r, v in pairs if is_missing(v)]
-    kept = pairs if missing == "zero" else [(r, v) for r, v in pairs if not is_missing(v)]
+    zero = dict(F=0.0, V=0.0, A=0.0, kscore=0.0, r_text=0.0, reward=0.0)
+    kept = [(r, v.model_copy(update=zero | {"failed": f"counted as 0: {v.failed}"}) if is_missing(v) else v)
+            for r, v in pairs] if missing == "zero" else [(r, v) for r, v in pairs if not is_missing(v)]
     out = aggregate(kept) if kept else {"overall": {}, "track": {}, "category": {}, "difficulty": {}}
     judged = [v for r, v in pairs if not is_missing(v)]
-    k_excl = sum(v.kscore for v in judged) / len(judged) if judged else float("nan")
-    k_zero = sum(v.kscore for v in judged) / len(pairs) if pairs else float("nan")
+    k_excl = sum(v.kscore for v in judged) / len(judged) if judged else None
+    k_zero = sum(v.kscore for v in judged) / len(pairs) if pairs else None
     out["missing"] = {
         "policy": missing,
         "n": len(gone),

@@ -157,7 +157,7 @@ def summarise_wise(items: Sequence[WiseItem], results: dict[int, dict[str, Any]]
     cats = {c: {"wiscore": sum(v) / len(v), "n": len(v)} for c, v in sorted(by_cat.items())}
     present = {c: w for c, w in WEIGHTS.items() if c in cats}
     total_w = sum(present.values())
-    overall = sum(cats[c]["wiscore"] * w for c, w in present.items()) / total_w if total_w else float("nan")
+    overall = sum(cats[c]["wiscore"] * w for c, w in present.items()) / total_w if total_w else None
     return {"categories": cats, "overall": overall, "partial": set(present) != set(WEIGHTS),
             "weights": WEIGHTS, "n_items": len(items), "missing": {"n": len(missing), "cases": missing,
                                                                   "policy": "exclude"}}

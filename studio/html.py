@@ -118,8 +118,9 @@ def verdict_html(v: Verdict | None) -> str:
 
 
 def best_and_worst(trajs: Sequence[Trajectory], verdicts: dict[str, Verdict]) -> tuple[str | None, str | None]:
-    """Ids of the highest- and lowest-reward trajectories (none when fewer than two or all tie)."""
+    """Ids of the highest- and lowest-reward trajectories (none when fewer than two are scored or all tie)."""
     scored = [(verdicts[t.id].reward if t.id in verdicts else 0.0, t.id) for t in trajs]
+    scored = [s for s in scored if s[0] is not None]  # an unjudged case (null reward) is neither best nor worst
     if len(scored) < 2:
         return None, None
     best = max(scored, key=lambda x: x[0])

@@ -40,14 +40,48 @@ def test_rollout_refuses_to_overwrite_a_run(tmp_path):
     assert res.exit_code != 0 and "already holds a run" in str(res.exception)
 
 
-def test_unreadable_request_is_recorded_not_crashed(tmp_path):
+def strict_json(path):
+    """Standard JSON only: NaN or Infinity in a file fails the test."""
+    def refuse(name):
+        raise ValueError(f"{path} holds {name}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_request_outside_the_sandbox_gets_no_score(tmp_path):
     out = tmp_path / "run"
-    res = runner.invoke(app, ["rollout", "-r", "Draw a friendly dragon", "-k", "2", "--out", str(out)])
+    res = runner.invoke(app, ["rollout", "-r", "a watercolor of a cat reading", "-k", "2", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert "cannot read this request" in res.output
-    verdicts = read_jsonl(out / "verdicts.jsonl", Verdict)
-    assert len(verdicts) == 2 and all(v.failed and "not readable" in v.failed for v in verdicts)
-    assert all(t.termination == "answer" for t in read_jsonl(out / "trajectories.jsonl", Trajectory))
+    text = " ".join(res.output.split())
+    assert "outside the sandbox world" in text and "trained only on sandbox requests" in text
+    run = load_run(out)
+    req = run.requests[0]
+    assert req.track is None and req.difficulty is None and req.category is None and req.gt_image is None
+    assert len(run.verdicts) == 2 and all(t.termination == "answer" for t in run.trajectories)
+    for v in run.verdicts:  # rendered, but nothing to compare it with: null, never 0
+        assert v.kscore is None and v.reward is None and v.F is None and v.failed.startswith("no ground truth") and v.image
+    summary = strict_json(out / "summary.json")
+    row = summary["overall"]["all"]
+    assert row["n"] == 2 and row["missing"] == 2 and row["failed"] == 0 and row["kscore"] is None
+    assert summary["track"] == {} and summary["difficulty"] == {}
+
+
+def test_a_run_folder_is_complete_when_no_trajectory_answers(tmp_path, monkeypatch):
+    from genevolve import cli
+    from genevolve.records import Trajectory
+
+    def no_answers(reqs, pol, tools, k, seed, params, guides=None, desc=""):
+        return [Trajectory(id=f"{r.id}-{i}", request_id=r.id, request_text=r.text, termination="max_rounds_reached")
+                for r in reqs for i in range(k)]
+
+    monkeypatch.setattr(cli, "_run", no_answers)
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["rollout", "-r", "bench-1000", "-k", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "renders.jsonl").read_text() == "" and (out / "images").is_dir()
+    assert len(read_jsonl(out / "verdicts.jsonl", Verdict)) == 2
+    summary = strict_json(out / "summary.json")
+    assert summary["note"] == "no trajectory produced an answer"
+    assert summary["overall"]["all"]["failed"] == 2 and summary["overall"]["all"]["kscore"] == 0.0
 
 
 def test_bench_saves_json_by_track_and_category(tmp_path):
@@ -59,6 +93,37 @@ def test_bench_saves_json_by_track_and_category(tmp_path):
     assert set(data["by"]) == {"overall", "track", "category", "difficulty"}
     k = data["by"]["overall"]["all"]["kscore"]
     assert 0.0 <= k["mean"] <= 1.0 and k["ci95"] >= 0.0
+
+
+def test_bench_with_one_seed_writes_null_not_nan(tmp_path):
+    out = tmp_path / "bench.json"
+    res = runner.invoke(app, ["bench", "--policy", "raw", "--seeds", "0", "--limit", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = strict_json(out)
+    assert data["by"]["overall"]["all"]["kscore"]["ci95"] is None  # one seed: no interval
+    assert data["protocol_valid"]["ci95"] is None
+
+
+def test_bench_records_what_it_ran_under_a_name_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    names = []
+    for noise in ("none", "cold-start"):
+        res = runner.invoke(app, ["bench", "--policy", "expert", "--noise", noise, "--seeds", "0", "--limit", "2"])
+        assert res.exit_code == 0, res.output
+        names += [p.name for p in (tmp_path / "runs").glob("*.json") if p.name not in names]
+    assert len(names) == 2, names  # two policies, two files
+    for name in names:
+        data = strict_json(tmp_path / "runs" / name)
+        assert data["policy_sha256"][:8] in name and data["policy"].split("[")[0] in name
+        assert data["adapter"] is None and data["world"].endswith("world")
+    from genevolve.runs import policy_checksum
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"lora weights")
+    tiny = policy_checksum("tiny")
+    assert len(tiny) == 64 and tiny != policy_checksum("tiny", str(adapter))
+    assert policy_checksum("expert", label="expert") != policy_checksum("expert", label="expert[cold-start]")
 
 
 def test_bad_options_give_clear_errors(tmp_path):

@@ -161,7 +161,7 @@ def test_scorer_records_every_failure_kind(tmp_path):
     assert v.alpha == 0 and v.reward == v.kscore
 
 
-def test_missing_policy_is_stated_and_reported():
+def test_missing_policy_is_stated_and_reported(tmp_path):
     from genevolve.records import Verdict
 
     req = Request(id="r", text="t", category="c")
@@ -178,4 +178,14 @@ def test_missing_policy_is_stated_and_reported():
     assert zero["missing"]["n"] == 1
     with pytest.raises(ValueError):
         summarise(pairs, missing="drop")
-    assert math.isnan(summarise([])["missing"]["kscore_missing_excluded"])
+    assert summarise([])["missing"]["kscore_missing_excluded"] is None
+    assert summarise([(req, down)])["missing"]["kscore_missing_excluded"] is None
+    _, v = ModelScorer(Gen(fail="down"), None).score(*_case(ImageStore(tmp_path), 0), ImageStore(tmp_path))
+    assert v.kscore is None and v.reward is None  # a missing case has no score, not 0
+
+
+def test_wise_overall_is_null_when_nothing_was_judged():
+    from genevolve.wise import WiseItem, summarise_wise
+
+    items = [WiseItem(prompt_id=1, prompt="p", explanation="e", subcategory="s", category="cultural")]
+    assert summarise_wise(items, {})["overall"] is None

@@ -419,4 +419,44 @@ def test_mean_ci_uses_student_t_for_few_seeds():
     m, h = mean_ci([0.30, 0.32, 0.34])
     assert m == pytest.approx(0.32) and h == pytest.approx(4.3027 * 0.02 / 3 ** 0.5, rel=1e-3)
     assert mean_ci([0.30, 0.32, 0.34], z=1.96)[1] == pytest.approx(1.96 * 0.02 / 3 ** 0.5)
-    assert mean_ci([0.5])[1] != mean_ci([0.5])[1]  # one value: no interval (nan)
+    assert mean_ci([0.5]) == (0.5, None)  # one value: no interval (null, never NaN)
+    assert mean_ci([]) == (None, None)
+
+
+def test_json_never_holds_nan(tmp_path):
+    from genevolve.records import atomic_write_json
+
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            atomic_write_json(tmp_path / "x.json", {"kscore": bad})
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_run_folder_exists_whole_before_any_case(tmp_path):
+    from genevolve.records import RunInfo
+    from genevolve.runs import RunWriter, load_run
+
+    w = RunWriter(tmp_path / "run", RunInfo(id="r", created="now", command="rollout", policy="p", k=0, seed=0))
+    for name in ("requests.jsonl", "trajectories.jsonl", "renders.jsonl", "verdicts.jsonl"):
+        assert (tmp_path / "run" / name).read_text() == ""
+    assert (tmp_path / "run" / "images").is_dir()
+    w.finish({})
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["note"] == "no trajectories ran"
+    assert load_run(tmp_path / "run").verdicts == []
+
+
+def test_unjudged_cases_are_missing_not_zero():
+    from genevolve.evaluation import aggregate
+
+    judged = Request(id="a", text="t", track="quality", category="c", difficulty=2)
+    outside = Request(id="b", text="a cat", track=None, category=None, difficulty=None)
+    pairs = [(judged, Verdict(trajectory_id="1", request_id="a", kscore=0.6, F=1, V=0.5, A=0.5, r_text=1, reward=0.8)),
+             (judged, Verdict(trajectory_id="2", request_id="a", failed="no program (no_answer)")),
+             (outside, Verdict(trajectory_id="3", request_id="b", failed="no ground truth: outside", F=None, V=None,
+                               A=None, kscore=None, r_text=None, reward=None))]
+    out = aggregate(pairs)
+    assert out["overall"]["all"] == {"n": 3, "failed": 1, "missing": 1, "kscore": pytest.approx(0.3), "F": 0.5,
+                                     "V": 0.25, "T": None, "A": 0.25, "r_text": 0.5, "reward": 0.4}
+    assert set(out["track"]) == {"quality"} and set(out["difficulty"]) == {"2"} and set(out["category"]) == {"c"}
+    alone = aggregate(pairs[2:])["overall"]["all"]
+    assert alone["kscore"] is None and alone["missing"] == 1

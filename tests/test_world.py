@@ -97,10 +97,13 @@ def test_unreadable_requests_raise(world, text, why):
 
 def test_free_text_request_gets_ground_truth(world):
     r = world.request("Paint a teal horse on the left and two red squares on the right, at dusk")
-    assert r.split == "adhoc" and r.scene is not None and r.gt_image in world.images
+    assert r.split == "adhoc" and r.scene is not None and r.track == "quality" and r.difficulty == 2
     assert set(r.skills) >= {"spatial_layout", "anatomy_body_coherence", "quantity_counting", "aesthetic_drawing"}
+    # The ground truth is named by hash and rendered on demand: the shipped world is never written to.
+    assert r.gt_image == ImageStore.digest(world.gt_image(r))
     bad = world.request("Draw a friendly dragon")
     assert bad.scene is None and "no object" in bad.parse_error
+    assert (bad.track, bad.category, bad.difficulty, bad.skills, bad.gt_image) == (None, None, None, [], None)
 
 
 # ---------------------------------------------------------------------------

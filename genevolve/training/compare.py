@@ -133,8 +133,10 @@ def write_examples(world, results: dict[str, dict], out_dir: Path, n: int = 6) -
         for rec in results[name]["records"]:
             if rec["seed"] == results[name]["records"][0]["seed"] and rec.get("sample", 0) == 0:
                 by_req.setdefault(rec["request"], {})[name] = rec
-    spread = sorted(by_req.items(), key=lambda kv: -(max(r["verdict"].kscore for r in kv[1].values())
-                                                      - min(r["verdict"].kscore for r in kv[1].values())))
+    def k(rec) -> float:  # a missing case (null) sorts as 0 here; it is shown as "–"
+        return rec["verdict"].kscore or 0.0
+
+    spread = sorted(by_req.items(), key=lambda kv: -(max(map(k, kv[1].values())) - min(map(k, kv[1].values()))))
     lines = []
     for rid, recs in spread[:n]:
         req = world.request(rid)
@@ -144,7 +146,7 @@ def write_examples(world, results: dict[str, dict], out_dir: Path, n: int = 6) -
             v = recs[name]["verdict"]
             img = results[name]["store"].get(v.image) if v.image and v.image in results[name]["store"] else Image.new("RGB", (120, 140), "white")
             tiles.append(img)
-            captions.append(f"{name}: {v.kscore:.2f}")
+            captions.append(f"{name}: {'–' if v.kscore is None else f'{v.kscore:.2f}'}")
         w = sum(t.width for t in tiles) + 8 * (len(tiles) - 1)
         canvas = Image.new("RGB", (w, tiles[0].height), "white")
         x = 0

@@ -60,8 +60,9 @@ class World:
     def request(self, id_or_text: str) -> Request:
         """A sandbox request by id or by exact text, or a new ad-hoc request read from free text.
 
-        Free text the world cannot read still becomes a request (with no scene); judging it then
-        records why instead of scoring it.
+        Free text the world cannot read still becomes a request, with no scene and nothing invented
+        (no track, category or difficulty); judging it records why instead of scoring it. Nothing is
+        written: a free-text request names its ground truth by hash, rendered from its scene on demand.
         """
         if id_or_text in self._by_id:
             return self._by_id[id_or_text]
@@ -81,8 +82,9 @@ class World:
         try:
             parsed = parse_request(id_or_text, self.data)
         except ParseError as exc:
-            return Request(id=rid, text=id_or_text, split="adhoc", category="unparsed", parse_error=str(exc))
-        gt = self.images.put(render(parsed.scene))
+            return Request(id=rid, text=id_or_text, split="adhoc", track=None, category=None, difficulty=None,
+                           parse_error=str(exc))
+        gt = ImageStore.digest(render(parsed.scene))
         track = "knowledge" if parsed.mentions else "quality"
         skills = needed_skills(parsed.scene)
         return Request(id=rid, text=id_or_text, track=track, category="adhoc", skills=skills,
@@ -150,5 +152,5 @@ class World:
         if request.gt_image and request.gt_image in self.images:
             return self.images.get(request.gt_image)
         if request.scene is None:
-            raise ValueError(f"request {request.id} has no ground truth: {request.category}")
+            raise ValueError(f"request {request.id} has no ground truth: {request.parse_error or 'it has no scene'}")
         return Image.fromarray(render(Scene.from_dict(request.scene)))

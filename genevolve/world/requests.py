@@ -48,6 +48,13 @@ class ParseError(ValueError):
     """The sandbox world cannot read this request."""
 
 
+def outside_world_note(parse_error: str | None) -> str:
+    """What to tell a person whose request the sandbox cannot read (CLI and studio say the same)."""
+    return (f"This request lies outside the sandbox world ({parse_error}). It has no ground truth, so it gets no "
+            "KScore: its scores are null and it counts as missing. The sandbox policies are trained only on sandbox "
+            "requests; a request like this needs a real policy, generator and judge (see `genevolve bench --data`).")
+
+
 @dataclass
 class Mention:
     """How a request named an entity object: ``via`` is name, event, location or home."""
