@@ -611,6 +611,8 @@ def studio(
     password_env: str = typer.Option("GENEVOLVE_STUDIO_PASSWORD", help="Environment variable holding a password; "
                                      "when it is set, the studio asks for it (any user name)."),
     runs: Path = typer.Option(Path("runs"), help="Folder of run folders the studio opens and writes."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder for your reference uploads and edits "
+                                            "(default: $GENEVOLVE_DATA, else ~/.local/share/genevolve); the shipped world is never written."),
     world: Optional[Path] = WORLD_OPT,
 ):
     """The Gradio studio: trajectories side by side, experience and reference editors, distill with a live
@@ -621,9 +623,9 @@ def studio(
     password = os.environ.get(password_env) or None
     if host not in ("127.0.0.1", "localhost", "::1") and not password:
         typer.echo(f"warning: binding {host} without a password; set ${password_env} to require one", err=True)
-    services = Services.create(world_dir=world, runs_dir=runs)
+    services = Services.create(world_dir=world, runs_dir=runs, data_dir=data_dir)
     typer.echo(f"GenEvolve Studio on http://{host}:{port}  (world: {services.world.root}, runs: {services.runs_dir}, "
-               f"device: {services.device})")
+               f"data: {services.data_dir}, device: {services.device})")
     launch(services, host=host, port=port, password=password)
 
 

@@ -98,7 +98,7 @@ def _trajectories_tab(s: Services) -> None:
         path = s.run_rollouts(request, policy, int(k_), int(seed_ or 0),
                               progress=lambda done, total: progress((done, total), desc="trajectories finished"))
         name = str(path.relative_to(s.runs_dir))
-        note = "" if request.scene else message("info", f"the sandbox cannot read this request ({request.parse_error}): not judged")
+        note = message("info", s.request_note(request)) if s.request_note(request) else ""
         out = show(name)
         out[status] = note + out[status]
         out[saved] = gr.update(choices=s.list_runs(), value=name)
@@ -610,7 +610,8 @@ def _bench_tab(s: Services) -> None:
 def build_app(services: Services) -> gr.Blocks:
     """The whole studio over one set of services."""
     with gr.Blocks(title="GenEvolve Studio", analytics_enabled=False) as app:
-        gr.Markdown(f"# GenEvolve Studio\nWorld `{services.world.root}` · runs `{services.runs_dir}` · device {services.device}")
+        gr.Markdown(f"# GenEvolve Studio\nWorld `{services.world.root}` · runs `{services.runs_dir}` · "
+                    f"your references `{services.world.refs_root}` · device {services.device}")
         with gr.Tabs():
             with gr.Tab("Trajectories", id="trajectories"):
                 _trajectories_tab(services)
@@ -632,5 +633,5 @@ def launch(services: Services, host: str = "127.0.0.1", port: int = 7860, passwo
     auth = (lambda _user, pw: hmac.compare_digest(pw.encode(), password.encode())) if password else None
     app.launch(server_name=host, server_port=port, auth=auth, css=CSS, prevent_thread_lock=not block, quiet=True,
                ssr_mode=False, footer_links=[], max_file_size="32mb",
-               allowed_paths=[str(services.world.root), str(services.runs_dir)])
+               allowed_paths=[str(services.world.root), str(services.world.refs_root), str(services.runs_dir)])
     return app

@@ -4,6 +4,9 @@ the embedder, the experience banks, the reference store, loaded policies and the
 Actions that touch models or disk live here (rolling out, benching, trying a guide); the views turn
 their results into UI values with the pure functions of :mod:`studio.html` and the view modules.
 Nothing here imports gradio.
+
+The shipped world is only read: reference uploads and edits go to an editable copy of its reference
+store in the data folder (``--data-dir``, ``$GENEVOLVE_DATA``), which the agent's image_search then searches.
 """
 
 from __future__ import annotations
@@ -44,27 +47,40 @@ class Services:
     refs: Any
     jobs: DistillJobs
     device: str
+    data_dir: Path | None = None
     _banks: dict[str, Any] = field(default_factory=dict)
     _policies: dict[str, Any] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _request_vecs: Any = None
 
     @classmethod
-    def create(cls, world_dir: str | Path | None = None, runs_dir: str | Path = "runs", embedder=None) -> "Services":
+    def create(cls, world_dir: str | Path | None = None, runs_dir: str | Path = "runs", embedder=None,
+               data_dir: str | Path | None = None) -> "Services":
         from genevolve.embed import default_embedder
+        from genevolve.paths import data_dir as default_data_dir
+        from genevolve.paths import user_references
         from genevolve.refstore import ReferenceStore
         from genevolve.world import World
 
         embedder = embedder or default_embedder()
+        data = default_data_dir(data_dir).resolve()
         world = World(world_dir, embedder=embedder)
+        world.refs_root = user_references(world.root, data)
         runs = Path(runs_dir).resolve()
         runs.mkdir(parents=True, exist_ok=True)
-        return cls(world=world, runs_dir=runs, embedder=embedder, refs=ReferenceStore(world.root, embedder),
-                   jobs=DistillJobs(runs, world.root), device=device_label())
+        return cls(world=world, runs_dir=runs, embedder=embedder, refs=ReferenceStore(world.refs_root, embedder),
+                   jobs=DistillJobs(runs, world.root), device=device_label(), data_dir=data)
 
     # -- requests ----------------------------------------------------------------
     def request_choices(self, split: str = "bench") -> list[str]:
         return [f"{r.id} · {r.text}" for r in self.world.split(split)]
+
+    @staticmethod
+    def request_note(request: Request) -> str:
+        """What to say about a request before its results: empty for one the sandbox can judge."""
+        from genevolve.world.requests import outside_world_note
+
+        return "" if request.scene is not None else outside_world_note(request.parse_error)
 
     def resolve_request(self, value: str) -> Request:
         """A request from a dropdown entry ("bench-0960 · text"), an id, or free text."""
@@ -237,6 +253,8 @@ class Services:
             req = self.world.request(exp.source_request_id)
         except KeyError:
             req = self.world.request(exp.source_request)
+        if req.scene is None:
+            raise StudioError(self.request_note(req))
         pol = self.policy(policy_name)
         student = self._trajectories([req], pol, 1, int(seed))[0]
         teacher = self._trajectories([req], pol, 1, int(seed), guides={req.id: guide_text(exp)})[0]

@@ -20,8 +20,7 @@ from studio.services import EXPERT, EXPERT_NOISY, RAW, Services
 @pytest.fixture(scope="module")
 def services(tmp_path_factory, world):
     root = tmp_path_factory.mktemp("studio")
-    shutil.copytree(world.root, root / "world")  # the reference editor writes into the store
-    return Services.create(world_dir=root / "world", runs_dir=root / "runs")
+    return Services.create(world_dir=world.root, runs_dir=root / "runs", data_dir=root / "data")
 
 
 def test_rollouts_become_a_run_folder_with_k_columns(services):
@@ -35,6 +34,14 @@ def test_rollouts_become_a_run_folder_with_k_columns(services):
     assert str(path.relative_to(services.runs_dir)) in services.list_runs()
     free = services.resolve_request("Draw three gold stars in the top of the image")
     assert free.id.startswith("adhoc-") and services.run_rollouts(free, RAW, 1, 0).exists()
+    assert services.request_note(free) == ""
+    outside = services.resolve_request("a watercolor of a cat reading")
+    note = services.request_note(outside)
+    assert "outside the sandbox world" in note and "trained only on sandbox requests" in note
+    run = load_run(services.run_rollouts(outside, EXPERT_NOISY, 2, 0))
+    assert run.verdicts[0].kscore is None and json.loads((run.dir / "summary.json").read_text())["overall"]["all"]["missing"] == 2
+    head, cols, diff = run_view(run)  # unscored cases have no best and worst
+    assert 'data-columns="2"' in cols
 
 
 def test_paths_outside_the_runs_folder_are_refused(services):

@@ -28,13 +28,15 @@ def default_world_dir() -> Path:
 class World:
     """A built sandbox world folder. Everything loads lazily on first use."""
 
-    def __init__(self, root: str | os.PathLike | None = None, embedder=None):
+    def __init__(self, root: str | os.PathLike | None = None, embedder=None, refs_root: str | os.PathLike | None = None):
         self.root = Path(root) if root else default_world_dir()
         if not (self.root / "world.json").exists():
             raise FileNotFoundError(
                 f"no sandbox world at {self.root} (world.json missing); build it with `genevolve world build`"
             )
         self._embedder = embedder
+        # The reference store the agent searches: the world's own, or an editable copy in a user's data folder.
+        self.refs_root = Path(refs_root) if refs_root else self.root
 
     # -- knowledge --------------------------------------------------------
     @cached_property
@@ -104,13 +106,13 @@ class World:
 
     @cached_property
     def refs(self) -> dict[str, dict[str, Any]]:
-        rows = [json.loads(line) for line in (self.root / "refs.jsonl").read_text("utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in (self.refs_root / "refs.jsonl").read_text("utf-8").splitlines() if line.strip()]
         return {r["id"]: r for r in rows}
 
     def ref_image(self, ref_id: str):
         from PIL import Image
 
-        with Image.open(self.root / self.refs[ref_id]["file"]) as im:
+        with Image.open(self.refs_root / self.refs[ref_id]["file"]) as im:
             return im.convert("RGB")
 
     @cached_property
@@ -123,7 +125,7 @@ class World:
     def image_search(self):
         from ..tools.local import LocalImageSearch
 
-        return LocalImageSearch(self.root, self._embedder)
+        return LocalImageSearch(self.refs_root, self._embedder)
 
     @cached_property
     def knowledge(self):
