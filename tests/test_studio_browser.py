@@ -59,7 +59,8 @@ def studio(tmp_path_factory, world):
     shots.mkdir()
 
     port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "GRADIO_ANALYTICS_ENABLED": "False",
+           "GENEVOLVE_DATA": str(root / "data")}  # reference edits land here, not in the user's data folder
     env.pop("GENEVOLVE_STUDIO_PASSWORD", None)
     log = open(root / "studio.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "genevolve.cli", "studio", "--port", str(port), "--runs", str(runs),
@@ -200,8 +201,12 @@ def test_upload_a_reference_and_retrieve_it(studio, page, tmp_path):
     _fill(page, "#refs-query textarea", "banner of the Quokka Guild")
     page.locator("#refs-search").click()
     page.locator("#refs-gallery").get_by_text("u0001").first.wait_for()
-    rows = [json.loads(line) for line in (studio["world"] / "refs.jsonl").read_text().splitlines()]
-    assert rows[-1]["id"] == "u0001" and (studio["world"] / "refs" / "u0001.png").exists()
+    from genevolve.paths import user_references
+
+    store = user_references(studio["world"], studio["root"] / "data")  # the studio's copy; the world is only read
+    rows = [json.loads(line) for line in (store / "refs.jsonl").read_text().splitlines()]
+    assert rows[-1]["id"] == "u0001" and (store / "refs" / "u0001.png").exists()
+    assert not (studio["world"] / "refs" / "u0001.png").exists()
     page.screenshot(path=str(studio["shots"] / "references.png"), full_page=True)
 
 
