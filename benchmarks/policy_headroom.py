@@ -63,7 +63,7 @@ def main() -> int:
     }
     print(f"{'arm':<28}{'valid':>8}{'KScore':>10}{'±95%':>8}{'KA':>8}{'QA':>8}")
     for name, r in rows.items():
-        ci = 0.0 if r["ci95"] != r["ci95"] else r["ci95"]
+        ci = r["ci95"] or 0.0  # one seed: no interval (null)
         print(f"{name:<28}{r['protocol_valid']:>8.3f}{r['kscore']:>10.3f}{ci:>8.3f}{r['knowledge'] or 0:>8.3f}{r['quality'] or 0:>8.3f}")
     print(f"gap to expert {summary['gap_to_expert']:+.3f}; gain over raw {summary['gain_over_raw']:+.3f}; "
           f"guide gain {summary['guide_gain']:+.3f} (per seed {', '.join(f'{x:+.3f}' for x in summary['guide_gain_per_seed'])})")
