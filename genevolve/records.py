@@ -132,6 +132,13 @@ class Turn(Record):
     finish_reason: str | None = None  # "stop" or "length" for learned policies
 
 
+class KeptMessage(Record):
+    """A message of an imported record that no field holds (an unknown role or note), put back at ``at`` on export."""
+
+    at: int
+    message: dict[str, Any]
+
+
 class Trajectory(Record):
     id: str
     request_id: str
@@ -145,6 +152,9 @@ class Trajectory(Record):
     program: Program | None = None
     termination: Termination = "answer"
     errors: list[str] = Field(default_factory=list)
+    # Imported records only: the FINAL STEP text when it is not ours, and the messages kept verbatim.
+    final_step_message: str | None = None
+    kept_messages: list[KeptMessage] = Field(default_factory=list)
     # The exact token stream a local policy saw and wrote (empty for scripted or remote policies):
     # assistant_mask is 1 on tokens the policy sampled, 0 on everything else (prompts, observations);
     # token_logprobs holds the sampling policy's log-probability of each sampled token (0 elsewhere).
