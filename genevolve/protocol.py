@@ -9,6 +9,10 @@ a turn with neither a tool call nor an answer gets a format-error note and the l
 The answer is a prompt-reference program: ``{"gen_prompt": "...", "reference_images":
 [{"img_id": "IMG_003", "note": "..."}]}``. :func:`normalize_program` applies the runtime's rules:
 unknown ids dropped, references sorted by id and capped at two, and records what it changed.
+
+:func:`parse_turn` has two modes: ``strict`` (the default, what training and our agent use) rejects
+any turn that is not exactly one action; ``official`` takes what the official runtime takes (its
+first answer, else its first tool call). docs/official-formats.md lists the differences.
 """
 
 from __future__ import annotations
@@ -18,15 +22,17 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .records import SKILLS, ImageRef, Observation, Program, ProgramRef, ToolCall, Trajectory, Turn
+from .records import SKILLS, ImageRef, KeptMessage, Observation, Program, ProgramRef, ToolCall, Trajectory, Turn
 
 MAX_TURNS = 11
 MAX_TOOL_CALLS = 10
 MAX_REFERENCES = 2
 TOOL_NAMES = ("search", "image_search", "query_knowledge")
+PARSE_MODES = ("strict", "official")
 
-FINAL_STEP_MESSAGE = """\
-=== FINAL STEP: OUTPUT ANSWER NOW ===
+# Ours and the official runtime's FINAL STEP messages share this first line (the bodies differ).
+FINAL_STEP_HEADER = "=== FINAL STEP: OUTPUT ANSWER NOW ==="
+FINAL_STEP_MESSAGE = FINAL_STEP_HEADER + """
 This is the final step: tool calls are no longer allowed and will be ignored.
 Output <answer>...</answer> now, using the IMG_### ids you already have (or none), in this format:
 <answer>
@@ -61,6 +67,9 @@ GUIDE_HEADER = "Current-Task Decision Guide"
 _THINK_RE = re.compile(r"<think>(.*?)</think>", re.S)
 _TOOL_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 _ANSWER_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.S)
+# The official runtime looks for the first {...} in each tag (so only objects count) and tries the answer first.
+_OFFICIAL_TOOL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+_OFFICIAL_ANSWER_RE = re.compile(r"<answer>\s*(\{.*?\})\s*</answer>", re.S)
 _IMG_ID_RE = re.compile(r"\bIMG_\d{3,}\b")
 _ORDINAL_RE = re.compile(r"\b(first|second|third|fourth)(?: reference image)\b", re.I)
 _TOOL_RESPONSE_RE = re.compile(r"^<tool_response>\n?(.*?)\n?</tool_response>$", re.S)
@@ -81,10 +90,22 @@ class ParsedTurn:
     error: str | None  # why this turn is not a valid action (None when it is)
 
 
-def parse_turn(text: str) -> ParsedTurn:
-    """Read one assistant turn. Exactly one action is valid; the error says what went wrong otherwise."""
+def _check_mode(mode: str) -> None:
+    if mode not in PARSE_MODES:
+        raise ValueError(f"parse mode is 'strict' or 'official', not {mode!r}")
+
+
+def parse_turn(text: str, mode: str = "strict") -> ParsedTurn:
+    """Read one assistant turn; the error says why it is not a valid action.
+
+    ``strict``: exactly one tool call or one answer, anywhere in the text. ``official``: the
+    decision the official runtime makes on the same text.
+    """
+    _check_mode(mode)
     think_m = _THINK_RE.search(text)
     think = think_m.group(1).strip() if think_m else None
+    if mode == "official":
+        return _parse_official(text, think)
     tools = _TOOL_RE.findall(text)
     answers = _ANSWER_RE.findall(text)
     if tools and answers:
@@ -115,6 +136,29 @@ def parse_turn(text: str) -> ParsedTurn:
             return ParsedTurn(think, None, None, "tool call 'arguments' is not an object")
         return ParsedTurn(think, ToolCall(name=payload["name"].strip(), arguments=args), None, None)
     return ParsedTurn(think, None, None, "no <tool_call> and no <answer>")
+
+
+def _parse_official(text: str, think: str | None) -> ParsedTurn:
+    error = None
+    m = _OFFICIAL_ANSWER_RE.search(text)
+    if m:  # only the first match is tried: when it is not JSON the turn falls through to its tool call
+        try:
+            return ParsedTurn(think, None, json.loads(m.group(1)), None)
+        except json.JSONDecodeError as exc:
+            error = f"answer is not valid JSON: {exc.msg} at char {exc.pos}"
+    m = _OFFICIAL_TOOL_RE.search(text)
+    if not m:
+        return ParsedTurn(think, None, None, error or "no <tool_call> and no <answer>")
+    try:
+        payload = json.loads(m.group(1))
+    except json.JSONDecodeError as exc:
+        return ParsedTurn(think, None, None, error or f"tool call is not valid JSON: {exc.msg} at char {exc.pos}")
+    name, args = payload.get("name") or "", payload.get("arguments") or {}  # any empty value means "none"
+    if not isinstance(name, str):  # the official runtime crashes on this turn
+        return ParsedTurn(think, None, None, "tool call 'name' is not a string")
+    if not isinstance(args, dict):
+        return ParsedTurn(think, None, None, "tool call 'arguments' is not an object")
+    return ParsedTurn(think, ToolCall(name=name.strip(), arguments=args), None, None)
 
 
 def render_turn(think: str, tool_call: ToolCall | None = None, answer: dict[str, Any] | None = None) -> str:
@@ -164,7 +208,8 @@ def normalize_program(payload: dict[str, Any], images: Iterable[ImageRef]) -> Pr
         if any(x.img_id == img_id for x in refs):
             issues.append(f"dropped duplicate image id {img_id}")
             continue
-        refs.append(ProgramRef(img_id=img_id, note=str(r.get("note", "")).strip()))
+        note = r.get("note")
+        refs.append(ProgramRef(img_id=img_id, note="" if note is None else str(note).strip()))
     if [x.img_id for x in refs] != sorted(x.img_id for x in refs):
         issues.append("references re-sorted by id")
     refs.sort(key=lambda x: x.img_id)
@@ -206,67 +251,92 @@ def images_from_observation(text: str) -> list[ImageRef]:
     return out
 
 
-def trajectory_from_messages(messages: list[dict[str, Any]], traj_id: str = "imported", request_id: str = "imported") -> Trajectory:
-    """Import an official SFT record's ``messages`` (system, user, then assistant/user turns)."""
-    if not messages or messages[0].get("role") != "system":
-        raise ValueError("an SFT record starts with a system message")
-    if len(messages) < 2 or messages[1].get("role") != "user":
-        raise ValueError("an SFT record's second message is the user request")
-    sys_prompt = str(messages[0].get("content", ""))
+def _plain(msg: Any, role: str | None = None) -> bool:
+    """A message this importer can rebuild exactly from the trajectory: only a role and text content."""
+    return (isinstance(msg, dict) and list(msg) == ["role", "content"] and isinstance(msg["content"], str)
+            and (msg["role"] == role if role else msg["role"] in ("user", "assistant")))
+
+
+def trajectory_from_messages(messages: list[dict[str, Any]], traj_id: str = "imported", request_id: str = "imported",
+                             mode: str = "strict") -> Trajectory:
+    """Import an SFT record's ``messages`` (system, user request, then assistant/user turns).
+
+    Assistant turns are read with :func:`parse_turn` in ``mode`` (``official`` for the official
+    runtime's records; a turn it accepts that strict mode would not is noted in ``errors``). What
+    no field holds (unknown roles, extra keys, non-text content, a second user note) is kept
+    verbatim, so :func:`trajectory_to_messages` gives back exactly ``messages``.
+    """
+    _check_mode(mode)
+    if not messages or not _plain(messages[0], "system"):
+        raise ValueError("an SFT record starts with a system message (role and text content)")
+    if len(messages) < 2 or not _plain(messages[1], "user"):
+        raise ValueError("an SFT record's second message is the user request (role and text content)")
+    sys_prompt = messages[0]["content"]
     guide = None
     marker = f"\n\n## {GUIDE_HEADER}\n"
     if marker in sys_prompt:
         sys_prompt, guide = sys_prompt.split(marker, 1)
-    traj = Trajectory(id=traj_id, request_id=request_id, request_text=str(messages[1].get("content", "")),
+    traj = Trajectory(id=traj_id, request_id=request_id, request_text=messages[1]["content"],
                       system_prompt=sys_prompt, guide=guide, policy="imported")
-    pending_final = False
-    i = 2
-    while i < len(messages):
-        msg = messages[i]
-        role, content = msg.get("role"), str(msg.get("content", ""))
-        if role == "user":
-            if content == FINAL_STEP_MESSAGE:
-                pending_final = True
-            elif traj.turns:
-                traj.turns[-1].feedback = content
-            else:
-                raise ValueError(f"message {i}: a user message before any assistant turn")
-            i += 1
-            continue
-        if role != "assistant":
-            raise ValueError(f"message {i}: unexpected role {role!r}")
-        p = parse_turn(content)
-        turn = Turn(index=len(traj.turns), raw=content, think=p.think, tool_call=p.tool_call, error=p.error,
-                    forced_final=pending_final, prompt_messages=i)
-        pending_final = False
-        if p.answer is not None:
-            turn.answer = normalize_program(p.answer, traj.images)
-            traj.program = turn.answer
-        traj.turns.append(turn)
+    forced_at = None
+    for i, msg in enumerate(messages[2:], 2):
         nxt = messages[i + 1] if i + 1 < len(messages) else None
-        if p.tool_call is not None and nxt and nxt.get("role") == "user":
-            obs_text = unwrap_observation(str(nxt.get("content", "")))
-            if obs_text is not None:
-                imgs = images_from_observation(obs_text) if p.tool_call.name == "image_search" else []
-                traj.images.extend(im for im in imgs if traj.image(im.img_id) is None)
-                turn.observation = Observation(tool=p.tool_call.name, text=obs_text, images=imgs)
-                i += 2
-                continue
-        i += 1
-    traj.termination = "answer" if traj.program is not None else "no_answer"
+        last = traj.turns[-1] if traj.turns else None
+        if not _plain(msg):
+            traj.kept_messages.append(KeptMessage(at=i, message=msg))
+        elif msg["role"] == "assistant":
+            _import_turn(traj, msg["content"], i, forced_at == i - 1, nxt, mode)
+        elif _is_final_step(traj, msg["content"]) and _plain(nxt, "assistant"):
+            forced_at = i
+            if msg["content"] != FINAL_STEP_MESSAGE:
+                traj.final_step_message = msg["content"]
+        elif last is not None and last.prompt_messages == i - 1 and last.tool_call is not None and last.observation is None \
+                and wrap_observation(unwrap_observation(msg["content"]) or "") == msg["content"]:
+            text = unwrap_observation(msg["content"])
+            imgs = images_from_observation(text) if last.tool_call.name == "image_search" else []
+            traj.images.extend(im for im in imgs if traj.image(im.img_id) is None)
+            last.observation = Observation(tool=last.tool_call.name, text=text, images=imgs)
+        elif last is not None and last.observation is None and last.feedback is None and last.prompt_messages == i - 1:
+            last.feedback = msg["content"]
+        else:
+            traj.kept_messages.append(KeptMessage(at=i, message=msg))
+    last = traj.turns[-1] if traj.turns else None
+    # both runtimes end on a tool call only when it was the last allowed turn
+    traj.termination = "answer" if traj.program is not None else \
+        "max_rounds_reached" if last is not None and last.tool_call is not None and last.observation is None else "no_answer"
     return traj
 
 
-def trajectory_to_messages(traj: Trajectory) -> list[dict[str, str]]:
+def _is_final_step(traj: Trajectory, content: str) -> bool:
+    """Ours, or another runtime's wording of it (kept for export); one wording per trajectory."""
+    seen = traj.final_step_message or (FINAL_STEP_MESSAGE if any(t.forced_final for t in traj.turns) else None)
+    return content.startswith(FINAL_STEP_HEADER) and seen in (None, content)
+
+
+def _import_turn(traj: Trajectory, text: str, i: int, forced: bool, nxt: Any, mode: str) -> None:
+    p = parse_turn(text, mode)
+    turn = Turn(index=len(traj.turns), raw=text, think=p.think, tool_call=p.tool_call, error=p.error,
+                forced_final=forced, prompt_messages=i)
+    if mode != "strict" and p.error is None and (strict := parse_turn(text).error):
+        traj.errors.append(f"turn {turn.index}: {strict}; read as the {mode} runtime does")
+    if p.answer is not None:
+        turn.answer = normalize_program(p.answer, traj.images)
+        traj.program = turn.answer
+    traj.turns.append(turn)
+
+
+def trajectory_to_messages(traj: Trajectory) -> list[dict[str, Any]]:
     """Export a trajectory as the official ``messages`` list (the exact conversation the policy saw)."""
-    msgs = [{"role": "system", "content": system_prompt(traj.guide, traj.system_prompt or SYSTEM_PROMPT)},
-            {"role": "user", "content": traj.request_text}]
+    msgs: list[dict[str, Any]] = [{"role": "system", "content": system_prompt(traj.guide, traj.system_prompt or SYSTEM_PROMPT)},
+                                  {"role": "user", "content": traj.request_text}]
     for t in traj.turns:
         if t.forced_final:
-            msgs.append({"role": "user", "content": FINAL_STEP_MESSAGE})
+            msgs.append({"role": "user", "content": traj.final_step_message or FINAL_STEP_MESSAGE})
         msgs.append({"role": "assistant", "content": t.raw})
         if t.observation is not None:
             msgs.append({"role": "user", "content": wrap_observation(t.observation.text)})
-        elif t.feedback is not None:
+        if t.feedback is not None:
             msgs.append({"role": "user", "content": t.feedback})
+    for k in sorted(traj.kept_messages, key=lambda k: k.at):  # back where they were, in order
+        msgs.insert(k.at, json.loads(json.dumps(k.message)))
     return msgs

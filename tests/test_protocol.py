@@ -486,7 +486,7 @@ def test_record_ending_in_a_forced_tool_call_round_trips():
     msgs = _forced_record()[:-1]
     msgs.append({"role": "assistant", "content": render_turn("more", tool_call=ToolCall(name="search"))})
     traj = trajectory_from_messages(msgs)
-    assert traj.termination == "no_answer"
+    assert traj.termination == "max_rounds_reached"  # as both runtimes end such a trajectory
     assert traj.program is None
     assert traj.turns[-1].forced_final and traj.turns[-1].observation is None
     assert trajectory_to_messages(traj) == msgs
@@ -535,14 +535,183 @@ def test_import_answer_with_unknown_id_is_normalised():
     ([{"role": "user", "content": "req"}, {"role": "assistant", "content": "x"}], "system"),
     ([{"role": "system", "content": "sys"}], "user request"),
     ([{"role": "system", "content": "sys"}, {"role": "assistant", "content": "<answer>{}</answer>"}], "user request"),
-    ([{"role": "system", "content": "sys"}, {"role": "user", "content": "req"},
-      {"role": "user", "content": "again"}], "message 2"),
-    ([{"role": "system", "content": "sys"}, {"role": "user", "content": "req"},
-      {"role": "tool", "content": "x"}], "unexpected role"),
+    ([{"role": "system", "content": ["parts"]}, {"role": "user", "content": "req"}], "system"),
 ])
 def test_bad_records_raise(msgs, match):
     with pytest.raises(ValueError, match=match):
         trajectory_from_messages(msgs)
+
+
+# ---------------------------------------------------------------------------
+# Official runtime records: FINAL STEP text, messages we do not understand, the official parse mode
+# ---------------------------------------------------------------------------
+
+OFFICIAL = Path(__file__).parent / "data" / "official_sft_row.json"
+
+
+@pytest.fixture
+def official_row():
+    return json.loads(OFFICIAL.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("mode", ["strict", "official"])
+def test_official_record_exports_byte_for_byte(official_row, mode):
+    """24 messages: ten tool rounds, the official FINAL STEP text, the answer. Every message comes back."""
+    msgs = official_row["messages"]
+    assert len(msgs) == 24 and msgs[-2]["content"].startswith("=== FINAL STEP: OUTPUT ANSWER NOW ===")
+    traj = trajectory_from_messages(copy.deepcopy(msgs), mode=mode)
+    back = trajectory_to_messages(traj)
+    assert back == msgs
+    assert json.dumps(back, ensure_ascii=False) == json.dumps(msgs, ensure_ascii=False)
+    assert len(traj.turns) == 11 and [t.forced_final for t in traj.turns] == [False] * 10 + [True]
+    assert traj.final_step_message == msgs[-2]["content"] and traj.kept_messages == []
+    assert traj.turns[-1].prompt_messages == 23
+
+
+def test_official_mode_reads_the_record_as_the_official_runtime_ran_it(official_row):
+    msgs = official_row["messages"]
+    official = trajectory_from_messages(msgs, mode="official")
+    strict = trajectory_from_messages(msgs)
+    # turn 2 holds two tool calls: the official runtime ran the first, and its image ids are known
+    assert official.turns[2].tool_call.name == "image_search" and official.turns[2].error is None
+    assert [im.img_id for im in official.images] == ["IMG_001", "IMG_002", "IMG_003", "IMG_004"]
+    # turn 4 passes "arguments": [] which the official runtime reads as {}
+    assert official.turns[4].tool_call == ToolCall(name="query_knowledge", arguments={})
+    assert official.n_tool_calls == 10 and official.termination == "answer"
+    assert [(r.img_id, r.note) for r in official.program.reference_images] == [("IMG_001", ""), ("IMG_004", "river view at sunrise")]
+    assert "turn 2: 2 tool calls in one turn (one allowed); read as the official runtime does" in official.errors
+    # the strict parser rejects both turns, so IMG_003 is never handed out
+    assert strict.turns[2].error == "2 tool calls in one turn (one allowed)" and strict.turns[2].tool_call is None
+    assert strict.turns[4].error == "tool call 'arguments' is not an object"
+    assert strict.n_tool_calls == 8 and strict.image("IMG_003") is None
+
+
+def test_note_null_becomes_empty():
+    prog = normalize_program({"gen_prompt": "the first reference image", "reference_images": [{"img_id": "IMG_001", "note": None}]},
+                             _refs("IMG_001"))
+    assert prog.reference_images[0].note == "" and prog.issues == []
+
+
+def _sys_req():
+    return [{"role": "system", "content": "sys"}, {"role": "user", "content": "req"}]
+
+
+ANSWER = render_turn("t", answer={"gen_prompt": "x"})
+SEARCH = render_turn("t", tool_call=ToolCall(name="search", arguments={"queries": ["a"]}))
+
+
+@pytest.mark.parametrize("extra, at", [
+    ({"role": "user", "content": "Also: make it square."}, 2),  # a user message before any assistant turn
+    ({"role": "tool", "content": "x"}, 2),  # a role we do not use
+    ({"role": "user", "content": "RESPONSE TOO LONG: be concise."}, 4),  # a second user message after an observation
+    ({"role": "user", "content": "Please hurry."}, 6),  # a second user message after a feedback note
+    ({"role": "assistant", "content": "x", "reasoning_content": "r"}, 4),  # keys we do not read
+    ({"role": "user", "content": [{"type": "text", "text": "x"}]}, 4),  # content that is not text
+    ({"role": "user", "content": None}, 4),
+    ({"role": "user", "content": FINAL_STEP_MESSAGE}, 7),  # a FINAL STEP with no turn after it
+    ({"role": "user", "content": "=== FINAL STEP: OUTPUT ANSWER NOW ===\nAnother wording."}, 7),
+])
+def test_messages_we_do_not_understand_are_kept(extra, at):
+    msgs = _sys_req() + [{"role": "assistant", "content": SEARCH}, {"role": "user", "content": wrap_observation("found")},
+                         {"role": "assistant", "content": "no action"}, {"role": "user", "content": FORMAT_ERROR_MESSAGE},
+                         {"role": "assistant", "content": ANSWER}]
+    msgs.insert(at, extra)
+    traj = trajectory_from_messages(copy.deepcopy(msgs))
+    assert trajectory_to_messages(traj) == msgs
+    held = [(k.at, k.message) for k in traj.kept_messages] + [(t.prompt_messages + 1, {"role": "user", "content": t.feedback})
+                                                               for t in traj.turns if t.feedback is not None]
+    assert (at, extra) in held  # kept verbatim, or the note after a turn
+    assert not any(t.forced_final for t in traj.turns)
+    assert trajectory_to_messages(trajectory_from_messages(trajectory_to_messages(traj))) == msgs
+
+
+def test_two_final_step_wordings_in_one_record_round_trip():
+    other = "=== FINAL STEP: OUTPUT ANSWER NOW ===\nAnother wording."
+    msgs = _sys_req() + [{"role": "user", "content": other}, {"role": "assistant", "content": "no action"},
+                         {"role": "user", "content": FINAL_STEP_MESSAGE}, {"role": "assistant", "content": ANSWER}]
+    traj = trajectory_from_messages(msgs)
+    assert trajectory_to_messages(traj) == msgs
+    assert [t.forced_final for t in traj.turns] == [True, False] and traj.final_step_message == other
+    assert traj.turns[0].feedback == FINAL_STEP_MESSAGE  # not a FINAL STEP here: a note after the first turn
+
+
+def test_observation_wrapped_differently_is_kept_verbatim():
+    msgs = _sys_req() + [{"role": "assistant", "content": SEARCH}, {"role": "user", "content": "<tool_response>found</tool_response>"},
+                         {"role": "assistant", "content": ANSWER}]
+    traj = trajectory_from_messages(msgs)
+    assert trajectory_to_messages(traj) == msgs
+
+
+# --- parse modes -------------------------------------------------------------------------------
+
+CALL_A = '<tool_call>{"name": "search", "arguments": {"queries": ["a"]}}</tool_call>'
+CALL_B = '<tool_call>{"name": "image_search", "arguments": {"query": "b"}}</tool_call>'
+ANS_X = '<answer>{"gen_prompt": "x"}</answer>'
+ANS_Y = '<answer>{"gen_prompt": "y"}</answer>'
+
+
+@pytest.mark.parametrize("text, strict_error, official", [
+    # two tool calls: the official runtime runs the first
+    (f"<think>t</think>{CALL_A}\n{CALL_B}", "2 tool calls in one turn (one allowed)", ("search", {"queries": ["a"]})),
+    # a tool call next to an answer: it takes the answer, wherever the tool call stands
+    (f"<think>t</think>{CALL_A}{ANS_X}", "both a tool call and an answer in one turn", {"gen_prompt": "x"}),
+    (f"<think>t</think>{ANS_X}{CALL_A}", "both a tool call and an answer in one turn", {"gen_prompt": "x"}),
+    # an answer quoted inside <think> is an answer to it (the first one found wins)
+    (f"<think>I could say {ANS_X} but first</think>{CALL_A}", "both a tool call and an answer in one turn", {"gen_prompt": "x"}),
+    (f"<think>draft {ANS_X}</think>{ANS_Y}", "2 answers in one turn (one allowed)", {"gen_prompt": "x"}),
+    # an answer that is not JSON does not stop it from running the tool call
+    (f"<think>t</think><answer>{{gen_prompt: x}}</answer>{CALL_A}", "both a tool call and an answer in one turn",
+     ("search", {"queries": ["a"]})),
+    # empty arguments of any kind are {}; a missing name is the tool ""
+    ('<tool_call>{"name": "search", "arguments": []}</tool_call>', "tool call 'arguments' is not an object", ("search", {})),
+    ('<tool_call>{"name": "search", "arguments": ""}</tool_call>', "tool call 'arguments' is not an object", ("search", {})),
+    ('<tool_call>{"name": "search", "arguments": false}</tool_call>', "tool call 'arguments' is not an object", ("search", {})),
+    ('<tool_call>{"name": " search "}</tool_call>', None, ("search", {})),
+    ('<tool_call>{"arguments": {"queries": ["a"]}}</tool_call>', "tool call JSON needs a string 'name'", ("", {"queries": ["a"]})),
+    ('<tool_call>{"name": null}</tool_call>', "tool call JSON needs a string 'name'", ("", {})),
+])
+def test_official_mode_takes_what_the_official_runtime_takes(text, strict_error, official):
+    s = parse_turn(text)
+    assert s.error == strict_error
+    o = parse_turn(text, mode="official")
+    assert o.error is None
+    if isinstance(official, tuple):
+        assert o.tool_call == ToolCall(name=official[0], arguments=official[1]) and o.answer is None
+    else:
+        assert o.answer == official and o.tool_call is None
+    assert o.think == s.think
+
+
+@pytest.mark.parametrize("text, error", [
+    ('<tool_call>{"name": "search", "arguments": [1, 2]}</tool_call>', "tool call 'arguments' is not an object"),
+    ('<tool_call>{"name": "search", "arguments": "q"}</tool_call>', "tool call 'arguments' is not an object"),
+    ('<tool_call>{"name": 3}</tool_call>', "tool call 'name' is not a string"),
+    ('<tool_call>["search", {}]</tool_call>', "no <tool_call> and no <answer>"),  # only {...} is looked for
+    ('<answer>["gen_prompt", "x"]</answer>', "no <tool_call> and no <answer>"),
+    ("<answer>{'gen_prompt': 'x'}</answer>", "answer is not valid JSON"),
+    ('<tool_call>{"name": "search", "arguments": {"queries": [}}</tool_call>', "tool call is not valid JSON"),
+    # only the first answer is tried: a broken draft in <think> hides the real one
+    (f"<think>draft <answer>{{oops}}</answer></think>{ANS_Y}", "answer is not valid JSON"),
+    ("<think>only thinking</think>", "no <tool_call> and no <answer>"),
+])
+def test_official_mode_rejects_what_the_official_runtime_rejects(text, error):
+    p = parse_turn(text, mode="official")
+    assert p.tool_call is None and p.answer is None and p.error.startswith(error)
+
+
+@pytest.mark.parametrize("text", [render_turn("a", tool_call=ToolCall(name="search", arguments={"queries": ["q"], "top_k": 2})),
+                                  render_turn("b", answer={"gen_prompt": "g", "reference_images": [{"img_id": "IMG_001", "note": ""}]}),
+                                  render_turn("c", tool_call=ToolCall(name="query_knowledge")),
+                                  '<think>\nx\n</think>\n<answer>\n{"gen_prompt": "p"}\n</answer>'])
+def test_modes_agree_on_well_formed_turns(text):
+    assert parse_turn(text, mode="official") == parse_turn(text) == parse_turn(text, mode="strict")
+
+
+def test_unknown_parse_mode_raises():
+    with pytest.raises(ValueError, match="strict.*official"):
+        parse_turn("x", mode="lenient")
+    with pytest.raises(ValueError, match="strict.*official"):
+        trajectory_from_messages(_sys_req(), mode="lenient")
 
 
 def test_images_from_observation():
