@@ -157,14 +157,18 @@ def bench_official(data: Path, policy: str, seeds: str, generator: str, judge: O
 @data_app.command("import")
 def data_import(
     root: Path = typer.Argument(..., help="Local copy of the GenEvolve-Data-Bench layout (bench/, rl/, sft/)."),
-    out: Path = typer.Option(..., help="Folder for requests.jsonl, trajectories.jsonl and images/."),
+    out: Path = typer.Option(..., help="Run folder to write (run.json, requests.jsonl, trajectories.jsonl, images/)."),
     sft_out: Optional[Path] = typer.Option(None, help="Also write the SFT split as {'messages'} rows for `genevolve sft --data`."),
     allow_missing: bool = typer.Option(False, help="Keep rows whose pictures are missing (recorded as missing cases)."),
 ):
-    """Load the official bench rows, RL prompts and SFT trajectories into our records."""
+    """Load the official bench rows, RL prompts and SFT trajectories into a run folder (turns read as the official runtime reads them)."""
     from .official import DataError, data_files, load_requests, load_sft, sft_messages
-    from .records import ImageStore, atomic_write_text, write_jsonl
+    from .records import ImageStore, Request, RunInfo, atomic_write_json, atomic_write_text, write_jsonl
+    from .runs import RunWriter, new_run_id, now_iso
 
+    out = out.resolve()  # trajectories name their pictures by path: keep it valid from any working folder
+    if (out / "run.json").exists():
+        raise typer.BadParameter(f"{out} already holds a run; choose another --out", param_hint="--out")
     store = ImageStore(out / "images")
     reqs, trajs, missing = [], [], []
     try:
@@ -174,36 +178,54 @@ def data_import(
                 reqs += got.requests
                 missing += got.missing
         if data_files(root, "sft"):
-            got = load_sft(root, allow_missing=allow_missing, image_dir=out / "images")
+            got = load_sft(root, allow_missing=allow_missing, image_dir=store.root)
             trajs, missing = got.trajectories, missing + got.missing
     except DataError as exc:
         raise typer.BadParameter(str(exc), param_hint="ROOT") from exc
     if not reqs and not trajs:
         raise typer.BadParameter(f"nothing to import under {root}: no bench/, rl/ or sft/ files", param_hint="ROOT")
-    write_jsonl(out / "requests.jsonl", reqs)
-    write_jsonl(out / "trajectories.jsonl", trajs)
+    # every trajectory's request is in the run, as in any other run folder
+    known = {r.id for r in reqs}
+    for t in trajs:
+        if t.request_id not in known:
+            known.add(t.request_id)
+            reqs.append(Request(id=t.request_id, text=t.request_text, split="sft"))
+    counts = {"requests": len(reqs), "trajectories": len(trajs), "missing_pictures": len(missing)}
+    try:
+        w = RunWriter(out, RunInfo(id=new_run_id("import"), created=now_iso(), command="data import", policy="imported",
+                                   k=1, seed=0, requests=[r.id for r in reqs],
+                                   config={"source": str(Path(root).resolve()), "allow_missing": allow_missing}))
+    except FileExistsError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--out") from exc
+    write_jsonl(w.dir / "requests.jsonl", reqs)
+    write_jsonl(w.dir / "trajectories.jsonl", trajs)
+    atomic_write_json(w.dir / "summary.json", {**counts, "missing": missing})
     if sft_out:
         atomic_write_text(sft_out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sft_messages(trajs)))
-    typer.echo(json.dumps({"requests": len(reqs), "trajectories": len(trajs), "missing_pictures": len(missing), "out": str(out)}))
+    typer.echo(json.dumps(counts | {"out": str(out)}))
     for m in missing[:20]:
         typer.echo(f"missing: {m}")
 
 
 @data_app.command("export")
 def data_export(
-    run: Path = typer.Argument(..., help="A run folder (rollout or bench) with trajectories.jsonl."),
-    out: Path = typer.Option(..., help="JSONL of {'id', 'messages', 'images'} rows; pictures go to <out dir>/images."),
+    run: Path = typer.Argument(..., help="A run folder (rollout, bench or data import) with trajectories.jsonl."),
+    out: Path = typer.Option(..., help="JSONL of {'id', 'request_id', 'messages', 'images'} rows; pictures go to <out dir>/images."),
     min_reward: Optional[float] = typer.Option(None, help="Only trajectories whose verdict reaches this reward."),
+    allow_missing: bool = typer.Option(False, help="Leave out pictures that have no local file (counted) instead of failing."),
 ):
     """Export our trajectories as SFT records in the official `messages` format."""
-    from .official import export_sft
+    from .official import DataError, export_sft
     from .runs import load_run
 
     try:
         r = load_run(run)
     except FileNotFoundError as exc:
         raise typer.BadParameter(str(exc), param_hint="RUN") from exc
-    counts = export_sft(r.trajectories, out, {v.trajectory_id: v for v in r.verdicts}, min_reward)
+    try:
+        counts = export_sft(r.trajectories, out, {v.trajectory_id: v for v in r.verdicts}, min_reward, allow_missing)
+    except DataError as exc:
+        raise typer.BadParameter(str(exc), param_hint="RUN") from exc
     typer.echo(json.dumps(counts | {"out": str(out)}))
 
 

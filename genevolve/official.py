@@ -17,9 +17,12 @@ What it becomes:
   truths stored by hash in an :class:`~genevolve.records.ImageStore`; ``eval_type`` picks the track
   (anything naming knowledge -> ``knowledge``, else ``quality``), ``difficulty`` may be a number or
   easy / medium / hard;
-- SFT rows -> :class:`~genevolve.records.Trajectory` (via the protocol's ``messages`` import), the
-  ``images`` list giving ``IMG_001``, ``IMG_002``, ... their files; and back: our trajectories are
-  exported as ``{"messages", "images"}`` rows in the same format.
+- SFT rows -> :class:`~genevolve.records.Trajectory` (via the protocol's ``messages`` import, turns
+  read as the official runtime reads them), the ``images`` list giving the IMG ids their files: by
+  the id in each file name when the names carry one (``images/traj_00213/IMG_001.jpg``), else by
+  position (``IMG_001``, ``IMG_002``, ...); and back: our trajectories are exported as
+  ``{"id", "request_id", "messages", "images"}`` rows in the same format, pictures named by id, the
+  messages exactly as they were imported.
 
 A row whose picture is missing raises :class:`DataError` naming the files (the first ten and the
 count), unless ``allow_missing=True``: then the case is kept without it and the scorer records it
@@ -180,10 +183,12 @@ def _flatten(content: Any) -> str:
 
 
 def load_sft(root: str | os.PathLike, allow_missing: bool = False, image_dir: str | os.PathLike | None = None,
-             limit: int | None = None) -> Loaded:
-    """SFT rows as trajectories; each ``images`` entry becomes the local file of the next IMG id.
+             limit: int | None = None, mode: str = "official") -> Loaded:
+    """SFT rows as trajectories, turns parsed in ``mode``; each ``images`` entry becomes the local file of its IMG id.
 
-    Pictures given as bytes are written to ``image_dir`` (required then) so trajectories can name them.
+    With ``image_dir`` every picture is copied into that content-addressed store and the trajectory
+    names the copy; without it, the dataset's files are named in place (pictures given as bytes
+    then need ``image_dir``).
     """
     from .protocol import trajectory_from_messages
 
@@ -199,12 +204,14 @@ def load_sft(root: str | os.PathLike, allow_missing: bool = False, image_dir: st
         if not isinstance(msgs, list) or not msgs:
             raise DataError(f"{f}: row {n} has no 'messages' list")
         messages = [{"role": m.get("role"), "content": _flatten(m.get("content"))} for m in msgs]
+        tid = f"sft-{n:05d}"
         try:
-            traj = trajectory_from_messages(messages, traj_id=f"sft-{n:05d}", request_id=str(row.get("id") or f"sft-{n:05d}"))
+            traj = trajectory_from_messages(messages, traj_id=tid, request_id=str(row.get("request_id") or row.get("id") or tid),
+                                            mode=mode)
+            pictures = _bind_pictures(traj, row.get("images") or [])
         except ValueError as exc:
             raise DataError(f"{f}: row {n}: {exc}") from exc
-        for i, value in enumerate(row.get("images") or []):
-            img_id = f"IMG_{i + 1:03d}"
+        for img_id, value in pictures.items():
             ref = traj.image(img_id)
             path = _image_path(value, _roots(root, f), image_dir)
             if isinstance(path, str) and path.startswith("missing:"):
@@ -222,8 +229,40 @@ def load_sft(root: str | os.PathLike, allow_missing: bool = False, image_dir: st
     return out
 
 
+_NAME_ID_RE = re.compile(r"IMG_\d{3,}(?!\d)")
+
+
+def _bind_pictures(traj: Trajectory, values: Sequence[Any]) -> dict[str, Any]:
+    """IMG id -> picture: by the id in each file name when the names carry one, else by list position.
+
+    By position alone a list that skips or repeats a picture shifts every id after it, so names win;
+    anything that makes the binding ambiguous raises instead of guessing.
+    """
+    names = [v if isinstance(v, str) else str((v.get("path") if isinstance(v, dict) else getattr(v, "filename", "")) or "")
+             for v in values]
+    found = [_NAME_ID_RE.search(Path(n).stem) for n in names]
+    by_name = any(found)
+    if by_name and not all(found):
+        raise DataError("some picture names carry an IMG id and some do not: cannot tell which picture is which")
+    ids = [m.group(0) for m in found] if by_name else [f"IMG_{i + 1:03d}" for i in range(len(values))]
+    out: dict[str, Any] = {}
+    named: dict[str, str] = {}
+    for i, (img_id, name, value) in enumerate(zip(ids, names, values)):
+        if by_name and traj.image(img_id) is None:
+            raise DataError(f"{name}: no image_search result in this record hands out {img_id}")
+        if named.setdefault(img_id, name) != name:
+            raise DataError(f"{img_id} is claimed by two files: {named[img_id]} and {name}")
+        base = Path(name).name
+        other = next((im.img_id for im in traj.images if base and Path(im.local_path).name == base and im.img_id != img_id), None)
+        if other:  # a tool response showed this very file under another id
+            how = f"is named {img_id}" if by_name else f"is picture {i + 1} of the list ({img_id})"
+            raise DataError(f"{name} {how} but the record gives it to {other}")
+        out[img_id] = value
+    return out
+
+
 def _image_path(value: Any, roots: Sequence[Path], image_dir) -> str:
-    if isinstance(value, str):
+    if isinstance(value, str) and image_dir is None:
         p = Path(value).expanduser()
         for c in ([p] if p.is_absolute() else [r / p for r in roots]):
             if c.is_file():
@@ -234,7 +273,8 @@ def _image_path(value: Any, roots: Sequence[Path], image_dir) -> str:
         return f"missing:{why}"
     if image_dir is None:
         raise DataError("SFT rows carry pictures as bytes: give image_dir to write them to")
-    return str((ImageStore(image_dir).path(ImageStore(image_dir).put(image))).resolve())
+    store = ImageStore(image_dir)
+    return str(store.path(store.put(image)).resolve())
 
 
 def sft_messages(trajs: Iterable[Trajectory]) -> list[dict[str, Any]]:
@@ -245,17 +285,20 @@ def sft_messages(trajs: Iterable[Trajectory]) -> list[dict[str, Any]]:
 
 
 def export_sft(trajs: Iterable[Trajectory], out: str | os.PathLike, verdicts: dict[str, Any] | None = None,
-               min_reward: float | None = None) -> dict[str, int]:
-    """Write ``{"messages", "images"}`` rows to ``out`` (JSONL); pictures are copied to ``<out dir>/images``.
+               min_reward: float | None = None, allow_missing: bool = False) -> dict[str, int]:
+    """Write ``{"id", "request_id", "messages", "images"}`` rows to ``out`` (JSONL).
 
     Only answered trajectories are exported; with ``min_reward``, only those whose verdict reaches it.
+    Pictures are copied to ``<out dir>/images/<trajectory id>/<IMG id>.<ext>``: the names carry the
+    ids, so a re-import binds each to its id whatever the list holds. A picture with no local file
+    raises :class:`DataError` naming it, before anything is written; with ``allow_missing`` it is left
+    out (its id then has no file) and counted.
     """
     from .protocol import trajectory_to_messages
     from .records import atomic_write_text
 
     out = Path(out)
-    img_dir = out.parent / "images"
-    rows, skipped = [], 0
+    rows, copies, missing, skipped = [], [], [], 0
     for t in trajs:
         v = (verdicts or {}).get(t.id)
         if t.termination != "answer" or (min_reward is not None and (v is None or v.failed or v.reward < min_reward)):
@@ -263,20 +306,22 @@ def export_sft(trajs: Iterable[Trajectory], out: str | os.PathLike, verdicts: di
             continue
         images = []
         for ref in t.images:
-            if ref.local_path and Path(ref.local_path).is_file():
-                src = Path(ref.local_path)
-                import hashlib
-
-                dest = img_dir / (hashlib.sha256(src.read_bytes()).hexdigest()[:24] + src.suffix.lower())
-                if not dest.exists():
-                    img_dir.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(src, dest)
-                images.append(f"images/{dest.name}")
-            else:
-                images.append(ref.url or "")
-        rows.append({"id": t.id, "messages": trajectory_to_messages(t), "images": images})
+            src = Path(ref.local_path) if ref.local_path else None
+            if src is None or not src.is_file():
+                missing.append(f"{t.id} {ref.img_id}: " + (f"{src} is not a file" if src else "no local file"))
+                continue
+            rel = f"images/{re.sub(r'[^A-Za-z0-9._-]', '_', t.id)}/{ref.img_id}{src.suffix.lower()}"
+            copies.append((src, out.parent / rel))
+            images.append(rel)
+        rows.append({"id": t.id, "request_id": t.request_id, "messages": trajectory_to_messages(t), "images": images})
+    if missing and not allow_missing:
+        raise DataError(f"{len(missing)} picture(s) have no local file to export: {'; '.join(missing[:10])}"
+                        + (" ..." if len(missing) > 10 else "") + " (pass allow_missing / --allow-missing to leave them out)")
+    for src, dest in copies:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return {"exported": len(rows), "skipped": skipped}
+    return {"exported": len(rows), "skipped": skipped, "missing_pictures": len(missing)}
 
 
 def run_bench(requests: Sequence[Request], policy, tools, scorer, store: ImageStore, seeds: Sequence[int], params,

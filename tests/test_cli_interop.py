@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -51,7 +52,9 @@ def test_export_import_and_bench_official(rollout_run, fake_vlm, tmp_path, world
     res = runner.invoke(app, ["data", "import", str(root), "--out", str(tmp_path / "imported"), "--sft-out", str(tmp_path / "sft.jsonl")])
     assert res.exit_code == 0, res.output
     counts = last_json(res.output.split("missing:")[0])
-    assert counts["requests"] == 1 and counts["trajectories"] >= 1 and counts["missing_pictures"] == 0
+    assert counts["requests"] == 2 and counts["trajectories"] >= 1 and counts["missing_pictures"] == 0  # b1 and the rollouts' request
+    imported = load_run(tmp_path / "imported")
+    assert {t.request_id for t in imported.trajectories} == {req.id}  # K rollouts of one request stay grouped
     assert json.loads((tmp_path / "sft.jsonl").read_text().splitlines()[0])["messages"][0]["role"] == "system"
 
     out = tmp_path / "bench.json"
@@ -72,6 +75,48 @@ def test_export_import_and_bench_official(rollout_run, fake_vlm, tmp_path, world
     (root / "bench" / "gt.png").unlink()
     res = runner.invoke(app, ["bench", "--data", str(root), "--policy", "raw", "--judge", fake_vlm])
     assert res.exit_code != 0 and "gt.png" in res.output
+
+
+def test_data_import_writes_a_run_folder_that_reads_like_any_other(tmp_path, world):
+    """Official rows in: a whole run folder out, which export, the experience miner and the studio all read."""
+    from studio.html import run_view
+
+    root = tmp_path / "official"
+    row = json.loads((Path(__file__).parent / "data" / "official_sft_row.json").read_text(encoding="utf-8"))
+    (root / "sft").mkdir(parents=True)
+    for i, rel in enumerate(row["images"]):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (60 * i, 20, 200 - 40 * i)).save(root / rel)
+    (root / "sft" / "train.jsonl").write_text(json.dumps(row) + "\n")
+    (root / "bench").mkdir()
+    req = world.split("bench")[0]
+    world.gt_image(req).save(root / "bench" / "gt.png")
+    (root / "bench" / "rows.jsonl").write_text(json.dumps({"id": "b1", "question": req.text, "gt_image": "gt.png"}) + "\n")
+
+    out = tmp_path / "imported"
+    res = runner.invoke(app, ["data", "import", str(root), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in out.iterdir()} >= {"run.json", "requests.jsonl", "trajectories.jsonl", "images"}
+    run = load_run(out)
+    assert run.info.command == "data import" and run.info.policy == "imported"
+    assert [r.id for r in run.requests] == ["b1", "sft-00000"] and run.info.requests == ["b1", "sft-00000"]
+    assert run.requests[1].text == row["messages"][1]["content"] and run.requests[0].gt_image in run.images
+    t = run.trajectories[0]
+    assert t.request_id == "sft-00000" and len(t.turns) == 11
+    for im in t.images:  # every picture is in the run's content-addressed store
+        assert Path(im.local_path).is_file() and Path(im.local_path).stem in run.images
+    res = runner.invoke(app, ["data", "import", str(root), "--out", str(out)])
+    assert res.exit_code != 0 and "already holds a run" in res.output
+
+    res = runner.invoke(app, ["data", "export", str(out), "--out", str(tmp_path / "again" / "sft" / "train.jsonl")])
+    assert res.exit_code == 0, res.output
+    back = json.loads((tmp_path / "again" / "sft" / "train.jsonl").read_text())
+    assert back["messages"] == row["messages"] and len(back["images"]) == 4
+    res = runner.invoke(app, ["experiences", "summarise", str(out), "--bank", str(tmp_path / "bank")])
+    assert res.exit_code == 0, res.output
+    assert last_json(res.output)["pairs"] == 0  # nothing judged yet, so nothing to compare
+    head, cols, _ = run_view(run)
+    assert "1 trajectories by imported" in head and "ge-col" in cols
 
 
 def test_experiences_with_sandbox_api_and_local_summarisers(rollout_run, fake_vlm, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -79,7 +80,7 @@ def test_missing_pictures_name_the_files(official, tmp_path):
 
 def test_sft_round_trip_and_training_rows(official, tmp_path):
     root, _, trajs, counts = official
-    assert counts == {"exported": 3, "skipped": 0}
+    assert counts == {"exported": 3, "skipped": 0, "missing_pictures": 0}
     got = load_sft(root)
     assert len(got.trajectories) == 3 and not got.missing
     for mine, theirs in zip(trajs, got.trajectories):
@@ -169,3 +170,96 @@ def test_sft_trains_on_official_trajectories(official, tmp_path):
     result = train_sft(cfg, log=lambda s: None, progress=False)
     assert result["conversations"] == 3 and result["steps"] >= 1 and result["final_loss"] == result["final_loss"]
     assert (tmp_path / "student" / "adapter_config.json").exists()
+
+
+# ---------------------------------------------------------------------------
+# A record as the official runtime writes it: pictures named by their IMG id, byte-for-byte round trip
+# ---------------------------------------------------------------------------
+
+OFFICIAL_ROW = Path(__file__).parent / "data" / "official_sft_row.json"
+COLOURS = {"IMG_001": (200, 30, 30), "IMG_002": (30, 160, 40), "IMG_003": (30, 40, 200), "IMG_004": (220, 200, 20)}
+
+
+def official_folder(root: Path, row: dict | None = None) -> dict:
+    """An official-layout folder holding one SFT row, its pictures as JPEG files named by IMG id."""
+    from PIL import Image
+
+    row = row or json.loads(OFFICIAL_ROW.read_text(encoding="utf-8"))
+    (root / "sft").mkdir(parents=True)
+    for rel in row["images"]:
+        name = Path(rel).stem
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 12), COLOURS.get(name, (90, 90, 90))).save(root / rel, quality=95)
+    (root / "sft" / "train.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    return row
+
+
+def pixels(path) -> bytes:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB").tobytes()
+
+
+def test_official_row_binds_pictures_by_name_and_round_trips(tmp_path):
+    row = official_folder(tmp_path / "data")
+    assert [Path(p).stem for p in row["images"]] == ["IMG_003", "IMG_001", "IMG_004", "IMG_002"]  # not in id order
+    got = load_sft(tmp_path / "data", image_dir=tmp_path / "store")
+    t = got.trajectories[0]
+    assert len(t.turns) == 11 and t.turns[-1].forced_final and t.n_tool_calls == 10  # read in the official mode
+    for ref in t.images:  # each id has the picture its file name gives it, copied into the store
+        assert pixels(ref.local_path) == pixels(tmp_path / "data" / f"images/traj_00007/{ref.img_id}.jpg"), ref.img_id
+        assert Path(ref.local_path).parent.parent == tmp_path / "store"
+    assert [(r.img_id, r.note) for r in t.program.reference_images] == [("IMG_001", ""), ("IMG_004", "river view at sunrise")]
+
+    counts = export_sft(got.trajectories, tmp_path / "out" / "sft" / "train.jsonl")
+    assert counts == {"exported": 1, "skipped": 0, "missing_pictures": 0}
+    out = json.loads((tmp_path / "out" / "sft" / "train.jsonl").read_text(encoding="utf-8"))
+    assert out["messages"] == row["messages"]  # byte for byte: the FINAL STEP text and all 24 messages
+    assert json.dumps(out["messages"], ensure_ascii=False) == json.dumps(row["messages"], ensure_ascii=False)
+    assert sorted(Path(p).stem for p in out["images"]) == ["IMG_001", "IMG_002", "IMG_003", "IMG_004"]
+
+    again = load_sft(tmp_path / "out", image_dir=tmp_path / "store2").trajectories[0]
+    assert sft_messages([again]) == sft_messages([t])
+    assert [pixels(i.local_path) for i in again.images] == [pixels(i.local_path) for i in t.images]
+    assert _by_file_name(again.model_dump()) == _by_file_name(t.model_dump())  # equal but for the store folder
+
+
+def _by_file_name(d):
+    """A record dump with every local path cut to its file name (a store path ends in the picture's hash)."""
+    if isinstance(d, dict):
+        return {k: Path(v).name if k == "local_path" else _by_file_name(v) for k, v in d.items()}
+    return [_by_file_name(x) for x in d] if isinstance(d, list) else d
+
+
+def _rename(row: dict, old: str, new: str) -> dict:
+    row = json.loads(json.dumps(row))
+    row["images"] = [p.replace(old, new) for p in row["images"]]
+    return row
+
+
+@pytest.mark.parametrize("change, match", [
+    # two files claim one id
+    (lambda r: {**r, "images": r["images"] + ["images/other/IMG_001.jpg"]}, "IMG_001 is claimed by two files"),
+    # a file named for an id the record never hands out
+    (lambda r: _rename(r, "IMG_002", "IMG_009"), "IMG_009.jpg.*no image_search result in this record hands out IMG_009"),
+    # the tool response gives the file named IMG_003 to IMG_002
+    (lambda r: {**r, "messages": [{**m, "content": m["content"].replace("/data/genevolve_images/77ab21.jpg", "images/traj_00007/IMG_003.jpg")}
+                                  for m in r["messages"]]}, "IMG_003.jpg is named IMG_003 but the record gives it to IMG_002"),
+    # some names carry ids and some do not
+    (lambda r: _rename(r, "IMG_002", "heron"), "some picture names carry an IMG id and some do not"),
+])
+def test_picture_names_that_conflict_are_refused(tmp_path, change, match):
+    official_folder(tmp_path, change(json.loads(OFFICIAL_ROW.read_text(encoding="utf-8"))))
+    with pytest.raises(DataError, match=match):
+        load_sft(tmp_path)
+
+
+def test_export_of_a_picture_without_a_file_fails_clearly(tmp_path):
+    official_folder(tmp_path / "data")
+    t = load_sft(tmp_path / "data", image_dir=tmp_path / "store").trajectories[0]
+    t.images[1].local_path = str(tmp_path / "gone.png")
+    t.images[2].local_path = ""
+    with pytest.raises(DataError, match=r"2 picture\(s\).*sft-00000 IMG_002.*gone.png.*sft-00000 IMG_003: no local file"):
+        export_sft([t], tmp_path / "out" / "x.jsonl")
+    assert not (tmp_path / "out" / "x.jsonl").exists()
