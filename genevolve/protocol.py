@@ -285,7 +285,7 @@ def trajectory_from_messages(messages: list[dict[str, Any]], traj_id: str = "imp
         if not _plain(msg):
             traj.kept_messages.append(KeptMessage(at=i, message=msg))
         elif msg["role"] == "assistant":
-            _import_turn(traj, msg["content"], i, forced_at == i - 1, nxt, mode)
+            _import_turn(traj, msg["content"], i, forced_at == i - 1, mode)
         elif _is_final_step(traj, msg["content"]) and _plain(nxt, "assistant"):
             forced_at = i
             if msg["content"] != FINAL_STEP_MESSAGE:
@@ -300,10 +300,9 @@ def trajectory_from_messages(messages: list[dict[str, Any]], traj_id: str = "imp
             last.feedback = msg["content"]
         else:
             traj.kept_messages.append(KeptMessage(at=i, message=msg))
-    last = traj.turns[-1] if traj.turns else None
-    # both runtimes end on a tool call only when it was the last allowed turn
+    # a record that stops on a tool call ran out of turns: both runtimes call that max_rounds_reached
     traj.termination = "answer" if traj.program is not None else \
-        "max_rounds_reached" if last is not None and last.tool_call is not None and last.observation is None else "no_answer"
+        "max_rounds_reached" if traj.turns and traj.turns[-1].tool_call is not None else "no_answer"
     return traj
 
 
@@ -313,7 +312,7 @@ def _is_final_step(traj: Trajectory, content: str) -> bool:
     return content.startswith(FINAL_STEP_HEADER) and seen in (None, content)
 
 
-def _import_turn(traj: Trajectory, text: str, i: int, forced: bool, nxt: Any, mode: str) -> None:
+def _import_turn(traj: Trajectory, text: str, i: int, forced: bool, mode: str) -> None:
     p = parse_turn(text, mode)
     turn = Turn(index=len(traj.turns), raw=text, think=p.think, tool_call=p.tool_call, error=p.error,
                 forced_final=forced, prompt_messages=i)

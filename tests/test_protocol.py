@@ -586,6 +586,16 @@ def test_official_mode_reads_the_record_as_the_official_runtime_ran_it(official_
     assert strict.n_tool_calls == 8 and strict.image("IMG_003") is None
 
 
+def test_official_record_ending_in_a_tool_call_it_ran(official_row):
+    """After FINAL STEP the official runtime still runs a tool call, then stops: max_rounds_reached."""
+    msgs = official_row["messages"][:-1] + [{"role": "assistant", "content": SEARCH},
+                                            {"role": "user", "content": wrap_observation("--- search result for [a] ---")}]
+    traj = trajectory_from_messages(msgs, mode="official")
+    assert traj.termination == "max_rounds_reached" and traj.program is None
+    assert traj.turns[-1].forced_final and traj.turns[-1].observation.text == "--- search result for [a] ---"
+    assert trajectory_to_messages(traj) == msgs
+
+
 def test_note_null_becomes_empty():
     prog = normalize_program({"gen_prompt": "the first reference image", "reference_images": [{"img_id": "IMG_001", "note": None}]},
                              _refs("IMG_001"))
