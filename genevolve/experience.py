@@ -61,9 +61,13 @@ class Pair:
 
 def mine_pairs(groups: Sequence[Sequence[tuple[Trajectory, Verdict]]], delta_min: float = DELTA_MIN,
                max_pairs: int = MAX_PAIRS) -> list[Pair]:
-    """Best-vs-worst pairs from groups of rollouts (one group per request), largest gaps first."""
+    """Best-vs-worst pairs from groups of rollouts (one group per request), largest gaps first.
+
+    Cases that could not be judged (reward ``None``) take no part: their rank is unknown.
+    """
     pairs = []
     for group in groups:
+        group = [tv for tv in group if tv[1].reward is not None]
         if len(group) < 2:
             continue
         ranked = sorted(group, key=lambda tv: tv[1].reward)

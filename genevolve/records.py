@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -284,6 +285,11 @@ def replace_dir(new: str | os.PathLike, dest: str | os.PathLike) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+
+def finite(x: float | None) -> float | None:
+    """``x`` when it is a finite number, else None: JSON has no NaN or infinity (undefined is null)."""
+    return x if x is not None and math.isfinite(x) else None
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

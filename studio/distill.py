@@ -187,7 +187,7 @@ def status_text(live: Live, job: dict[str, Any] | None = None) -> str:
     last = next((rows[-1] for rows in live.metrics.values() if rows), None)
     parts = [f"{live.out.name}: {state}", f"steps logged {steps}" + (f"/{live.steps_planned}" if live.steps_planned else "")]
     if last:
-        parts.append(f"reward {last['reward_mean']:.3f} · VED {last['ved_loss']:.4f} · GRPO {last['grpo_loss']:+.4f} · "
+        parts.append(f"reward {'-' if last['reward_mean'] is None else format(last['reward_mean'], '.3f')} · VED {last['ved_loss']:.4f} · GRPO {last['grpo_loss']:+.4f} · "
                      f"hit rate {last['retrieval_hit_rate']:.2f} · bank {last['bank_size']}")
     if live.report:
         parts.append("report ready")

@@ -49,6 +49,37 @@ def test_ved_step_uses_the_teacher_and_updates_the_adapter(tmp_path, tiny_folder
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 1 and {"t_rollout", "t_teacher_scoring", "t_update"} <= set(rows[-1])
     assert json.loads((tmp_path / "run" / "config.json").read_text())["use_grpo"] is False
+    assert rows[-1]["logp_grad_norm_ved"] > 0 and rows[-1]["logp_grad_norm_grpo"] == 0.0  # no GRPO term in this arm
+
+
+def test_unjudged_cases_neither_push_nor_pull(tmp_path, tiny_folder, world, monkeypatch):
+    """A case the scorer could not judge (reward None) gets advantage 0, is left out of mining and of the means."""
+    from genevolve.evaluation import SandboxScorer
+    from genevolve.training import losses
+
+    real_score, seen = SandboxScorer.score, {}
+
+    def flaky(self, req, tr, store, seed=0):
+        img, v = real_score(self, req, tr, store, seed=seed)
+        if tr.id.endswith("-k0"):
+            v = v.model_copy(update={"F": None, "V": None, "T": None, "A": None, "kscore": None, "r_text": None, "reward": None})
+        return img, v
+
+    real_adv = losses.group_advantages
+
+    def spy(r):
+        seen["rewards"] = r.clone()
+        return real_adv(r)
+
+    monkeypatch.setattr(SandboxScorer, "score", flaky)
+    monkeypatch.setattr(losses, "group_advantages", spy)
+    row = evolve(_cfg(tmp_path / "run", tiny_folder, use_ved=False, rollouts_per_prompt=3), world=world, log=lambda _: None)
+    assert row["unjudged"] == 2
+    r = seen["rewards"]
+    assert torch.allclose(r[:, 0], r[:, 1:].mean(1))  # the unjudged one sits at its group's judged mean
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["reward_mean"] == pytest.approx(float(r[:, 1:].mean()))
+    assert rows[-1]["logp_grad_norm_grpo"] >= 0 and rows[-1]["logp_grad_norm_ved"] == 0.0
 
 
 def test_resume_after_an_interrupted_checkpoint(tmp_path, tiny_folder, world):

@@ -42,6 +42,16 @@ def test_mining_keeps_large_gaps_and_skips_protocol_failures():
     assert mine_pairs(groups, max_pairs=1)[0].best.id == "d1"
 
 
+def test_mining_leaves_out_unjudged_cases_and_the_threshold_is_inclusive():
+    groups = [
+        [(t("a1"), v("a1", None)), (t("a2"), v("a2", 0.5)), (t("a3"), v("a3", 0.75))],  # judged gap 0.25
+        [(t("b1"), v("b1", None)), (t("b2"), v("b2", 0.6))],  # one judged case: nothing to compare
+        [(t("c1"), v("c1", 0.75)), (t("c2"), v("c2", 0.5))],  # gap exactly 0.25: kept at delta_min 0.25
+    ]
+    pairs = mine_pairs(groups, delta_min=0.25)
+    assert sorted((p.best.id, p.worst.id) for p in pairs) == [("a3", "a2"), ("c1", "c2")]
+
+
 def test_slot_validation():
     assert validate_slots(SLOTS_OK)["search_strategy"].startswith("Do the")
     with pytest.raises(ExperienceError, match="empty"):

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..records import atomic_write_json
+from ..records import atomic_write_json, finite
 
 
 @dataclass
@@ -185,6 +185,20 @@ def _teacher_prefix(tokenizer, guide: str, base_prompt: str) -> list[int]:
     from ..protocol import system_prompt
 
     return list(_encoded_system_block(tokenizer, system_prompt(guide, base_prompt)))
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    """Mean of the defined values; None when there is none (a step whose cases all went unjudged)."""
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _std(xs: list[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return None
+    m = sum(xs) / len(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
 
 
 def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
@@ -395,8 +409,12 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
         times["mine_summarise"] = time.time() - t
 
         # 4. Advantages and retrieval.
-        rewards_PG = torch.tensor([[v.reward for _, v in g] for g in groups], dtype=torch.float32)
+        # A case that could not be judged (reward None) gets its group's mean of the judged ones: advantage 0.
+        judged = [[v.reward for _, v in g if v.reward is not None] for g in groups]
+        rewards_PG = torch.tensor([[v.reward if v.reward is not None else (sum(j) / len(j) if j else 0.0) for _, v in g]
+                                   for g, j in zip(groups, judged)], dtype=torch.float32)
         adv_PG = group_advantages(rewards_PG)
+        n_unjudged = sum(v.reward is None for v in verdicts)
         scored: list[Scored] = []
         hits = 0
         teacher_errors: list[str] = []
@@ -432,7 +450,8 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
         # 5. Score tokens and update: student (grad), pi_old / teacher / reference (no grad).
         model.train()
         opt.zero_grad(set_to_none=True)
-        agg = {"grpo": 0.0, "ved": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "ved_tokens": 0, "mean_gap": 0.0}
+        agg = {"grpo": 0.0, "ved": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "ved_tokens": 0, "mean_gap": 0.0,
+               "g2_grpo": 0.0, "g2_ved": 0.0}
         t_teacher = t_update = 0.0
         for c in range(0, len(scored), cfg.micro_batch):
             mb = scored[c : c + cfg.micro_batch]
@@ -488,8 +507,14 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
                 agg["mean_gap"] += vs.mean_gap * len(rows) / max(hits, 1)
             if terms_grpo is None and terms_ved is None:
                 continue
-            loss = combined_loss(terms_grpo * weight if terms_grpo is not None else None,
-                                 terms_ved * (len(tmb) / max(hits, 1)) if terms_ved is not None else None, cfg.lambda_ved)
+            loss_grpo = terms_grpo * weight if terms_grpo is not None else None
+            loss_ved = terms_ved * (len(tmb) / max(hits, 1)) if terms_ved is not None else None
+            # How hard each term pulls on the sampled tokens' log-probs (cheap: the loss functions only, not the
+            # model): shows in the metrics whether one term drowns the other.
+            for key, term, w in (("g2_grpo", loss_grpo, 1.0), ("g2_ved", loss_ved, cfg.lambda_ved)):
+                if term is not None:
+                    agg[key] += float((w * torch.autograd.grad(term, logp, retain_graph=True)[0]).pow(2).sum())
+            loss = combined_loss(loss_grpo, loss_ved, cfg.lambda_ved)
             loss.backward()
             t_update += time.time() - t
         t = time.time()
@@ -508,13 +533,15 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
             with torch.no_grad():
                 replicas = procs.gather(float(sum(p.double().sum() for p in params)))
         row = {
-            "step": step + 1, "arm": cfg.arm, "reward_mean": float(rewards_PG.mean()), "reward_std": float(rewards_PG.std()),
-            "kscore_mean": sum(v.kscore for v in verdicts) / len(verdicts),
+            "step": step + 1, "arm": cfg.arm, "reward_mean": _mean([v.reward for v in verdicts]),
+            "reward_std": _std([v.reward for v in verdicts]), "kscore_mean": _mean([v.kscore for v in verdicts]),
+            "unjudged": n_unjudged,
             "protocol_valid": sum(1 for tr in trajs if tr.termination == "answer" and not any(t_.error for t_ in tr.turns)) / len(trajs),
             "grpo_loss": agg["grpo"], "ved_loss": agg["ved"], "kl_ref": agg["kl"], "clip_low_frac": agg["clip_low"],
             "clip_high_frac": agg["clip_high"], "ved_tokens": agg["ved_tokens"], "teacher_student_gap": agg["mean_gap"],
             "retrieval_hit_rate": hits / max(n_scored, 1), "bank_size": len(bank), "new_experiences": len(new_exps),
-            "summary_errors": len(summary_errors), "teacher_errors": len(teacher_errors), "grad_norm": gnorm,
+            "summary_errors": len(summary_errors), "teacher_errors": len(teacher_errors), "grad_norm": finite(gnorm),
+            "logp_grad_norm_grpo": agg["g2_grpo"] ** 0.5, "logp_grad_norm_ved": agg["g2_ved"] ** 0.5,
             "tokens_per_s": (gen_tokens + n_tokens) / max(time.time() - t_step, 1e-9),
             "seconds": time.time() - t_step, **{f"t_{k_}": v_ for k_, v_ in times.items()},
         }
@@ -524,7 +551,7 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
             procs.barrier()  # wait for the main process's checkpoint
             continue
         with metrics_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(json.dumps(row, allow_nan=False) + "\n")
         if probe is not None:
             student, verdict, lp, exp, sim, teacher, teacher_verdict = probe
             _write_probe(out, tok, step + 1, probe_req, student, verdict, lp, exp, sim, teacher, teacher_verdict, cfg.use_ved)
@@ -539,7 +566,8 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
             shutil.rmtree(ckpt)
         tmp.rename(ckpt)
         procs.barrier()
-        log(f"step {step + 1}/{cfg.steps} [{cfg.arm}] reward {row['reward_mean']:.3f} kscore {row['kscore_mean']:.3f} "
+        r_, k_ = (f"{x:.3f}" if x is not None else "-" for x in (row["reward_mean"], row["kscore_mean"]))
+        log(f"step {step + 1}/{cfg.steps} [{cfg.arm}] reward {r_} kscore {k_} "
             f"ved {row['ved_loss']:.4f} grpo {row['grpo_loss']:+.4f} hit {row['retrieval_hit_rate']:.2f} "
             f"bank {row['bank_size']} ({row['seconds']:.0f}s)")
         if on_step:

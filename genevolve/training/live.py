@@ -106,7 +106,7 @@ def append_rows(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Append rows in one write, then fsync (one whole line each)."""
     if not rows:
         return
-    append_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+    append_bytes(path, "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows).encode("utf-8"))
 
 
 def token_rows(tokenizer, ids: list[int], mask: list[int], logp_student: list[float],

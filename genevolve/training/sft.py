@@ -43,7 +43,7 @@ from typing import Callable
 
 import torch
 
-from ..records import atomic_write_json, replace_dir
+from ..records import atomic_write_json, finite, replace_dir
 
 
 @dataclass
@@ -333,12 +333,13 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
         step += 1
         now = time.time()
         loss_val = float(loss.detach())
-        row = {"step": step, "epoch": e, "phase": phase, "loss": loss_val,
-               "copy_loss": None if copy_loss is None else float(copy_loss.detach()), "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
+        row = {"step": step, "epoch": e, "phase": phase, "loss": finite(loss_val),
+               "copy_loss": None if copy_loss is None else finite(float(copy_loss.detach())), "lr": sched.get_last_lr()[0],
+               "grad_norm": finite(gnorm),
                "tokens": int(attn.sum()), "tokens_per_s": float(attn.sum()) / max(now - t_last, 1e-9)}
         t_last = now
         with metrics_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(json.dumps(row, allow_nan=False) + "\n")
         bar.set_postfix(loss=f"{loss_val:.3f}", epoch=e, phase=phase)
         bar.update(1)
         if step % cfg.save_every == 0 and step < total:
