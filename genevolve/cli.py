@@ -532,7 +532,7 @@ def ablate(
     from .evaluation import mean_ci
     from .policies.resolve import resolve_policy
     from .records import ImageStore, atomic_write_json
-    from .training.compare import evaluate, write_report
+    from .training.compare import ablation_run_record, evaluate, identical_arms, write_report
     from .world import World
 
     arm_list = [a.strip() for a in arms.split(",") if a.strip()]
@@ -548,9 +548,11 @@ def ablate(
     t0 = _time.time()
     per_arm: dict[str, list[dict]] = {a: [] for a in arm_list}
     metrics: dict[str, list[Path]] = {a: [] for a in arm_list if a != "sft"}
+    runs_made: list[dict] = []  # what each arm and seed ran: enough to tell two arms apart from the saved results
     for seed in seed_list:
         for arm in arm_list:
             store = ImageStore(out / "images" / f"{arm}-s{seed}")
+            adapter = None
             if arm == "sft":
                 pol = resolve_policy(policy)
             else:
@@ -561,11 +563,13 @@ def ablate(
                 typer.echo(f"[{arm} seed {seed}] training -> {run_dir}")
                 _train(cfg, w, stop)
                 metrics[arm].append(run_dir / "metrics.jsonl")
-                pol = resolve_policy(policy, adapter=str(run_dir / "checkpoint" / "adapter"))
+                adapter = run_dir / "checkpoint" / "adapter"
+                pol = resolve_policy(policy, adapter=str(adapter))
             pol.name = arm
             res = evaluate(w, pol, reqs, [seed], store=store, progress=typer.echo, samples=eval_samples)
             res["store"] = store
             per_arm[arm].append(res)
+            runs_made.append(ablation_run_record(arm, seed, policy, adapter, res["records"]))
             typer.echo(f"[{arm} seed {seed}] bench KScore {res['summary']['overall']['all']['kscore']['mean']:.3f} "
                        f"({_time.time() - t0:.0f} s so far)")
     # Mean ± 95% CI over seeds, per arm, overall and per track, for every dimension.
@@ -587,19 +591,26 @@ def ablate(
              "| arm | KScore | gain over SFT | paired gain ± 95 % CI | per seed |", "| --- | --- | --- | --- | --- |"]
     for arm, r in results.items():
         k = r["summary"]["overall"]["all"]["kscore"]
-        gain = (k["mean"] - sft_k["mean"]) if sft_k else float("nan")
+        gain = f"{k['mean'] - sft_k['mean']:+.3f}" if sft_k else "-"
         paired = "-"
         if sft_k and len(sft_k["per_seed"]) == len(k["per_seed"]) and arm != "sft":
             pm, pc = mean_ci([a - b for a, b in zip(k["per_seed"], sft_k["per_seed"])])
-            paired = f"{pm:+.3f} ± {pc or 0:.3f}"
-        lines.append(f"| {arm} | {k['mean']:.3f} ± {k['ci95'] or 0:.3f} | {gain:+.3f} | {paired} | "
-                     + ", ".join(f"{x:.3f}" for x in k["per_seed"]) + " |")
+            paired = f"{pm:+.3f}" + (f" ± {pc:.3f}" if pc is not None else " (one seed, no CI)")
+        ci = f" ± {k['ci95']:.3f}" if k["ci95"] is not None else ""
+        lines.append(f"| {arm} | {k['mean']:.3f}{ci} | {gain} | {paired} | " + ", ".join(f"{x:.3f}" for x in k["per_seed"]) + " |")
+    same = identical_arms(runs_made)
+    if same:
+        lines += ["", "Arms that wrote identical evaluation trajectories at a seed (so the same scores): their weights "
+                  "differed too little to flip any sampled token.", ""]
+        lines += [f"- seed {d['seed']}: {d['arms'][0]} and {d['arms'][1]}; adapters {d['sha256'][0][:12]} and "
+                  f"{d['sha256'][1][:12]}, relative L2 distance {d['relative_distance']}" for d in same]
     extra = "\n".join(lines) + f"\n\nTotal time: {_time.time() - t0:.0f} s for {len(seed_list)} seed(s) x {len(arm_list)} arm(s)."
     report = write_report(out / "report", f"Ablation: {policy}", results, w, metrics, extra,
                           config={"seeds": seed_list, "arms": arm_list, "steps": steps or (1 if quick else 4),
                                   "B": prompts or (4 if quick else 8), "K": rollouts or (4 if quick else 6), "lambda_ved": lambda_ved,
                                   "eval_requests": len(reqs), "eval_samples": eval_samples})
-    atomic_write_json(out / "ablation.json", {a: r["summary"] for a, r in results.items()} | {"seconds": _time.time() - t0})
+    atomic_write_json(out / "ablation.json", {a: r["summary"] for a, r in results.items()}
+                      | {"runs": runs_made, "identical_arms": same, "seconds": _time.time() - t0})
     typer.echo("\n".join(lines))
     typer.echo(f"report: {report}  ({_time.time() - t0:.0f} s in all)")
 

@@ -230,3 +230,48 @@ def test_evaluate_averages_several_samples_per_request(world):
     assert [r["verdict"].kscore for r in three["records"] if r["sample"] == 0] == [r["verdict"].kscore for r in one["records"]]
     with pytest.raises(ValueError, match="samples"):
         evaluate(world, noisy, reqs, samples=0)
+
+
+def test_ablate_records_what_each_arm_ran_and_flags_identical_arms(tmp_path, tiny_folder):
+    """Every arm and seed is saved with its run folder, checksum and an evaluation fingerprint; two arms that
+    wrote the same trajectories are named, with how far apart their adapters are."""
+    from typer.testing import CliRunner
+
+    from genevolve.cli import app
+
+    out = tmp_path / "abl"
+    res = CliRunner().invoke(app, ["ablate", "--out", str(out), "--policy", str(tiny_folder), "--arms", "sft,ved,grpo+ved",
+                                   "--seeds", "0", "--steps", "1", "-B", "2", "-K", "2", "--eval-requests", "2",
+                                   "--max-new-tokens", "16", "--lora-rank", "4"])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "ablation.json").read_text())
+    runs = {r["arm"]: r for r in data["runs"]}
+    assert set(runs) == {"sft", "ved", "grpo+ved"}
+    assert runs["sft"]["adapter"] is None and runs["ved"]["adapter"].endswith("ved-s0/checkpoint/adapter")
+    assert runs["sft"]["policy_sha256"] not in {runs["ved"]["policy_sha256"], runs["grpo+ved"]["policy_sha256"]}
+    if runs["ved"]["policy_sha256"] == runs["grpo+ved"]["policy_sha256"]:  # a random model's rewards tie: GRPO adds 0
+        assert runs["ved"]["eval_fingerprint"] == runs["grpo+ved"]["eval_fingerprint"]  # same weights, same samples
+    assert runs["ved"]["last_metrics"]["step"] == 1 and runs["grpo+ved"]["last_metrics"]["logp_grad_norm_grpo"] >= 0
+    # A random model at lr 1e-3 for one step barely moves: whatever the fingerprints say, the report agrees with them.
+    same = {tuple(d["arms"]) for d in data["identical_arms"]}
+    for a, b in (("sft", "ved"), ("sft", "grpo+ved"), ("ved", "grpo+ved")):
+        assert ((a, b) in same) == (runs[a]["eval_fingerprint"] == runs[b]["eval_fingerprint"])
+    for d in data["identical_arms"]:
+        assert d["relative_distance"] is None or d["relative_distance"] >= 0
+
+
+def test_adapter_distance_and_identical_arms(tmp_path):
+    from safetensors.torch import save_file
+
+    from genevolve.training.compare import adapter_distance, identical_arms
+
+    for name, scale in (("a", 1.0), ("b", 1.1)):
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.ones(2, 2) * scale}, str(tmp_path / name / "adapter_model.safetensors"))
+    assert adapter_distance(tmp_path / "a", tmp_path / "b") == pytest.approx(0.1)
+    runs = [{"arm": "ved", "seed": 0, "adapter": str(tmp_path / "a"), "policy_sha256": "x" * 64, "eval_fingerprint": "f"},
+            {"arm": "grpo+ved", "seed": 0, "adapter": str(tmp_path / "b"), "policy_sha256": "y" * 64, "eval_fingerprint": "f"},
+            {"arm": "grpo+ved", "seed": 1, "adapter": str(tmp_path / "b"), "policy_sha256": "y" * 64, "eval_fingerprint": "f"},
+            {"arm": "grpo", "seed": 0, "adapter": str(tmp_path / "b"), "policy_sha256": "z" * 64, "eval_fingerprint": "g"}]
+    assert identical_arms(runs) == [{"seed": 0, "arms": ["ved", "grpo+ved"], "sha256": ["x" * 64, "y" * 64],
+                                     "relative_distance": pytest.approx(0.1)}]

@@ -68,6 +68,53 @@ def evaluate(world, policy, requests, seeds=(0,), guides: dict[str, str] | None 
     return {"summary": summary, "records": records}
 
 
+def ablation_run_record(arm: str, seed: int, policy: str, adapter: Path | None, records: list[dict]) -> dict[str, Any]:
+    """What one arm and seed of an ablation ran: run folder, weights checksum, last training metrics and a
+    fingerprint of its evaluation trajectories (equal fingerprints: the same sampled turns)."""
+    import hashlib
+
+    from ..runs import policy_checksum
+
+    last = {}
+    if adapter is not None and (adapter.parent.parent / "metrics.jsonl").exists():
+        lines = (adapter.parent.parent / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        last = json.loads(lines[-1]) if lines else {}
+    h = hashlib.sha256()
+    for r in records:
+        for turn in r["trajectory"].turns:
+            h.update(turn.raw.encode("utf-8") + b"\0")
+        h.update(b"\1")
+    keep = ("step", "reward_mean", "kscore_mean", "grad_norm", "logp_grad_norm_grpo", "logp_grad_norm_ved",
+            "ved_loss", "grpo_loss", "retrieval_hit_rate", "bank_size")
+    return {"arm": arm, "seed": seed, "run": str(adapter.parent.parent) if adapter else None,
+            "adapter": str(adapter) if adapter else None, "policy_sha256": policy_checksum(policy, str(adapter) if adapter else None),
+            "last_metrics": {k: last.get(k) for k in keep} if last else None, "eval_fingerprint": h.hexdigest()}
+
+
+def adapter_distance(a: str | Path, b: str | Path) -> float | None:
+    """||A - B|| / ||A|| over every LoRA tensor of two adapters of the same shape (None when they do not match)."""
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(Path(p) / "adapter_model.safetensors")) for p in (a, b))
+    if set(wa) != set(wb) or any(wa[k].shape != wb[k].shape for k in wa):
+        return None
+    num = sum(float((wa[k].double() - wb[k].double()).pow(2).sum()) for k in wa)
+    den = sum(float(wa[k].double().pow(2).sum()) for k in wa)
+    return (num / den) ** 0.5 if den else None
+
+
+def identical_arms(runs: list[dict]) -> list[dict]:
+    """Pairs of arms that wrote the same evaluation trajectories at one seed, with how far apart their adapters are."""
+    out = []
+    for i, a in enumerate(runs):
+        for b in runs[i + 1 :]:
+            if a["seed"] == b["seed"] and a["eval_fingerprint"] == b["eval_fingerprint"]:
+                dist = adapter_distance(a["adapter"], b["adapter"]) if a["adapter"] and b["adapter"] else None
+                out.append({"seed": a["seed"], "arms": [a["arm"], b["arm"]], "sha256": [a["policy_sha256"], b["policy_sha256"]],
+                            "relative_distance": None if dist is None else round(dist, 6)})
+    return out
+
+
 def plot_curves(metrics_files: dict[str, list[Path]], out_dir: Path) -> list[Path]:
     """One PNG per metric; each arm a line (mean over its seeds), thin lines for single seeds."""
     import matplotlib
