@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from .cli import POLICY_HELP, SEARCH_OPT, WORLD_OPT, _params, _policy, _score_rows, _table, _tools, app
+from .cli import POLICY_HELP, SEARCH_OPT, WORLD_OPT, _params, _policy, _f, _score_rows, _table, _tools, app
 
 data_app = typer.Typer(help="Official GenEvolve-Data-Bench folders in, our trajectories out as SFT rows.", no_args_is_help=True)
 exp_app = typer.Typer(help="Visual experiences from run folders.", no_args_is_help=True)
@@ -146,11 +146,12 @@ def bench_official(data: Path, policy: str, seeds: str, generator: str, judge: O
     atomic_write_json(out, summary)
     rows = _score_rows(summary)
     typer.echo(f"policy: {summary['policy']}  data: {data}  generator: {gen.name}  judge: {vlm.name}  text policy: {text_policy}")
-    typer.echo(_table(rows, ["by", "group", "n", "KScore (95% CI over seeds)", "F", "V", "T", "A", "failed"]))
+    typer.echo(_table(rows, ["by", "group", "n", "KScore (95% CI over seeds)", "F", "V", "T", "A", "failed", "missing"]))
     for s, m in summary["missing"].items():
         if m["n"]:
             typer.echo(f"seed {s}: {m['n']}/{m['of']} missing cases ({m['policy']}d from the means): {m['reasons']}; "
-                       f"KScore with them as 0: {m['kscore_missing_as_zero']:.3f}")
+                       + (f"KScore with them as 0: {m['kscore_missing_as_zero']:.3f}" if m["kscore_missing_as_zero"] is not None
+                          else "nothing was judged"))
     typer.echo(f"saved: {out}")
 
 
@@ -317,8 +318,8 @@ def wise(
     atomic_write_json(out, {"generator": gen.name, "judge": wj.name, "policy": pol.name if pol else "raw", **res["summary"],
                             "results": {str(k): v for k, v in res["results"].items()}})
     s = res["summary"]
-    rows = [[c, v["n"], f"{v['wiscore']:.3f}"] for c, v in s["categories"].items()]
+    rows = [[c, v["n"], _f(v["wiscore"])] for c, v in s["categories"].items()]
     typer.echo(_table(rows, ["category", "n", "WiScore"]))
-    typer.echo(f"overall WiScore: {s['overall']:.3f}" + (" (partial: some categories absent)" if s["partial"] else "")
+    typer.echo(f"overall WiScore: {_f(s['overall'])}" + (" (partial: some categories absent)" if s["partial"] else "")
                + f"; missing cases: {s['missing']['n']} (excluded)")
     typer.echo(f"saved: {out}")

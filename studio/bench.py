@@ -18,7 +18,7 @@ DIMS = ("kscore", "F", "V", "T", "A", "r_text", "reward")
 
 
 def bench_summary(requests: Sequence[Request], verdicts_by_seed: dict[int, list[Verdict]]) -> dict[str, Any]:
-    """The ``by`` block of ``genevolve bench`` JSON: level -> group -> dim -> {mean, ci95, per_seed}, n, failed."""
+    """The ``by`` block of ``genevolve bench`` JSON: level -> group -> dim -> {mean, ci95, per_seed}, n, failed, missing."""
     per_seed = {s: aggregate(zip(requests, vs)) for s, vs in verdicts_by_seed.items()}
     seeds = list(per_seed)
     out: dict[str, Any] = {}
@@ -32,6 +32,7 @@ def bench_summary(requests: Sequence[Request], verdicts_by_seed: dict[int, list[
                 row[d] = {"mean": m, "ci95": ci, "per_seed": vals}
             row["n"] = per_seed[seeds[0]][level][key]["n"]
             row["failed"] = sum(per_seed[s][level][key]["failed"] for s in seeds)
+            row["missing"] = sum(per_seed[s][level][key]["missing"] for s in seeds)
             out[level][key] = row
     return out
 
@@ -50,7 +51,7 @@ def load_summary(path: Path) -> dict[str, Any]:
         return data
     if "overall" in data:  # a rollout run's aggregate: plain means per group
         return {"policy": "?", "by": {lvl: {k: {**{d: {"mean": row.get(d), "ci95": None} for d in DIMS}, "n": row.get("n"),
-                                                 "failed": row.get("failed", 0)} for k, row in data[lvl].items()}
+                                                 "failed": row.get("failed", 0), "missing": row.get("missing", 0)} for k, row in data[lvl].items()}
                                        for lvl in LEVELS if lvl in data}}
     raise StudioError(f"{f} is not a bench summary")
 
@@ -62,7 +63,7 @@ def _cell(m: dict[str, Any] | None) -> str:
     return f"{m['mean']:.3f}" + (f" ± {ci:.3f}" if ci is not None and ci == ci else "")
 
 
-SUMMARY_HEADERS = ["by", "group", "n", "KScore", "F", "V", "T", "A", "reward", "failed"]
+SUMMARY_HEADERS = ["by", "group", "n", "KScore", "F", "V", "T", "A", "reward", "failed", "missing"]
 
 
 def summary_rows(summary: dict[str, Any]) -> list[list[Any]]:
@@ -70,7 +71,7 @@ def summary_rows(summary: dict[str, Any]) -> list[list[Any]]:
     for level in LEVELS:
         for key, row in summary["by"].get(level, {}).items():
             rows.append([level, key, row.get("n"), _cell(row["kscore"]), _cell(row["F"]), _cell(row["V"]), _cell(row["T"]),
-                         _cell(row["A"]), _cell(row["reward"]), row.get("failed", 0)])
+                         _cell(row["A"]), _cell(row["reward"]), row.get("failed", 0), row.get("missing", 0)])
     return rows
 
 

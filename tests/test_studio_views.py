@@ -174,6 +174,12 @@ def test_bench_summary_table_chart_and_both_file_shapes(tmp_path):
     (tmp_path / "agg.json").write_text(json.dumps({"overall": {"all": {"n": 1, "failed": 0, "kscore": 0.3, "F": 1, "V": 0.2,
                                                                        "T": None, "A": 0.4, "r_text": 0, "reward": 0.3}}}))
     assert summary_rows(load_summary(tmp_path / "agg.json"))[0][3] == "0.300"
+    # A case that could not be judged is counted as missing and left out of the mean, never scored 0.
+    unjudged = Verdict(trajectory_id="c", request_id="bench-2", F=None, V=None, A=None, kscore=None, r_text=None, reward=None,
+                       failed="no ground truth")
+    by = bench_summary(reqs, {0: [verdict("a", 0.8), unjudged]})
+    assert by["overall"]["all"]["kscore"]["mean"] == pytest.approx(0.8) and by["overall"]["all"]["missing"] == 1
+    assert summary_rows({"by": by})[0][-1] == 1
     with pytest.raises(StudioError, match="no bench summary"):
         load_summary(tmp_path / "missing")
 
