@@ -19,6 +19,19 @@ def data_dir(given: str | os.PathLike | None = None) -> Path:
     return Path(base).expanduser() / "genevolve"
 
 
+SHIPPED = Path(__file__).resolve().parents[1] / "assets"  # the shipped sandbox data and policy: read-only at run time
+
+
+def is_shipped(path: str | os.PathLike) -> bool:
+    return Path(path).resolve().is_relative_to(SHIPPED)
+
+
+def index_cache(index_path: str | os.PathLike) -> Path:
+    """Where an index rebuilt for a shipped store is kept (the data folder, one file per store and index name)."""
+    p = Path(index_path).resolve()
+    return data_dir() / "index-cache" / f"{hashlib.sha256(str(p).encode()).hexdigest()[:16]}-{p.name}"
+
+
 def user_references(world_root: str | os.PathLike, data: str | os.PathLike) -> Path:
     """An editable copy of a world's reference store in the data folder, made on first use.
 

@@ -444,3 +444,17 @@ def test_serper_image_search_failure_recorded(tmp_path: Path):
                                max_retries=2, backoff=0, transport=httpx.MockTransport(handler))
     assert client.image_search("anything") == []
     assert len(calls) == 3 and client.last_error == "HTTP 502 after 3 attempts"
+
+
+def test_a_shipped_store_is_never_written_when_its_index_is_rebuilt(tmp_path, monkeypatch):
+    """Searching the shipped world with another embedder rebuilds the index into the data folder, not into assets/."""
+    from genevolve.paths import index_cache
+    from genevolve.world import DEFAULT_WORLD
+
+    monkeypatch.setenv("GENEVOLVE_DATA", str(tmp_path / "data"))
+    before = {p: p.stat().st_mtime_ns for p in (DEFAULT_WORLD / "index").iterdir()}
+    search = LocalTextSearch(DEFAULT_WORLD, embedder=HashEmbedder(32))
+    assert search.search_records("flag of Veloria", 1)
+    assert {p: p.stat().st_mtime_ns for p in (DEFAULT_WORLD / "index").iterdir()} == before
+    cached = index_cache(DEFAULT_WORLD / "index" / "corpus.faiss")
+    assert cached.exists() and read_meta(cached)["embedder"] == "hash-32"

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..embed import Embedder, default_embedder
 from .base import EMPTY_QUERIES, ImageHit, format_text_results, join_blocks
+from ..paths import index_cache, is_shipped
 from .faiss_store import VectorIndex, is_current
 
 SNIPPET_CHARS = 300
@@ -130,15 +131,19 @@ class _Store:
                     raise FileNotFoundError(f"store folder not found: {self.store_dir}")
                 rows = read_rows(self.jsonl_path, self._required)
                 texts = [self._text_of(r) for r in rows]
-                emb = self.embedder
-                if is_current(self.index_path, emb.name, emb.dim, len(rows), _fingerprint(texts)):
-                    index = VectorIndex.load(self.index_path)
+                emb, fp = self.embedder, _fingerprint(texts)
+                # A shipped store is never written: an index rebuilt for it (another embedder) goes to the data folder.
+                save_to = index_cache(self.index_path) if is_shipped(self.store_dir) else self.index_path
+                found = next((p for p in (self.index_path, save_to) if is_current(p, emb.name, emb.dim, len(rows), fp)), None)
+                if found is not None:
+                    index = VectorIndex.load(found)
                 else:
                     index = _build(texts, emb)
                     try:
-                        index.save(self.index_path)
+                        save_to.parent.mkdir(parents=True, exist_ok=True)
+                        index.save(save_to)
                     except OSError as exc:  # a read-only store still works, it just rebuilds next time
-                        warnings.warn(f"could not save {self.index_path}: {exc}", stacklevel=3)
+                        warnings.warn(f"could not save {save_to}: {exc}", stacklevel=3)
                 self._rows, self._index = rows, index
             return self._rows, self._index
 
