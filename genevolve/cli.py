@@ -230,7 +230,14 @@ def bench(
     noise: str = typer.Option("none", help="Expert noise: 'none', 'cold-start' or 'blind-spots'."),
     skip_skill: list[str] = typer.Option([], help="Skill the expert never uses (repeatable)."),
     p_distractor: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Chance the expert takes a distractor reference."),
-    guide: Optional[str] = typer.Option(None, help="'oracle': give every request its correct decision guide (teacher-style context)."),
+    guide: Optional[str] = typer.Option(None, help="Decision guide in the system prompt: 'oracle' (each request's correct "
+                                        "guide), 'bank:<folder>' (its nearest experience in that bank, if it passes --gate), "
+                                        "'shuffled' (another request's oracle guide) or 'shuffled:<folder>' (another request's "
+                                        "nearest experience)."),
+    gate: Optional[float] = typer.Option(None, min=-1.0, max=1.0, help="With --guide bank:<folder>: cosine gate (default 0.84)."),
+    leave_own_out: bool = typer.Option(False, "--leave-own-out", help="With a bank guide: never retrieve an experience "
+                                       "mined from the request itself (measures transfer to other requests)."),
+    guide_seed: int = typer.Option(0, help="Seed of the shuffle for --guide shuffled[:<folder>]."),
     model: str = typer.Option("default", help="Model name to ask an OpenAI-compatible server for."),
     adapter: Optional[str] = typer.Option(None, help="LoRA adapter folder to attach to a local policy."),
     temperature: float = SAMPLING["temperature"],
@@ -265,20 +272,25 @@ def bench(
     import re
 
     from .evaluation import SandboxScorer, aggregate, mean_ci, protocol_valid
-    from .guides import oracle_guide
+    from .guides import request_guides
     from .records import ImageStore, atomic_write_json
     from .runs import policy_checksum
     from .world import World
 
-    if guide not in (None, "oracle"):
-        raise typer.BadParameter("bench takes --guide oracle (or no guide)", param_hint="--guide")
+    if guide is None and (gate is not None or leave_own_out):
+        raise typer.BadParameter("--gate and --leave-own-out need --guide bank:<folder> (or shuffled:<folder>)", param_hint="--guide")
     w = World(world)
     pol = _policy(w, policy, noise, skip_skill, p_distractor, model, adapter)
     checksum = policy_checksum(policy, adapter, pol.name if pol else "raw", model)
     reqs = w.split(split)[:limit]
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     tools, scorer = _tools(w, search), SandboxScorer(w)
-    guides = {r.id: oracle_guide(w, r) for r in reqs} if guide == "oracle" else None
+    guides, guide_info = None, None
+    if guide is not None:
+        try:
+            guides, guide_info = request_guides(guide, w, reqs, gate, leave_own_out, guide_seed)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--guide") from exc
     params = _params(temperature, top_p, max_new_tokens)
     per_seed, valid = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -290,7 +302,7 @@ def bench(
             valid[seed] = sum(protocol_valid(t) for t in trajs) / len(trajs)
     summary: dict = {"policy": pol.name if pol else "raw", "policy_sha256": checksum, "adapter": adapter, "model": model,
                      "noise": noise if policy == "expert" else None, "world": str(w.root),
-                     "split": split, "seeds": seed_list, "n_requests": len(reqs), "guide": guide,
+                     "split": split, "seeds": seed_list, "n_requests": len(reqs), "guide": guide, "guide_info": guide_info,
                      "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens},
                      "protocol_valid": {"per_seed": valid, **dict(zip(("mean", "ci95"), mean_ci(list(valid.values()))))},
                      "by": {}}
@@ -314,6 +326,11 @@ def bench(
     pv = summary["protocol_valid"]
     typer.echo(f"policy: {summary['policy']}  split: {split}  seeds: {seed_list}  guide: {guide or '-'}  "
                f"protocol-valid: {pv['mean']:.3f}")
+    if guide_info and guide_info["kind"] == "bank":
+        sim = guide_info["similarity"]
+        typer.echo(f"retrieved: {guide_info['hits']}/{len(reqs)} requests at cosine >= {guide_info['gate']}"
+                   + (" (leave-own-out)" if leave_own_out else "")
+                   + (f"; nearest similarity median {sim['median']:.3f}, max {sim['max']:.3f}" if sim else ""))
     typer.echo(_table(rows, ["by", "group", "n", "KScore (95% CI over seeds)", "F", "V", "T", "A", "failed", "missing"]))
     typer.echo(f"saved: {out}")
 

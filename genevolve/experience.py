@@ -253,3 +253,26 @@ class ExperienceBank:
             return None, 0.0
         score, exp = hits[0]
         return (exp if score >= self.gate else None), score
+
+    def nearest(self, texts: Sequence[str], exclude_sources: Sequence[str | None] | None = None
+                ) -> list[tuple[Experience | None, float | None]]:
+        """For each text its nearest experience and the cosine similarity, with no gate: callers apply
+        their own, so hit rates can be measured at any gate. ``exclude_sources[i]`` leaves out every
+        experience mined from that request (leave-own-out: transfer to *other* requests). ``(None, None)``
+        when nothing is left to retrieve."""
+        exclude_sources = list(exclude_sources) if exclude_sources is not None else [None] * len(texts)
+        if len(exclude_sources) != len(texts):
+            raise ValueError("exclude_sources needs one entry per text")
+        with self._lock:
+            index, ids = self._ensure_index()
+            if not ids or not texts:
+                return [(None, None)] * len(texts)
+            # Every experience, ranked: a request may have been mined at several steps, and all of them
+            # must be skipped before another request's experience is reached.
+            scores, rows = index.search(self.embedder.encode(list(texts)), len(ids))
+            out = []
+            for score_row, id_row, own in zip(scores, rows, exclude_sources):
+                hit = next(((float(s), self.items[ids[int(r)]]) for s, r in zip(score_row, id_row)
+                            if r >= 0 and (own is None or self.items[ids[int(r)]].source_request_id != own)), None)
+                out.append((hit[1], hit[0]) if hit else (None, None))
+            return out

@@ -69,3 +69,109 @@ def oracle_guide(world, request) -> str:
     """The correct decision guide for a sandbox request (from its ground truth)."""
     parsed = world.parse(request.text)
     return format_guide(oracle_slots(list(request.skills), bool(parsed.mentions), parsed.hops))
+
+
+def derangement(n: int, allowed, seed: int = 0) -> list[int]:
+    """A seeded permutation ``p`` of ``range(n)`` with ``allowed(i, p[i])`` for every ``i``.
+
+    A random shuffle, then every position that breaks the rule swaps with one where both sides keep
+    it, so each swap fixes one position and breaks none. Raises ValueError when no swap is left.
+    """
+    import random
+
+    rng = random.Random(seed)
+    p = list(range(n))
+    rng.shuffle(p)
+    for i in range(n):
+        if allowed(i, p[i]):
+            continue
+        others = list(range(n))
+        rng.shuffle(others)
+        j = next((j for j in others if allowed(i, p[j]) and allowed(j, p[i])), None)
+        if j is None:
+            raise ValueError(f"cannot shuffle {n} guides so that every request gets one that is not its own "
+                             "(too few requests, or one guide is shared by most of them)")
+        p[i], p[j] = p[j], p[i]
+    return p
+
+
+GUIDE_KINDS = "'oracle', 'bank:<folder>', 'shuffled' or 'shuffled:<folder>'"
+
+
+def _similarity_summary(sims: list[float]) -> dict | None:
+    import statistics
+
+    if not sims:
+        return None
+    stats = {"min": min(sims), "median": statistics.median(sims), "mean": statistics.fmean(sims), "max": max(sims)}
+    return {"n": len(sims)} | {k: round(v, 4) for k, v in stats.items()}
+
+
+def _open_bank(folder: str):
+    from pathlib import Path
+
+    from .experience import ExperienceBank
+
+    if not (Path(folder) / "experiences.jsonl").is_file():
+        raise ValueError(f"{folder!r} holds no experience bank (no experiences.jsonl)")
+    bank = ExperienceBank(folder)
+    if not len(bank):
+        raise ValueError(f"the experience bank {folder!r} is empty")
+    return bank
+
+
+def request_guides(spec: str, world, requests, gate: float | None = None, leave_own_out: bool = False,
+                   seed: int = 0) -> tuple[dict[str, str], dict]:
+    """Decision guides for ``requests`` from a ``--guide`` value, and a JSON-ready account of what was given.
+
+    - ``oracle``: each request's correct guide.
+    - ``bank:<folder>``: each request's nearest experience in that bank if its cosine similarity reaches
+      ``gate`` (default 0.84); requests below the gate get no guide.
+    - ``shuffled``: the oracle guide of another request, never one equal to the request's own.
+    - ``shuffled:<folder>``: the nearest bank experience of another request (no gate: every request gets
+      one), never one mined from the request itself nor one worded as the experience it would retrieve.
+
+    ``leave_own_out`` (bank kinds only) never retrieves an experience mined from the request itself, so
+    what is measured is transfer to other requests. Shuffles are seeded derangements.
+    """
+    from .experience import GATE, guide_text
+
+    kind, _, folder = spec.partition(":")
+    if kind not in ("oracle", "bank", "shuffled") or (kind == "oracle" and folder) or (kind == "bank" and not folder):
+        raise ValueError(f"unknown guide {spec!r}; the guide is {GUIDE_KINDS}")
+    if not folder and (leave_own_out or gate is not None):
+        raise ValueError("a gate and leave-own-out apply to experiences from a bank: 'bank:<folder>' or 'shuffled:<folder>'")
+    if kind == "shuffled" and folder and gate is not None:
+        raise ValueError("'shuffled:<folder>' gives every request another request's experience, with no gate")
+    if kind == "oracle":
+        return {r.id: oracle_guide(world, r) for r in requests}, {"kind": "oracle", "n_guided": len(requests)}
+    if kind == "shuffled" and not folder:
+        texts = [oracle_guide(world, r) for r in requests]
+        p = derangement(len(requests), lambda i, j: texts[j] != texts[i], seed)
+        return ({r.id: texts[p[i]] for i, r in enumerate(requests)},
+                {"kind": "shuffled", "source": "oracle guides of other requests", "seed": seed, "n_guided": len(requests),
+                 "per_request": [{"request": r.id, "guide_of": requests[p[i]].id} for i, r in enumerate(requests)]})
+    bank = _open_bank(folder)
+    near = bank.nearest([r.text for r in requests], [r.id for r in requests] if leave_own_out else None)
+    base = {"bank": folder, "bank_size": len(bank), "leave_own_out": leave_own_out}
+    if kind == "bank":
+        gate = GATE if gate is None else gate
+        per = [{"request": r.id, "experience": e.id if e else None, "source_request": e.source_request_id if e else None,
+                "similarity": None if s is None else round(s, 4), "hit": s is not None and s >= gate} for r, (e, s) in zip(requests, near)]
+        hits = sum(x["hit"] for x in per)
+        guides = {r.id: guide_text(e) for r, (e, s), x in zip(requests, near, per) if x["hit"]}
+        return guides, {"kind": "bank", **base, "gate": gate, "n_guided": hits, "hits": hits,
+                        "hit_rate": hits / len(requests) if requests else None,
+                        "similarity": _similarity_summary([s for _, s in near if s is not None]), "per_request": per}
+
+    texts = [guide_text(e) if e else None for e, _ in near]
+
+    def allowed(i: int, j: int) -> bool:  # another request's experience, and not the same words as the own one
+        return texts[j] is not None and texts[j] != texts[i] and near[j][0].source_request_id != requests[i].id
+
+    p = derangement(len(requests), allowed, seed)
+    per = [{"request": r.id, "guide_of": requests[p[i]].id, "experience": near[p[i]][0].id,
+            "source_request": near[p[i]][0].source_request_id} for i, r in enumerate(requests)]
+    return ({r.id: texts[p[i]] for i, r in enumerate(requests)},
+            {"kind": "shuffled", "source": "nearest bank experience of another request", **base, "gate": None, "seed": seed,
+             "n_guided": len(requests), "per_request": per})

@@ -152,3 +152,20 @@ def test_llm_summariser_validates_json():
     s2 = LLMSummariser(FakeChat(good))
     s2.prompt = lambda p: "prompt"
     assert s2.summarise(pair)["skill_activation"] == SLOTS_OK["skill_activation"]
+
+
+def test_nearest_has_no_gate_and_leaves_the_own_request_out(tmp_path):
+    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(128))
+    own1 = bank.add("r1", "Draw three gold stars above a red circle", SLOTS_OK, reward_gap=0.5)
+    own2 = bank.add("r1", "Draw three gold stars above a red circle", SLOTS_OK, reward_gap=0.4)  # mined again later
+    other = bank.add("r2", "Draw four gold stars below a blue square", SLOTS_OK)
+    text = "Draw three gold stars above a red circle"
+    (e, s), = bank.nearest([text])
+    assert e.id in {own1.id, own2.id} and s == pytest.approx(1.0, abs=1e-5)
+    (e, s), (e2, s2) = bank.nearest([text, "Paint a teal horse at dusk"], ["r1", None])
+    assert e.id == other.id and s < 1.0  # both of r1's experiences are skipped, whatever the gate
+    assert e2 is not None and s2 < bank.gate  # no gate: the nearest is returned with its similarity
+    assert bank.nearest([text], ["r1"])[0][1] == pytest.approx(bank.search(text, 3)[2][0], abs=1e-6)
+    assert ExperienceBank(tmp_path / "empty", embedder=HashEmbedder(128)).nearest([text]) == [(None, None)]
+    with pytest.raises(ValueError, match="one entry per text"):
+        bank.nearest([text], [])

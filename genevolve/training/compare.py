@@ -1,8 +1,9 @@
-"""Distill-and-compare: evaluate the student before, after, and as teacher; write the report folder.
+"""Distill-and-compare: evaluate the student before and after, and the teacher where it gets a guide; write the report folder.
 
 The report folder holds ``report.md`` (KScore, F, V, T, A by track for each policy; the ablation
 table when several arms ran), learning-curve PNGs from the metrics JSONL, ``results.json`` and a few
-per-request examples with the before / after / teacher images side by side.
+per-request examples with the policies' images side by side; an evolve report adds ``teacher.json``
+(see :func:`teacher_section`).
 """
 
 from __future__ import annotations
@@ -209,6 +210,74 @@ def write_examples(world, results: dict[str, dict], out_dir: Path, n: int = 6) -
             lines.append(f"- **{name}**: {prog}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _same_trajectories(a: list[dict], b: list[dict]) -> bool:
+    return [[t.raw for t in r["trajectory"].turns] for r in a] == [[t.raw for t in r["trajectory"].turns] for r in b]
+
+
+def _student_vs_teacher(world, student, requests, guides, seeds, samples, progress) -> tuple[list[str], dict]:
+    """Student and teacher on the same requests: a table with the paired gain, or a sentence when the
+    guide changed no sampled token (then a teacher row would only repeat the student's)."""
+    res = {"student (after)": evaluate(world, student, requests, seeds, progress=progress, samples=samples)}
+    teacher = evaluate(world, student, requests, seeds, guides=guides, progress=progress, samples=samples)
+    summaries = {"student (after)": res["student (after)"]["summary"], "teacher": teacher["summary"]}
+    if _same_trajectories(res["student (after)"]["records"], teacher["records"]):
+        return (["With the guide the teacher wrote exactly the student's trajectories here (the guide changed no "
+                 "sampled token), so it scores the same: no separate teacher row."], summaries | {"identical": True})
+    if teacher["summary"] == summaries["student (after)"]:
+        k = teacher["summary"]["overall"]["all"]["kscore"]["mean"]
+        return ([f"The teacher's trajectories differ from the student's but score exactly the same (KScore "
+                 f"{'-' if k is None else f'{k:.3f}'}): no separate teacher row."], summaries | {"identical": False, "gain": 0.0})
+    res["teacher"] = teacher
+    a, t = (r["summary"]["overall"]["all"]["per_seed"] for r in (res["student (after)"], teacher))
+    gains = [y - x for x, y in zip(a, t) if x is not None and y is not None]
+    m, ci = mean_ci(gains)
+    gain = "-" if m is None else f"{m:+.3f}" + (f" ± {ci:.3f}" if ci is not None else " (one seed, no CI)")
+    return [table(res), "", f"Teacher minus student, paired by seed: {gain}."], summaries | {"identical": False, "gain": m, "gain_ci95": ci}
+
+
+def teacher_section(world, student, bank_dir: Path, bench_requests, seeds, gate: float, samples: int = 1,
+                    progress: Callable[[str], None] | None = None) -> tuple[str, dict]:
+    """The teacher (the trained student with its nearest experience as the decision guide), measured only
+    where it gets a guide, next to the student on the same requests: (a) the training requests whose own
+    experience the gate retrieves, (b) the bench requests whose nearest experience passes the gate. Where
+    no request gets one, a sentence says so instead of a row that would copy the student's."""
+    from ..experience import ExperienceBank, guide_text
+    from ..guides import request_guides
+
+    md = ["## Teacher", "", f"The teacher is the trained student with the nearest bank experience (cosine >= {gate}) in its "
+          "system prompt; it is only measured on requests that retrieve one, next to the student on the same requests.", ""]
+    bank = ExperienceBank(bank_dir)
+    if not len(bank):
+        return "\n".join(md + ["The experience bank is empty: there is no teacher to measure."]), {"gate": gate, "bank_size": 0}
+    sources = {e.source_request_id for e in bank.items.values()}
+    train = [r for r in world.requests if r.id in sources]
+    near = bank.nearest([r.text for r in train])
+    own = [(r, e) for r, (e, s) in zip(train, near) if e is not None and e.source_request_id == r.id and s >= gate]
+    data: dict[str, Any] = {"gate": gate, "bank_size": len(bank), "train": {"n": len(own), "requests": [r.id for r, _ in own]}}
+    md += [f"### Training requests with their own experience (n = {len(own)})", ""]
+    if own:
+        lines, data["train"]["result"] = _student_vs_teacher(world, student, [r for r, _ in own],
+                                                              {r.id: guide_text(e) for r, e in own}, seeds, samples, progress)
+        md += lines
+    else:
+        md += ["No training request retrieves its own experience at this gate."]
+    guides, info = request_guides(f"bank:{bank_dir}", world, bench_requests, gate)
+    sim = info["similarity"]
+    data["bench"] = {k: info[k] for k in ("hits", "hit_rate", "similarity", "per_request")} | {"n": len(bench_requests)}
+    md += ["", f"### Bench requests that retrieve an experience ({info['hits']} of {len(bench_requests)})", "",
+           f"Nearest-experience similarity over all {len(bench_requests)} bench requests: median {sim['median']:.3f}, "
+           f"max {sim['max']:.3f}.", ""]
+    hits = [r for r in bench_requests if r.id in guides]
+    if hits:
+        md += ["Retrieved: " + ", ".join(f"{x['request']} <- {x['experience']} (from {x['source_request']}, cosine "
+                                         f"{x['similarity']:.3f})" for x in info["per_request"] if x["hit"]) + ".", ""]
+        lines, data["bench"]["result"] = _student_vs_teacher(world, student, hits, guides, seeds, samples, progress)
+        md += lines
+    else:
+        md += ["No bench request passes the gate, so on the bench the teacher is the student: no teacher row."]
+    return "\n".join(md), data
 
 
 def write_report(out_dir: Path, title: str, results: dict[str, dict], world, metrics_files: dict[str, list[Path]],
