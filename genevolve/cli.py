@@ -463,7 +463,8 @@ def evolve(
     train_only: bool = typer.Option(False, "--train-only", help="Train and checkpoint; skip the bench comparison."),
     probe_request: Optional[str] = typer.Option(None, help="Sandbox request id the live student-vs-teacher view follows at every step (default: the first evolve request)."),
 ):
-    """One-click distill-and-compare: GRPO + VED from the SFT student, then before / after / teacher on the bench.
+    """One-click distill-and-compare: GRPO + VED from the SFT student, then before / after on the bench and the
+    teacher where it retrieves an experience (training requests and bench hits).
 
     Under ``accelerate launch`` or ``torchrun`` the processes share the training (data-parallel); the
     main process then runs the comparison alone.
@@ -471,10 +472,9 @@ def evolve(
     import signal
     import time as _time
 
-    from .experience import ExperienceBank, guide_text
     from .policies.resolve import resolve_policy
-    from .records import ImageStore
-    from .training.compare import evaluate, write_report
+    from .records import ImageStore, atomic_write_json
+    from .training.compare import evaluate, teacher_section, write_report
     from .world import World
 
     out = out or Path("runs") / f"evolve-{_time.strftime('%Y%m%d-%H%M%S')}"
@@ -497,24 +497,18 @@ def evolve(
     before.name = "student (before)"
     after = resolve_policy(policy, adapter=str(adapter))
     after.name = "student (after)"
-    bank = ExperienceBank(out / "bank")
-    guides, hits = {}, 0
-    for r in reqs:
-        exp, _ = bank.retrieve(r.text)
-        if exp is not None:
-            guides[r.id] = guide_text(exp)
-            hits += 1
     results = {}
-    for name, pol, g in (("student (before)", before, None), ("student (after)", after, None), ("teacher", after, guides)):
+    for name, pol in (("student (before)", before), ("student (after)", after)):
         store = ImageStore(out / "report" / "images" / name.split()[0])
-        res = evaluate(w, pol, reqs, seeds, guides=g, store=store, progress=typer.echo, samples=eval_samples)
+        res = evaluate(w, pol, reqs, seeds, store=store, progress=typer.echo, samples=eval_samples)
         res["store"] = store
         results[name] = res
-    extra = (f"Teacher = the trained student with the nearest bank experience (cosine >= {gate}) in its system prompt; "
-             f"{hits}/{len(reqs)} bench requests retrieved one. Training took {t_train:.0f} s; total {_time.time() - t0:.0f} s.")
+    teacher_md, teacher = teacher_section(w, after, out / "bank", reqs, seeds, gate, eval_samples, typer.echo)
+    extra = teacher_md + f"\n\nTraining took {t_train:.0f} s; total {_time.time() - t0:.0f} s."
     report = write_report(out / "report", f"Distill and compare: {policy}, {cfg.arm}", results, w,
                           {cfg.arm: [out / "metrics.jsonl"]}, extra,
                           config=cfg.__dict__ | {"eval_requests": len(reqs), "eval_seeds": seeds, "eval_samples": eval_samples})
+    atomic_write_json(out / "report" / "teacher.json", teacher)
     typer.echo(open(report).read().split("## Learning curves")[0])
     typer.echo(f"report: {report}  ({_time.time() - t0:.0f} s in all)")
 

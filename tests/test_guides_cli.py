@@ -189,3 +189,30 @@ def test_teacher_section_measures_only_where_a_guide_is_given(tmp_path, world):
 
     md, data = teacher_section(world, student, tmp_path / "nothing", bench, [0], gate=0.84)
     assert "bank is empty" in md and data["bank_size"] == 0
+
+
+def test_evolve_report_has_no_teacher_row_that_copies_the_student(tmp_path, world, monkeypatch):
+    """The evolve command's comparison, with training skipped and the blind-spot expert (it follows a guide) as
+    the student: the bank holds an experience of one training request and no bench request passes a 0.99 gate,
+    so the bench part says so in words; the teacher rows are measured on the training request alone."""
+    from genevolve.guides import SLOTS
+    from genevolve.policies import resolve
+
+    monkeypatch.setattr(cli, "_train", lambda cfg, w, stop: None)
+    monkeypatch.setattr(resolve, "resolve_policy", lambda *a, **k: ExpertPolicy(world, ExpertNoise.named("blind-spots")))
+    out = tmp_path / "run"
+    first = world.split("evolve")[0]
+    ExperienceBank(out / "bank").add(first.id, first.text, {s: "Query quantity_counting and write exact counts." for s in SLOTS})
+    res = runner.invoke(app, ["evolve", "--out", str(out), "--eval-requests", "3", "--eval-seeds", "0,1", "--gate", "0.99"])
+    assert res.exit_code == 0, res.output
+    report = (out / "report" / "report.md").read_text()
+    teacher = json.loads((out / "report" / "teacher.json").read_text())
+    assert teacher["train"] == {"n": 1, "requests": [first.id], "result": teacher["train"]["result"]}
+    assert teacher["bench"]["hits"] == 0 and len(teacher["bench"]["per_request"]) == 3
+    assert "No bench request passes the gate" in report and "(n = 1)" in report
+    main, section = report.split("## Learning curves")[0].split("## Teacher")
+    assert "| teacher |" not in main
+    assert set(json.loads((out / "report" / "results.json").read_text())) == {"student (before)", "student (after)"}
+    rows = _rows(section)  # the teacher's rows never repeat the student's on the same requests
+    assert len(rows) == len(set(rows))
+    assert ("| teacher |" in section) != ("no separate teacher row" in section)
