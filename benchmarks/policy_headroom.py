@@ -21,9 +21,42 @@ from genevolve.records import atomic_write_json
 
 
 def bench(args: list[str], out: Path) -> dict:
+    """``genevolve bench`` in a subprocess (its progress bars on stderr), returning its results JSON."""
     cmd = [sys.executable, "-m", "genevolve.cli", "bench", *args, "--out", str(out)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
+
+
+def policy_args(policy: str, adapter: str | None = None) -> list[str]:
+    return ["--policy", policy] + (["--adapter", adapter] if adapter else [])
+
+
+def arm_row(r: dict) -> dict:
+    """One bench result in a line: protocol-valid rate and KScore (mean, 95 % CI over seeds, per seed), by track."""
+    by = r["by"]
+    k = by["overall"]["all"]["kscore"]
+    return {"protocol_valid": r["protocol_valid"]["mean"], "protocol_valid_ci95": r["protocol_valid"]["ci95"],
+            "kscore": k["mean"], "ci95": k["ci95"], "per_seed": k["per_seed"],
+            "by_track": {t: {"kscore": row["kscore"]["mean"], "ci95": row["kscore"]["ci95"]} for t, row in by["track"].items()},
+            "knowledge": by["track"].get("knowledge", {}).get("kscore", {}).get("mean"),
+            "quality": by["track"].get("quality", {}).get("kscore", {}).get("mean")}
+
+
+def paired_gain(arm: dict, base: dict, n_seeds: int) -> dict:
+    """Arm minus base, seed by seed (same seeds, same requests): mean and 95 % CI over seeds; null when a seed
+    has no score in one of them (then the per-seed lists no longer line up)."""
+    from genevolve.evaluation import mean_ci
+
+    if not (len(arm["per_seed"]) == len(base["per_seed"]) == n_seeds):
+        return {"mean": None, "ci95": None, "per_seed": None, "note": "a seed has no score: nothing to pair"}
+    d = [a - b for a, b in zip(arm["per_seed"], base["per_seed"])]
+    m, ci = mean_ci(d)
+    return {"mean": m, "ci95": ci, "per_seed": d}
+
+
+def pm(m, ci, sign: bool = False) -> str:
+    """'0.123 ± 0.045', '0.123' for one seed (no interval), '-' for nothing; ``sign`` for a gain."""
+    return "-" if m is None else (f"{m:+.3f}" if sign else f"{m:.3f}") + (f" ± {ci:.3f}" if ci is not None else "")
 
 
 def main() -> int:
@@ -44,14 +77,7 @@ def main() -> int:
         for i, (name, extra) in enumerate(arms.items()):
             print(f"running {name} ...", flush=True)
             res[name] = bench([*extra, "--seeds", a.seeds, "--split", a.split], Path(tmp) / f"{i}.json")
-    rows = {}
-    for name, r in res.items():
-        by = r["by"]
-        rows[name] = {"protocol_valid": r["protocol_valid"]["mean"], "kscore": by["overall"]["all"]["kscore"]["mean"],
-                      "ci95": by["overall"]["all"]["kscore"]["ci95"],
-                      "per_seed": by["overall"]["all"]["kscore"]["per_seed"],
-                      "knowledge": by["track"].get("knowledge", {}).get("kscore", {}).get("mean"),
-                      "quality": by["track"].get("quality", {}).get("kscore", {}).get("mean")}
+    rows = {name: arm_row(r) for name, r in res.items()}
     p, g = rows[a.policy], rows[f"{a.policy} + oracle guide"]
     summary = {
         "policy": a.policy, "seeds": a.seeds, "split": a.split, "arms": rows,
