@@ -340,7 +340,7 @@ def sft(
     recipe: str = typer.Option("tiny", help="'tiny': train a tokenizer and a small Llama from scratch on the expert's "
                                "cold-start data; 'model': fine-tune the model folder given by --model."),
     out: Path = typer.Option(Path("assets/policy/tiny"), help="Final model folder (replaced atomically when training ends)."),
-    model: Optional[str] = typer.Option(None, help="Base model folder for --recipe model."),
+    model: Optional[str] = typer.Option(None, help="Base model for --recipe model: 'smollm2', 'tiny' or a model folder."),
     data: Optional[Path] = typer.Option(None, help="JSONL of SFT records with a 'messages' list (default: expert cold-start data)."),
     epochs: int = typer.Option(4, min=1, help="Passes over the data with the assistant-only loss."),
     pretrain_epochs: int = typer.Option(2, min=0, help="Tiny recipe: passes of next-token loss on every token first."),
@@ -353,7 +353,11 @@ def sft(
     copy_mix: int = typer.Option(0, min=0, help="Copy-task sequences added to every later batch."),
     lr: float = typer.Option(2e-3, help="Peak learning rate (warm-up, then cosine decay to 10%)."),
     batch_tokens: int = typer.Option(8192, min=256, help="Padded tokens per optimizer step."),
-    lora_rank: int = typer.Option(0, min=0, help="Train a LoRA adapter of this rank instead of all weights (0: full)."),
+    max_len: int = typer.Option(2048, min=16, help="Conversations longer than this many tokens lose their tail."),
+    warmup_steps: int = typer.Option(30, min=0, help="Steps of linear learning-rate warm-up."),
+    save_every: int = typer.Option(100, min=1, help="Optimizer steps between checkpoints (a re-run resumes from the last)."),
+    lora_rank: int = typer.Option(0, min=0, help="Train a LoRA adapter of this rank instead of all weights, merged "
+                                  "into the saved model (0: full fine-tuning)."),
     seed: int = typer.Option(0, help="Seed for data, initialisation and batching."),
     device: Optional[str] = typer.Option(None, help="Torch device (default: cuda if available, else cpu)."),
 ):
@@ -362,12 +366,17 @@ def sft(
 
     cfg = SFTConfig(out=str(out), recipe=recipe, model=model, data=str(data) if data else None, epochs=epochs, lr=lr,
                     pretrain_epochs=pretrain_epochs, guided_fraction=guided_fraction, noise=noise, extra_requests=extra_requests, copy_steps=copy_steps, copy_mix=copy_mix,
-                    batch_tokens=batch_tokens, lora_rank=lora_rank, seed=seed, device=device)
+                    batch_tokens=batch_tokens, max_len=max_len, warmup_steps=warmup_steps, save_every=save_every,
+                    lora_rank=lora_rank, seed=seed, device=device)
     try:
         cfg.validate()
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    result = train_sft(cfg, log=typer.echo)
+    try:
+        result = train_sft(cfg, log=typer.echo)
+    except (ValueError, FileNotFoundError) as exc:  # bad data, an unknown model, a work folder with other settings
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(json.dumps(result))
 
 

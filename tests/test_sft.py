@@ -56,7 +56,7 @@ def test_tiny_sft_learns_and_writes_a_loadable_model(tmp_path, small_data, world
 
 def test_sft_resumes_after_a_crash(tmp_path, small_data, world, monkeypatch):
     calls = {"n": 0}
-    real = sft_mod.assistant_loss
+    real = sft_mod.model_loss
 
     def crashing(*a, **k):
         calls["n"] += 1
@@ -64,11 +64,11 @@ def test_sft_resumes_after_a_crash(tmp_path, small_data, world, monkeypatch):
             raise KeyboardInterrupt("killed mid-training")
         return real(*a, **k)
 
-    monkeypatch.setattr(sft_mod, "assistant_loss", crashing)
+    monkeypatch.setattr(sft_mod, "model_loss", crashing)
     with pytest.raises(KeyboardInterrupt):
         train_sft(_cfg(tmp_path, small_data), world=world, log=lambda _: None, progress=False)
     assert (tmp_path / "model.work" / "checkpoint" / "state.pt").exists() and not (tmp_path / "model").exists()
-    monkeypatch.setattr(sft_mod, "assistant_loss", real)
+    monkeypatch.setattr(sft_mod, "model_loss", real)
     logs = []
     res = train_sft(_cfg(tmp_path, small_data), world=world, log=logs.append, progress=False)
     assert any("resumed from step 2" in line for line in logs)
@@ -122,3 +122,114 @@ def test_extra_requests_are_new_texts_of_every_category_and_reproducible(world):
     again = sft_requests(world, "sft", extra_per_category=3, seed=5)
     assert [r.text for r in again] == [r.text for r in reqs]
     assert [r.text for r in sft_requests(world, "sft", 3, seed=6)][len(base):] != [r.text for r in extra]
+
+
+def test_model_loss_applies_the_head_only_where_the_mask_counts(tmp_path, tiny_folder):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    ids = torch.randint(5, 400, (2, 9))
+    mask = torch.zeros(2, 9)
+    mask[0, 3:6], mask[1, 5:] = 1, 1
+    attn = torch.ones_like(ids)
+    with torch.no_grad():
+        want = assistant_loss(model(input_ids=ids, attention_mask=attn).logits, ids, mask)
+        got = float(sft_mod.model_loss(model, ids, mask, attn))
+    assert got == pytest.approx(float(want), rel=1e-5)
+
+
+def test_guided_fraction_zero_puts_no_guide_anywhere(world):
+    from itertools import islice
+
+    from genevolve.protocol import GUIDE_HEADER
+    from genevolve.training.sft_data import conversations, expert_trajectories
+
+    def guided_rows(fraction):
+        convs = conversations(islice(expert_trajectories(world, guided_fraction=fraction, seed=3), 16))
+        return sum(any(GUIDE_HEADER in m["content"] for m in c if m["role"] == "system") for c in convs), convs
+
+    n, convs = guided_rows(0.0)
+    assert n == 0 and len(convs) >= 12 and all(c[0]["role"] == "system" for c in convs)
+    assert guided_rows(1.0)[0] >= 6  # the check can see a guide: every other row has one at fraction 1
+    with pytest.raises(ValueError, match="guided_fraction"):
+        SFTConfig(guided_fraction=1.5).validate()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, world):
+    """A tiny random Llama with a sandbox tokenizer, standing in for a pretrained student."""
+    from genevolve.policies.tiny import build_tiny_model, train_tokenizer
+    from genevolve.protocol import SYSTEM_PROMPT
+
+    tok = train_tokenizer([SYSTEM_PROMPT] + [r.text for r in world.split("evolve")] * 3, vocab_size=500)
+    path = tmp_path_factory.mktemp("tiny-student")
+    build_tiny_model(tok, seed=0, layers=1, hidden=64).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def unguided_data(tmp_path_factory, world):
+    from itertools import islice
+
+    from genevolve.training.sft_data import conversations, expert_trajectories
+
+    convs = conversations(islice(expert_trajectories(world, guided_fraction=0.0, seed=0), 8))
+    path = tmp_path_factory.mktemp("sft-unguided") / "data.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    return path
+
+
+KILL_AT_STEP_4 = """
+import os, signal, sys
+from genevolve.training import sft
+from genevolve.training.sft import SFTConfig, train_sft
+real, calls = sft.model_loss, []
+def dying(*a, **k):
+    calls.append(1)
+    if len(calls) == 4:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind, as with kill -9
+    return real(*a, **k)
+sft.model_loss = dying
+train_sft(SFTConfig(**__import__("json").loads(sys.argv[1])), log=print, progress=False)
+"""
+
+
+def test_model_recipe_resumes_after_kill_9_and_saves_a_policy_folder(tmp_path, tiny_folder, unguided_data):
+    """The SmolLM2 recipe's code path (recipe model, no guide, full fine-tuning) on a tiny random student."""
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    from genevolve.policies.resolve import resolve_policy
+
+    cfg = SFTConfig(out=str(tmp_path / "student"), recipe="model", model=str(tiny_folder), data=str(unguided_data),
+                    guided_fraction=0.0, epochs=3, lr=1e-3, warmup_steps=1, batch_tokens=2048, save_every=2)
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_STEP_4, json.dumps(asdict(cfg))], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    work = tmp_path / "student.work"
+    assert (work / "checkpoint" / "state.pt").exists() and not (tmp_path / "student").exists()
+    assert len((work / "metrics.jsonl").read_text().splitlines()) == 3  # steps 1-3 logged before the kill
+    logs = []
+    res = train_sft(cfg, log=logs.append, progress=False)
+    assert any("resumed from step 2" in line for line in logs)
+    rows = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, res["steps"] + 1)) and res["steps"] > 4
+    pol = resolve_policy(str(tmp_path / "student"))
+    assert pol.tokenizer.chat_template and json.loads((tmp_path / "student" / "sft_config.json").read_text())["guided_fraction"] == 0.0
+    # A second run in the same place with other settings is refused instead of mixing two runs.
+    other = SFTConfig(**(asdict(cfg) | {"out": str(tmp_path / "again"), "lr": 2e-3}))
+    (tmp_path / "again.work").mkdir()
+    (tmp_path / "again.work" / "config.json").write_text(json.dumps(asdict(cfg) | {"out": other.out}))
+    with pytest.raises(ValueError, match="lr: 0.001 -> 0.002"):
+        train_sft(other, log=lambda _: None, progress=False)
+
+
+def test_lora_sft_saves_a_merged_model_folder(tmp_path, tiny_folder, unguided_data):
+    from genevolve.policies.resolve import resolve_policy
+
+    cfg = SFTConfig(out=str(tmp_path / "student"), recipe="model", model=str(tiny_folder), data=str(unguided_data),
+                    epochs=1, lr=1e-3, warmup_steps=1, batch_tokens=4096, lora_rank=4)
+    train_sft(cfg, log=lambda _: None, progress=False)
+    assert (tmp_path / "student" / "config.json").exists() and not (tmp_path / "student" / "adapter_config.json").exists()
+    assert resolve_policy(str(tmp_path / "student")).adapters == []

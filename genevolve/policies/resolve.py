@@ -27,6 +27,27 @@ def smollm2_path() -> tuple[Path, str]:
     return folder, files[0].name
 
 
+def model_source(spec: str) -> tuple[Path, str | None]:
+    """Folder and GGUF file name (None: a transformers folder) of a local ``--policy`` value: tiny, smollm2 or a folder."""
+    if spec == "tiny":
+        from .tiny import TINY_DIR, tiny_exists
+
+        if not tiny_exists(TINY_DIR):
+            raise FileNotFoundError(f"the tiny policy is not built at {TINY_DIR}; run `genevolve sft --recipe tiny`")
+        return TINY_DIR, None
+    if spec == "smollm2":
+        return smollm2_path()
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"unknown policy {spec!r}: use expert, raw, tiny, smollm2, a model folder or an http(s):// URL")
+    if (path / "config.json").exists():
+        return path, None
+    files = sorted(path.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"{path} has neither config.json nor a .gguf file")
+    return path, files[0].name
+
+
 def resolve_policy(spec: str, *, model: str = "default", adapter: str | None = None, device: str | None = None,
                    dtype: str | None = None):
     """A policy for ``spec`` (see the module docstring); ``expert`` is resolved by the caller."""
@@ -36,22 +57,6 @@ def resolve_policy(spec: str, *, model: str = "default", adapter: str | None = N
         from .openai_compat import OpenAIChatPolicy
 
         return OpenAIChatPolicy(spec, model)
-    if spec == "tiny":
-        from .tiny import TINY_DIR, tiny_exists
-
-        if not tiny_exists(TINY_DIR):
-            raise FileNotFoundError(f"the tiny policy is not built at {TINY_DIR}; run `genevolve sft --recipe tiny`")
-        return LocalPolicy.load(TINY_DIR, device=device, dtype=dtype, adapter=adapter, name="tiny")
-    if spec == "smollm2":
-        folder, fname = smollm2_path()
-        return LocalPolicy.load(folder, gguf_file=fname, device=device, dtype=dtype, adapter=adapter, name="smollm2")
-    path = Path(spec)
-    if path.is_dir():
-        gguf = None
-        if not (path / "config.json").exists():
-            files = sorted(path.glob("*.gguf"))
-            if not files:
-                raise FileNotFoundError(f"{path} has neither config.json nor a .gguf file")
-            gguf = files[0].name
-        return LocalPolicy.load(path, gguf_file=gguf, device=device, dtype=dtype, adapter=adapter)
-    raise ValueError(f"unknown policy {spec!r}: use expert, raw, tiny, smollm2, a model folder or an http(s):// URL")
+    folder, gguf = model_source(spec)
+    return LocalPolicy.load(folder, gguf_file=gguf, device=device, dtype=dtype, adapter=adapter,
+                            name=spec if spec in ("tiny", "smollm2") else None)
