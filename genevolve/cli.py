@@ -528,10 +528,59 @@ def _check_probe_request(w, probe_request: str | None) -> None:
                                  param_hint="--probe-request")
 
 
+def _save_eval(eval_dir: Path, res: dict) -> None:
+    """An arm-seed's evaluation (summary, trajectories, verdicts), swapped in whole: the folder exists only when done."""
+    import shutil
+
+    from .records import atomic_write_json, replace_dir, write_jsonl
+
+    tmp = eval_dir.with_name(eval_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_jsonl(tmp / "trajectories.jsonl", [r["trajectory"] for r in res["records"]])
+    write_jsonl(tmp / "verdicts.jsonl", [r["verdict"] for r in res["records"]])
+    atomic_write_json(tmp / "eval.json", {"summary": res["summary"], "records": [
+        {k: r[k] for k in ("seed", "sample", "request")} for r in res["records"]]})
+    replace_dir(tmp, eval_dir)
+
+
+def _load_eval(eval_dir: Path) -> dict:
+    from .records import Trajectory, Verdict, read_jsonl
+
+    saved = json.loads((eval_dir / "eval.json").read_text(encoding="utf-8"))
+    trajs, verdicts = read_jsonl(eval_dir / "trajectories.jsonl", Trajectory), read_jsonl(eval_dir / "verdicts.jsonl", Verdict)
+    if not len(trajs) == len(verdicts) == len(saved["records"]):
+        raise ValueError(f"{eval_dir} is incomplete; delete it to evaluate that arm again")
+    return {"summary": saved["summary"], "records": [r | {"trajectory": t, "verdict": v}
+                                                      for r, t, v in zip(saved["records"], trajs, verdicts)]}
+
+
+def _ablate_settings(out: Path, settings: dict) -> None:
+    """Record what an ablation folder runs; a re-run with other settings would mix results, so it stops."""
+    from .records import atomic_write_json
+
+    path = out / "ablate_config.json"
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old != settings:
+            diff = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(v)}" for k, v in settings.items() if old.get(k) != v)
+            typer.echo(f"error: {out} holds an ablation run with other settings ({diff}). Re-run with the same settings "
+                       "to resume it (arms and seeds may change), or choose another --out.", err=True)
+            raise typer.Exit(2)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, settings)
+
+
+def _short(v) -> str:
+    return f"{len(v)} requests" if isinstance(v, list) else repr(v)
+
+
 @app.command()
 def ablate(
     quick: bool = typer.Option(False, "--quick", help="A few minutes: 1 step of 4 prompts x 4 rollouts per arm, 1 seed, 24 requests."),
-    out: Optional[Path] = typer.Option(None, help="Folder for every arm's run and the report (default: runs/ablate-<time>)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for every arm's run and the report (default: runs/ablate-<time>); "
+                                       "an existing one is resumed: finished arms and seeds are loaded, not run again."),
     policy: str = typer.Option("tiny", help="The SFT student: 'tiny' or a model folder."),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (default 0,1,2; quick 0)."),
     arms: str = typer.Option("sft,grpo,ved,grpo+ved", help="Arms to run: any of sft, grpo, ved, grpo+ved."),
@@ -550,8 +599,10 @@ def ablate(
     import time as _time
 
     from .evaluation import mean_ci
+    from .policies.base import SamplingParams
     from .policies.resolve import resolve_policy
     from .records import ImageStore, atomic_write_json
+    from .runs import policy_checksum
     from .training.compare import ablation_run_record, evaluate, identical_arms, write_report
     from .world import World
 
@@ -564,6 +615,15 @@ def ablate(
     w = World()
     _check_probe_request(w, probe_request)
     reqs = _bench_requests(w, quick, eval_requests)
+    n_steps, b, k = steps or (1 if quick else 4), prompts or (4 if quick else 8), rollouts or (4 if quick else 6)
+    try:
+        sha = policy_checksum(policy)
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--policy") from exc
+    _ablate_settings(out, {"policy": policy, "policy_sha256": sha, "steps": n_steps, "B": b, "K": k, "lambda_ved": lambda_ved,
+                           "lora_rank": lora_rank, "lr": lr, "eval_requests": [r.id for r in reqs], "eval_samples": eval_samples,
+                           "max_new_tokens": max_new_tokens, "probe_request": probe_request})
+    params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=max_new_tokens)
     stop = _stop_on_sigterm()
     t0 = _time.time()
     per_arm: dict[str, list[dict]] = {a: [] for a in arm_list}
@@ -572,21 +632,25 @@ def ablate(
     for seed in seed_list:
         for arm in arm_list:
             store = ImageStore(out / "images" / f"{arm}-s{seed}")
-            adapter = None
-            if arm == "sft":
-                pol = resolve_policy(policy)
-            else:
-                run_dir = out / f"{arm}-s{seed}"
-                cfg = _evolve_cfg(run_dir, policy, steps or (1 if quick else 4), prompts or (4 if quick else 8),
-                                  rollouts or (4 if quick else 6), lambda_ved, lora_rank, lr, 0.20, 0.84, seed,
-                                  "grpo" in arm, "ved" in arm, max_new_tokens, probe_request)
-                typer.echo(f"[{arm} seed {seed}] training -> {run_dir}")
-                _train(cfg, w, stop)
+            run_dir = out / f"{arm}-s{seed}"  # for sft only its eval/ folder
+            adapter = None if arm == "sft" else run_dir / "checkpoint" / "adapter"
+            if arm != "sft":
                 metrics[arm].append(run_dir / "metrics.jsonl")
-                adapter = run_dir / "checkpoint" / "adapter"
-                pol = resolve_policy(policy, adapter=str(adapter))
-            pol.name = arm
-            res = evaluate(w, pol, reqs, [seed], store=store, progress=typer.echo, samples=eval_samples)
+            if (run_dir / "eval" / "eval.json").exists():
+                res = _load_eval(run_dir / "eval")
+                typer.echo(f"[{arm} seed {seed}] done earlier, loaded")
+            else:
+                if arm == "sft":
+                    pol = resolve_policy(policy)
+                else:
+                    cfg = _evolve_cfg(run_dir, policy, n_steps, b, k, lambda_ved, lora_rank, lr, 0.20, 0.84, seed,
+                                      "grpo" in arm, "ved" in arm, max_new_tokens, probe_request)
+                    typer.echo(f"[{arm} seed {seed}] training -> {run_dir}")
+                    _train(cfg, w, stop)
+                    pol = resolve_policy(policy, adapter=str(adapter))
+                pol.name = arm
+                res = evaluate(w, pol, reqs, [seed], params=params, store=store, progress=typer.echo, samples=eval_samples)
+                _save_eval(run_dir / "eval", res)
             res["store"] = store
             per_arm[arm].append(res)
             runs_made.append(ablation_run_record(arm, seed, policy, adapter, res["records"]))
@@ -626,9 +690,8 @@ def ablate(
                   f"{d['sha256'][1][:12]}, relative L2 distance {d['relative_distance']}" for d in same]
     extra = "\n".join(lines) + f"\n\nTotal time: {_time.time() - t0:.0f} s for {len(seed_list)} seed(s) x {len(arm_list)} arm(s)."
     report = write_report(out / "report", f"Ablation: {policy}", results, w, metrics, extra,
-                          config={"seeds": seed_list, "arms": arm_list, "steps": steps or (1 if quick else 4),
-                                  "B": prompts or (4 if quick else 8), "K": rollouts or (4 if quick else 6), "lambda_ved": lambda_ved,
-                                  "eval_requests": len(reqs), "eval_samples": eval_samples})
+                          config={"seeds": seed_list, "arms": arm_list, "steps": n_steps, "B": b, "K": k, "lambda_ved": lambda_ved,
+                                  "eval_requests": len(reqs), "eval_samples": eval_samples, "max_new_tokens": max_new_tokens})
     atomic_write_json(out / "ablation.json", {a: r["summary"] for a, r in results.items()}
                       | {"runs": runs_made, "identical_arms": same, "seconds": _time.time() - t0})
     typer.echo("\n".join(lines))
