@@ -5,7 +5,7 @@ GE := $(VENV)/bin/genevolve
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup studio chromium demo test test-slow bench world tiny-policy cuda-check clean
+.PHONY: setup studio chromium demo test test-slow bench world tiny-policy smollm2-policy cuda-check clean
 
 setup: $(VENV)/.installed
 
@@ -56,6 +56,17 @@ tiny-policy: setup
 	for s in 1 2; do mkdir -p assets/policy/tiny/stage$$s && cp runs/tiny-stage$$s/sft_config.json \
 		runs/tiny-stage$$s/sft_result.json runs/tiny-stage$$s/metrics.jsonl runs/tiny-stage$$s/loss_curve.png \
 		assets/policy/tiny/stage$$s/; done
+
+# SmolLM2-135M-Instruct as the student: a guide-free cold start (no guided rows, cold-start noise), full
+# fine-tuning for one epoch over the sft split (720 conversations, 513k tokens, about 150 steps of 4096
+# padded tokens). Measured: 64-78 CPU-seconds per step of about 3,500 tokens, so about 80-95 minutes on two
+# free cores (genevolve/training/sft.py has the measurements). It checkpoints every 10 steps: after a
+# crash, run it again to resume. Done once runs/smollm2-sft/sft_result.json exists; use it as --policy runs/smollm2-sft.
+smollm2-policy: runs/smollm2-sft/sft_result.json
+
+runs/smollm2-sft/sft_result.json: | $(VENV)/.installed
+	$(GE) sft --recipe model --model smollm2 --out runs/smollm2-sft --guided-fraction 0 --epochs 1 --lr 1e-4 \
+		--warmup-steps 10 --batch-tokens 4096 --max-len 2048 --save-every 10
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

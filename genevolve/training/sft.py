@@ -309,6 +309,9 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
         kw = {"gguf_file": gguf} if gguf else {}
         tok = AutoTokenizer.from_pretrained(folder, **kw)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+        if gguf:  # its weights arrive dequantized to float32: train and save them as a plain model
+            model.hf_quantizer = None
+            del model.config.quantization_config
     model.to(device=device, dtype=pick_dtype(device, cfg.dtype))
     if cfg.lora_rank:
         from peft import LoraConfig, get_peft_model
