@@ -48,7 +48,9 @@ no faster either. The LM head is applied only to the tokens the loss counts (``m
 The data are 720 conversations, 513k tokens (148k of them the assistant's; median 666, max 2,039, so
 ``--max-len 2048`` cuts none), about 150 steps. At 3,500 tokens per 64-78 CPU-seconds the epoch
 needs 9,400-11,400 CPU-seconds: about 80-95 minutes on two free cores (plus a minute of data
-generation), under the 2-hour budget; a machine that is busy with other work takes longer.
+generation), under the 2-hour budget. The steps were timed while other jobs shared the two cores (the
+process got about one: wall time close to CPU time), so a busy machine takes about twice as long; there,
+``OMP_NUM_THREADS=1`` also keeps two threads from waiting on each other at every small matrix product.
 """
 
 from __future__ import annotations
