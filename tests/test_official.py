@@ -169,7 +169,11 @@ def test_sft_trains_on_official_trajectories(official, tmp_path):
                     lora_rank=4, batch_tokens=4096, warmup_steps=1, lr=1e-3)
     result = train_sft(cfg, log=lambda s: None, progress=False)
     assert result["conversations"] == 3 and result["steps"] >= 1 and result["final_loss"] == result["final_loss"]
-    assert (tmp_path / "student" / "adapter_config.json").exists()
+    # The LoRA is merged into a plain model folder that every --policy accepts.
+    assert (tmp_path / "student" / "config.json").exists() and not (tmp_path / "student" / "adapter_config.json").exists()
+    from genevolve.policies.resolve import resolve_policy
+
+    assert resolve_policy(str(tmp_path / "student")).tokenizer is not None
 
 
 # ---------------------------------------------------------------------------
