@@ -175,3 +175,16 @@ def test_lora_adapters_attach_switch_and_disable(policy, tmp_path):
     assert pol.adapters == ["a1"]
     with pytest.raises(FileNotFoundError):
         pol.load_adapter(tmp_path / "missing", "x")
+
+
+def test_sampling_inverts_the_distribution_and_never_leaves_the_top_p_set():
+    from genevolve.policies.local import _sample, uniform
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    params = SamplingParams(temperature=1.0, top_p=0.8, max_new_tokens=1)
+    picks = [int(_sample(logits, params, [u])[0]) for u in (0.0, 0.3, 0.63, 0.99, 1 - 2**-53)]
+    assert picks == [0, 0, 1, 1, 1]  # the kept set {0, 1} renormalised to 0.625 / 0.375
+    # The uniform numbers are a function of (key, position) only, and spread over [0, 1).
+    us = [uniform(7, i) for i in range(2000)]
+    assert us == [uniform(7, i) for i in range(2000)] and 0 <= min(us) and max(us) < 1
+    assert abs(sum(us) / len(us) - 0.5) < 0.03 and uniform(8, 0) != us[0]

@@ -121,7 +121,9 @@ def _sample(logits: torch.Tensor, params: SamplingParams, u: Sequence[float]) ->
             sorted_p = sorted_p * (sorted_p.cumsum(dim=-1) - sorted_p < params.top_p)
         cdf = sorted_p.cumsum(dim=-1)
         target = torch.tensor(list(u), dtype=cdf.dtype, device=cdf.device)[:, None] * cdf[:, -1:]
-        j = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1)
+        # u close to 1 can round to the total in float32: never step past the last token with probability > 0.
+        last = (sorted_p > 0).sum(dim=-1, keepdim=True) - 1
+        j = torch.minimum(torch.searchsorted(cdf, target, right=True), last)
         tok = idx.gather(-1, j).squeeze(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
