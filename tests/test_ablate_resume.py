@@ -12,18 +12,6 @@ from genevolve import cli
 from genevolve.training import compare
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, world):
-    from genevolve.policies.tiny import build_tiny_model, train_tokenizer
-    from genevolve.protocol import SYSTEM_PROMPT
-
-    tok = train_tokenizer([SYSTEM_PROMPT] + [r.text for r in world.split("evolve")] * 3, vocab_size=500)
-    path = tmp_path_factory.mktemp("tiny")
-    build_tiny_model(tok, seed=0, layers=1, hidden=64).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 @pytest.fixture
 def spies(monkeypatch):
     calls = {"train": [], "evaluate": []}

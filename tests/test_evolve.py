@@ -9,20 +9,7 @@ import torch
 
 from genevolve.experience import ExperienceBank
 from genevolve.guides import SLOTS
-from genevolve.policies.tiny import build_tiny_model, train_tokenizer
-from genevolve.protocol import SYSTEM_PROMPT
 from genevolve.training.evolve import EvolveConfig, evolve
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, world):
-    texts = [SYSTEM_PROMPT] + [r.text for r in world.split("evolve")] * 3
-    tok = train_tokenizer(texts, vocab_size=500)
-    model = build_tiny_model(tok, seed=0, layers=1, hidden=64)
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def _cfg(out, folder, **kw):

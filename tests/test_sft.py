@@ -156,19 +156,6 @@ def test_guided_fraction_zero_puts_no_guide_anywhere(world):
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, world):
-    """A tiny random Llama with a sandbox tokenizer, standing in for a pretrained student."""
-    from genevolve.policies.tiny import build_tiny_model, train_tokenizer
-    from genevolve.protocol import SYSTEM_PROMPT
-
-    tok = train_tokenizer([SYSTEM_PROMPT] + [r.text for r in world.split("evolve")] * 3, vocab_size=500)
-    path = tmp_path_factory.mktemp("tiny-student")
-    build_tiny_model(tok, seed=0, layers=1, hidden=64).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def unguided_data(tmp_path_factory, world):
     from itertools import islice
 
