@@ -29,6 +29,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import time
 from functools import lru_cache
 from dataclasses import asdict, dataclass
@@ -190,15 +191,12 @@ def _teacher_prefix(tokenizer, guide: str, base_prompt: str) -> list[int]:
 def _mean(xs: list[float | None]) -> float | None:
     """Mean of the defined values; None when there is none (a step whose cases all went unjudged)."""
     xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
+    return statistics.fmean(xs) if xs else None
 
 
 def _std(xs: list[float | None]) -> float | None:
     xs = [x for x in xs if x is not None]
-    if len(xs) < 2:
-        return None
-    m = sum(xs) / len(xs)
-    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+    return statistics.stdev(xs) if len(xs) > 1 else None
 
 
 def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
