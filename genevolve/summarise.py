@@ -1,9 +1,10 @@
 """Summarisers: a best-vs-worst pair in, a five-slot visual experience out.
 
 - :class:`SandboxSummariser` is deterministic: it reads the real differences between the two
-  trajectories (which searches and skills the better one used, which references each picked, which
-  explicit wordings its program has and the worse one lacks, what the judge said went wrong) and
-  writes them in the guide language the policy was cold-started on.
+  trajectories (which searches the better one did, which skills it used and the worse one did not,
+  which references each picked, which explicit wordings its program has and the worse one lacks,
+  whether the worse one image-searched a name nobody gave it) and writes them in the guide language
+  the policy was cold-started on.
 - :class:`LLMSummariser` asks any chat policy (an OpenAI-compatible server or a local model) with a
   versioned prompt for the same five slots as JSON, and validates the answer against the schema.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 
-from .experience import ExperienceError, Pair, validate_slots
+from .experience import ExperienceError, Pair, evidence, validate_slots
 from .guides import AVOID, CONSTRUCTION, SLOTS
 from .policies.base import SamplingParams
 
@@ -50,7 +51,7 @@ def _one_sentence_per_colour(prompt: str) -> bool:
 
 
 class SandboxSummariser:
-    name = "sandbox-diff-v1"
+    name = "sandbox-diff-v2"
 
     def __init__(self, world):
         self.world = world
@@ -66,12 +67,12 @@ class SandboxSummariser:
     def summarise(self, pair: Pair) -> dict[str, str]:
         b, w = pair.best, pair.worst
         bp, wp = (b.program.gen_prompt if b.program else ""), (w.program.gen_prompt if w.program else "")
-        if _calls(b, "search") and not _calls(w, "search"):
+        # The search lesson is what the (grounded) best did: mining never hands over a best that guessed a name.
+        eb, ew = evidence(b), evidence(w)
+        if eb.fact_searches:
             search = "Search the fact that names the entity first, then image-search its official picture by exact name."
-        elif _calls(b, "image_search") and not _calls(w, "image_search"):
-            search = "Image-search every named entity by its exact name before answering."
-        elif _calls(b, "search") or _calls(b, "image_search"):
-            search = "Search each hop once and image-search each entity by its exact name."
+        elif eb.image_searches:
+            search = "Image-search the entity by its exact name; no text search is needed."
         else:
             search = "No search is needed; everything is in the request."
         gained = [s for s in _skills(b) if s not in _skills(w)]
@@ -92,6 +93,8 @@ class SandboxSummariser:
         cons = ("; ".join(CONSTRUCTION[s] for s in better) + ".") if better else "Describe each object plainly."
         avoid = ("Never rely on " + ", ".join(AVOID[s] for s in better) + ".") if better else \
             "Do not leave the generator to guess what the request left implicit."
+        if not ew.grounded and (eb.fact_searches or eb.image_searches):
+            avoid = "Never image-search a name that neither the request nor a search result gave. " + avoid
         slots = {"search_strategy": search, "skill_activation": skill, "reference_selection": ref,
                  "prompt_construction": cons[0].upper() + cons[1:], "failure_avoidance": avoid}
         try:
@@ -100,22 +103,26 @@ class SandboxSummariser:
             raise SummaryError(str(exc)) from exc
 
 
-LLM_PROMPT_VERSION = "llm-summary-v1"
+LLM_PROMPT_VERSION = "llm-summary-v2"
 LLM_PROMPT = """You compare two attempts at the same image request and distil what made the better one better.
 Write short imperative guidance that would help on similar requests. Never name people, places, teams,
 products, years or any other specific entity; never copy the request. Answer with one JSON object with
 exactly these keys: "search_strategy", "skill_activation", "reference_selection", "prompt_construction",
-"failure_avoidance". Each value is one or two sentences.
+"failure_avoidance". Each value is one or two sentences. Teach how to gather evidence (which facts to
+look up, where the references come from), never a lucky guess: a name an attempt searched without any
+source is a guess.
 
 Request: {request}
 
 Better attempt (reward {best_reward:.2f}):
 tools: {best_tools}
+names searched without a source: {best_guessed}
 program: {best_program}
 judge: {best_rationale}
 
 Worse attempt (reward {worst_reward:.2f}):
 tools: {worst_tools}
+names searched without a source: {worst_guessed}
 program: {worst_program}
 judge: {worst_rationale}
 """
@@ -155,6 +162,8 @@ class LLMSummariser:
         return LLM_PROMPT.format(
             request=pair.request_text, best_reward=pair.best_verdict.reward, worst_reward=pair.worst_verdict.reward,
             best_tools=_tool_line(pair.best), worst_tools=_tool_line(pair.worst),
+            best_guessed=", ".join(evidence(pair.best).guessed_names) or "none",
+            worst_guessed=", ".join(evidence(pair.worst).guessed_names) or "none",
             best_program=pair.best.program.model_dump_json(include={"gen_prompt", "reference_images"}) if pair.best.program else "none",
             worst_program=pair.worst.program.model_dump_json(include={"gen_prompt", "reference_images"}) if pair.worst.program else "none",
             best_rationale=pair.best_verdict.rationale, worst_rationale=pair.worst_verdict.rationale)

@@ -9,7 +9,7 @@ import pytest
 from genevolve.agent import run_to_end
 from genevolve.embed import HashEmbedder
 from genevolve.evaluation import SandboxScorer
-from genevolve.experience import ExperienceBank, ExperienceError, mine_pairs, validate_slots
+from genevolve.experience import ExperienceBank, ExperienceError, evidence, mine_pairs, validate_slots
 from genevolve.guides import SLOTS
 from genevolve.policies.base import Completion
 from genevolve.records import ImageStore, Trajectory, Verdict
@@ -50,6 +50,86 @@ def test_mining_leaves_out_unjudged_cases_and_the_threshold_is_inclusive():
     ]
     pairs = mine_pairs(groups, delta_min=0.25)
     assert sorted((p.best.id, p.worst.id) for p in pairs) == [("a3", "a2"), ("c1", "c2")]
+
+
+REQ = "Paint the flag of the 2035 Granite Shield winner above a teal horse"
+FACT = "The 2035 Granite Shield was won by Vairia United, who play their home games in Divia."
+
+
+def traced(tid, calls, refs=("IMG_001",)):
+    """A trajectory whose turns are ``calls``: (tool, argument, observation text, image titles shown)."""
+    from genevolve.records import ImageRef, Observation, Program, ProgramRef, ToolCall, Turn
+
+    turns, n = [], 0
+    for i, (tool, arg, text, titles) in enumerate(calls):
+        images = [ImageRef(img_id=f"IMG_{n + j + 1:03d}", title=title) for j, title in enumerate(titles)]
+        n += len(titles)
+        args = {"queries": [arg]} if tool == "search" else {"query": arg}
+        turns.append(Turn(index=i, raw="", tool_call=ToolCall(name=tool, arguments=args),
+                          observation=Observation(tool=tool, text=text, images=images)))
+    program = Program(gen_prompt="the flag from the first reference image", reference_images=[ProgramRef(img_id=r) for r in refs])
+    return Trajectory(id=tid, request_id="r", request_text=REQ, turns=turns, program=program)
+
+
+def test_evidence_tells_a_searched_name_from_a_guessed_one():
+    searched = traced("a", [("search", "2035 Granite Shield winner", FACT, []),
+                            ("image_search", "official flag of Divia", "IMG_001: Official flag of Divia", ["Official flag of Divia"])])
+    e = evidence(searched)
+    assert e.grounded and e.fact_searches == 1 and e.image_searches == 1 and e.references == ("IMG_001",)
+    guessed = traced("b", [("image_search", "official flag of Divia", "IMG_001: Official flag of Divia", ["Official flag of Divia"])])
+    assert evidence(guessed).guessed_names == ("Divia",) and not evidence(guessed).grounded
+    # A name the request gives is no guess, in any case; a query's first word is not read as a name.
+    named = traced("c", [("image_search", "Granite shield teal", "IMG_001: x", ["x"]),
+                         ("image_search", "Flag of the granite SHIELD", "IMG_002: y", ["y"])], refs=("IMG_002",))
+    assert evidence(named).grounded
+    # The name must come *before* the query: a result read afterwards does not ground it.
+    late = traced("d", [("image_search", "official flag of Divia", "IMG_001: Official flag of Divia", ["Official flag of Divia"]),
+                        ("search", "2035 Granite Shield winner", FACT, [])])
+    assert evidence(late).guessed_names == ("Divia",)
+    unseen = traced("e", [("search", "2035 Granite Shield winner", FACT, [])], refs=("IMG_004",))
+    assert evidence(unseen).unseen_references == ("IMG_004",) and not evidence(unseen).grounded
+
+
+def test_mining_passes_over_a_lucky_guess_for_the_best_grounded_trajectory():
+    lucky = traced("lucky", [("image_search", "official flag of Divia", "IMG_001: Official flag of Divia", ["Official flag of Divia"])])
+    sound = traced("sound", [("search", "2035 Granite Shield winner", FACT, []),
+                             ("image_search", "official flag of Divia", "IMG_001: Official flag of Divia", ["Official flag of Divia"])])
+    bad = traced("bad", [("search", "2035 Granite Shield winner", FACT, []),
+                         ("image_search", "flag of Vairia", "IMG_001: Vairia", ["Vairia"])])
+    group = [(lucky, v("lucky", 1.0)), (sound, v("sound", 0.8)), (bad, v("bad", 0.2))]
+    (pair,) = mine_pairs([group])
+    assert (pair.best.id, pair.worst.id, pair.passed_over) == ("sound", "bad", 1)
+    assert pair.gap == pytest.approx(0.6)
+    # When no grounded trajectory beats the worst by delta_min, the group gives no pair.
+    assert mine_pairs([[(lucky, v("lucky", 1.0)), (sound, v("sound", 0.3)), (bad, v("bad", 0.2))]]) == []
+    assert mine_pairs([[(lucky, v("lucky", 1.0)), (bad, v("bad", 0.2))]]) == []
+
+
+def test_mining_prefers_a_worst_that_gathered_evidence_differently():
+    sound = traced("sound", [("search", "2035 Granite Shield winner", FACT, []),
+                             ("image_search", "official flag of Divia", "IMG_001: a", ["a"])])
+    same = traced("same", [("search", "2035 Granite Shield winner", FACT, []),
+                           ("image_search", "official flag of Divia", "IMG_001: a", ["a"])])
+    other = traced("other", [("image_search", "flag of the winner", "IMG_001: a\nIMG_002: b", ["a", "b"])], refs=("IMG_002",))
+    for order in ([same, other], [other, same]):
+        group = [(sound, v("sound", 0.9))] + [(tr, v(tr.id, 0.1)) for tr in order]
+        assert mine_pairs([group])[0].worst.id == "other"
+
+
+def test_the_sandbox_lesson_follows_the_grounded_best_and_names_the_guess():
+    from genevolve.experience import Pair
+
+    sound = traced("sound", [("search", "2035 Granite Shield winner", FACT, []),
+                             ("image_search", "official flag of Divia", "IMG_001: Official flag of Divia", ["Official flag of Divia"])])
+    guess = traced("guess", [("image_search", "official flag of Brezia", "IMG_001: Official flag of Brezia", ["Official flag of Brezia"])])
+    world = type("W", (), {"refs": {}})()
+    slots = SandboxSummariser(world).summarise(Pair("r", REQ, sound, guess, v("sound", 0.9), v("guess", 0.1)))
+    assert slots["search_strategy"].startswith("Search the fact that names the entity first")
+    assert slots["failure_avoidance"].startswith("Never image-search a name that neither the request nor a search result gave.")
+    plain = traced("plain", [("image_search", "flag of the Granite Shield winner", "IMG_001: x", ["x"])])
+    slots = SandboxSummariser(world).summarise(Pair("r", REQ, plain, sound, v("plain", 0.9), v("sound", 0.1)))
+    assert slots["search_strategy"] == "Image-search the entity by its exact name; no text search is needed."
+    assert "Never image-search" not in slots["failure_avoidance"]
 
 
 def test_slot_validation():

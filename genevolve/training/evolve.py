@@ -390,7 +390,8 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
             for pair in mine_pairs(groups, cfg.delta_min, cfg.max_pairs):
                 pair_row = {"step": step + 1, "request_id": pair.request_id, "request": pair.request_text, "best": pair.best.id,
                             "worst": pair.worst.id, "best_reward": pair.best_verdict.reward,
-                            "worst_reward": pair.worst_verdict.reward, "gap": pair.gap, "experience": None}
+                            "worst_reward": pair.worst_verdict.reward, "gap": pair.gap, "passed_over": pair.passed_over,
+                            "experience": None}
                 pair_rows.append(pair_row)
                 try:
                     slots = summariser.summarise(pair)
@@ -538,7 +539,7 @@ def _evolve(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Calla
             "grpo_loss": agg["grpo"], "ved_loss": agg["ved"], "kl_ref": agg["kl"], "clip_low_frac": agg["clip_low"],
             "clip_high_frac": agg["clip_high"], "ved_tokens": agg["ved_tokens"], "teacher_student_gap": agg["mean_gap"],
             "retrieval_hit_rate": hits / max(n_scored, 1), "bank_size": len(bank), "new_experiences": len(new_exps),
-            "summary_errors": len(summary_errors), "teacher_errors": len(teacher_errors), "grad_norm": finite(gnorm),
+            "summary_errors": len(summary_errors), "guesses_passed_over": sum(r["passed_over"] for r in pair_rows), "teacher_errors": len(teacher_errors), "grad_norm": finite(gnorm),
             "logp_grad_norm_grpo": agg["g2_grpo"] ** 0.5, "logp_grad_norm_ved": agg["g2_ved"] ** 0.5,
             "tokens_per_s": (gen_tokens + n_tokens) / max(time.time() - t_step, 1e-9),
             "seconds": time.time() - t_step, **{f"t_{k_}": v_ for k_, v_ in times.items()},
