@@ -20,10 +20,19 @@ from pathlib import Path
 from genevolve.records import atomic_write_json
 
 
-def bench(args: list[str], out: Path) -> dict:
-    """``genevolve bench`` in a subprocess (its progress bars on stderr), returning its results JSON."""
+def bench(args: list[str], out: Path, reuse: bool = False) -> dict:
+    """``genevolve bench`` in a subprocess (its progress bars on stderr), returning its results JSON.
+
+    With ``reuse``, a finished result at ``out`` written by the same arguments is read back instead of run
+    again (``out`` + ``.args.json`` records them), so a long measurement resumes arm by arm.
+    """
+    stamp = out.with_name(out.name + ".args.json")
+    if reuse and out.exists() and stamp.exists() and json.loads(stamp.read_text()) == args:
+        print(f"  reusing {out}", flush=True)
+        return json.loads(out.read_text())
     cmd = [sys.executable, "-m", "genevolve.cli", "bench", *args, "--out", str(out)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    atomic_write_json(stamp, args)
     return json.loads(out.read_text())
 
 

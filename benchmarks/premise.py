@@ -13,6 +13,7 @@ Reports each arm's protocol-valid rate and KScore overall and by track (mean ± 
 gain over no guide, paired by seed, with its CI. Prints and saves ``benchmarks/results/premise_<policy>.json``.
 
     .venv/bin/python benchmarks/premise.py [--policy tiny] [--adapter A] [--bank RUN/bank] [--requests 120] [--seeds 0,1,2]
+        [--work DIR]   # resumable: finished arms in DIR are reused
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=120, help="the first N bench requests")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--work", default=None, help="keep each arm's bench result here and reuse it when rerun with the "
+                    "same settings (a long measurement then resumes arm by arm); default: a temporary folder")
     a = ap.parse_args()
     n_seeds = len([s for s in a.seeds.split(",") if s.strip()])
     has_bank = a.bank is not None and (Path(a.bank) / "experiences.jsonl").is_file()
@@ -50,10 +53,12 @@ def main() -> int:
     common = [*policy_args(a.policy, a.adapter), "--seeds", a.seeds, "--limit", str(a.requests), "--split", "bench"]
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, extra) in enumerate(arms.items()):
+        work = Path(a.work) if a.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for name, extra in arms.items():
             print(f"running {name} ...", flush=True)
             try:
-                res[name] = bench([*common, *extra], Path(tmp) / f"{i}.json")
+                res[name] = bench([*common, *extra], work / f"{name.replace(' ', '_')}.json", reuse=a.work is not None)
             except Exception as exc:  # e.g. a bank whose experiences cannot be shuffled: say so, keep the other arms
                 notes.append(f"{name}: genevolve bench failed ({exc}); see its error above")
     if "no guide" not in res:

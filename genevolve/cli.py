@@ -594,6 +594,8 @@ def ablate(
     eval_samples: int = typer.Option(1, min=1, help="Trajectories per bench request and seed in the comparison (more: less sampling noise)."),
     max_new_tokens: int = typer.Option(384, min=16, help="Token budget of one assistant turn."),
     probe_request: Optional[str] = typer.Option(None, help="Sandbox request id every arm's live student-vs-teacher view follows (default: the first evolve request)."),
+    teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Measure the teacher (the full method's trained "
+                                 "student with its bank's experiences) where it gets a guide, at the first seed."),
 ):
     """The ablation: SFT-only, +GRPO, +VED, +GRPO+VED at the same number of rollouts, several seeds, mean ± 95% CI."""
     import time as _time
@@ -601,9 +603,9 @@ def ablate(
     from .evaluation import mean_ci
     from .policies.base import SamplingParams
     from .policies.resolve import resolve_policy
-    from .records import ImageStore, atomic_write_json
+    from .records import ImageStore, atomic_write_json, atomic_write_text
     from .runs import policy_checksum
-    from .training.compare import ablation_run_record, evaluate, identical_arms, write_report
+    from .training.compare import ablation_run_record, evaluate, identical_arms, teacher_section, write_report
     from .world import World
 
     arm_list = [a.strip() for a in arms.split(",") if a.strip()]
@@ -688,12 +690,31 @@ def ablate(
                   "differed too little to flip any sampled token.", ""]
         lines += [f"- seed {d['seed']}: {d['arms'][0]} and {d['arms'][1]}; adapters {d['sha256'][0][:12]} and "
                   f"{d['sha256'][1][:12]}, relative L2 distance {d['relative_distance']}" for d in same]
+    teacher_arm = next((a for a in ("grpo+ved", "ved") if a in arm_list), None)
+    teacher_data = None
+    if teacher and teacher_arm:
+        tdir, t_seed = out / "teacher", seed_list[0]
+        sha = next(r["policy_sha256"] for r in runs_made if r["arm"] == teacher_arm and r["seed"] == t_seed)
+        earlier = json.loads((tdir / "teacher.json").read_text("utf-8")) if (tdir / "teacher.json").exists() else {}
+        if earlier.get("adapter_sha256") == sha and (tdir / "teacher.md").exists():
+            teacher_md, teacher_data = (tdir / "teacher.md").read_text("utf-8"), earlier
+            typer.echo("[teacher] done earlier, loaded")
+        else:
+            run_dir = out / f"{teacher_arm}-s{t_seed}"
+            pol = resolve_policy(policy, adapter=str(run_dir / "checkpoint" / "adapter"))
+            pol.name = teacher_arm
+            teacher_md, teacher_data = teacher_section(w, pol, run_dir / "bank", reqs, [t_seed], 0.84, eval_samples, typer.echo)
+            teacher_md = teacher_md.replace("## Teacher\n", f"## Teacher ({teacher_arm}, seed {t_seed})\n", 1)
+            teacher_data |= {"arm": teacher_arm, "seed": t_seed, "adapter_sha256": sha}
+            atomic_write_json(tdir / "teacher.json", teacher_data)
+            atomic_write_text(tdir / "teacher.md", teacher_md)
+        lines += ["", teacher_md]
     extra = "\n".join(lines) + f"\n\nTotal time: {_time.time() - t0:.0f} s for {len(seed_list)} seed(s) x {len(arm_list)} arm(s)."
     report = write_report(out / "report", f"Ablation: {policy}", results, w, metrics, extra,
                           config={"seeds": seed_list, "arms": arm_list, "steps": n_steps, "B": b, "K": k, "lambda_ved": lambda_ved,
                                   "eval_requests": len(reqs), "eval_samples": eval_samples, "max_new_tokens": max_new_tokens})
     atomic_write_json(out / "ablation.json", {a: r["summary"] for a, r in results.items()}
-                      | {"runs": runs_made, "identical_arms": same, "seconds": _time.time() - t0})
+                      | {"runs": runs_made, "identical_arms": same, "teacher": teacher_data, "seconds": _time.time() - t0})
     typer.echo("\n".join(lines))
     typer.echo(f"report: {report}  ({_time.time() - t0:.0f} s in all)")
 

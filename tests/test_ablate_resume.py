@@ -46,8 +46,14 @@ def test_a_rerun_loads_every_finished_arm_and_a_lost_one_runs_again(tmp_path, ti
     out = tmp_path / "abl"
     res = _ablate(tiny_folder, out)
     assert res.exit_code == 0, res.output
-    assert spies == {"train": [str(out / "ved-s0")], "evaluate": ["sft", "ved"]}
+    # The two arms, then the teacher section (student and teacher, on the training requests that retrieve
+    # their own experience and on the bench hits, when there are any).
+    assert spies["train"] == [str(out / "ved-s0")] and spies["evaluate"][:2] == ["sft", "ved"]
+    assert set(spies["evaluate"][2:]) <= {"ved"} and len(spies["evaluate"]) % 2 == 0
     first = _without_seconds(out)
+    assert first["teacher"]["arm"] == "ved" and first["teacher"]["seed"] == 0
+    assert (out / "teacher" / "teacher.md").read_text().startswith("## Teacher (ved, seed 0)")
+    assert "## Teacher (ved, seed 0)" in (out / "report" / "report.md").read_text()
     assert [r["arm"] for r in first["runs"]] == ["sft", "ved"] and "identical_arms" in first
     for arm in ("sft", "ved"):
         assert {p.name for p in (out / f"{arm}-s0" / "eval").iterdir()} == {"eval.json", "trajectories.jsonl", "verdicts.jsonl"}
@@ -60,13 +66,16 @@ def test_a_rerun_loads_every_finished_arm_and_a_lost_one_runs_again(tmp_path, ti
     assert "[sft seed 0] done earlier, loaded" in res.output and "[ved seed 0] done earlier, loaded" in res.output
     assert _without_seconds(out) == first
 
+    assert "[teacher] done earlier, loaded" in res.output
+
     # Killed between arms: the second arm's evaluation never landed. Only that arm runs again (its
-    # training resumes from its own checkpoint, which holds the finished step) and the numbers are the same.
+    # training resumes from its own checkpoint, which holds the finished step) and the numbers are the same;
+    # its weights are the same too, so the teacher section is loaded, not measured again.
     shutil.rmtree(out / "ved-s0" / "eval")
     res = _ablate(tiny_folder, out)
     assert res.exit_code == 0, res.output
     assert spies == {"train": [str(out / "ved-s0")], "evaluate": ["ved"]}
-    assert "[sft seed 0] done earlier, loaded" in res.output
+    assert "[sft seed 0] done earlier, loaded" in res.output and "[teacher] done earlier, loaded" in res.output
     assert _without_seconds(out) == first
 
 
