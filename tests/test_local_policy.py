@@ -188,3 +188,19 @@ def test_sampling_inverts_the_distribution_and_never_leaves_the_top_p_set():
     us = [uniform(7, i) for i in range(2000)]
     assert us == [uniform(7, i) for i in range(2000)] and 0 <= min(us) and max(us) < 1
     assert abs(sum(us) / len(us) - 0.5) < 0.03 and uniform(8, 0) != us[0]
+
+
+def test_dtype_comes_from_the_argument_then_the_environment(monkeypatch):
+    import torch
+
+    from genevolve.policies.local import pick_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("GENEVOLVE_DTYPE", raising=False)
+    assert pick_dtype(cpu) is torch.float32
+    monkeypatch.setenv("GENEVOLVE_DTYPE", "bfloat16")
+    assert pick_dtype(cpu) is torch.bfloat16
+    assert pick_dtype(cpu, "float32") is torch.float32
+    monkeypatch.setenv("GENEVOLVE_DTYPE", "bf16")
+    with pytest.raises(ValueError, match="unknown dtype 'bf16'"):
+        pick_dtype(cpu)

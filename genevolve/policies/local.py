@@ -31,9 +31,21 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
+    """``dtype`` when given, else ``$GENEVOLVE_DTYPE`` when set, else bf16 on a CUDA GPU that has it and float32 otherwise.
+
+    On a CPU with AMX (``lscpu`` lists amx_bf16) ``GENEVOLVE_DTYPE=bfloat16`` runs a model's matrix products
+    several times faster (``benchmarks/rollout_throughput.py`` measures it); float32 stays the CPU default so that
+    saved figures keep reproducing.
+    """
+    dtype = dtype or os.environ.get("GENEVOLVE_DTYPE") or None
     if dtype:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
