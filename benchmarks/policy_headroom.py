@@ -15,25 +15,31 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from genevolve.records import atomic_write_json
 
 
 def bench(args: list[str], out: Path, reuse: bool = False) -> dict:
-    """``genevolve bench`` in a subprocess (its progress bars on stderr), returning its results JSON.
+    """``genevolve bench`` in a subprocess (its progress bars on stderr), returning its results JSON with its wall
+    time in ``seconds``.
 
     With ``reuse``, a finished result at ``out`` written by the same arguments is read back instead of run
-    again (``out`` + ``.args.json`` records them), so a long measurement resumes arm by arm.
+    again (``out`` + ``.args.json`` records them and the time), so a long measurement resumes arm by arm.
     """
     stamp = out.with_name(out.name + ".args.json")
-    if reuse and out.exists() and stamp.exists() and json.loads(stamp.read_text()) == args:
-        print(f"  reusing {out}", flush=True)
-        return json.loads(out.read_text())
+    if reuse and out.exists() and stamp.exists():
+        done = json.loads(stamp.read_text())
+        if done.get("args") == args:
+            print(f"  reusing {out}", flush=True)
+            return json.loads(out.read_text()) | {"seconds": done.get("seconds")}
     cmd = [sys.executable, "-m", "genevolve.cli", "bench", *args, "--out", str(out)]
+    t = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    atomic_write_json(stamp, args)
-    return json.loads(out.read_text())
+    seconds = time.perf_counter() - t
+    atomic_write_json(stamp, {"args": args, "seconds": seconds})
+    return json.loads(out.read_text()) | {"seconds": seconds}
 
 
 def policy_args(policy: str, adapter: str | None = None) -> list[str]:

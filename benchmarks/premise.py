@@ -37,6 +37,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=120, help="the first N bench requests")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--arms", default=None, help="comma-separated subset of: none, oracle, retrieved, shuffled (default: all)")
     ap.add_argument("--work", default=None, help="keep each arm's bench result here and reuse it when rerun with the "
                     "same settings (a long measurement then resumes arm by arm); default: a temporary folder")
     a = ap.parse_args()
@@ -50,6 +51,12 @@ def main() -> int:
     if has_bank:
         arms["retrieved experience"] = ["--guide", f"bank:{a.bank}", "--leave-own-out", *gate]
     arms["shuffled experience"] = ["--guide", f"shuffled:{a.bank}" if has_bank else "shuffled"]
+    if a.arms:
+        short = {"none": "no guide", "oracle": "oracle guide", "retrieved": "retrieved experience", "shuffled": "shuffled experience"}
+        want = [x.strip() for x in a.arms.split(",") if x.strip()]
+        if [x for x in want if x not in short] or "none" not in want:
+            ap.error(f"--arms takes a comma-separated subset of {', '.join(short)} that includes none, not {a.arms!r}")
+        arms = {k: v for k, v in arms.items() if k in {short[x] for x in want}}
     common = [*policy_args(a.policy, a.adapter), "--seeds", a.seeds, "--limit", str(a.requests), "--split", "bench"]
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,6 +75,7 @@ def main() -> int:
     for name, row in rows.items():
         info = res[name].get("guide_info") or {}
         row["guide"] = res[name]["guide"]
+        row["seconds"] = res[name].get("seconds")
         row["n_guided"] = info.get("n_guided", 0)
         row["guide_source"] = info.get("source")
         if info.get("kind") == "bank":
