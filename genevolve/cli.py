@@ -405,12 +405,13 @@ def serve(
 
 def _evolve_cfg(out: Path, policy: str, steps: int, b: int, k: int, lambda_ved: float, lora_rank: int, lr: float,
                 delta_min: float, gate: float, seed: int, use_grpo: bool, use_ved: bool, max_new_tokens: int,
-                probe_request: Optional[str] = None):
+                probe_request: Optional[str] = None, probe: bool = True):
     from .training.evolve import EvolveConfig
 
     cfg = EvolveConfig(out=str(out), policy=policy, steps=steps, prompts_per_step=b, rollouts_per_prompt=k,
                        lambda_ved=lambda_ved, lora_rank=lora_rank, lr=lr, delta_min=delta_min, gate=gate, seed=seed,
-                       use_grpo=use_grpo, use_ved=use_ved, max_new_tokens=max_new_tokens, probe_request=probe_request)
+                       use_grpo=use_grpo, use_ved=use_ved, max_new_tokens=max_new_tokens, probe_request=probe_request,
+                       probe=probe)
     try:
         cfg.validate()
     except ValueError as exc:
@@ -596,6 +597,8 @@ def ablate(
     probe_request: Optional[str] = typer.Option(None, help="Sandbox request id every arm's live student-vs-teacher view follows (default: the first evolve request)."),
     teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Measure the teacher (the full method's trained "
                                  "student with its bank's experiences) where it gets a guide, at the first seed."),
+    probe: bool = typer.Option(True, "--probe/--no-probe", help="Write each step's live student-vs-teacher probe (two extra "
+                               "rollouts a step, apart from training; --no-probe saves their time on a slow student)."),
 ):
     """The ablation: SFT-only, +GRPO, +VED, +GRPO+VED at the same number of rollouts, several seeds, mean ± 95% CI."""
     import time as _time
@@ -646,7 +649,7 @@ def ablate(
                     pol = resolve_policy(policy)
                 else:
                     cfg = _evolve_cfg(run_dir, policy, n_steps, b, k, lambda_ved, lora_rank, lr, 0.20, 0.84, seed,
-                                      "grpo" in arm, "ved" in arm, max_new_tokens, probe_request)
+                                      "grpo" in arm, "ved" in arm, max_new_tokens, probe_request, probe)
                     typer.echo(f"[{arm} seed {seed}] training -> {run_dir}")
                     _train(cfg, w, stop)
                     pol = resolve_policy(policy, adapter=str(adapter))
