@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,19 +27,21 @@ def bench(args: list[str], out: Path, reuse: bool = False) -> dict:
     time in ``seconds``.
 
     With ``reuse``, a finished result at ``out`` written by the same arguments is read back instead of run
-    again (``out`` + ``.args.json`` records them and the time), so a long measurement resumes arm by arm.
+    again (``out`` + ``.args.json`` records them, ``$GENEVOLVE_DTYPE`` and the time), so a long measurement
+    resumes arm by arm.
     """
     stamp = out.with_name(out.name + ".args.json")
+    dtype = os.environ.get("GENEVOLVE_DTYPE") or None
     if reuse and out.exists() and stamp.exists():
         done = json.loads(stamp.read_text())
-        if done.get("args") == args:
+        if done.get("args") == args and done.get("dtype") == dtype:
             print(f"  reusing {out}", flush=True)
             return json.loads(out.read_text()) | {"seconds": done.get("seconds")}
     cmd = [sys.executable, "-m", "genevolve.cli", "bench", *args, "--out", str(out)]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - t
-    atomic_write_json(stamp, {"args": args, "seconds": seconds})
+    atomic_write_json(stamp, {"args": args, "dtype": dtype, "seconds": seconds})
     return json.loads(out.read_text()) | {"seconds": seconds}
 
 
@@ -67,6 +70,21 @@ def paired_gain(arm: dict, base: dict, n_seeds: int) -> dict:
     d = [a - b for a, b in zip(arm["per_seed"], base["per_seed"])]
     m, ci = mean_ci(d)
     return {"mean": m, "ci95": ci, "per_seed": d}
+
+
+def paired_track_gains(arm: dict, base: dict) -> dict:
+    """Arm minus base by track, seed by seed, from two ``genevolve bench`` results: mean and 95 % CI over seeds."""
+    from genevolve.evaluation import mean_ci
+
+    out = {}
+    for track, row in arm["by"]["track"].items():
+        a, b = row["kscore"]["per_seed"], base["by"]["track"].get(track, {}).get("kscore", {}).get("per_seed")
+        if b is None or len(a) != len(b):
+            out[track] = {"mean": None, "ci95": None, "note": "a seed has no score: nothing to pair"}
+            continue
+        m, ci = mean_ci([x - y for x, y in zip(a, b)])
+        out[track] = {"mean": m, "ci95": ci}
+    return out
 
 
 def pm(m, ci, sign: bool = False) -> str:

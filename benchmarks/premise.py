@@ -19,11 +19,12 @@ gain over no guide, paired by seed, with its CI. Prints and saves ``benchmarks/r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
 
-from policy_headroom import arm_row, bench, paired_gain, pm, policy_args
+from policy_headroom import arm_row, bench, paired_gain, paired_track_gains, pm, policy_args
 
 from genevolve.records import atomic_write_json
 
@@ -83,7 +84,9 @@ def main() -> int:
             if not info["hits"]:
                 notes.append(f"{name}: no request passes gate {info['gate']}, so this arm is the no-guide arm again")
         row["gain_over_no_guide"] = None if name == "no guide" else paired_gain(row, rows["no guide"], n_seeds)
+        row["gain_by_track"] = None if name == "no guide" else paired_track_gains(res[name], res["no guide"])
     summary = {"policy": a.policy, "adapter": a.adapter, "bank": a.bank, "seeds": a.seeds, "requests": a.requests,
+               "dtype": os.environ.get("GENEVOLVE_DTYPE") or "default (float32 on a CPU, bf16 on a CUDA GPU that has it)",
                "arms": rows, "notes": notes, "full": res}
     tracks = sorted({t for r in rows.values() for t in r["by_track"]})
     print(f"{'arm':<22}{'guided':>7}{'valid':>8}{'KScore':>17}" + "".join(f"{t:>17}" for t in tracks) + f"{'gain (paired)':>19}")
@@ -93,6 +96,10 @@ def main() -> int:
         print(f"{name:<22}{r['n_guided']:>7}{r['protocol_valid']:>8.3f}{pm(r['kscore'], r['ci95']):>17}"
               + "".join(f"{pm(r['by_track'].get(t, {}).get('kscore'), r['by_track'].get(t, {}).get('ci95')):>17}" for t in tracks)
               + f"{gain:>19}")
+    for name, r in rows.items():
+        if r["gain_by_track"]:
+            print(f"{name}: gain by track (paired) " + ", ".join(f"{t} {pm(g['mean'], g['ci95'], sign=True)}"
+                                                             for t, g in r["gain_by_track"].items()))
     if "retrieved experience" in rows:
         r = rows["retrieved experience"]
         sim = r["similarity"] or {}

@@ -59,3 +59,35 @@ def test_experience_transfer_runs_small(tmp_path, world):
         assert all(x["source_request"] != x["request"] for x in per)  # never the request's own experience
         assert [g["gate"] for g in data["retrieval"][split]["grid"]] == sorted(set(et.GRID) | {0.3})
     assert data["kscore"]["hits"] >= 1 and data["kscore"]["gain"]["per_seed"] == [0.0]  # the noiseless expert needs no guide
+
+
+def test_a_bench_result_is_reused_only_for_the_same_arguments_and_dtype(tmp_path, monkeypatch):
+    import policy_headroom as ph
+
+    runs = []
+
+    def fake_run(cmd, check, stdout):
+        runs.append(cmd)
+        Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({"n": len(runs)}))
+
+    monkeypatch.setattr(ph.subprocess, "run", fake_run)
+    monkeypatch.delenv("GENEVOLVE_DTYPE", raising=False)
+    out = tmp_path / "arm.json"
+    first = ph.bench(["--seeds", "0"], out, reuse=True)
+    assert first["n"] == 1 and first["seconds"] >= 0
+    assert ph.bench(["--seeds", "0"], out, reuse=True)["n"] == 1  # reused
+    assert ph.bench(["--seeds", "0,1"], out, reuse=True)["n"] == 2  # other arguments: run again
+    monkeypatch.setenv("GENEVOLVE_DTYPE", "bfloat16")
+    assert ph.bench(["--seeds", "0,1"], out, reuse=True)["n"] == 3  # other dtype: run again
+    assert ph.bench(["--seeds", "0,1"], out, reuse=False)["n"] == 4  # no reuse asked
+
+
+def test_track_gains_are_paired_by_seed():
+    from policy_headroom import paired_track_gains
+
+    def res(**tracks):
+        return {"by": {"track": {t: {"kscore": {"per_seed": v}} for t, v in tracks.items()}}}
+
+    g = paired_track_gains(res(knowledge=[0.5, 0.6, 0.7], quality=[0.2]), res(knowledge=[0.4, 0.4, 0.4], quality=[0.1, 0.1]))
+    assert g["knowledge"]["mean"] == pytest.approx(0.2) and g["knowledge"]["ci95"] > 0
+    assert g["quality"]["mean"] is None
