@@ -405,13 +405,13 @@ def serve(
 
 def _evolve_cfg(out: Path, policy: str, steps: int, b: int, k: int, lambda_ved: float, lora_rank: int, lr: float,
                 delta_min: float, gate: float, seed: int, use_grpo: bool, use_ved: bool, max_new_tokens: int,
-                probe_request: Optional[str] = None, probe: bool = True):
+                probe_request: Optional[str] = None, probe: bool = True, micro_batch: int = 8):
     from .training.evolve import EvolveConfig
 
     cfg = EvolveConfig(out=str(out), policy=policy, steps=steps, prompts_per_step=b, rollouts_per_prompt=k,
                        lambda_ved=lambda_ved, lora_rank=lora_rank, lr=lr, delta_min=delta_min, gate=gate, seed=seed,
                        use_grpo=use_grpo, use_ved=use_ved, max_new_tokens=max_new_tokens, probe_request=probe_request,
-                       probe=probe)
+                       probe=probe, micro_batch=micro_batch)
     try:
         cfg.validate()
     except ValueError as exc:
@@ -472,6 +472,8 @@ def evolve(
     max_new_tokens: int = typer.Option(384, min=16, help="Token budget of one assistant turn."),
     train_only: bool = typer.Option(False, "--train-only", help="Train and checkpoint; skip the bench comparison."),
     probe_request: Optional[str] = typer.Option(None, help="Sandbox request id the live student-vs-teacher view follows at every step (default: the first evolve request)."),
+    probe: bool = typer.Option(True, "--probe/--no-probe", help="Write each step's live student-vs-teacher probe (two extra rollouts a step)."),
+    micro_batch: int = typer.Option(8, min=1, help="Sequences per forward/backward in the update (fewer: less memory)."),
 ):
     """One-click distill-and-compare: GRPO + VED from the SFT student, then before / after on the bench and the
     teacher where it retrieves an experience (training requests and bench hits).
@@ -489,7 +491,8 @@ def evolve(
 
     out = out or Path("runs") / f"evolve-{_time.strftime('%Y%m%d-%H%M%S')}"
     cfg = _evolve_cfg(out, policy, steps or (2 if quick else 5), prompts or (4 if quick else 8), rollouts or (4 if quick else 6),
-                      lambda_ved, lora_rank, lr, delta_min, gate, seed, not no_grpo, not no_ved, max_new_tokens, probe_request)
+                      lambda_ved, lora_rank, lr, delta_min, gate, seed, not no_grpo, not no_ved, max_new_tokens, probe_request,
+                      probe, micro_batch)
     w = World()
     _check_probe_request(w, probe_request)
     t0 = _time.time()
@@ -599,6 +602,8 @@ def ablate(
                                  "student with its bank's experiences) where it gets a guide, at the first seed."),
     probe: bool = typer.Option(True, "--probe/--no-probe", help="Write each step's live student-vs-teacher probe (two extra "
                                "rollouts a step, apart from training; --no-probe saves their time on a slow student)."),
+    micro_batch: int = typer.Option(8, min=1, help="Sequences per forward/backward in the update (fewer: less memory; a "
+                                    "49k-token vocabulary over 8 long rollouts needs tens of GB)."),
 ):
     """The ablation: SFT-only, +GRPO, +VED, +GRPO+VED at the same number of rollouts, several seeds, mean ± 95% CI."""
     import time as _time
@@ -627,7 +632,8 @@ def ablate(
         raise typer.BadParameter(str(exc), param_hint="--policy") from exc
     _ablate_settings(out, {"policy": policy, "policy_sha256": sha, "steps": n_steps, "B": b, "K": k, "lambda_ved": lambda_ved,
                            "lora_rank": lora_rank, "lr": lr, "eval_requests": [r.id for r in reqs], "eval_samples": eval_samples,
-                           "max_new_tokens": max_new_tokens, "probe_request": probe_request})
+                           "max_new_tokens": max_new_tokens, "probe_request": probe_request}
+                    | ({"micro_batch": micro_batch} if micro_batch != 8 else {}))
     params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=max_new_tokens)
     stop = _stop_on_sigterm()
     t0 = _time.time()
@@ -649,7 +655,7 @@ def ablate(
                     pol = resolve_policy(policy)
                 else:
                     cfg = _evolve_cfg(run_dir, policy, n_steps, b, k, lambda_ved, lora_rank, lr, 0.20, 0.84, seed,
-                                      "grpo" in arm, "ved" in arm, max_new_tokens, probe_request, probe)
+                                      "grpo" in arm, "ved" in arm, max_new_tokens, probe_request, probe, micro_batch)
                     typer.echo(f"[{arm} seed {seed}] training -> {run_dir}")
                     _train(cfg, w, stop)
                     pol = resolve_policy(policy, adapter=str(adapter))

@@ -32,7 +32,7 @@ def spies(monkeypatch):
 
 def _ablate(folder, out, *extra):
     args = ["ablate", "--policy", str(folder), "--out", str(out), "--arms", "sft,ved", "--seeds", "0", "--steps", "1",
-            "-B", "2", "-K", "2", "--eval-requests", "2", "--max-new-tokens", "16", "--no-probe", *extra]
+            "-B", "2", "-K", "2", "--eval-requests", "2", "--max-new-tokens", "16", "--no-probe", "--micro-batch", "1", *extra]
     return CliRunner().invoke(cli.app, args)
 
 
@@ -59,6 +59,7 @@ def test_a_rerun_loads_every_finished_arm_and_a_lost_one_runs_again(tmp_path, ti
         assert {p.name for p in (out / f"{arm}-s0" / "eval").iterdir()} == {"eval.json", "trajectories.jsonl", "verdicts.jsonl"}
     assert json.loads((out / "ablate_config.json").read_text())["eval_samples"] == 1
     assert not (out / "ved-s0" / "probe.json").exists() and json.loads((out / "ved-s0" / "config.json").read_text())["probe"] is False
+    assert json.loads((out / "ved-s0" / "config.json").read_text())["micro_batch"] == 1
 
     spies["train"].clear(), spies["evaluate"].clear()
     res = _ablate(tiny_folder, out)
