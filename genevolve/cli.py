@@ -79,10 +79,6 @@ def _run(reqs, pol, tools, k: int, seed: int, params, guides=None, desc: str = "
     def on_turn(done: int, total: int) -> None:
         bar.update(done - bar.n)
 
-    if not hasattr(pol, "complete") and not hasattr(pol, "run_conversations"):  # a remote chat server
-        from .policies.base import AsAgentPolicy
-
-        pol = AsAgentPolicy(pol, params)
     trajs = run_batch(reqs, pol, tools, k=k, params=params, seed=seed, guides=guides, on_turn=on_turn)
     bar.close()
     return trajs

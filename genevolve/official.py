@@ -331,12 +331,9 @@ def run_bench(requests: Sequence[Request], policy, tools, scorer, store: ImageSt
     ``policy`` None is the raw baseline (request text straight to the generator).
     """
     from .evaluation import mean_ci, raw_trajectory
-    from .policies.base import AsAgentPolicy
     from .rollout import rollout
     from .scoring import summarise
 
-    if policy is not None and not hasattr(policy, "complete") and not hasattr(policy, "run_conversations"):
-        policy = AsAgentPolicy(policy, params)  # a remote chat policy: one conversation at a time
     per_seed, cases = {}, []
     for seed in seeds:
         if progress:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import httpx
 
-from .policies.base import AsAgentPolicy, SamplingParams
+from .policies.base import AsAgentPolicy, SamplingParams, TurnByTurnPolicy
 
 PATHS = {"vllm": ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"),
          "genevolve": ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"),
@@ -67,8 +67,9 @@ class AdapterHotLoader:
         self._post(PATHS[self.server][1], {"lora_name": name})
 
 
-class RemoteStudent:
-    """An agent policy (``complete``) and chat policy (``generate``) on a server, following the latest adapter."""
+class RemoteStudent(TurnByTurnPolicy):
+    """An agent policy (``complete``, asked round by round in rollouts) and chat policy (``generate``) on a server,
+    following the latest adapter."""
 
     def __init__(self, base_url: str, base_model: str, server: str = "vllm", prefix: str = "student", keep: int = 1,
                  params: SamplingParams = SamplingParams(), api_key: str | None = None,

@@ -167,13 +167,11 @@ def run_wise(items: Sequence[WiseItem], generator, judge: WiseJudge, store, poli
              seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Generate (raw prompt, or a policy's program) and judge every item; per-case results and the summary."""
     from .evaluation import raw_trajectory
-    from .policies.base import AsAgentPolicy, SamplingParams
+    from .policies.base import SamplingParams
     from .rollout import rollout
 
     reqs = [it.request() for it in items]
     params = params or SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384)
-    if policy is not None and not hasattr(policy, "complete") and not hasattr(policy, "run_conversations"):
-        policy = AsAgentPolicy(policy, params)
     trajs = [raw_trajectory(r, seed) for r in reqs] if policy is None else rollout(reqs, policy, tools, k=1, params=params, seed=seed)
     results: dict[int, dict[str, Any]] = {}
     for n, (it, t) in enumerate(zip(items, trajs)):

@@ -136,7 +136,7 @@ class Services:
         from genevolve.agent import Tools
 
         params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384)
-        with self._lock if hasattr(pol, "run_conversations") else contextlib.nullcontext():  # one local model, one batch at a time
+        with self._lock if pol.needs_exclusive_device else contextlib.nullcontext():  # one local model, one batch at a time
             return rollout(requests, pol, Tools.for_world(self.world), k=k, params=params, seed=seed, guides=guides,
                            on_turn=on_turn)
 
@@ -367,7 +367,7 @@ class Services:
                     writer.images.put_bytes(gt.path(r.gt_image).read_bytes())
         scorer = ModelScorer(gen, judge, program_judge, gt_store=writer.images)
         params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384)
-        with self._lock if hasattr(pol, "run_conversations") else contextlib.nullcontext():
+        with self._lock if pol is not None and pol.needs_exclusive_device else contextlib.nullcontext():
             res = run_bench(loaded.requests, pol, Tools.for_world(self.world), scorer, writer.images, seeds, params,
                             progress=progress)
         for case in res["cases"]:

@@ -73,6 +73,15 @@ def test_streams_reuse_the_cache_across_turns(policy):
     assert len(st.ids) == len(st.mask) == len(st.logprobs)
 
 
+def test_the_cache_goes_to_the_model_without_a_deprecation_warning(policy):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = policy.generate([conv(), conv("x")], GREEDY)
+    assert all(c.token_ids for c in out)
+
+
 def test_encode_conversation_masks_only_assistant_turns(policy):
     msgs = conv(extra=[{"role": "assistant", "content": "<think>a</think><answer>{}</answer>"},
                        {"role": "user", "content": "<tool_response>\nobs\n</tool_response>"},
@@ -106,8 +115,11 @@ def test_engine_records_exact_streams(policy, max_batch, prefill_scores, monkeyp
         monkeypatch.setattr(continuous, "PREFILL_SCORES", prefill_scores)
     tools = Tools(FakeTools(), FakeTools(), FakeTools())
     reqs = [Request(id="r1", text="Draw a red circle."), Request(id="r2", text="Draw two blue squares above a star.")]
-    trajs = rollout(reqs, policy, tools, k=2, params=SamplingParams(max_new_tokens=16, seed=0), seed=5, max_batch=max_batch)
+    progress = []
+    trajs = rollout(reqs, policy, tools, k=2, params=SamplingParams(max_new_tokens=16, seed=0), seed=5, max_batch=max_batch,
+                    on_turn=lambda done, total: progress.append((done, total)))
     assert [t.id for t in trajs] == ["r1-s5-k0", "r1-s5-k1", "r2-s5-k0", "r2-s5-k1"]
+    assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]  # reported as each trajectory finishes
     for t in trajs:
         assert t.termination in ("answer", "no_answer", "max_rounds_reached")  # a random model rarely answers
         assert len(t.token_ids) == len(t.assistant_mask) == len(t.token_logprobs)
@@ -178,11 +190,11 @@ def test_lora_adapters_attach_switch_and_disable(policy, tmp_path):
 
 
 def test_sampling_inverts_the_distribution_and_never_leaves_the_top_p_set():
-    from genevolve.policies.local import _sample, uniform
+    from genevolve.policies.sampling import sample_tokens, uniform
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     params = SamplingParams(temperature=1.0, top_p=0.8, max_new_tokens=1)
-    picks = [int(_sample(logits, params, [u])[0]) for u in (0.0, 0.3, 0.63, 0.99, 1 - 2**-53)]
+    picks = [int(sample_tokens(logits, params, [u])[0]) for u in (0.0, 0.3, 0.63, 0.99, 1 - 2**-53)]
     assert picks == [0, 0, 1, 1, 1]  # the kept set {0, 1} renormalised to 0.625 / 0.375
     # The uniform numbers are a function of (key, position) only, and spread over [0, 1).
     us = [uniform(7, i) for i in range(2000)]

@@ -15,30 +15,26 @@ allows.
 
 Sampling never depends on the batch: each token is drawn by inverting its row's distribution at a
 uniform number keyed by (the conversation's seed, its first user message, the token's position in
-its stream) (:func:`~genevolve.policies.local.stream_key`). A trajectory is then the same alone, in
+its stream) (:mod:`genevolve.policies.sampling`). A trajectory is then the same alone, in
 a batch of many, or next to rows that carry guides, up to floating-point differences between batch
 shapes that can flip a near-tie (``benchmarks/batch_invariance.py`` measures how often).
 """
 
 from __future__ import annotations
 
-import random
+import inspect
 from typing import Callable, Sequence
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .base import Completion, Message, SamplingParams
+from .base import (Completion, Message, ModelCallError, NextMessages, OnTurn, SamplingParams, TokenStream,
+                   conversation_seeds)
+from .sampling import sample_tokens, stream_key, uniform
+
+__all__ = ["ContinuousBatch", "ModelCallError", "PREFILL_SCORES"]
 
 PREFILL_SCORES = 2**26  # attention scores one prefill call may hold (heads x rows x new tokens x width)
-
-
-class ModelCallError(RuntimeError):
-    """The model failed in the middle of a batch (e.g. out of memory); ``streams`` holds what was written."""
-
-    def __init__(self, message: str, streams):
-        super().__init__(message)
-        self.streams = streams
 
 
 class _RowLayer(CacheLayerMixin):
@@ -121,12 +117,19 @@ def _kv_shape(config) -> tuple[int, int, int, int]:
     return cfg.num_hidden_layers, heads, kv, dim
 
 
+def _cache_keyword(model) -> str:
+    """The forward keyword that takes the cache: ``cache`` (transformers 5.x), ``past_key_values`` before it."""
+    base = getattr(model, "get_base_model", lambda: model)()  # a PEFT model passes keywords on to its base model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
 class ContinuousBatch:
     """Drive many conversations through one model with continuous batching.
 
     ``next_messages(i)`` gives conversation i's messages before its next turn (``None`` when it is
     finished); ``on_turn(i, completion)`` receives each turn as soon as it is written (the caller
-    runs the tool there). ``policy`` is a :class:`~genevolve.policies.local.LocalPolicy`; its token
+    runs the tool there); ``on_progress()`` is called as each conversation finishes.
+    ``policy`` is a :class:`~genevolve.policies.local.LocalPolicy`; its token
     streams keep, per conversation, the exact tokens seen and written, the assistant mask and the
     sampled log-probabilities.
 
@@ -135,13 +138,11 @@ class ContinuousBatch:
     row that changes state is swapped with the row at its region's edge (a copy of two rows).
     """
 
-    def __init__(self, policy, n: int, next_messages: Callable[[int], Sequence[Message] | None],
-                 on_turn: Callable[[int, Completion], None], params: SamplingParams, max_batch: int = 64,
-                 join_fraction: float = 0.25, seeds: Sequence[int] | None = None):
-        from .local import TokenStream
-
+    def __init__(self, policy, n: int, next_messages: NextMessages, on_turn: OnTurn, params: SamplingParams,
+                 max_batch: int = 64, join_fraction: float = 0.25, seeds: Sequence[int | None] | None = None,
+                 on_progress: Callable[[], None] | None = None):
         self.p, self.params = policy, params
-        self.next_messages, self.on_turn = next_messages, on_turn
+        self.next_messages, self.on_turn, self.on_progress = next_messages, on_turn, on_progress
         self.streams = [TokenStream() for _ in range(n)]
         self.queue = list(range(n))[::-1]  # conversations not yet given a row (popped from the end)
         self.rows = min(n, max_batch)
@@ -151,13 +152,10 @@ class ContinuousBatch:
         self.lengths = [0] * self.rows  # tokens each row holds in the buffers
         self.n_decode = self.n_wait = 0  # rows [0, n_decode) decode, the next n_wait wait, the rest are idle
         self.dev = policy.device
-        if seeds is None:
-            seeds = [params.seed] * n
-        elif len(seeds) != n:
-            raise ValueError(f"{len(seeds)} seeds for {n} conversations")
-        self.seeds = [int(s) if s is not None else random.SystemRandom().getrandbits(63) for s in seeds]
+        self.seeds = conversation_seeds(n, params, seeds)
         self.keys: list[int | None] = [None] * n  # each conversation's noise key, set from its first messages
         n_layers, self.heads, kv, dim = _kv_shape(policy.model.config)
+        self.cache_keyword = _cache_keyword(policy.model)
         self.capacity = 0
         self.bufs = [torch.zeros(self.rows, kv, 0, dim, device=self.dev, dtype=policy.model.dtype)
                      for _ in range(2 * n_layers)]  # keys and values of each layer
@@ -188,14 +186,12 @@ class ContinuousBatch:
         self.slot[r], self.lengths[r] = None, 0
 
     def _extend(self, r: int, msgs: Sequence[Message]) -> None:
-        from .local import stream_key
-
         i = self.slot[r]
         if self.keys[i] is None:
             self.keys[i] = stream_key(self.seeds[i], msgs)
         st = self.streams[i]
         resets = st.resets
-        self.p._extend(st, list(msgs))
+        self.p.extend_stream(st, list(msgs))
         if st.resets != resets:  # re-encoded from scratch: the row's cache no longer matches
             self.lengths[r] = 0
 
@@ -235,6 +231,8 @@ class ContinuousBatch:
             self._extend(r, msgs)
             self.n_wait += 1
             return
+        if self.on_progress:
+            self.on_progress()
         self._swap(r, self.n_decode + self.n_wait)  # to the first idle position ...
         self._assign(self.n_decode + self.n_wait)  # ... where the next queued conversation may take it
 
@@ -248,8 +246,8 @@ class ContinuousBatch:
         cache = _RowCache([b[lo:hi] for b in self.bufs[:half]], [b[lo:hi] for b in self.bufs[half:]], lengths)
         mask = cache.prepare(n)
         try:
-            out = self.p.model(input_ids=x, position_ids=cache.write_cols, attention_mask=mask, past_key_values=cache,
-                               use_cache=True, logits_to_keep=keep if keep is not None else 1)
+            out = self.p.model(input_ids=x, position_ids=cache.write_cols, attention_mask=mask, use_cache=True,
+                               logits_to_keep=keep if keep is not None else 1, **{self.cache_keyword: cache})
         except Exception as exc:
             raise ModelCallError(f"{type(exc).__name__}: {exc}", self.streams) from exc
         return out.logits[:, -1]
@@ -287,10 +285,8 @@ class ContinuousBatch:
 
     def _sample(self, lo: int, hi: int, logits: torch.Tensor) -> None:
         """Sample one token for rows [lo, hi) (all decoding); end the turns that are over."""
-        from .local import _sample, uniform
-
         u = [uniform(self.keys[self.slot[r]], len(self.streams[self.slot[r]].ids)) for r in range(lo, hi)]
-        tok, lp = _sample(logits, self.params, u)
+        tok, lp = sample_tokens(logits, self.params, u)
         done = []
         for r, t, l in zip(range(lo, hi), tok.tolist(), lp.tolist()):
             st = self.streams[self.slot[r]]
@@ -309,7 +305,7 @@ class ContinuousBatch:
         """Run every conversation to its end; return the token streams."""
         for r in range(self.rows):
             self._assign(self.n_wait)
-        with self.p._adapter_context():
+        with self.p.adapter_context():
             while self.n_decode or self.n_wait:
                 if not self.queue and self.n_decode + self.n_wait <= self.rows // 2:
                     self._drop_idle_rows()

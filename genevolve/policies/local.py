@@ -14,15 +14,15 @@ Device and dtype are chosen at run time: CUDA with bf16 when available, else CPU
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Callable, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from .base import Completion, Message, SamplingParams
+from .base import Completion, Message, NextMessages, OnTurn, SamplingParams, TokenStream
+from .continuous import ContinuousBatch
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -75,74 +75,10 @@ def encode_conversation(tokenizer, messages: list[Message]) -> tuple[list[int], 
     return ids, mask
 
 
-@dataclass
-class TokenStream:
-    """Everything one conversation has been through, token by token."""
-
-    ids: list[int] = field(default_factory=list)
-    mask: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    text: str = ""  # the rendered text the ids stand for (for prefix checks)
-    text_without_stop: str = ""  # the same without the last turn's stop token
-    resets: int = 0  # times the stream had to be re-encoded from scratch
-
-
-_M64 = (1 << 64) - 1
-
-
-def _mix64(x: int) -> int:
-    """splitmix64's finaliser: a well-mixed 64-bit integer from any integer."""
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-def stream_key(seed: int, messages: Sequence[Message]) -> int:
-    """The sampling-noise key of one conversation: its seed and its first user message.
-
-    Two requests that share a seed then never share their noise, while the same request with and
-    without a decision guide (a system-prompt change) does: common random numbers for paired
-    comparisons (teacher vs student, before vs after).
-    """
-    import hashlib
-
-    first = next((m.get("content") for m in messages if m.get("role") == "user"), "")
-    digest = hashlib.sha256(str(first).encode("utf-8")).digest()
-    return _mix64(_mix64(int(seed) & _M64) ^ int.from_bytes(digest[:8], "little"))
-
-
-def uniform(key: int, position: int) -> float:
-    """A uniform number in [0, 1) that depends only on a stream key and a token position."""
-    return (_mix64(key ^ _mix64(position)) >> 11) * 2.0**-53
-
-
-def _sample(logits: torch.Tensor, params: SamplingParams, u: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row by inverting its (temperature, top-p) distribution at ``u[row]``.
-
-    Each row's token is a function of that row's logits and its own uniform number, never of the other
-    rows (a shared random generator would make a trajectory depend on the batch it ran in). Returns
-    (tokens, their log-probabilities under the raw model distribution).
-    """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    if params.temperature == 0:
-        tok = logits.argmax(dim=-1)
-    else:
-        probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-        sorted_p, idx = probs.sort(dim=-1, descending=True, stable=True)
-        if params.top_p < 1.0:
-            sorted_p = sorted_p * (sorted_p.cumsum(dim=-1) - sorted_p < params.top_p)
-        cdf = sorted_p.cumsum(dim=-1)
-        target = torch.tensor(list(u), dtype=cdf.dtype, device=cdf.device)[:, None] * cdf[:, -1:]
-        # u close to 1 can round to the total in float32: never step past the last token with probability > 0.
-        last = (sorted_p > 0).sum(dim=-1, keepdim=True) - 1
-        j = torch.minimum(torch.searchsorted(cdf, target, right=True), last)
-        tok = idx.gather(-1, j).squeeze(-1)
-    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
-
-
 class LocalPolicy:
-    """A ``ChatPolicy`` over a local causal LM. See the module docstring for how turns are generated."""
+    """A ``ChatPolicy`` and ``RolloutPolicy`` over a local causal LM. See the module docstring for how turns are generated."""
+
+    needs_exclusive_device = True  # one model: its batches run one at a time
 
     def __init__(self, model, tokenizer, name: str = "local", device: torch.device | None = None):
         self.model = model
@@ -217,7 +153,8 @@ class LocalPolicy:
     def adapters(self) -> list[str]:
         return list(getattr(self.model, "peft_config", {}) or {})
 
-    def _adapter_context(self):
+    def adapter_context(self):
+        """The context generation runs in: with the adapters switched off after :meth:`disable_adapter`."""
         import contextlib
 
         if self._adapter_off and hasattr(self.model, "disable_adapter"):
@@ -239,7 +176,7 @@ class LocalPolicy:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _extend(self, st: TokenStream, msgs: list[Message]) -> None:
+    def extend_stream(self, st: TokenStream, msgs: list[Message]) -> None:
         """Append the tokens the conversation gained since the stream last saw it (re-encode if it diverged)."""
         text = self._render(msgs)
         # The last turn's text as the template writes it may end with the turn's stop token or not
@@ -261,12 +198,13 @@ class LocalPolicy:
             st.logprobs = [0.0] * len(ids)  # sampled log-probabilities are lost on a re-encode
         st.text = text
 
-    def run_conversations(self, n: int, next_messages, on_turn, params: SamplingParams,
-                          max_batch: int = 64, seeds: Sequence[int] | None = None) -> list[TokenStream]:
+    def run_conversations(self, n: int, next_messages: NextMessages, on_turn: OnTurn, params: SamplingParams,
+                          max_batch: int = 64, seeds: Sequence[int | None] | None = None,
+                          on_progress: Callable[[], None] | None = None) -> list[TokenStream]:
         """Multi-turn generation with continuous batching (see :mod:`genevolve.policies.continuous`).
 
         Conversation i samples with ``seeds[i]`` (default: ``params.seed`` for all; random when that is None).
+        ``on_progress()`` is called as each conversation finishes.
         """
-        from .continuous import ContinuousBatch
-
-        return ContinuousBatch(self, n, next_messages, on_turn, params, max_batch=max_batch, seeds=seeds).run()
+        return ContinuousBatch(self, n, next_messages, on_turn, params, max_batch=max_batch, seeds=seeds,
+                               on_progress=on_progress).run()

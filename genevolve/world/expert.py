@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..policies.base import TurnByTurnPolicy
 from ..protocol import FINAL_STEP_MESSAGE, GUIDE_HEADER, MAX_TOOL_CALLS, parse_turn, render_turn, unwrap_observation
 from ..records import SKILLS, ToolCall
 from .entities import official_title, reference_noun_and_name
@@ -120,8 +121,8 @@ def read_context(messages: list[dict[str, Any]]) -> _Context:
     return ctx
 
 
-class ExpertPolicy:
-    """A policy (``complete(messages, seed)``) that plans with full knowledge of the sandbox world."""
+class ExpertPolicy(TurnByTurnPolicy):
+    """A policy (``complete(messages, seed)``, asked round by round in rollouts) that plans with full knowledge of the sandbox world."""
 
     def __init__(self, world, noise: ExpertNoise = ExpertNoise(), name: str = "expert"):
         self.world = world
