@@ -15,7 +15,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

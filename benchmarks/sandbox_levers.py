@@ -9,13 +9,11 @@ this run on the bench split over fixed seeds (mean over seeds; 95 % CI over seed
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

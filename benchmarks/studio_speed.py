@@ -16,7 +16,6 @@ Prints the figures and saves them as JSON under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import socket

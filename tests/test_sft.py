@@ -85,27 +85,6 @@ def test_bad_sft_data_is_named(tmp_path, world):
         SFTConfig(recipe="magic").validate()
 
 
-def test_copy_batch_masks_exactly_the_repeat():
-    import random
-
-    ids, mask, attn = sft_mod.copy_batch(list(range(10, 60)), 2, 5, random.Random(0), "cpu", max_words=9)
-    n = (ids.shape[1] - 1) // 2
-    assert ids.shape[0] == 5 and ids.shape[1] == 2 * n + 1 and bool((ids[:, n] == 2).all())
-    assert torch.equal(ids[:, :n], ids[:, n + 1 :])
-    assert mask[:, : n + 1].sum() == 0 and bool((mask[:, n + 1 :] == 1).all()) and bool((attn == 1).all())
-
-
-def test_copy_phase_runs_first_then_mixes_into_every_batch(tmp_path, small_data, world):
-    cfg = _cfg(tmp_path, small_data)
-    cfg.copy_steps, cfg.copy_mix, cfg.vocab_size = 3, 2, 1200
-    res = train_sft(cfg, world=world, log=lambda _: None, progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in rows[:3]] == ["copy"] * 3 and rows[3]["phase"] != "copy"
-    assert len(rows) == res["steps"] and all(r["copy_loss"] is not None for r in rows)
-    with pytest.raises(ValueError, match="copy_steps"):
-        SFTConfig(copy_steps=-1).validate()
-
-
 def test_extra_requests_are_new_texts_of_every_category_and_reproducible(world):
     from genevolve.training.sft_data import sft_requests
 

@@ -138,7 +138,7 @@ def test_edit_an_experience_reload_and_find_it_by_semantic_search(studio, page):
     _fill(page, "#exp-id input", exp.id)
     page.locator("#exp-open").click()
     slot = page.locator("#exp-slot-prompt_construction textarea")
-    page.wait_for_function(f"document.querySelector('#exp-slot-search_strategy textarea').value.length > 0")
+    page.wait_for_function("document.querySelector('#exp-slot-search_strategy textarea').value.length > 0")
     assert slot.input_value() == exp.slots["prompt_construction"]
 
     # Bad input: an empty slot and an over-long one are refused with a message; nothing is saved.

@@ -9,9 +9,6 @@ pass a model id or a local folder instead.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 
 def _byte_symbols() -> list[str]:
     """The 256 printable stand-ins byte-level BPE uses for the bytes 0..255."""
@@ -75,10 +72,3 @@ def build_tiny_sd(seed: int = 0, sample_size: int = 16, width: int = 32):
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def save_tiny_sd(folder: str | os.PathLike, seed: int = 0) -> Path:
-    """Write the tiny pipeline as a diffusers folder (what ``from_pretrained`` reads)."""
-    folder = Path(folder)
-    build_tiny_sd(seed).save_pretrained(folder)
-    return folder

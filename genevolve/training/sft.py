@@ -13,9 +13,7 @@ Copying names, years and ids from the request and the observations is the skill 
 learns last. Trained on the 720 ``sft`` requests alone it learns their texts by heart and restates a
 remembered request instead of the one in front of it; ``extra_requests`` adds freshly sampled
 requests per category (never the text of any split's request), which leaves copying as the only way
-to lower the loss. A synthetic copy task (``copy_steps`` first, ``copy_mix`` per later batch: a
-random run of words, a separator, the same run again, loss on the repeat) is there too, but it
-teaches copying far more slowly on a CPU than more distinct requests do.
+to lower the loss (a synthetic copy task, tried too, taught copying far more slowly on a CPU).
 
 The shipped tiny policy is built in three stages (``make tiny-policy``): from scratch on the sft split
 plus 150 extra requests per category; one more assistant-only epoch on a fresh draw (seed 1: other
@@ -56,7 +54,6 @@ process got about one: wall time close to CPU time), so a busy machine takes abo
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
@@ -78,8 +75,6 @@ class SFTConfig:
     data: str | None = None  # JSONL of {"messages": [...]}; default: the expert's cold-start data from the world
     epochs: int = 4
     pretrain_epochs: int = 2  # tiny recipe: first learn the sandbox's text with next-token loss on every token
-    copy_steps: int = 0  # steps of the synthetic copy task before everything else (see the module docstring)
-    copy_mix: int = 0  # copy-task sequences added to every later batch (0: none)
     guided_fraction: float = 0.5  # expert data: share of requests that also get a guide-following trajectory
     extra_requests: int = 0  # expert data: freshly sampled requests per category on top of the sft split
     noise: str = "cold-start"  # expert data: noise of the unguided trajectories (ExpertNoise.named)
@@ -106,8 +101,8 @@ class SFTConfig:
             raise ValueError("recipe 'model' needs --model (a model folder)")
         if not 0 <= self.guided_fraction <= 1:
             raise ValueError("guided_fraction must be in [0, 1]")
-        if self.pretrain_epochs < 0 or self.copy_steps < 0 or self.copy_mix < 0 or self.extra_requests < 0:
-            raise ValueError("pretrain_epochs, copy_steps, copy_mix and extra_requests must be >= 0")
+        if self.pretrain_epochs < 0 or self.extra_requests < 0:
+            raise ValueError("pretrain_epochs and extra_requests must be >= 0")
         for name in ("epochs", "batch_tokens", "max_len", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -171,26 +166,6 @@ def _collate(examples, idx, pad_id: int, device) -> tuple[torch.Tensor, torch.Te
         mask[r, : len(m)] = torch.tensor(m, dtype=torch.float32)
         attn[r, : len(x)] = 1
     return ids.to(device), mask.to(device), attn.to(device)
-
-
-COPY_BATCH, COPY_MAX_WORDS = 48, 24
-
-
-def word_token_ids(tokenizer) -> list[int]:
-    """Ids of whole-word tokens (a leading space and at least two letters or digits): the copy task's alphabet."""
-    return sorted(i for t, i in tokenizer.get_vocab().items()
-                  if t.startswith("\u0120") and len(t) > 2 and t[1:].isalnum() and i not in tokenizer.all_special_ids)
-
-
-def copy_batch(word_ids: list[int], sep_id: int, n_rows: int, rng: random.Random, device,
-               max_words: int = COPY_MAX_WORDS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``n_rows`` sequences ``w1..wn SEP w1..wn`` (n drawn once per batch); the mask covers the repeat."""
-    n = rng.randint(max(2, max_words // 3), max_words)
-    rows = [[rng.choice(word_ids) for _ in range(n)] for _ in range(n_rows)]
-    ids = torch.tensor([r + [sep_id] + r for r in rows], device=device)
-    mask = torch.zeros_like(ids, dtype=torch.float32)
-    mask[:, n + 1 :] = 1.0
-    return ids, mask, torch.ones_like(ids)
 
 
 def assistant_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -333,11 +308,7 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
     rng = random.Random(cfg.seed)
     pre = cfg.pretrain_epochs if cfg.recipe == "tiny" else 0
     epochs_batches = [_batches(examples, cfg.batch_tokens, rng) for _ in range(pre + cfg.epochs)]
-    total = cfg.copy_steps + sum(len(b) for b in epochs_batches)
-    words = word_token_ids(tok) if cfg.copy_steps or cfg.copy_mix else []
-    if (cfg.copy_steps or cfg.copy_mix) and len(words) < 50:
-        raise ValueError(f"the copy task needs whole-word tokens; this tokenizer has {len(words)}")
-    sep_id = tok.eos_token_id if tok.eos_token_id is not None else words[0]
+    total = sum(len(b) for b in epochs_batches)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, total, num_cycles=0.5 * (1 - cfg.min_lr_ratio))
@@ -359,25 +330,14 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     model.train()
     bar = tqdm(total=total, initial=step, desc="sft", unit="step", disable=not progress)
-    flat = [(-1, None)] * cfg.copy_steps + [(e, b) for e, batches in enumerate(epochs_batches) for b in batches]
+    flat = [(e, b) for e, batches in enumerate(epochs_batches) for b in batches]
     t_last, loss_val = time.time(), float("nan")
     for e, idx in flat[step:]:
-        copy_rng = random.Random(cfg.seed * 1_000_003 + step)  # per step, so a resumed run draws the same batches
-        copy_loss = None
-        if idx is None:
-            phase = "copy"
-            ids, mask, attn = copy_batch(words, sep_id, COPY_BATCH, copy_rng, device)
-            loss = copy_loss = model_loss(model, ids, mask, attn)
-        else:
-            ids, mask, attn = _collate(examples, idx, pad_id, device)
-            phase = "pretrain" if e < pre else "sft"
-            if phase == "pretrain":
-                mask = attn.float()
-            loss = model_loss(model, ids, mask, attn)
-            if cfg.copy_mix:
-                c_ids, c_mask, _ = copy_batch(words, sep_id, cfg.copy_mix, copy_rng, device)
-                copy_loss = model_loss(model, c_ids, c_mask, torch.ones_like(c_ids))
-                loss = loss + copy_loss
+        ids, mask, attn = _collate(examples, idx, pad_id, device)
+        phase = "pretrain" if e < pre else "sft"
+        if phase == "pretrain":
+            mask = attn.float()
+        loss = model_loss(model, ids, mask, attn)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}; lower --lr")
         opt.zero_grad(set_to_none=True)
@@ -389,7 +349,7 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
         now = time.time()
         loss_val = float(loss.detach())
         row = {"step": step, "epoch": e, "phase": phase, "loss": finite(loss_val),
-               "copy_loss": None if copy_loss is None else finite(float(copy_loss.detach())), "lr": sched.get_last_lr()[0],
+               "lr": sched.get_last_lr()[0],
                "grad_norm": finite(gnorm),
                "tokens": int(attn.sum()), "tokens_per_s": float(attn.sum()) / max(now - t_last, 1e-9)}
         t_last = now

@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from .entities import CUPS, SHIELDS, YEARS, WorldData
 from .scene import Obj, Scene

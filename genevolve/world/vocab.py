@@ -104,9 +104,5 @@ def exact_text_phrase(text: str) -> str:
     return f'a banner at the bottom with the exact text "{text}"'
 
 
-def exact_count_phrase(n: int) -> str:
-    return f"exactly {NUMBER_WORDS[n]}"
-
-
 def limb_phrase(figure: str) -> str:
     return "with exactly two arms and two legs" if figure == "person" else "with exactly four legs and a tail"
