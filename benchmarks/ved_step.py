@@ -38,8 +38,10 @@ from genevolve.policies.base import SamplingParams
 from genevolve.policies.resolve import resolve_policy
 from genevolve.records import atomic_write_json
 from genevolve.rollout import rollout
-from genevolve.training.evolve import EvolveConfig, _system_block_len, _teacher_prefix, _token_logprobs, evolve
-from genevolve.training.losses import grpo_loss, ved_loss
+from genevolve.teacher import teacher_stream
+from genevolve.training.checkpoint import LORA_TARGETS
+from genevolve.training.evolve import EvolveConfig, evolve
+from genevolve.training.update import LossSettings, Scored, accumulate_gradients, token_logprobs
 from genevolve.world import World
 
 
@@ -61,14 +63,13 @@ def step_costs(policy: str, batch: int, repeats: int, seed: int) -> dict:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     seqs = [t.token_ids for t in trajs]
     masks = [t.assistant_mask for t in trajs]
-    teacher, offsets = [], []
-    for r, t in zip(reqs, trajs):
-        start = _system_block_len(tok, t.system_prompt, t.token_ids)
-        prefix = _teacher_prefix(tok, oracle_guide(w, r), t.system_prompt)
-        teacher.append(prefix + t.token_ids[start:])
-        offsets.append(len(prefix) - start)
+    adv = torch.randn(len(seqs)).tolist()
+    scored = []
+    for r, t, a in zip(reqs, trajs, adv):  # the teacher reads each trajectory behind its request's oracle guide
+        teacher_ids, offset = teacher_stream(tok, oracle_guide(w, r), t.system_prompt, t.token_ids)
+        scored.append(Scored(t.token_ids, t.assistant_mask, 0, a, teacher_ids, offset))
     model = get_peft_model(pol.model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+                                                 target_modules=LORA_TARGETS))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     n = max(len(s) for s in seqs)
@@ -77,32 +78,18 @@ def step_costs(policy: str, batch: int, repeats: int, seed: int) -> dict:
 
     def ce_step():
         model.train()
-        logp = _pad(_token_logprobs(model, seqs, dev, pad_id), n, dev)
+        logp = _pad(token_logprobs(model, seqs, dev, pad_id), n, dev)
         loss = -(logp * mask).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     def ved_step(with_grpo: bool):
-        with torch.no_grad():
-            model.eval()
-            old = _pad(_token_logprobs(model, seqs, dev, pad_id), n, dev)
-            tl = _token_logprobs(model, teacher, dev, pad_id)
-            logq = _pad([lp[o:][: len(s)] for lp, o, s in zip(tl, offsets, seqs)], n, dev)
-            ref = None
-            if with_grpo:
-                with model.disable_adapter():
-                    ref = _pad(_token_logprobs(model, seqs, dev, pad_id), n, dev)
+        """The trainer's own update (:func:`accumulate_gradients`) over the whole batch in one micro-batch."""
+        settings = LossSettings(use_grpo=with_grpo, use_ved=True, micro_batch=len(scored))
         model.train()
-        logp = _pad(_token_logprobs(model, seqs, dev, pad_id), n, dev)
-        loss, _ = ved_loss(logp, logq, old, mask)
-        loss = 2.0 * loss
-        if with_grpo:
-            adv = torch.randn(len(seqs), device=dev)
-            g, _ = grpo_loss(logp, old, ref, adv, mask)
-            loss = loss + g
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        accumulate_gradients(model, scored, settings, dev, pad_id, n_tokens, len(scored))
         opt.step()
 
     arms = {"cross-entropy": ce_step, "ved": lambda: ved_step(False), "grpo+ved": lambda: ved_step(True)}

@@ -19,10 +19,10 @@ from .protocol import (
     TOOL_NAMES,
     normalize_program,
     parse_turn,
-    system_prompt,
     wrap_observation,
 )
 from .records import SKILLS, ImageRef, Observation, Request, ToolCall, Trajectory, Turn
+from .teacher import system_message
 from .tools.base import format_image_results
 
 
@@ -122,7 +122,7 @@ class Episode:
                                policy=policy_name, seed=seed, system_prompt=base_prompt, guide=guide,
                                termination="max_rounds_reached")
         self.messages: list[dict[str, Any]] = [
-            {"role": "system", "content": system_prompt(guide, base_prompt)},
+            system_message(guide, base_prompt),
             {"role": "user", "content": request.text},
         ]
         self.tool_calls = 0

@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
 
 from .records import ImageStore, Program, RenderedImage, Request, Trajectory, Verdict
 
@@ -158,3 +159,110 @@ def aggregate(pairs: Iterable[tuple[Request, Verdict]]) -> dict[str, Any]:
                 row[d] = statistics.fmean(vals) if vals else None
             out[level][key] = row
     return out
+
+
+# ---------------------------------------------------------------------------
+# One evaluation: roll out -> render -> judge -> aggregate per seed -> mean ± 95 % CI over seeds
+# ---------------------------------------------------------------------------
+
+LEVELS = ("overall", "track", "category", "difficulty")
+
+
+@dataclass
+class Case:
+    """One rolled-out, rendered and judged trajectory of an evaluation."""
+
+    seed: int
+    sample: int
+    request: Request
+    trajectory: Trajectory
+    rendered: RenderedImage | None
+    verdict: Verdict
+
+
+@dataclass
+class Evaluation:
+    """The cases, each seed's aggregate (:func:`aggregate`), the mean ± 95 % CI over seeds (:func:`over_seeds`)
+    and the protocol-valid rate."""
+
+    cases: list[Case]
+    per_seed: dict[int, dict[str, Any]]
+    by: dict[str, Any]
+    protocol_valid: dict[str, Any]
+
+
+def trajectories(requests: Sequence[Request], policy, tools, k: int, seed: int, params=None,
+                 guides: dict[str, str] | None = None, on_turn: Callable[[int, int], None] | None = None) -> list[Trajectory]:
+    """``k`` trajectories per request (request-major; trajectory ``i`` of a request uses seed ``seed * 1000 + i``);
+    ``policy`` None is the raw-generator baseline."""
+    if policy is None:
+        return [raw_trajectory(r, seed * 1000 + i) for r in requests for i in range(k)]
+    from .policies.base import SamplingParams
+    from .rollout import rollout
+
+    params = params or SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384)
+    return rollout(requests, policy, tools, k=k, params=params, seed=seed, guides=guides, on_turn=on_turn)
+
+
+def over_seeds(per_seed: dict[int, dict[str, Any]], levels: Sequence[str] = LEVELS) -> dict[str, Any]:
+    """Mean ± 95 % CI over seeds of per-seed aggregates: level -> group -> dim -> {mean, ci95, per_seed}, with the
+    group's size (``n``, the largest over seeds) and its failed and missing cases summed over seeds. A seed where a
+    dimension is undefined (``None``) is left out of that dimension's list."""
+    seeds = list(per_seed)
+    out: dict[str, Any] = {}
+    for level in levels:
+        out[level] = {}
+        for key in sorted({k for s in seeds for k in per_seed[s].get(level, {})}):
+            rows = [per_seed[s][level][key] for s in seeds if key in per_seed[s].get(level, {})]
+            group: dict[str, Any] = {}
+            for d in DIMS:
+                vals = [r[d] for r in rows if r.get(d) is not None]
+                m, ci = mean_ci(vals)
+                group[d] = {"mean": m, "ci95": ci, "per_seed": vals}
+            group["n"] = max(r.get("n", 0) for r in rows)
+            group["failed"] = sum(r.get("failed", 0) for r in rows)
+            group["missing"] = sum(r.get("missing", 0) for r in rows)
+            out[level][key] = group
+    return out
+
+
+def evaluate(requests: Sequence[Request], policy, tools, scorer, store: ImageStore, seeds: Sequence[int], *,
+             samples: int = 1, params=None, guides: dict[str, str] | None = None, missing: str | None = None,
+             levels: Sequence[str] = LEVELS, on_case: Callable[[Case], None] | None = None,
+             progress: Callable[[str], None] | None = None,
+             on_turn: Callable[[int, int, int], None] | None = None) -> Evaluation:
+    """Roll out ``samples`` trajectories per request and seed, render and judge each (``scorer.score``), aggregate
+    each seed and take the mean ± 95 % CI over seeds.
+
+    A seed's figures average over all its samples. ``missing`` None aggregates every verdict
+    (:func:`aggregate`, missing cases counted apart); "exclude" or "zero" applies that missing-case policy
+    (:func:`genevolve.scoring.summarise`). ``on_case`` sees each case as it is judged (a run-folder writer);
+    ``on_turn(seed, finished, total)`` follows the rollouts (progress bars).
+    """
+    if samples < 1:
+        raise ValueError("samples must be >= 1")
+    cases, per_seed, valid = [], {}, {}
+    for seed in seeds:
+        if progress:
+            progress(f"evaluating {getattr(policy, 'name', 'raw')} seed {seed} on {len(requests)} requests"
+                     + (f" x {samples} samples" if samples > 1 else ""))
+        turn = (lambda done, total, _s=seed: on_turn(_s, done, total)) if on_turn else None
+        trajs = trajectories(requests, policy, tools, samples, seed, params, guides, turn)
+        pairs = []
+        for i, tr in enumerate(trajs):  # request-major: sample i % samples of request i // samples
+            req = requests[i // samples]
+            rendered, v = scorer.score(req, tr, store, seed=tr.seed)
+            case = Case(seed, i % samples, req, tr, rendered, v)
+            cases.append(case)
+            pairs.append((req, v))
+            if on_case:
+                on_case(case)
+        if missing is None:
+            per_seed[seed] = aggregate(pairs)
+        else:
+            from .scoring import summarise
+
+            per_seed[seed] = summarise(pairs, missing)
+        valid[seed] = sum(protocol_valid(t) for t in trajs) / len(trajs) if trajs else None
+    m, ci = mean_ci(list(valid.values()))
+    return Evaluation(cases, per_seed, over_seeds(per_seed, levels), {"per_seed": valid, "mean": m, "ci95": ci})

@@ -326,39 +326,15 @@ def export_sft(trajs: Iterable[Trajectory], out: str | os.PathLike, verdicts: di
 
 def run_bench(requests: Sequence[Request], policy, tools, scorer, store: ImageStore, seeds: Sequence[int], params,
               missing: str = "exclude", guides=None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Roll out, render and judge every request once per seed; aggregate under the missing-case policy.
+    """:func:`genevolve.evaluation.evaluate` under the missing-case policy: the summary and every case.
 
     ``policy`` None is the raw baseline (request text straight to the generator).
     """
-    from .evaluation import mean_ci, raw_trajectory
-    from .rollout import rollout
-    from .scoring import summarise
+    from .evaluation import evaluate
 
-    per_seed, cases = {}, []
-    for seed in seeds:
-        if progress:
-            progress(f"seed {seed}: {len(requests)} requests")
-        trajs = [raw_trajectory(r, seed) for r in requests] if policy is None else \
-            rollout(requests, policy, tools, k=1, params=params, seed=seed, guides=guides)
-        pairs = []
-        for req, t in zip(requests, trajs):
-            rendered, v = scorer.score(req, t, store, seed=t.seed)
-            pairs.append((req, v))
-            cases.append({"seed": seed, "trajectory": t, "rendered": rendered, "verdict": v})
-        per_seed[seed] = summarise(pairs, missing)
+    ev = evaluate(requests, policy, tools, scorer, store, list(seeds), params=params, guides=guides, missing=missing,
+                  progress=progress)
     summary: dict[str, Any] = {"seeds": list(seeds), "n_requests": len(requests), "missing_policy": missing,
-                               "missing": {s: per_seed[s]["missing"] for s in seeds}, "by": {}}
-    for level in ("overall", "track", "category", "difficulty"):
-        summary["by"][level] = {}
-        keys = sorted({k for s in seeds for k in per_seed[s][level]})
-        for key in keys:
-            row: dict[str, Any] = {}
-            for d in ("kscore", "F", "V", "T", "A", "r_text", "reward"):
-                vals = [per_seed[s][level][key][d] for s in seeds if key in per_seed[s][level]
-                        and per_seed[s][level][key][d] is not None]
-                m, ci = mean_ci(vals)
-                row[d] = {"mean": m, "ci95": ci, "per_seed": vals}
-            row["n"] = max(per_seed[s][level].get(key, {}).get("n", 0) for s in seeds)
-            row["failed"] = sum(per_seed[s][level].get(key, {}).get("failed", 0) for s in seeds)
-            summary["by"][level][key] = row
+                               "missing": {s: ev.per_seed[s]["missing"] for s in seeds}, "by": ev.by}
+    cases = [{"seed": c.seed, "trajectory": c.trajectory, "rendered": c.rendered, "verdict": c.verdict} for c in ev.cases]
     return {"summary": summary, "cases": cases}

@@ -166,13 +166,9 @@ def summarise_wise(items: Sequence[WiseItem], results: dict[int, dict[str, Any]]
 def run_wise(items: Sequence[WiseItem], generator, judge: WiseJudge, store, policy=None, tools=None, params=None,
              seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Generate (raw prompt, or a policy's program) and judge every item; per-case results and the summary."""
-    from .evaluation import raw_trajectory
-    from .policies.base import SamplingParams
-    from .rollout import rollout
+    from .evaluation import load_references, trajectories
 
-    reqs = [it.request() for it in items]
-    params = params or SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384)
-    trajs = [raw_trajectory(r, seed) for r in reqs] if policy is None else rollout(reqs, policy, tools, k=1, params=params, seed=seed)
+    trajs = trajectories([it.request() for it in items], policy, tools, 1, seed, params)
     results: dict[int, dict[str, Any]] = {}
     for n, (it, t) in enumerate(zip(items, trajs)):
         if progress and n % 10 == 0:
@@ -180,14 +176,7 @@ def run_wise(items: Sequence[WiseItem], generator, judge: WiseJudge, store, poli
         if t.program is None:
             results[it.prompt_id] = {"failed": f"no program ({t.termination})", "wiscore": 0.0}
             continue
-        refs = []
-        from PIL import Image
-
-        for ref in t.program.reference_images:
-            info = t.image(ref.img_id)
-            if info and info.local_path:
-                with Image.open(info.local_path) as im:
-                    refs.append(im.convert("RGB"))
+        refs = [im for _, im in load_references(t)[0]]
         try:
             image = generator.generate(t.program.gen_prompt, refs, seed=t.seed)
         except Exception as exc:

@@ -59,7 +59,7 @@ def ved_steps(policy, pairs, steps: int, batch: int, lora_rank: int, lr: float, 
     from peft import LoraConfig, get_peft_model
 
     from genevolve.policies.local import encode_conversation
-    from genevolve.training.losses import ved_loss
+    from genevolve.training.update import LossSettings, Scored, accumulate_gradients
 
     tok, device = policy.tokenizer, policy.device
     rows = []
@@ -75,51 +75,31 @@ def ved_steps(policy, pairs, steps: int, batch: int, lora_rank: int, lr: float, 
         raise RuntimeError("no student/teacher pair lines up token for token")
     model = get_peft_model(policy.model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-
-    def logps(seqs, grad):
-        n = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), n), pad, dtype=torch.long, device=device)
-        attn = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)], attn[i, : len(s)] = torch.tensor(s, device=device), 1
-        with torch.set_grad_enabled(grad):
-            logits = model(input_ids=ids, attention_mask=attn).logits.float()
-            lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        return torch.cat([torch.zeros(len(seqs), 1, device=device), lp], 1)
+    settings = LossSettings(use_grpo=False, use_ved=True, micro_batch=batch)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, tokens, losses = [], 0, []
     for step in range(steps):
-        mb = [rows[(step * batch + i) % len(rows)] for i in range(batch)]
+        mb = [Scored(s, m, 0, 0.0, t, off) for s, m, t, off in (rows[(step * batch + i) % len(rows)] for i in range(batch))]
         _sync(torch, device)
         t0 = time.perf_counter()
         model.train()
-        with torch.no_grad():
-            old = logps([r[0] for r in mb], False)
-            teach = logps([r[2] for r in mb], False)
-        T = old.shape[1]
-        logq = torch.zeros_like(old)
-        mask = torch.zeros_like(old)
-        for i, (s, m, t, off) in enumerate(mb):
-            logq[i, : len(s)] = teach[i, off : off + len(s)]
-            mask[i, : len(m)] = torch.tensor(m, dtype=torch.float32, device=device)
-        cur = logps([r[0] for r in mb], True)
-        loss, stats = ved_loss(cur, logq, old, mask)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        stats = accumulate_gradients(model, mb, settings, device, pad, sum(sum(s.mask) for s in mb), len(mb))
         opt.step()
         _sync(torch, device)
         dt = time.perf_counter() - t0
-        n_tok = sum(len(r[0]) + len(r[2]) for r in mb) + sum(len(r[0]) for r in mb)  # old + teacher + student passes
+        n_tok = sum(len(s.ids) + len(s.teacher_ids) for s in mb) + sum(len(s.ids) for s in mb)  # old + teacher + student
         if step:  # the first step warms kernels and allocators up
             times.append(dt)
             tokens += n_tok
-        losses.append(stats.loss)
-        log(f"VED step {step + 1}/{steps}: loss {stats.loss:.4f}, {stats.selected} tokens selected, "
-            f"|log q - log p| {stats.mean_gap:.3f}, {dt * 1000:.0f} ms, padded length {T}")
+        losses.append(stats["ved"])
+        log(f"VED step {step + 1}/{steps}: loss {stats['ved']:.4f}, {int(stats['ved_tokens'])} tokens selected, "
+            f"|log q - log p| {stats['mean_gap']:.3f}, {dt * 1000:.0f} ms, longest {max(len(s.ids) for s in mb)} tokens")
     return {"ved_steps": steps, "ved_batch": batch, "ved_tokens_per_s": tokens / sum(times) if times else float("nan"),
             "ved_ms_per_step": 1000 * sum(times) / len(times) if times else float("nan"),
             "ved_peak_gib": _mem(torch, device), "ved_losses": losses, "aligned_pairs": len(rows)}

@@ -402,23 +402,21 @@ def _distill_tab(s: Services) -> None:
             out_[new_exps] = experience_rows([(None, e) for e in new_experiences(live.probe_dir, live.pairs)])
         p = live.probe
         if p:
-            from genevolve.records import ImageStore, Trajectory, Verdict
+            from genevolve.records import ImageStore
 
             from .html import store_src
 
-            sim = f" · similarity {p['similarity']:.3f}" if p.get("similarity") is not None else ""
-            out_[probe_md] = (f"Step {p['step']} · `{p['request_id']}` {p['request']}" + (f"\n\nExperience `{p['experience_id']}`{sim}; "
-                              f"guide:\n\n```\n{p['guide']}\n```" if p.get("guide") else f"\n\n_{p.get('note', '')}_"))
-            out_[tokens] = token_gap_html(p["tokens"])
+            sim = f" · similarity {p.similarity:.3f}" if p.similarity is not None else ""
+            out_[probe_md] = (f"Step {p.step} · `{p.request_id}` {p.request}" + (f"\n\nExperience `{p.experience_id}`{sim}; "
+                              f"guide:\n\n```\n{p.guide}\n```" if p.guide else f"\n\n_{p.note}_"))
+            out_[tokens] = token_gap_html([t.model_dump(exclude_none=True) for t in p.tokens])
             trajs, verdicts = [], {}
-            for who in ("student", "teacher"):
-                case = p.get(who)
+            for who, case in (("student", p.student), ("teacher", p.teacher)):
                 if case:
-                    t = Trajectory.model_validate(case["trajectory"]).model_copy(update={"id": who})
-                    trajs.append(t)
-                    if case.get("verdict"):
-                        verdicts[who] = Verdict.model_validate(case["verdict"])
-            req = s.world.request(p["request_id"]) if p["request_id"] else None
+                    trajs.append(case.trajectory.model_copy(update={"id": who}))
+                    if case.verdict:
+                        verdicts[who] = case.verdict
+            req = s.world.request(p.request_id) if p.request_id else None
             src_run, src_world = store_src(ImageStore(live.probe_dir / "images")), store_src(s.world.images)
             out_[probe_cols] = columns_html(req, trajs, verdicts, lambda h: src_run(h) or src_world(h),
                                             titles={"student": "student (latest rollout)", "teacher": "teacher (student + guide)"},

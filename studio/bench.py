@@ -1,40 +1,17 @@
-"""Bench view: per-seed verdicts to a summary (mean and 95 % CI by track, category, difficulty), its table and
+"""Bench view: a bench summary (mean and 95 % CI by track, category, difficulty) as a table and
 bar chart, the missing cases of a bench scored by a VLM judge, and two runs paged through request by request."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from genevolve.evaluation import aggregate, mean_ci
-from genevolve.records import Request, Verdict
+from genevolve.evaluation import DIMS, LEVELS
 
 from . import StudioError
 
-LEVELS = ("overall", "track", "category", "difficulty")
 GENERATORS = ("sandbox", "tiny")  # offered in the form; any `--generator` value may be typed (t2i:<model>, a render-service URL)
-DIMS = ("kscore", "F", "V", "T", "A", "r_text", "reward")
-
-
-def bench_summary(requests: Sequence[Request], verdicts_by_seed: dict[int, list[Verdict]]) -> dict[str, Any]:
-    """The ``by`` block of ``genevolve bench`` JSON: level -> group -> dim -> {mean, ci95, per_seed}, n, failed, missing."""
-    per_seed = {s: aggregate(zip(requests, vs)) for s, vs in verdicts_by_seed.items()}
-    seeds = list(per_seed)
-    out: dict[str, Any] = {}
-    for level in LEVELS:
-        out[level] = {}
-        for key in per_seed[seeds[0]][level]:
-            row: dict[str, Any] = {}
-            for d in DIMS:
-                vals = [per_seed[s][level][key][d] for s in seeds if per_seed[s][level][key][d] is not None]
-                m, ci = mean_ci(vals)
-                row[d] = {"mean": m, "ci95": ci, "per_seed": vals}
-            row["n"] = per_seed[seeds[0]][level][key]["n"]
-            row["failed"] = sum(per_seed[s][level][key]["failed"] for s in seeds)
-            row["missing"] = sum(per_seed[s][level][key]["missing"] for s in seeds)
-            out[level][key] = row
-    return out
 
 
 def load_summary(path: Path) -> dict[str, Any]:

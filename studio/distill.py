@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection
 
-from genevolve.training.live import is_running, read_jsonl_rows, read_metrics, read_probe
+from genevolve.live import MetricsRow, PairRecord, ProbeRecord, is_running, read_jsonl_rows, read_metrics, read_pairs, read_probe
 
 from . import StudioError
 
@@ -97,9 +97,9 @@ class Live:
     out: Path
     exists: bool
     running: bool
-    metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # arm (or sub-run) -> rows
-    pairs: list[dict[str, Any]] = field(default_factory=list)
-    probe: dict[str, Any] | None = None
+    metrics: dict[str, list[MetricsRow]] = field(default_factory=dict)  # arm (or sub-run) -> rows
+    pairs: list[PairRecord] = field(default_factory=list)
+    probe: ProbeRecord | None = None
     probe_dir: Path | None = None
     report: Path | None = None
     steps_planned: int | None = None
@@ -133,7 +133,10 @@ def read_live(out: Path) -> Live:
             live.probe_dir = latest
         except ValueError as exc:
             live.error = str(exc)
-        live.pairs = read_jsonl_rows(latest / "pairs.jsonl")
+        try:
+            live.pairs = read_pairs(latest / "pairs.jsonl")
+        except ValueError as exc:
+            live.error = str(exc)
         try:
             import json
 
@@ -145,28 +148,31 @@ def read_live(out: Path) -> Live:
     return live
 
 
-def latest_pairs(pairs: list[dict[str, Any]]) -> list[list[Any]]:
+def latest_pairs(pairs: list[PairRecord]) -> list[list[Any]]:
     """Table rows of the latest step's mined pairs."""
     if not pairs:
         return []
-    last = max(p["step"] for p in pairs)
-    return [[p["step"], p["request_id"], p["request"], round(p["best_reward"], 3), round(p["worst_reward"], 3),
-             round(p["gap"], 3), p.get("experience") or f"(not summarised: {p.get('error', '?')})"]
-            for p in pairs if p["step"] == last]
+    last = max(p.step for p in pairs)
+    return [[p.step, p.request_id, p.request, _round(p.best_reward), _round(p.worst_reward), round(p.gap, 3),
+             p.experience or f"(not summarised: {p.error or '?'})"] for p in pairs if p.step == last]
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
 
 
 PAIR_HEADERS = ["step", "request", "text", "best R", "worst R", "gap", "experience"]
 
 
-def new_experiences(run: Path, pairs: list[dict[str, Any]]):
+def new_experiences(run: Path, pairs: list[PairRecord]):
     """The experiences made at the latest step, read from the bank's JSONL (never through a bank object,
     which could rewrite a file the trainer owns)."""
     from genevolve.records import Experience
 
     if not pairs:
         return []
-    last = max(p["step"] for p in pairs)
-    ids = {p["experience"] for p in pairs if p["step"] == last and p.get("experience")}
+    last = max(p.step for p in pairs)
+    ids = {p.experience for p in pairs if p.step == last and p.experience}
     out = []
     for row in read_jsonl_rows(Path(run) / "bank" / "experiences.jsonl"):
         if row.get("id") in ids:
@@ -187,8 +193,9 @@ def status_text(live: Live, job: dict[str, Any] | None = None) -> str:
     last = next((rows[-1] for rows in live.metrics.values() if rows), None)
     parts = [f"{live.out.name}: {state}", f"steps logged {steps}" + (f"/{live.steps_planned}" if live.steps_planned else "")]
     if last:
-        parts.append(f"reward {'-' if last['reward_mean'] is None else format(last['reward_mean'], '.3f')} · VED {last['ved_loss']:.4f} · GRPO {last['grpo_loss']:+.4f} · "
-                     f"hit rate {last['retrieval_hit_rate']:.2f} · bank {last['bank_size']}")
+        reward = "-" if last.reward_mean is None else format(last.reward_mean, ".3f")
+        parts.append(f"reward {reward} · VED {last.ved_loss:.4f} · GRPO {last.grpo_loss:+.4f} · "
+                     f"hit rate {last.retrieval_hit_rate:.2f} · bank {last.bank_size}")
     if live.report:
         parts.append("report ready")
     if live.error:
@@ -196,7 +203,7 @@ def status_text(live: Live, job: dict[str, Any] | None = None) -> str:
     return " · ".join(parts)
 
 
-def curves_figure(metrics: dict[str, list[dict[str, Any]]]):
+def curves_figure(metrics: dict[str, list[MetricsRow]]):
     """Four small panels (reward, VED loss, GRPO loss, retrieval hit rate), one line per arm."""
     import matplotlib
 
@@ -207,8 +214,8 @@ def curves_figure(metrics: dict[str, list[dict[str, Any]]]):
     fig, axes = plt.subplots(1, 4, figsize=(13, 2.6), dpi=90)
     for ax, (key, title) in zip(axes, CURVES):
         for label, rows in metrics.items():
-            xs = [r["step"] for r in rows if key in r]
-            ys = [r[key] for r in rows if key in r]
+            xs = [r.step for r in rows if r.get(key) is not None]
+            ys = [r.get(key) for r in rows if r.get(key) is not None]
             if xs:
                 ax.plot(xs, ys, marker="o", lw=1.5, label=label)
         ax.set_title(title, fontsize=10)

@@ -62,7 +62,7 @@ class DistillJobs:
     # -- control -----------------------------------------------------------------
     def start(self, args: list[str], out: Path, seed_bank: Path | None = None) -> str:
         """Start ``genevolve <args>`` writing to ``out``; refused while another run is going."""
-        from genevolve.training.live import is_running
+        from genevolve.live import is_running
 
         out = Path(out)
         with self._lock:

@@ -127,24 +127,32 @@ class Services:
 
     def _trajectories(self, requests: list[Request], pol, k: int, seed: int, guides: dict[str, str] | None = None,
                       on_turn: Callable[[int, int], None] | None = None) -> list[Trajectory]:
-        from genevolve.evaluation import raw_trajectory
-        from genevolve.policies.base import SamplingParams
-        from genevolve.rollout import rollout
-
-        if pol is None:
-            return [raw_trajectory(r, seed * 1000 + i) for r in requests for i in range(k)]
         from genevolve.agent import Tools
+        from genevolve.evaluation import trajectories
+        from genevolve.policies.base import SamplingParams
 
         params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384)
-        with self._lock if pol.needs_exclusive_device else contextlib.nullcontext():  # one local model, one batch at a time
-            return rollout(requests, pol, Tools.for_world(self.world), k=k, params=params, seed=seed, guides=guides,
-                           on_turn=on_turn)
+        with self._lock if pol is not None and pol.needs_exclusive_device else contextlib.nullcontext():
+            return trajectories(requests, pol, Tools.for_world(self.world), k, seed, params, guides, on_turn)
+
+    def _evaluate(self, requests: list[Request], pol, seeds: list[int], writer, samples: int = 1,
+                  progress: Callable[[str], None] | None = None, on_turn: Callable[[int, int], None] | None = None):
+        """:func:`genevolve.evaluation.evaluate` on the sandbox, every case written to ``writer``'s run folder."""
+        from genevolve.agent import Tools
+        from genevolve.evaluation import SandboxScorer, evaluate
+        from genevolve.policies.base import SamplingParams
+
+        params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384)
+        with self._lock if pol is not None and pol.needs_exclusive_device else contextlib.nullcontext():
+            return evaluate(requests, pol, Tools.for_world(self.world), SandboxScorer(self.world), writer.images, seeds,
+                            samples=samples, params=params, on_case=lambda c: writer.add(c.trajectory, c.rendered, c.verdict),
+                            progress=progress,
+                            on_turn=on_turn and (lambda _s, done, total: on_turn(done, total)))
 
     # -- rollouts ----------------------------------------------------------------
     def run_rollouts(self, request: Request, policy_name: str, k: int, seed: int,
                      progress: Callable[[int, int], None] | None = None) -> Path:
         """K trajectories for one request, rendered and judged, written as a run folder (as `genevolve rollout`)."""
-        from genevolve.evaluation import SandboxScorer, aggregate
         from genevolve.runs import RunWriter, new_run_id, now_iso
 
         if not 1 <= int(k) <= 16:
@@ -155,13 +163,8 @@ class Services:
                                                             policy=pol.name if pol else RAW, k=int(k), seed=int(seed),
                                                             requests=[request.id], config={"studio": True}))
         writer.add_request(request, self.world.gt_image(request) if request.scene else None)
-        trajs = self._trajectories([request], pol, int(k), int(seed), on_turn=progress)
-        scorer, pairs = SandboxScorer(self.world), []
-        for t in trajs:
-            rendered, verdict = scorer.score(request, t, writer.images, seed=t.seed)
-            writer.add(t, rendered, verdict)
-            pairs.append((request, verdict))
-        writer.finish(aggregate(pairs))
+        ev = self._evaluate([request], pol, [int(seed)], writer, samples=int(k), on_turn=progress)
+        writer.finish(ev.per_seed[int(seed)])
         return writer.dir
 
     def list_runs(self, command: str | None = None) -> list[str]:
@@ -276,10 +279,7 @@ class Services:
     def run_bench(self, policy_name: str, split: str, limit: int | None, seeds: list[int],
                   progress: Callable[[str], None] | None = None) -> Path:
         """A policy over a sandbox split (one trajectory per request and seed), written as a run folder."""
-        from genevolve.evaluation import SandboxScorer
         from genevolve.runs import RunWriter, new_run_id, now_iso
-
-        from .bench import bench_summary
 
         if not seeds:
             raise StudioError("give at least one seed")
@@ -296,19 +296,8 @@ class Services:
                                                             config={"split": split, "seeds": seeds, "studio": True}))
         for r in reqs:
             writer.add_request(r, self.world.gt_image(r) if r.scene else None)
-        scorer = SandboxScorer(self.world)
-        by_seed: dict[int, list[Verdict]] = {}
-        for seed in seeds:
-            if progress:
-                progress(f"seed {seed}: rolling out {len(reqs)} requests with {name}")
-            trajs = self._trajectories(reqs, pol, 1, seed)
-            by_seed[seed] = []
-            for r, t in zip(reqs, trajs):
-                rendered, v = scorer.score(r, t, writer.images, seed=t.seed)
-                writer.add(t, rendered, v)
-                by_seed[seed].append(v)
-        writer.finish({"policy": name, "split": split, "seeds": seeds, "n_requests": len(reqs),
-                       "by": bench_summary(reqs, by_seed)})
+        ev = self._evaluate(reqs, pol, seeds, writer, progress=progress)
+        writer.finish({"policy": name, "split": split, "seeds": seeds, "n_requests": len(reqs), "by": ev.by})
         return writer.dir
 
     def run_bench_official(self, data: str, policy_name: str, generator: str, judge_url: str, judge_model: str,

@@ -8,14 +8,15 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from genevolve import cli
+import genevolve.cli.train as train_cmd
+from genevolve.cli import app
 from genevolve.training import compare
 
 
 @pytest.fixture
 def spies(monkeypatch):
     calls = {"train": [], "evaluate": []}
-    real_train, real_eval = cli._train, compare.evaluate
+    real_train, real_eval = train_cmd.train, compare.evaluate
 
     def train(cfg, *a, **k):
         calls["train"].append(cfg.out)
@@ -25,7 +26,7 @@ def spies(monkeypatch):
         calls["evaluate"].append(policy.name)
         return real_eval(world, policy, *a, **k)
 
-    monkeypatch.setattr(cli, "_train", train)
+    monkeypatch.setattr(train_cmd, "train", train)
     monkeypatch.setattr(compare, "evaluate", evaluate)
     return calls
 
@@ -33,7 +34,7 @@ def spies(monkeypatch):
 def _ablate(folder, out, *extra):
     args = ["ablate", "--policy", str(folder), "--out", str(out), "--arms", "sft,ved", "--seeds", "0", "--steps", "1",
             "-B", "2", "-K", "2", "--eval-requests", "2", "--max-new-tokens", "16", "--no-probe", "--micro-batch", "1", *extra]
-    return CliRunner().invoke(cli.app, args)
+    return CliRunner().invoke(app, args)
 
 
 def _without_seconds(out):

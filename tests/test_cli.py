@@ -66,14 +66,13 @@ def test_a_request_outside_the_sandbox_gets_no_score(tmp_path):
 
 
 def test_a_run_folder_is_complete_when_no_trajectory_answers(tmp_path, monkeypatch):
-    from genevolve import cli
-    from genevolve.records import Trajectory
+    from genevolve import evaluation
 
-    def no_answers(reqs, pol, tools, k, seed, params, guides=None, desc=""):
+    def no_answers(reqs, pol, tools, k, seed, params=None, guides=None, on_turn=None):
         return [Trajectory(id=f"{r.id}-{i}", request_id=r.id, request_text=r.text, termination="max_rounds_reached")
                 for r in reqs for i in range(k)]
 
-    monkeypatch.setattr(cli, "_run", no_answers)
+    monkeypatch.setattr(evaluation, "trajectories", no_answers)
     out = tmp_path / "run"
     res = runner.invoke(app, ["rollout", "-r", "bench-1000", "-k", "2", "--out", str(out)])
     assert res.exit_code == 0, res.output

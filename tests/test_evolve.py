@@ -29,8 +29,8 @@ def test_ved_step_uses_the_teacher_and_updates_the_adapter(tmp_path, tiny_folder
     bank = ExperienceBank(tmp_path / "run" / "bank")
     bank.add("evolve-x", "any request", {s: "Query quantity_counting and write exact counts." for s in SLOTS}, reward_gap=0.5)
     row = evolve(_cfg(tmp_path / "run", tiny_folder, use_grpo=False), world=world, log=lambda _: None)
-    assert row["retrieval_hit_rate"] == 1.0 and row["ved_loss"] > 0 and row["ved_tokens"] > 0
-    assert row["grad_norm"] > 0
+    assert row.retrieval_hit_rate == 1.0 and row.ved_loss > 0 and row.get("ved_tokens") > 0
+    assert row.get("grad_norm") > 0
     lora_b = [v for k, v in _adapter_weights(tmp_path / "run").items() if "lora_B" in k]
     assert any(float(v.abs().sum()) > 0 for v in lora_b)  # LoRA B starts at zero: the step moved it
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -61,7 +61,7 @@ def test_unjudged_cases_neither_push_nor_pull(tmp_path, tiny_folder, world, monk
     monkeypatch.setattr(SandboxScorer, "score", flaky)
     monkeypatch.setattr(losses, "group_advantages", spy)
     row = evolve(_cfg(tmp_path / "run", tiny_folder, use_ved=False, rollouts_per_prompt=3), world=world, log=lambda _: None)
-    assert row["unjudged"] == 2
+    assert row.get("unjudged") == 2
     r = seen["rewards"]
     assert torch.allclose(r[:, 0], r[:, 1:].mean(1))  # the unjudged one sits at its group's judged mean
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -105,7 +105,7 @@ def test_cli_refuses_an_unknown_probe_request(tmp_path):
 def test_live_files_probe_pairs_and_lock(tmp_path, tiny_folder, world, monkeypatch):
     import genevolve.experience
     from genevolve.experience import Pair
-    from genevolve.training.live import RunLockedError, is_running, read_metrics, read_probe, run_lock
+    from genevolve.live import RunLockedError, is_running, read_metrics, read_probe, run_lock
 
     # A random model never answers, so no real pair is mined: make the first group one.
     monkeypatch.setattr(genevolve.experience, "mine_pairs", lambda groups, *a: [
@@ -116,23 +116,25 @@ def test_live_files_probe_pairs_and_lock(tmp_path, tiny_folder, world, monkeypat
     probe_id = world.split("evolve")[5].id  # not the default (the first evolve request)
     seen = []
     evolve(_cfg(out, tiny_folder, steps=2, probe_request=probe_id), world=world, log=lambda _: None,
-           on_step=lambda row: seen.append((row["step"], read_probe(out)["step"], read_probe(out)["request_id"])))
+           on_step=lambda row: seen.append((row.step, read_probe(out).step, read_probe(out).request_id)))
     assert seen == [(1, 1, probe_id), (2, 2, probe_id)]  # the same request at every step
     probe = read_probe(out)
-    assert probe["experience_id"] and probe["guide"].startswith("- Search strategy")
-    sampled = [t for t in probe["tokens"] if t["a"]]
-    assert sampled and all("p" in t and "q" in t and t["p"] <= 0 and t["q"] <= 0 for t in sampled)
-    assert "".join(t["t"] for t in probe["tokens"]).count("<|im_start|>user") >= 1  # starts after the system block
-    assert probe["student"]["verdict"]["trajectory_id"] == probe["student"]["trajectory"]["id"]
-    teacher = probe["teacher"]["trajectory"]
-    assert teacher["id"].endswith("-teacher") and teacher["guide"] == probe["guide"]
-    assert probe["student"]["trajectory"]["request_id"] == teacher["request_id"] == probe_id
+    assert probe.experience_id and probe.guide.startswith("- Search strategy")
+    sampled = [t for t in probe.tokens if t.a]
+    assert sampled and all(t.p is not None and t.q is not None and t.p <= 0 and t.q <= 0 for t in sampled)
+    assert "".join(t.t for t in probe.tokens).count("<|im_start|>user") >= 1  # starts after the system block
+    assert probe.student.verdict.trajectory_id == probe.student.trajectory.id
+    teacher = probe.teacher.trajectory
+    assert teacher.id.endswith("-teacher") and teacher.guide == probe.guide
+    assert probe.student.trajectory.request_id == teacher.request_id == probe_id
+    raw = json.loads((out / "probe.json").read_text())  # on disk: the token rows keep only the numbers they have
+    assert all(set(t) <= {"t", "a", "p", "q"} and ("q" in t) == bool(t["a"]) for t in raw["tokens"])
     trained = {json.loads(line)["id"] for line in (out / "trajectories.jsonl").read_text().splitlines()}
-    assert len(trained) == 2 * 2 * 2 and probe["student"]["trajectory"]["id"] not in trained  # the probe is not trained on
+    assert len(trained) == 2 * 2 * 2 and probe.student.trajectory.id not in trained  # the probe is not trained on
     pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 2 and pairs[0]["step"] == 1 and pairs[0]["best"].endswith("-k0")
     assert pairs[0]["experience"] in ExperienceBank(out / "bank").items or pairs[0]["error"]
-    assert read_metrics(out / "metrics.jsonl")[0]["t_probe"] > 0
+    assert read_metrics(out / "metrics.jsonl")[0].get("t_probe") > 0
     assert not is_running(out)
     with run_lock(out):
         assert is_running(out)
@@ -141,17 +143,17 @@ def test_live_files_probe_pairs_and_lock(tmp_path, tiny_folder, world, monkeypat
 
 
 def test_probe_without_a_teacher_says_why(tmp_path, tiny_folder, world):
-    from genevolve.training.live import read_probe
+    from genevolve.live import read_probe
 
     evolve(_cfg(tmp_path / "run", tiny_folder, use_ved=False), world=world, log=lambda _: None)
     probe = read_probe(tmp_path / "run")
-    assert probe["request_id"] == world.split("evolve")[0].id  # by default, the training split's first request
-    assert probe["teacher"] is None and "without VED" in probe["note"]
-    assert all("q" not in t for t in probe["tokens"]) and any("p" in t for t in probe["tokens"])
+    assert probe.request_id == world.split("evolve")[0].id  # by default, the training split's first request
+    assert probe.teacher is None and "without VED" in probe.note
+    assert all(t.q is None for t in probe.tokens) and any(t.p is not None for t in probe.tokens)
 
 
 def test_the_probe_changes_neither_the_batch_nor_the_update(tmp_path, tiny_folder, world):
-    from genevolve.training.live import read_probe
+    from genevolve.live import read_probe
 
     rows = {}
     for probe in (False, True):
@@ -161,7 +163,7 @@ def test_the_probe_changes_neither_the_batch_nor_the_update(tmp_path, tiny_folde
         rows[probe] = evolve(_cfg(out, tiny_folder, probe=probe), world=world, log=lambda _: None)
         assert (read_probe(out) is not None) == probe
     for key in ("reward_mean", "grpo_loss", "ved_loss", "ved_tokens", "grad_norm", "retrieval_hit_rate"):
-        assert rows[True][key] == rows[False][key], key
+        assert rows[True].get(key) == rows[False].get(key), key
     a, b = _adapter_weights(tmp_path / "True"), _adapter_weights(tmp_path / "False")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [json.loads(x)["id"] for x in (tmp_path / "True" / "trajectories.jsonl").read_text().splitlines()] == \
@@ -196,10 +198,10 @@ def test_two_processes_share_a_step_and_stay_in_sync(tmp_path, tiny_folder, worl
     assert len((out / "trajectories.jsonl").read_text().splitlines()) == 2 * 2 * 2  # steps x B x K, written once
     assert (out / "checkpoint" / "adapter" / "adapter_model.safetensors").exists()
     assert (out / ".ranks" / "r1" / "bank").exists()
-    from genevolve.training.live import read_probe
+    from genevolve.live import read_probe
 
     probe = read_probe(out)  # written by the main process alone
-    assert probe["step"] == 2 and probe["request_id"] == world.split("evolve")[0].id and probe["teacher"] is not None
+    assert probe.step == 2 and probe.request_id == world.split("evolve")[0].id and probe.teacher is not None
 
 
 def test_evaluate_averages_several_samples_per_request(world):

@@ -9,7 +9,6 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from genevolve import cli
 from genevolve.cli import app
 from genevolve.experience import ExperienceBank, guide_text
 from genevolve.guides import derangement, oracle_guide, oracle_slots, request_guides
@@ -44,14 +43,16 @@ def bank_dir(tmp_path_factory, world):
 
 def _bench(tmp_path, monkeypatch, *args):
     """Run bench with the blind-spot expert (it follows a guide) and return its JSON and the guides it was given."""
+    from genevolve import evaluation
+
     seen = {}
-    real = cli._run
+    real = evaluation.trajectories
 
-    def spy(reqs, pol, tools, k, seed, params, guides=None, desc=""):
+    def spy(reqs, pol, tools, k, seed, params=None, guides=None, on_turn=None):
         seen["guides"] = guides
-        return real(reqs, pol, tools, k, seed, params, guides, desc)
+        return real(reqs, pol, tools, k, seed, params, guides, on_turn)
 
-    monkeypatch.setattr(cli, "_run", spy)
+    monkeypatch.setattr(evaluation, "trajectories", spy)
     out = tmp_path / "bench.json"
     res = runner.invoke(app, ["bench", "--policy", "expert", "--noise", "blind-spots", "--seeds", "0", "--out", str(out), *args])
     assert res.exit_code == 0, res.output
@@ -198,7 +199,9 @@ def test_evolve_report_has_no_teacher_row_that_copies_the_student(tmp_path, worl
     from genevolve.guides import SLOTS
     from genevolve.policies import resolve
 
-    monkeypatch.setattr(cli, "_train", lambda cfg, w, stop: None)
+    import genevolve.cli.train as train_cmd
+
+    monkeypatch.setattr(train_cmd, "train", lambda cfg, w, stop: None)
     monkeypatch.setattr(resolve, "resolve_policy", lambda *a, **k: ExpertPolicy(world, ExpertNoise.named("blind-spots")))
     out = tmp_path / "run"
     first = world.split("evolve")[0]

@@ -12,7 +12,7 @@ from genevolve.guides import SLOTS
 from genevolve.records import (Experience, ImageRef, Observation, Program, ProgramRef, Request, ToolCall, Trajectory, Turn,
                                Verdict)
 from studio import StudioError
-from studio.bench import (bench_problem, bench_summary, common_requests, load_summary, missing_html, missing_lines,
+from studio.bench import (bench_problem, common_requests, load_summary, missing_html, missing_lines,
                           summary_figure, summary_rows)
 from studio.distill import (curves_figure, distill_args, latest_pairs, new_experiences, probe_request_id, read_live,
                             report_parts, status_text)
@@ -158,6 +158,12 @@ def test_read_live_of_an_ablation_has_one_curve_per_arm(tmp_path):
     assert set(live.metrics) == {"grpo-s0", "ved-s0"} and live.points == 3 and live.report is not None
     body, images = report_parts(live.report)
     assert "![" not in body and "| a |" in body and [p.name for p in images] == ["curve_x.png"]
+
+
+def bench_summary(reqs, verdicts_by_seed):
+    from genevolve.evaluation import aggregate, over_seeds
+
+    return over_seeds({s: aggregate(zip(reqs, vs)) for s, vs in verdicts_by_seed.items()})
 
 
 def test_bench_summary_table_chart_and_both_file_shapes(tmp_path):

@@ -9,12 +9,11 @@ per-request examples with the policies' images side by side; an evolve report ad
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-from ..evaluation import DIMS, SandboxScorer, aggregate, mean_ci
+from ..evaluation import SandboxScorer, mean_ci
 from ..records import ImageStore, atomic_write_json, atomic_write_text
 
 CURVES = (("reward_mean", "reward (mean)"), ("kscore_mean", "KScore (rollouts)"), ("ved_loss", "VED loss"),
@@ -24,48 +23,25 @@ CURVES = (("reward_mean", "reward (mean)"), ("kscore_mean", "KScore (rollouts)")
 def evaluate(world, policy, requests, seeds=(0,), guides: dict[str, str] | None = None, params=None,
              store: ImageStore | None = None, progress: Callable[[str], None] | None = None,
              samples: int = 1) -> dict[str, Any]:
-    """Bench a policy: per seed, ``samples`` trajectories per request; returns aggregates and the per-request records.
+    """:func:`genevolve.evaluation.evaluate` on the sandbox, overall and by track: ``{"summary", "records"}``.
 
-    A seed's figures average over all its samples: more samples per request shrink the sampling noise of
-    each seed's score (and so the spread over seeds) without changing what is measured.
+    ``summary[level][group]`` holds each dimension's mean ± 95 % CI over seeds and ``per_seed``: the group's
+    KScore at every seed in seed order (``None`` where undefined), for gains paired by seed.
     """
-    if samples < 1:
-        raise ValueError("samples must be >= 1")
     import tempfile
 
     from ..agent import Tools
-    from ..policies.base import SamplingParams
-    from ..rollout import rollout
+    from ..evaluation import evaluate as run
 
-    params = params or SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384)
-    tools, scorer = Tools.for_world(world), SandboxScorer(world)
-    tmp = None
-    if store is None:
-        tmp = tempfile.TemporaryDirectory()
-        store = ImageStore(tmp.name)
-    per_seed, records = {}, []
-    for seed in seeds:
-        if progress:
-            progress(f"evaluating {policy.name} seed {seed} on {len(requests)} requests"
-                     + (f" x {samples} samples" if samples > 1 else ""))
-        trajs = rollout(requests, policy, tools, k=samples, params=params, seed=seed, guides=guides)
-        pairs = []
-        for i, tr in enumerate(trajs):  # request-major: sample i % samples of request i // samples
-            req = requests[i // samples]
-            _, v = scorer.score(req, tr, store, seed=tr.seed)
-            pairs.append((req, v))
-            records.append({"seed": seed, "sample": i % samples, "request": req.id, "trajectory": tr, "verdict": v})
-        per_seed[seed] = aggregate(pairs)
-    summary = {}
-    for level in ("overall", "track"):
-        summary[level] = {}
-        for key in per_seed[seeds[0]][level]:
-            summary[level][key] = {d: dict(zip(("mean", "ci95"), mean_ci([per_seed[s][level][key][d] for s in seeds
-                                                                         if per_seed[s][level][key][d] is not None])))
-                                   for d in DIMS}
-            summary[level][key]["per_seed"] = [per_seed[s][level][key]["kscore"] for s in seeds]
-    if tmp:
-        tmp.cleanup()
+    with tempfile.TemporaryDirectory() as tmp:
+        ev = run(requests, policy, Tools.for_world(world), SandboxScorer(world), store or ImageStore(tmp), list(seeds),
+                 samples=samples, params=params, guides=guides, levels=("overall", "track"), progress=progress)
+    summary = ev.by
+    for level, groups in summary.items():
+        for key, row in groups.items():
+            row["per_seed"] = [ev.per_seed[s][level].get(key, {}).get("kscore") for s in seeds]
+    records = [{"seed": c.seed, "sample": c.sample, "request": c.request.id, "trajectory": c.trajectory, "verdict": c.verdict}
+               for c in ev.cases]
     return {"summary": summary, "records": records}
 
 

@@ -1,0 +1,23 @@
+"""The ``genevolve`` command line: one small module per group of commands, registered here explicitly.
+
+Every command module parses its options and calls the library; nothing registers itself on import.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import typer
+
+from . import bench, data, rollout, serving, studio, train, wise, world
+
+app = typer.Typer(help="GenEvolve Studio: self-evolving image-generation agents on an offline sandbox.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+
+for _module in (world, rollout, bench, train, serving, studio, data, wise):
+    _module.register(app)
+
+__all__ = ["app"]

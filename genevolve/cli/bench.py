@@ -1,0 +1,150 @@
+"""A policy over a sandbox split, or over official bench rows with any generator and a VLM judge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import (POLICY_HELP, SAMPLING, SEARCH_OPT, WORLD_OPT, Bars, make_policy, make_tools, open_generator,
+                     open_judges, sampling_params, score_rows, table)
+
+def bench(
+    policy: str = typer.Option("expert", help=POLICY_HELP),
+    split: str = typer.Option("bench", help="Sandbox split to evaluate: sft, evolve or bench."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; each seed runs one trajectory per request."),
+    noise: str = typer.Option("none", help="Expert noise: 'none', 'cold-start' or 'blind-spots'."),
+    skip_skill: list[str] = typer.Option([], help="Skill the expert never uses (repeatable)."),
+    p_distractor: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Chance the expert takes a distractor reference."),
+    guide: Optional[str] = typer.Option(None, help="Decision guide in the system prompt: 'oracle' (each request's correct "
+                                        "guide), 'bank:<folder>' (its nearest experience in that bank, if it passes --gate), "
+                                        "'shuffled' (another request's oracle guide) or 'shuffled:<folder>' (another request's "
+                                        "nearest experience)."),
+    gate: Optional[float] = typer.Option(None, min=-1.0, max=1.0, help="With --guide bank:<folder>: cosine gate (default 0.84)."),
+    leave_own_out: bool = typer.Option(False, "--leave-own-out", help="With a bank guide: never retrieve an experience "
+                                       "mined from the request itself (measures transfer to other requests)."),
+    guide_seed: int = typer.Option(0, help="Seed of the shuffle for --guide shuffled[:<folder>]."),
+    model: str = typer.Option("default", help="Model name to ask an OpenAI-compatible server for."),
+    adapter: Optional[str] = typer.Option(None, help="LoRA adapter folder to attach to a local policy."),
+    temperature: float = SAMPLING["temperature"],
+    top_p: float = SAMPLING["top_p"],
+    max_new_tokens: int = SAMPLING["max_new_tokens"],
+    limit: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N requests (smoke runs)."),
+    search: str = SEARCH_OPT,
+    out: Optional[Path] = typer.Option(None, help="JSON file for the results (default: runs/bench-<policy>-<checksum>-<split>.json)."),
+    world: Optional[Path] = WORLD_OPT,
+    data: Optional[Path] = typer.Option(None, help="Official GenEvolve-Data-Bench folder: bench its rows with --generator and the VLM --judge."),
+    generator: str = typer.Option("sandbox", help="With --data: 'sandbox', 'tiny', 't2i:<model>', 'img2img:<model>', 'qwen-edit:<model>' or render-service URLs."),
+    judge: Optional[str] = typer.Option(None, help="With --data: OpenAI-compatible VLM judge URL ($OPENAI_API_KEY)."),
+    judge_model: str = typer.Option("gpt-4o", help="With --data: judge model name."),
+    judge_api_key: Optional[str] = typer.Option(None, help="With --data: judge API key (default: $OPENAI_API_KEY)."),
+    judge_cache: Optional[Path] = typer.Option(Path("runs/judge-cache"), help="With --data: judge answers cached by content hash."),
+    rpm: float = typer.Option(0.0, min=0.0, help="With --data: judge requests per minute at most (0: no limit)."),
+    text_policy: str = typer.Option("renormalise", help="With --data: no-text requests: 'renormalise' (F,V,A) or 'half' (T = 0.5)."),
+    missing: str = typer.Option("exclude", help="With --data: failed renders/judgements 'exclude'd from means (reported) or counted as 'zero'."),
+    allow_missing: bool = typer.Option(False, help="With --data: keep rows whose ground truth is missing (as missing cases)."),
+    device: Optional[str] = typer.Option(None, help="With --data: torch device for diffusers generators."),
+):
+    """Run a policy over a split, print KScore by track and category, and save JSON (mean and 95% CI over seeds)."""
+    import tempfile
+
+    if data is not None:
+        return bench_official(data, policy, seeds, generator, judge, judge_model, judge_api_key, text_policy, missing,
+                              allow_missing, limit, out, search, model, adapter, temperature, top_p, max_new_tokens, device,
+                              judge_cache, rpm, world)
+
+    import re
+
+    from ..evaluation import SandboxScorer, evaluate
+    from ..guides import request_guides
+    from ..records import ImageStore, atomic_write_json
+    from ..runs import policy_checksum
+    from ..world import World
+
+    if guide is None and (gate is not None or leave_own_out):
+        raise typer.BadParameter("--gate and --leave-own-out need --guide bank:<folder> (or shuffled:<folder>)", param_hint="--guide")
+    w = World(world)
+    pol = make_policy(w, policy, noise, skip_skill, p_distractor, model, adapter)
+    checksum = policy_checksum(policy, adapter, pol.name if pol else "raw", model)
+    reqs = w.split(split)[:limit]
+    seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    tools, scorer = make_tools(w, search), SandboxScorer(w)
+    guides, guide_info = None, None
+    if guide is not None:
+        try:
+            guides, guide_info = request_guides(guide, w, reqs, gate, leave_own_out, guide_seed)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--guide") from exc
+    with tempfile.TemporaryDirectory() as tmp, Bars("bench seed") as bars:
+        ev = evaluate(reqs, pol, tools, scorer, ImageStore(tmp), seed_list, params=sampling_params(temperature, top_p, max_new_tokens),
+                      guides=guides, on_turn=bars.update)
+    summary: dict = {"policy": pol.name if pol else "raw", "policy_sha256": checksum, "adapter": adapter, "model": model,
+                     "noise": noise if policy == "expert" else None, "world": str(w.root),
+                     "split": split, "seeds": seed_list, "n_requests": len(reqs), "guide": guide, "guide_info": guide_info,
+                     "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens},
+                     "protocol_valid": ev.protocol_valid, "by": ev.by}
+    if out is None:  # named by policy and checksum, so runs of different policies never overwrite each other
+        label = re.sub(r"[^A-Za-z0-9._+-]+", "-", summary["policy"]).strip("-") or "policy"
+        out = Path("runs") / f"bench-{label}-{checksum[:8]}-{split}.json"
+    atomic_write_json(out, summary)
+    rows = score_rows(summary)
+    pv = summary["protocol_valid"]
+    typer.echo(f"policy: {summary['policy']}  split: {split}  seeds: {seed_list}  guide: {guide or '-'}  "
+               f"protocol-valid: {pv['mean']:.3f}")
+    if guide_info and guide_info["kind"] == "bank":
+        sim = guide_info["similarity"]
+        typer.echo(f"retrieved: {guide_info['hits']}/{len(reqs)} requests at cosine >= {guide_info['gate']}"
+                   + (" (leave-own-out)" if leave_own_out else "")
+                   + (f"; nearest similarity median {sim['median']:.3f}, max {sim['max']:.3f}" if sim else ""))
+    typer.echo(table(rows, ["by", "group", "n", "KScore (95% CI over seeds)", "F", "V", "T", "A", "failed", "missing"]))
+    typer.echo(f"saved: {out}")
+
+
+def bench_official(data: Path, policy: str, seeds: str, generator: str, judge: Optional[str], judge_model: str,
+                   judge_api_key: Optional[str], text_policy: str, missing: str, allow_missing: bool, limit: Optional[int],
+                   out: Optional[Path], search: str, model: str, adapter: Optional[str], temperature: float, top_p: float,
+                   max_new_tokens: int, device: Optional[str], judge_cache: Optional[Path], rpm: float, world: Optional[Path]):
+    """`genevolve bench --data`: the official bench rows, any generator, the VLM judge."""
+    import tempfile
+
+    from ..official import DataError, load_requests, run_bench
+    from ..records import ImageStore, atomic_write_json
+    from ..scoring import MISSING_POLICIES, ModelScorer
+    from ..world import World
+
+    if not judge:
+        raise typer.BadParameter("bench --data needs --judge (an OpenAI-compatible VLM URL)", param_hint="--judge")
+    if missing not in MISSING_POLICIES:
+        raise typer.BadParameter(f"--missing is one of {', '.join(MISSING_POLICIES)}", param_hint="--missing")
+    w = World(world)
+    vlm, pj = open_judges(judge, judge_model, judge_api_key, text_policy, judge_cache, rpm)
+    gen = open_generator(generator, device, None, world=w)
+    pol = make_policy(w, policy, "none", [], None, model, adapter)
+    seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ImageStore(tmp)
+        try:
+            loaded = load_requests(data, store, allow_missing=allow_missing, limit=limit)
+        except DataError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--data") from exc
+        scorer = ModelScorer(gen, vlm, pj, gt_store=store)
+        res = run_bench(loaded.requests, pol, make_tools(w, search), scorer, store, seed_list,
+                        sampling_params(temperature, top_p, max_new_tokens), missing, progress=typer.echo)
+    summary = {"policy": pol.name if pol else "raw", "data": str(data), "generator": gen.name, "judge": vlm.name,
+               "text_policy": text_policy, **res["summary"]}
+    out = out or Path("runs") / f"bench-official-{Path(policy).name or 'remote'}.json"
+    atomic_write_json(out, summary)
+    rows = score_rows(summary)
+    typer.echo(f"policy: {summary['policy']}  data: {data}  generator: {gen.name}  judge: {vlm.name}  text policy: {text_policy}")
+    typer.echo(table(rows, ["by", "group", "n", "KScore (95% CI over seeds)", "F", "V", "T", "A", "failed", "missing"]))
+    for s, m in summary["missing"].items():
+        if m["n"]:
+            typer.echo(f"seed {s}: {m['n']}/{m['of']} missing cases ({m['policy']}d from the means): {m['reasons']}; "
+                       + (f"KScore with them as 0: {m['kscore_missing_as_zero']:.3f}" if m["kscore_missing_as_zero"] is not None
+                          else "nothing was judged"))
+    typer.echo(f"saved: {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(bench)

@@ -1,0 +1,199 @@
+"""What the command modules share: common options, policy and tool construction, tables, progress bars,
+and the training call that turns a locked folder or a stop request into a clear exit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+WORLD_OPT = typer.Option(None, "--world", help="World folder (default: assets/world, or $GENEVOLVE_WORLD).")
+POLICY_HELP = ("'expert' (scripted planner), 'raw' (request text straight to the generator), 'tiny' (the shipped "
+               "tiny policy), 'smollm2', a model folder, or an OpenAI-compatible base URL (http://host:port/v1).")
+SAMPLING = {
+    "temperature": typer.Option(0.7, min=0.0, help="Sampling temperature for learned policies (0: greedy)."),
+    "top_p": typer.Option(0.95, min=0.0, max=1.0, help="Nucleus sampling mass for learned policies."),
+    "max_new_tokens": typer.Option(384, min=1, help="Token budget of one assistant turn for learned policies."),
+}
+SEARCH_OPT = typer.Option("local", help="Search backend: 'local' (the sandbox's FAISS stores) or 'serper' "
+                          "(a Serper-compatible HTTP API: $SERPER_BASE_URL, $SERPER_API_KEY).")
+GENERATOR_HELP = ("'sandbox', 'tiny' (random-weight diffusers pipeline), 't2i:<model id or folder>', 'img2img:<model>', "
+                  "'ip-adapter:<model>', 'qwen-edit:<model>', or render-service URLs (http://host:port, comma-separated).")
+JUDGE_HELP = "OpenAI-compatible base URL of the VLM judge (key: $OPENAI_API_KEY or --judge-api-key)."
+
+
+def make_policy(world, name: str, noise: str, skip_skill: list[str], p_distractor: Optional[float],
+            model: str = "default", adapter: Optional[str] = None):
+    from ..world.expert import ExpertNoise, ExpertPolicy
+    from ..records import SKILLS
+
+    for s in skip_skill:
+        if s not in SKILLS:
+            raise typer.BadParameter(f"unknown skill {s!r}; skills: {', '.join(SKILLS)}", param_hint="--skip-skill")
+    if name == "expert":
+        try:
+            base = ExpertNoise.named(noise)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--noise") from exc
+        from dataclasses import replace
+
+        base = replace(base, skip_skills=tuple(skip_skill))
+        if p_distractor is not None:
+            base = replace(base, p_distractor=p_distractor)
+        label = "expert" if base == ExpertNoise() else f"expert[{noise}{',skip=' + '+'.join(skip_skill) if skip_skill else ''}" \
+            f"{f',distractor={p_distractor}' if p_distractor is not None else ''}]"
+        return ExpertPolicy(world, base, name=label)
+    if name == "raw":
+        return None
+    from ..policies.resolve import resolve_policy
+
+    try:
+        return resolve_policy(name, model=model, adapter=adapter)
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--policy") from exc
+
+
+def sampling_params(temperature: float, top_p: float, max_new_tokens: int):
+    from ..policies.base import SamplingParams
+
+    try:
+        return SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+class Bars:
+    """One tqdm progress bar per seed, fed by :func:`genevolve.evaluation.evaluate`'s ``on_turn``."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar, self.seed = desc, None, None
+
+    def update(self, seed: int, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if seed != self.seed:
+            self.close()
+            self.seed, self.bar = seed, tqdm(total=total, desc=f"{self.desc} {seed}", unit="traj")
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "Bars":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_tools(world, search: str):
+    from ..agent import Tools
+
+    if search == "local":
+        return Tools.for_world(world)
+    if search == "serper":
+        from ..tools.serper import SerperImageSearch, SerperTextSearch
+
+        return Tools(SerperTextSearch(), SerperImageSearch(), world.knowledge, show_urls=True)
+    raise typer.BadParameter("search is 'local' or 'serper'", param_hint="--search")
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*map(str, r)) for r in rows])
+
+
+def score_rows(summary: dict) -> list[list]:
+    """Table rows of a bench summary: KScore (mean ± CI over seeds) and F, V, T, A by overall, track and category."""
+    rows = []
+    for level in ("overall", "track", "category"):
+        for key, row in summary["by"][level].items():
+            k = row["kscore"]
+            rows.append([level, key, row["n"], fmt(k["mean"]) + (f" ± {k['ci95']:.3f}" if k["ci95"] is not None else ""),
+                         fmt(row["F"]["mean"]), fmt(row["V"]["mean"]), fmt(row["T"]["mean"]), fmt(row["A"]["mean"]), row["failed"],
+                         row.get("missing", 0)])
+    return rows
+
+
+def fmt(x) -> str:
+    return "-" if x is None or x != x else f"{x:.3f}"
+
+
+def open_generator(spec: str, device: Optional[str], dtype: Optional[str], steps: Optional[int] = None,
+                   timeout: Optional[float] = None, world=None, ip_adapter: Optional[str] = None):
+    from ..generators import open_generator as _open
+
+    kw = {}
+    if steps is not None and not spec.startswith(("http", "sandbox")):
+        kw["steps"] = steps
+    if timeout is not None:
+        kw["timeout" if spec.startswith("http") else "timeout_s"] = timeout
+    if ip_adapter:
+        kw["ip_adapter"] = ip_adapter
+    try:
+        return _open(spec, device=device, dtype=dtype, world=world, **kw)
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--generator") from exc
+
+
+def open_judges(url: str, model: str, api_key: Optional[str], text_policy: str, cache: Optional[Path], rpm: float,
+                sufficiency: bool = True):
+    from ..judges.vlm import ProgramJudge, VLMJudge
+
+    try:
+        common = dict(api_key=api_key, cache_dir=cache, rpm=rpm)
+        judge = VLMJudge(url, model, text_policy=text_policy, **common)
+        pj = ProgramJudge(url, model, limiter=judge.limiter, **common) if sufficiency else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--judge") from exc
+    return judge, pj
+
+
+def evolve_cfg(out: Path, policy: str, steps: int, b: int, k: int, lambda_ved: float, lora_rank: int, lr: float,
+                delta_min: float, gate: float, seed: int, use_grpo: bool, use_ved: bool, max_new_tokens: int,
+                probe_request: Optional[str] = None, probe: bool = True, micro_batch: int = 8):
+    from ..training.evolve import EvolveConfig
+
+    cfg = EvolveConfig(out=str(out), policy=policy, steps=steps, prompts_per_step=b, rollouts_per_prompt=k,
+                       lambda_ved=lambda_ved, lora_rank=lora_rank, lr=lr, delta_min=delta_min, gate=gate, seed=seed,
+                       use_grpo=use_grpo, use_ved=use_ved, max_new_tokens=max_new_tokens, probe_request=probe_request,
+                       probe=probe, micro_batch=micro_batch)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    return cfg
+
+
+def stop_on_sigterm():
+    """SIGTERM asks the training loop to stop after its current step (checkpointed); the studio's Stop sends it."""
+    import signal
+
+    asked: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: asked.append(1))
+    return lambda: bool(asked)
+
+
+def train(cfg, world, stop) -> None:
+    """Run the trainer; a stop or a locked run folder ends the command with a clear message."""
+    from ..training.evolve import evolve as run_evolve
+    from ..live import RunLockedError
+
+    try:
+        run_evolve(cfg, world=world, log=typer.echo, stop=stop)
+    except RunLockedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if stop():
+        typer.echo(f"stopped; {cfg.out} holds the last checkpoint: run the same command again to resume")
+        raise typer.Exit(0)
+
+
+def check_probe_request(w, probe_request: str | None) -> None:
+    if probe_request is not None and probe_request not in {r.id for r in w.requests}:
+        raise typer.BadParameter(f"{probe_request!r} is not a sandbox request id (e.g. {w.split('evolve')[0].id})",
+                                 param_hint="--probe-request")

@@ -1,0 +1,40 @@
+"""The Gradio studio, started through the ``genevolve.apps`` entry point (the library never imports it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import WORLD_OPT
+
+def studio(
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default; 0.0.0.0 shares it on a network: set a password)."),
+    port: int = typer.Option(7860, min=1, max=65535, help="Port to listen on."),
+    password_env: str = typer.Option("GENEVOLVE_STUDIO_PASSWORD", help="Environment variable holding a password; "
+                                     "when it is set, the studio asks for it (any user name)."),
+    runs: Path = typer.Option(Path("runs"), help="Folder of run folders the studio opens and writes."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder for your reference uploads and edits "
+                                            "(default: $GENEVOLVE_DATA, else ~/.local/share/genevolve); the shipped world is never written."),
+    world: Optional[Path] = WORLD_OPT,
+):
+    """The Gradio studio: trajectories side by side, experience and reference editors, distill with a live
+    student-vs-teacher view, and bench comparisons, on the offline sandbox."""
+    from importlib.metadata import entry_points
+
+    password = os.environ.get(password_env) or None
+    if host not in ("127.0.0.1", "localhost", "::1") and not password:
+        typer.echo(f"warning: binding {host} without a password; set ${password_env} to require one", err=True)
+    found = entry_points(group="genevolve.apps", name="studio")
+    if not found:
+        typer.echo("error: the studio is not installed (no 'genevolve.apps' entry point named 'studio'): "
+                   "run `make studio`, or `pip install -e .` in the project folder", err=True)
+        raise typer.Exit(2)
+    serve = next(iter(found)).load()
+    serve(host=host, port=port, password=password, runs_dir=runs, data_dir=data_dir, world_dir=world, echo=typer.echo)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(studio)

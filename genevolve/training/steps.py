@@ -1,0 +1,310 @@
+"""The named steps of one self-evolution step; :func:`genevolve.training.evolve.evolve` runs them in order.
+
+collect rollouts -> judge -> mine and summarise -> retrieve (update targets) -> update -> record.
+Every function takes the :class:`Run` (what stays fixed across steps) and the step's data.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..live import MetricsRow, append_metrics
+from ..records import atomic_write_json, finite
+from ..teacher import teacher_stream
+from . import checkpoint, probe as probes
+from .parallel import Processes
+from .timing import PhaseTimer
+from .update import LossSettings, Scored, accumulate_gradients
+
+
+@dataclass
+class Run:
+    """A trainer's fixed parts: the config, the student and its optimizer, the bank, the sandbox."""
+
+    cfg: Any  # EvolveConfig
+    out: Path
+    procs: Processes
+    log: Callable[[str], None]
+    pol: Any
+    opt: torch.optim.Optimizer
+    params: list[torch.Tensor]
+    step0: int
+    bank: Any
+    tools: Any
+    scorer: Any
+    summariser: Any
+    store: Any
+    prompts: list
+    order: list[int]
+    probe_req: Any
+    sp: Any
+    pad_id: int
+
+    @property
+    def model(self):
+        return self.pol.model
+
+    @property
+    def loss(self) -> LossSettings:
+        c = self.cfg
+        return LossSettings(c.use_grpo, c.use_ved, c.lambda_ved, c.top_frac, c.clip_low, c.clip_high, c.beta, c.micro_batch)
+
+
+@dataclass
+class Mined:
+    experiences: list = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    pair_rows: list = field(default_factory=list)  # PairRecord
+
+
+@dataclass
+class Targets:
+    """What the update trains on: this process's share of the scored trajectories and the step's totals."""
+
+    scored: list[Scored]
+    n_scored: int
+    n_tokens: int
+    hits: int
+    teacher_errors: list[str]
+
+
+def _bank(cfg, out: Path, procs: Processes):
+    from ..experience import ExperienceBank
+
+    bank_dir = out / "bank"
+    if not procs.main:  # a private copy: the same experiences are added on every process, written once
+        bank_dir = out / ".ranks" / f"r{procs.rank}" / "bank"
+        shutil.rmtree(bank_dir, ignore_errors=True)
+        if (out / "bank").exists():
+            shutil.copytree(out / "bank", bank_dir)
+    return ExperienceBank(bank_dir, capacity=cfg.capacity, gate=cfg.gate)
+
+
+def setup(cfg, world, procs: Processes, log: Callable[[str], None]) -> Run:
+    """Seed, load the student with its adapter (resumed from the checkpoint when there is one), open the bank."""
+    from ..agent import Tools
+    from ..evaluation import SandboxScorer
+    from ..policies.base import SamplingParams
+    from ..policies.resolve import resolve_policy
+    from ..records import ImageStore
+    from ..summarise import SandboxSummariser
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if procs.main:
+        atomic_write_json(out / "config.json", asdict(cfg))
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if world is None:
+        from ..world import World
+
+        world = World()
+    pol = resolve_policy(cfg.policy, device=cfg.device or procs.device, dtype=cfg.dtype)
+    pol.model = checkpoint.attach_adapter(pol.model, out / "checkpoint", cfg.lora_rank, cfg.lora_alpha)
+    params = [p for p in pol.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    step0 = checkpoint.restore(out / "checkpoint", opt, pol.device, log)
+    bank = _bank(cfg, out, procs)
+    if bank.load_errors:
+        log(f"bank: set aside {len(bank.load_errors)} broken line(s)")
+    prompts = world.split(cfg.split)
+    probe_req = probes.probe_request(world, cfg.probe_request, cfg.split)  # checked on every process: a bad id stops all
+    order = list(range(len(prompts)))
+    random.Random(cfg.seed).shuffle(order)
+    tok = pol.tokenizer
+    return Run(cfg, out, procs, log, pol, opt, params, step0, bank, Tools.for_world(world), SandboxScorer(world),
+               SandboxSummariser(world), ImageStore(out / "images"), prompts, order, probe_req,
+               SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens),
+               tok.pad_token_id if tok.pad_token_id is not None else 0)
+
+
+def prompts_for(run: Run, step: int) -> list:
+    """The step's B prompts: the split in a seeded order, wrapping around."""
+    b, order = run.cfg.prompts_per_step, run.order
+    return [run.prompts[order[(step * b + i) % len(order)]] for i in range(b)]
+
+
+def collect_rollouts(run: Run, requests: list, step: int) -> list:
+    """K trajectories per request with the student (adapter on, no guide)."""
+    from ..rollout import rollout
+
+    run.model.eval()
+    if not requests:
+        return []
+    return rollout(requests, run.pol, run.tools, k=run.cfg.rollouts_per_prompt, params=run.sp,
+                   seed=run.cfg.seed * 100_000 + step)
+
+
+def judge(run: Run, requests: list, trajs: list) -> list:
+    """Render and judge each trajectory (the scorer does both)."""
+    k = run.cfg.rollouts_per_prompt
+    return [run.scorer.score(requests[n // k], tr, run.store, seed=tr.seed)[1] for n, tr in enumerate(trajs)]
+
+
+def record_cases(run: Run, trajs: list, verdicts: list) -> None:
+    """Append the step's trajectories (without token tensors) and verdicts to the run folder."""
+    from ..records import append_jsonl
+
+    if not run.procs.main:
+        return
+    with (run.out / "trajectories.jsonl").open("a", encoding="utf-8") as fh:
+        for tr in trajs:
+            fh.write(tr.model_dump_json(exclude={"token_ids", "assistant_mask", "token_logprobs"}) + "\n")
+    for v in verdicts:
+        append_jsonl(run.out / "verdicts.jsonl", v)
+
+
+def groups_of(trajs: list, verdicts: list, n: int, k: int) -> list[list[tuple]]:
+    """(trajectory, verdict) pairs, one group of ``k`` for each of the ``n`` prompts."""
+    return [list(zip(trajs[i * k : (i + 1) * k], verdicts[i * k : (i + 1) * k])) for i in range(n)]
+
+
+def mine_and_summarise(run: Run, groups: list, step: int) -> Mined:
+    """Best-vs-worst pairs -> experiences in the bank (VED arms only); one logged row per pair."""
+    from ..experience import mine_pairs
+    from ..live import PairRecord, append_pairs
+    from ..summarise import SummaryError
+
+    cfg, mined = run.cfg, Mined()
+    if cfg.use_ved:
+        for pair in mine_pairs(groups, cfg.delta_min, cfg.max_pairs):
+            row = PairRecord(step=step + 1, request_id=pair.request_id, request=pair.request_text, best=pair.best.id,
+                             worst=pair.worst.id, best_reward=pair.best_verdict.reward,
+                             worst_reward=pair.worst_verdict.reward, gap=pair.gap, passed_over=pair.passed_over)
+            mined.pair_rows.append(row)
+            try:
+                slots = run.summariser.summarise(pair)
+            except SummaryError as exc:
+                mined.errors.append(str(exc))
+                row.error = str(exc)
+                continue
+            exp = run.bank.add(pair.request_id, pair.request_text, slots, reward_gap=pair.gap, run_id=run.out.name,
+                               step=step, best_trajectory=pair.best.id, worst_trajectory=pair.worst.id,
+                               summariser=run.summariser.name)
+            mined.experiences.append(exp)
+            row.experience = exp.id
+    if run.procs.main:
+        append_pairs(run.out / "pairs.jsonl", mined.pair_rows)
+    return mined
+
+
+def advantages(groups: list) -> torch.Tensor:
+    """Group-relative advantages [prompts, K]; an unjudged case gets its group's mean reward: advantage 0."""
+    from .losses import group_advantages
+
+    judged = [[v.reward for _, v in g if v.reward is not None] for g in groups]
+    rewards_PG = torch.tensor([[v.reward if v.reward is not None else (sum(j) / len(j) if j else 0.0) for _, v in g]
+                               for g, j in zip(groups, judged)], dtype=torch.float32)
+    return group_advantages(rewards_PG)
+
+
+def update_targets(run: Run, batch: list, groups: list) -> Targets:
+    """Every trajectory with tokens, its advantage and, when its request retrieves an experience, the
+    teacher's stream over its tokens; then this process's share."""
+    from ..experience import guide_text
+
+    cfg, tok, adv_PG = run.cfg, run.pol.tokenizer, advantages(groups)
+    scored, hits, errors = [], 0, []
+    for gi, g in enumerate(groups):
+        exp, _ = run.bank.retrieve(batch[gi].text) if cfg.use_ved and len(run.bank) else (None, 0.0)
+        for j, (tr, _) in enumerate(g):
+            if not tr.token_ids or not any(tr.assistant_mask):
+                continue
+            s = Scored(tr.token_ids, tr.assistant_mask, gi, float(adv_PG[gi, j]))
+            if exp is not None:
+                try:
+                    s.teacher_ids, s.teacher_offset = teacher_stream(tok, guide_text(exp), tr.system_prompt, tr.token_ids)
+                    hits += 1
+                except ValueError as exc:  # a stream that was re-encoded differently: no teacher for it
+                    errors.append(f"{tr.id}: {exc}")
+            scored.append(s)
+    n_tokens = sum(sum(s.mask) for s in scored)  # the whole step's, for normalising
+    mine = [s for s in scored if s.group % run.procs.world == run.procs.rank]
+    return Targets(mine, len(scored), n_tokens, hits, errors)
+
+
+def probe(run: Run, step: int):
+    """The live probe with this step's weights before the update (main process only), or None."""
+    if not (run.cfg.probe and run.procs.main):
+        return None
+    return probes.run_probe(run.probe_req, run.pol, run.tools, run.scorer, run.store, run.bank, run.sp,
+                            run.cfg.seed * 100_000 + step, run.pad_id, run.cfg.use_ved)
+
+
+def update(run: Run, targets: Targets, timer: PhaseTimer) -> dict[str, Any]:
+    """Back-propagate the step's loss, sum gradients over processes, clip, one AdamW step."""
+    import time
+
+    run.model.train()
+    run.opt.zero_grad(set_to_none=True)
+    stats = accumulate_gradients(run.model, targets.scored, run.loss, run.pol.device, run.pad_id,
+                                 targets.n_tokens, targets.hits)
+    t = time.time()
+    run.procs.sum_grads(run.params)  # each process's loss is already normalised over the whole step
+    times = {k: stats.pop(k) for k in ("teacher_seconds", "update_seconds")}
+    stats = run.procs.sum_stats(stats)
+    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip)) if run.params else 0.0
+    run.opt.step()
+    timer.add("teacher_scoring", times["teacher_seconds"])
+    timer.add("update", times["update_seconds"] + time.time() - t)
+    run.model.eval()
+    if run.procs.world > 1:  # the replicas must agree after the summed-gradient step
+        with torch.no_grad():
+            stats["replicas"] = run.procs.gather(float(sum(p.double().sum() for p in run.params)))
+    return stats
+
+
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+def _std(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.stdev(xs) if len(xs) > 1 else None
+
+
+def metrics_row(run: Run, step: int, trajs: list, verdicts: list, mined: Mined, targets: Targets,
+                stats: dict[str, Any], timer: PhaseTimer) -> MetricsRow:
+    """The step's row of ``metrics.jsonl``."""
+    rewards = [v.reward for v in verdicts]
+    gen_tokens = sum(sum(tr.assistant_mask) for tr in trajs)
+    valid = sum(1 for tr in trajs if tr.termination == "answer" and not any(t.error for t in tr.turns))
+    row = {
+        "step": step + 1, "arm": run.cfg.arm, "reward_mean": _mean(rewards), "reward_std": _std(rewards),
+        "kscore_mean": _mean([v.kscore for v in verdicts]), "unjudged": sum(r is None for r in rewards),
+        "protocol_valid": valid / len(trajs),
+        "grpo_loss": stats["grpo"], "ved_loss": stats["ved"], "kl_ref": stats["kl"], "clip_low_frac": stats["clip_low"],
+        "clip_high_frac": stats["clip_high"], "ved_tokens": stats["ved_tokens"], "teacher_student_gap": stats["mean_gap"],
+        "retrieval_hit_rate": targets.hits / max(targets.n_scored, 1), "bank_size": len(run.bank),
+        "new_experiences": len(mined.experiences), "summary_errors": len(mined.errors),
+        "guesses_passed_over": sum(r.passed_over for r in mined.pair_rows), "teacher_errors": len(targets.teacher_errors),
+        "grad_norm": finite(stats["grad_norm"]),
+        "logp_grad_norm_grpo": stats["g2_grpo"] ** 0.5, "logp_grad_norm_ved": stats["g2_ved"] ** 0.5,
+        "tokens_per_s": (gen_tokens + targets.n_tokens) / max(timer.elapsed(), 1e-9),
+        "seconds": timer.elapsed(), **timer.columns(),
+    }
+    if run.procs.world > 1:
+        row["processes"], row["replica_checksums"] = run.procs.world, stats["replicas"]
+    return MetricsRow(**row)
+
+
+def record_step(run: Run, step: int, row: MetricsRow, probe_result) -> None:
+    """Main process: the metrics row, the probe record, then the atomic checkpoint."""
+    append_metrics(run.out / "metrics.jsonl", row)
+    if probe_result is not None:
+        probes.write(run.out, run.pol.tokenizer, step + 1, run.probe_req, probe_result, run.cfg.use_ved)
+    checkpoint.save(run.out, run.model, run.opt, step + 1)
+
+
+def summary_line(cfg, row: MetricsRow) -> str:
+    r, k = (f"{x:.3f}" if x is not None else "-" for x in (row.reward_mean, row.kscore_mean))
+    return (f"step {row.step}/{cfg.steps} [{cfg.arm}] reward {r} kscore {k} ved {row.ved_loss:.4f} "
+            f"grpo {row.grpo_loss:+.4f} hit {row.retrieval_hit_rate:.2f} bank {row.bank_size} ({row.seconds:.0f}s)")
