@@ -29,6 +29,29 @@ from policy_headroom import arm_row, bench, paired_gain, paired_track_gains, pm,
 from genevolve.records import atomic_write_json
 
 
+def print_table(rows: dict, res: dict, notes: list[str]) -> None:
+    """The premise table: each arm's guided count, valid rate, KScore overall and by track, and its paired gain."""
+    tracks = sorted({t for r in rows.values() for t in r["by_track"]})
+    print(f"{'arm':<22}{'guided':>7}{'valid':>8}{'KScore':>17}" + "".join(f"{t:>17}" for t in tracks) + f"{'gain (paired)':>19}")
+    for name, r in rows.items():
+        g = r["gain_over_no_guide"]
+        gain = "" if g is None else pm(g["mean"], g["ci95"], sign=True)
+        print(f"{name:<22}{r['n_guided']:>7}{r['protocol_valid']:>8.3f}{pm(r['kscore'], r['ci95']):>17}"
+              + "".join(f"{pm(r['by_track'].get(t, {}).get('kscore'), r['by_track'].get(t, {}).get('ci95')):>17}" for t in tracks)
+              + f"{gain:>19}")
+    for name, r in rows.items():
+        if r["gain_by_track"]:
+            print(f"{name}: gain by track (paired) " + ", ".join(f"{t} {pm(g['mean'], g['ci95'], sign=True)}"
+                                                             for t, g in r["gain_by_track"].items()))
+    if "retrieved experience" in rows:
+        r = rows["retrieved experience"]
+        sim = r["similarity"] or {}
+        print(f"retrieved: {r['hits']}/{res['retrieved experience']['n_requests']} requests at cosine >= {r['gate']} (nearest similarity median "
+              f"{sim.get('median')}, max {sim.get('max')})")
+    for note in notes:
+        print("note:", note)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", default="tiny", help="tiny, smollm2 or a model folder")
@@ -88,25 +111,7 @@ def main() -> int:
     summary = {"policy": a.policy, "adapter": a.adapter, "bank": a.bank, "seeds": a.seeds, "requests": a.requests,
                "dtype": os.environ.get("GENEVOLVE_DTYPE") or "default (float32 on a CPU, bf16 on a CUDA GPU that has it)",
                "arms": rows, "notes": notes, "full": res}
-    tracks = sorted({t for r in rows.values() for t in r["by_track"]})
-    print(f"{'arm':<22}{'guided':>7}{'valid':>8}{'KScore':>17}" + "".join(f"{t:>17}" for t in tracks) + f"{'gain (paired)':>19}")
-    for name, r in rows.items():
-        g = r["gain_over_no_guide"]
-        gain = "" if g is None else pm(g["mean"], g["ci95"], sign=True)
-        print(f"{name:<22}{r['n_guided']:>7}{r['protocol_valid']:>8.3f}{pm(r['kscore'], r['ci95']):>17}"
-              + "".join(f"{pm(r['by_track'].get(t, {}).get('kscore'), r['by_track'].get(t, {}).get('ci95')):>17}" for t in tracks)
-              + f"{gain:>19}")
-    for name, r in rows.items():
-        if r["gain_by_track"]:
-            print(f"{name}: gain by track (paired) " + ", ".join(f"{t} {pm(g['mean'], g['ci95'], sign=True)}"
-                                                             for t, g in r["gain_by_track"].items()))
-    if "retrieved experience" in rows:
-        r = rows["retrieved experience"]
-        sim = r["similarity"] or {}
-        print(f"retrieved: {r['hits']}/{res['retrieved experience']['n_requests']} requests at cosine >= {r['gate']} (nearest similarity median "
-              f"{sim.get('median')}, max {sim.get('max')})")
-    for note in notes:
-        print("note:", note)
+    print_table(rows, res, notes)
     out = a.out or str(Path(__file__).parent / "results" / f"premise_{Path(a.policy).name}.json")
     atomic_write_json(out, summary)
     print(f"saved {out}")

@@ -54,6 +54,26 @@ def start_studio(runs: Path, log: Path) -> tuple[subprocess.Popen, str, float]:
             time.sleep(0.05)
 
 
+def summarise(starts, fcp, ready, opens, render, cols) -> dict:
+    """The medians (and every sample), printed and returned for saving."""
+    med = statistics.median
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_at_end": os.getloadavg()},
+        "server_start_s": {"median": med(starts), "all": starts},
+        "first_contentful_paint_s": {"median": med(fcp), "all": fcp},
+        "app_ready_s": {"median": med(ready), "all": ready},
+        "open_saved_8_rollout_run_s": {"median": med(opens), "all": opens},
+        "render_8_rollout_run_in_process_s": {"median": med(render)},
+        "html_bytes_8_rollouts": len(cols),
+    }
+    print(f"server start (launch -> first answer): median {med(starts):.2f} s over {len(starts)}")
+    print(f"first contentful paint:                median {med(fcp) * 1000:.0f} ms over {len(fcp)} page loads")
+    print(f"app ready (tabs on screen):            median {med(ready) * 1000:.0f} ms")
+    print(f"open a saved 8-rollout run:            median {med(opens) * 1000:.0f} ms over {len(opens)} opens "
+          f"(in-process load + render {med(render) * 1000:.0f} ms, {len(cols) / 1e3:.0f} kB of HTML)")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--starts", type=int, default=3)
@@ -125,21 +145,7 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=30)
 
-    med = statistics.median
-    result = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_at_end": os.getloadavg()},
-        "server_start_s": {"median": med(starts), "all": starts},
-        "first_contentful_paint_s": {"median": med(fcp), "all": fcp},
-        "app_ready_s": {"median": med(ready), "all": ready},
-        "open_saved_8_rollout_run_s": {"median": med(opens), "all": opens},
-        "render_8_rollout_run_in_process_s": {"median": med(render)},
-        "html_bytes_8_rollouts": len(cols),
-    }
-    print(f"server start (launch -> first answer): median {med(starts):.2f} s over {len(starts)}")
-    print(f"first contentful paint:                median {med(fcp) * 1000:.0f} ms over {len(fcp)} page loads")
-    print(f"app ready (tabs on screen):            median {med(ready) * 1000:.0f} ms")
-    print(f"open a saved 8-rollout run:            median {med(opens) * 1000:.0f} ms over {len(opens)} opens "
-          f"(in-process load + render {med(render) * 1000:.0f} ms, {len(cols) / 1e3:.0f} kB of HTML)")
+    result = summarise(starts, fcp, ready, opens, render, cols)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)
     print(f"saved {args.out}")

@@ -40,8 +40,36 @@ def _query(item: Any) -> tuple[str, int] | str:
     return q.strip(), max(1, min(num, MAX_NUM))
 
 
+def _text_results(text, q: str, num: int) -> dict:
+    """Serper's /search answer for one query."""
+    from .tools.local import snippet
+
+    hits = text.search_records(q, num)
+    organic = [{"title": row.get("title", ""), "link": row.get("url", "") or f"gateway://doc/{row['id']}",
+                "snippet": snippet(row.get("text", "")), "position": i + 1} for i, (_, row) in enumerate(hits)]
+    return {"searchParameters": {"q": q, "num": num, "type": "search", "engine": "genevolve-gateway"}, "organic": organic}
+
+
+def _image_results(images, base: str, q: str, num: int) -> dict:
+    """Serper's /images answer for one query; pictures are served by id under ``base``/files/."""
+    from PIL import Image
+
+    rows = []
+    for _, row in images.search_records(q, num):
+        try:
+            with Image.open(row["local_path"]) as im:
+                w, h = im.size
+        except OSError:
+            continue
+        url = f"{base}/files/{row['id']}"
+        rows.append({"title": row.get("title", ""), "imageUrl": url, "imageWidth": w, "imageHeight": h,
+                     "thumbnailUrl": url, "source": "genevolve-gateway", "link": f"{base}/files/{row['id']}",
+                     "position": len(rows) + 1})
+    return {"searchParameters": {"q": q, "num": num, "type": "images", "engine": "genevolve-gateway"}, "images": rows}
+
+
 def build_gateway_app(store: str | Path, embedder=None, api_key: str | None = None) -> FastAPI:
-    from .tools.local import LocalImageSearch, LocalTextSearch, read_rows, snippet
+    from .tools.local import LocalImageSearch, LocalTextSearch, read_rows
 
     store = Path(store)
     for name in ("corpus.jsonl", "refs.jsonl"):
@@ -82,14 +110,7 @@ def build_gateway_app(store: str | Path, embedder=None, api_key: str | None = No
             return r
         body = await body_of(request)
 
-        def one(q: str, num: int) -> dict:
-            hits = text.search_records(q, num)
-            organic = [{"title": row.get("title", ""), "link": row.get("url", "") or f"gateway://doc/{row['id']}",
-                        "snippet": snippet(row.get("text", "")), "position": i + 1} for i, (_, row) in enumerate(hits)]
-            return {"searchParameters": {"q": q, "num": num, "type": "search", "engine": "genevolve-gateway"},
-                    "organic": organic}
-
-        return run(body, one)
+        return run(body, lambda q, num: _text_results(text, q, num))
 
     @app.post("/images")
     async def image_search(request: Request) -> Any:
@@ -98,24 +119,7 @@ def build_gateway_app(store: str | Path, embedder=None, api_key: str | None = No
         body = await body_of(request)
         base = str(request.base_url).rstrip("/")
 
-        def one(q: str, num: int) -> dict:
-            from PIL import Image
-
-            rows = []
-            for i, (_, row) in enumerate(images.search_records(q, num)):
-                try:
-                    with Image.open(row["local_path"]) as im:
-                        w, h = im.size
-                except OSError:
-                    continue
-                url = f"{base}/files/{row['id']}"
-                rows.append({"title": row.get("title", ""), "imageUrl": url, "imageWidth": w, "imageHeight": h,
-                             "thumbnailUrl": url, "source": "genevolve-gateway", "link": f"{base}/files/{row['id']}",
-                             "position": len(rows) + 1})
-            return {"searchParameters": {"q": q, "num": num, "type": "images", "engine": "genevolve-gateway"},
-                    "images": rows}
-
-        return run(body, one)
+        return run(body, lambda q, num: _image_results(images, base, q, num))
 
     @app.get("/files/{ref_id}")
     def files(ref_id: str, request: Request) -> Any:

@@ -105,6 +105,55 @@ def _logprobs_block(policy: ChatPolicy, completion: Completion) -> dict[str, Any
     return {"content": content}
 
 
+def _chat_completion(policy: ChatPolicy, model_name: str, loaded: set[str], lock: threading.Lock,
+                     req: ChatCompletionRequest) -> Any:
+    """One chat completion: the base model or a loaded adapter, one generation at a time, in OpenAI's format."""
+    adapter = None if req.model in ("", model_name) else req.model
+    if adapter is not None and adapter not in loaded:
+        known = ", ".join([model_name, *sorted(loaded)])
+        return _error(404, f"model {req.model!r} not found; available: {known}", "not_found")
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    params = SamplingParams(
+        temperature=req.temperature,
+        top_p=req.top_p,
+        max_new_tokens=req.max_completion_tokens or req.max_tokens,
+        seed=req.seed,
+    )
+    with lock:
+        try:
+            if adapter is not None:
+                policy.set_adapter(adapter)
+            elif loaded and hasattr(policy, "disable_adapter"):
+                policy.disable_adapter()
+            completion = policy.generate([messages], params)[0]
+        except Exception as exc:  # reported to the client; the server keeps serving
+            completion = Completion(text="", finish_reason="error", error=f"{type(exc).__name__}: {exc}")
+    if completion.finish_reason == "error":
+        return _error(500, f"generation failed: {completion.error or 'unknown error'}", "server_error")
+    prompt_tokens = _count_prompt_tokens(policy, messages)
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {"role": "assistant", "content": completion.text},
+        "finish_reason": completion.finish_reason,
+        "logprobs": _logprobs_block(policy, completion) if req.logprobs else None,
+    }
+    if completion.token_ids:
+        choice["token_ids"] = list(completion.token_ids)
+    completion_tokens = len(completion.token_ids)
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": req.model or model_name,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
 def build_app(policy: ChatPolicy, model_name: str, adapters: Iterable[str] = ()) -> FastAPI:
     """The app; ``adapters`` names LoRA adapters already loaded on ``policy`` before serving."""
     app = FastAPI(title=f"genevolve serve: {model_name}")
@@ -131,50 +180,7 @@ def build_app(policy: ChatPolicy, model_name: str, adapters: Iterable[str] = ())
 
     @app.post("/v1/chat/completions")
     def chat_completions(req: ChatCompletionRequest) -> Any:
-        adapter = None if req.model in ("", model_name) else req.model
-        if adapter is not None and adapter not in loaded:
-            known = ", ".join([model_name, *sorted(loaded)])
-            return _error(404, f"model {req.model!r} not found; available: {known}", "not_found")
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        params = SamplingParams(
-            temperature=req.temperature,
-            top_p=req.top_p,
-            max_new_tokens=req.max_completion_tokens or req.max_tokens,
-            seed=req.seed,
-        )
-        with lock:
-            try:
-                if adapter is not None:
-                    policy.set_adapter(adapter)
-                elif loaded and hasattr(policy, "disable_adapter"):
-                    policy.disable_adapter()
-                completion = policy.generate([messages], params)[0]
-            except Exception as exc:  # reported to the client; the server keeps serving
-                completion = Completion(text="", finish_reason="error", error=f"{type(exc).__name__}: {exc}")
-        if completion.finish_reason == "error":
-            return _error(500, f"generation failed: {completion.error or 'unknown error'}", "server_error")
-        prompt_tokens = _count_prompt_tokens(policy, messages)
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": completion.text},
-            "finish_reason": completion.finish_reason,
-            "logprobs": _logprobs_block(policy, completion) if req.logprobs else None,
-        }
-        if completion.token_ids:
-            choice["token_ids"] = list(completion.token_ids)
-        completion_tokens = len(completion.token_ids)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": req.model or model_name,
-            "choices": [choice],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }
+        return _chat_completion(policy, model_name, loaded, lock, req)
 
     @app.post("/v1/load_lora_adapter")
     def load_lora_adapter(req: LoadAdapterRequest) -> Any:

@@ -11,7 +11,6 @@ from genevolve.agent import EndStep, Tools, TurnStep, run_episode, run_to_end
 from genevolve.protocol import (
     FINAL_STEP_MESSAGE,
     FORMAT_ERROR_MESSAGE,
-    GUIDE_HEADER,
     MAX_TOOL_CALLS,
     MAX_TURNS,
     SYSTEM_PROMPT,
@@ -462,36 +461,6 @@ def test_forced_turn_export_matches_what_the_policy_saw():
     assert policy.seen[2][-2]["content"].startswith("<tool_response>\n--- search result for [Veloria mascot]")
     assert trajectory_to_messages(traj) == policy.seen[2] + [{"role": "assistant", "content": answer()}]
     assert traj.turns[2].forced_final and traj.termination == "answer"
-
-
-def test_guide_appears_in_system_prompt_and_trajectory():
-    guide = "Search the mascot first, then query text_rendering."
-    policy = ScriptedPolicy(SEARCH, answer())
-    traj = run_to_end(REQUEST, policy, tools(), guide=guide)
-    for seen in policy.seen:
-        sys = seen[0]["content"]
-        assert sys.startswith(SYSTEM_PROMPT)
-        assert f"## {GUIDE_HEADER}\n{guide}" in sys
-    assert traj.guide == guide
-    assert traj.system_prompt == SYSTEM_PROMPT
-    assert trajectory_to_messages(traj)[0] == policy.seen[0][0]
-    again = trajectory_from_messages(trajectory_to_messages(traj))
-    assert again.guide == guide
-
-
-def test_no_guide_means_plain_system_prompt():
-    policy = ScriptedPolicy(answer())
-    traj = run_to_end(REQUEST, policy, tools())
-    assert policy.seen[0][0]["content"] == SYSTEM_PROMPT
-    assert GUIDE_HEADER not in policy.seen[0][0]["content"]
-    assert traj.guide is None
-
-
-def test_custom_base_prompt():
-    policy = ScriptedPolicy(answer())
-    traj = run_to_end(REQUEST, policy, tools(), base_prompt="BASE", guide="g")
-    assert policy.seen[0][0]["content"] == f"BASE\n\n## {GUIDE_HEADER}\ng"
-    assert traj.system_prompt == "BASE"
 
 
 def test_trajectory_from_an_episode_round_trips_through_jsonl(tmp_path):

@@ -88,17 +88,22 @@ def bench(
         label = re.sub(r"[^A-Za-z0-9._+-]+", "-", summary["policy"]).strip("-") or "policy"
         out = Path("runs") / f"bench-{label}-{checksum[:8]}-{split}.json"
     atomic_write_json(out, summary)
-    rows = score_rows(summary)
-    pv = summary["protocol_valid"]
-    typer.echo(f"policy: {summary['policy']}  split: {split}  seeds: {seed_list}  guide: {guide or '-'}  "
-               f"protocol-valid: {pv['mean']:.3f}")
-    if guide_info and guide_info["kind"] == "bank":
-        sim = guide_info["similarity"]
-        typer.echo(f"retrieved: {guide_info['hits']}/{len(reqs)} requests at cosine >= {guide_info['gate']}"
+    _print_summary(summary, len(reqs), leave_own_out)
+    typer.echo(f"saved: {out}")
+
+
+def _print_summary(summary: dict, n_requests: int, leave_own_out: bool) -> None:
+    """The bench's headline (policy, protocol-valid rate, retrieval) and its table by overall, track and category."""
+    pv, info = summary["protocol_valid"], summary["guide_info"]
+    typer.echo(f"policy: {summary['policy']}  split: {summary['split']}  seeds: {summary['seeds']}  "
+               f"guide: {summary['guide'] or '-'}  protocol-valid: {pv['mean']:.3f}")
+    if info and info["kind"] == "bank":
+        sim = info["similarity"]
+        typer.echo(f"retrieved: {info['hits']}/{n_requests} requests at cosine >= {info['gate']}"
                    + (" (leave-own-out)" if leave_own_out else "")
                    + (f"; nearest similarity median {sim['median']:.3f}, max {sim['max']:.3f}" if sim else ""))
-    typer.echo(table(rows, ["by", "group", "n", "KScore (95% CI over seeds)", "F", "V", "T", "A", "failed", "missing"]))
-    typer.echo(f"saved: {out}")
+    typer.echo(table(score_rows(summary), ["by", "group", "n", "KScore (95% CI over seeds)", "F", "V", "T", "A", "failed", "missing"]))
+
 
 
 def bench_official(data: Path, policy: str, seeds: str, generator: str, judge: Optional[str], judge_model: str,

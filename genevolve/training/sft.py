@@ -229,16 +229,8 @@ def plot_curve(metrics_path: Path, out_png: Path, key: str = "loss", title: str 
     plt.close(fig)
 
 
-def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Run SFT; resume from ``<out>.work/checkpoint`` if a previous run stopped. Returns final metrics."""
-    from tqdm import tqdm
-    from transformers import get_cosine_schedule_with_warmup
-
-    from ..policies.local import encode_conversation, pick_device, pick_dtype
-
-    cfg.validate()
-    out = Path(cfg.out)
-    work = out.with_name(out.name + ".work")  # scratch: checkpoint, metrics; becomes part of `out` at the end
+def _open_work(cfg: SFTConfig, work: Path) -> None:
+    """The scratch folder of a run; one that holds a run with other settings raises (resuming would mix them)."""
     work.mkdir(parents=True, exist_ok=True)
     same = {k: v for k, v in asdict(cfg).items() if k != "device"}
     if (work / "config.json").exists():
@@ -248,23 +240,24 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
             raise ValueError(f"{work} holds a run with other settings ({diff}); run with the same settings to "
                              f"resume, or delete {work} to start over")
     atomic_write_json(work / "config.json", same)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    if world is None and (cfg.recipe == "tiny" or not cfg.data):
-        from ..world import World
 
-        world = World()
 
-    # Data, tokenizer and model (the tokenizer and data are saved so a resumed run sees the same ones).
+def _conversations(cfg: SFTConfig, work: Path, world, log) -> list[list[dict]]:
+    """The training conversations, saved in the work folder so that a resumed run sees the same ones."""
+    from ..records import atomic_write_text
+
     data_path = work / "sft_data.jsonl"
     if data_path.exists():
-        convs = [json.loads(line)["messages"] for line in data_path.read_text("utf-8").splitlines() if line.strip()]
-    else:
-        convs = _load_conversations(cfg, world, log)
-        from ..records import atomic_write_text
+        return [json.loads(line)["messages"] for line in data_path.read_text("utf-8").splitlines() if line.strip()]
+    convs = _load_conversations(cfg, world, log)
+    atomic_write_text(data_path, "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in convs))
+    return convs
 
-        atomic_write_text(data_path, "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in convs))
+
+def _tokenizer_and_model(cfg: SFTConfig, work: Path, world, convs, device):
+    """The tiny recipe's tokenizer (trained once, saved in the work folder) and fresh model, or a pretrained one."""
+    from ..policies.local import pick_dtype
+
     if cfg.recipe == "tiny":
         from transformers import AutoTokenizer
 
@@ -295,12 +288,68 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
 
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
-    examples = []
-    for c in convs:
-        ids, mask = encode_conversation(tok, c)
-        ids, mask = ids[: cfg.max_len], mask[: cfg.max_len]
-        if sum(mask):
-            examples.append((ids, mask))
+    return tok, model
+
+
+def _restore(ckpt: Path, metrics_path: Path, model, opt, sched, device, log) -> int:
+    """Load the checkpoint (model, optimizer, schedule, RNG) and trim metrics written after it; the step it holds."""
+    from ..records import atomic_write_text
+
+    step = 0
+    if (ckpt / "state.pt").exists():
+        state = torch.load(ckpt / "state.pt", map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+        log(f"resumed from step {step}")
+    if metrics_path.exists():  # drop metric lines written after the checkpoint, so the curve has no duplicates
+        rows = [line for line in metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(metrics_path, "".join(r + "\n" for r in rows))
+    return step
+
+
+def _finish(cfg: SFTConfig, out: Path, work: Path, model, tok, result: dict) -> None:
+    """The final folder: model, tokenizer, config, metrics and curve, swapped in atomically; the work folder goes."""
+    model.eval()
+    final_tmp = out.with_name(out.name + ".tmp")
+    if final_tmp.exists():
+        shutil.rmtree(final_tmp)
+    if cfg.lora_rank:  # merged, so the output is a plain model folder that every --policy takes
+        model = model.merge_and_unload()
+    model.save_pretrained(final_tmp)
+    tok.save_pretrained(final_tmp)
+    atomic_write_json(final_tmp / "sft_config.json", asdict(cfg))
+    shutil.copy(work / "metrics.jsonl", final_tmp / "metrics.jsonl")
+    plot_curve(work / "metrics.jsonl", final_tmp / "loss_curve.png")
+    atomic_write_json(final_tmp / "sft_result.json", result)
+    replace_dir(final_tmp, out)
+    shutil.rmtree(work)
+
+
+def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Run SFT; resume from ``<out>.work/checkpoint`` if a previous run stopped. Returns final metrics."""
+    from tqdm import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from ..policies.local import encode_conversation, pick_device
+
+    cfg.validate()
+    out = Path(cfg.out)
+    work = out.with_name(out.name + ".work")  # scratch: checkpoint, metrics; becomes part of `out` at the end
+    _open_work(cfg, work)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    if world is None and (cfg.recipe == "tiny" or not cfg.data):
+        from ..world import World
+
+        world = World()
+    convs = _conversations(cfg, work, world, log)
+    tok, model = _tokenizer_and_model(cfg, work, world, convs, device)
+    examples = [(ids[: cfg.max_len], mask[: cfg.max_len]) for ids, mask in (encode_conversation(tok, c) for c in convs)]
+    examples = [(ids, mask) for ids, mask in examples if sum(mask)]
     n_tokens = sum(len(x) for x, _ in examples)
     log(f"SFT: {len(examples)} conversations, {n_tokens} tokens ({sum(sum(m) for _, m in examples)} assistant), "
         f"vocab {len(tok)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
@@ -312,21 +361,8 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, total, num_cycles=0.5 * (1 - cfg.min_lr_ratio))
-    step, metrics_path, ckpt = 0, work / "metrics.jsonl", work / "checkpoint"
-    if (ckpt / "state.pt").exists():
-        state = torch.load(ckpt / "state.pt", map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        torch.set_rng_state(state["rng"])
-        step = state["step"]
-        log(f"resumed from step {step}")
-    if metrics_path.exists():  # drop metric lines written after the checkpoint, so the curve has no duplicates
-        rows = [line for line in metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        from ..records import atomic_write_text
-
-        atomic_write_text(metrics_path, "".join(r + "\n" for r in rows))
-
+    metrics_path, ckpt = work / "metrics.jsonl", work / "checkpoint"
+    step = _restore(ckpt, metrics_path, model, opt, sched, device, log)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     model.train()
     bar = tqdm(total=total, initial=step, desc="sft", unit="step", disable=not progress)
@@ -335,9 +371,7 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
     for e, idx in flat[step:]:
         ids, mask, attn = _collate(examples, idx, pad_id, device)
         phase = "pretrain" if e < pre else "sft"
-        if phase == "pretrain":
-            mask = attn.float()
-        loss = model_loss(model, ids, mask, attn)
+        loss = model_loss(model, ids, attn.float() if phase == "pretrain" else mask, attn)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}; lower --lr")
         opt.zero_grad(set_to_none=True)
@@ -345,13 +379,9 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         opt.step()
         sched.step()
-        step += 1
-        now = time.time()
-        loss_val = float(loss.detach())
-        row = {"step": step, "epoch": e, "phase": phase, "loss": finite(loss_val),
-               "lr": sched.get_last_lr()[0],
-               "grad_norm": finite(gnorm),
-               "tokens": int(attn.sum()), "tokens_per_s": float(attn.sum()) / max(now - t_last, 1e-9)}
+        step, now, loss_val = step + 1, time.time(), float(loss.detach())
+        row = {"step": step, "epoch": e, "phase": phase, "loss": finite(loss_val), "lr": sched.get_last_lr()[0],
+               "grad_norm": finite(gnorm), "tokens": int(attn.sum()), "tokens_per_s": float(attn.sum()) / max(now - t_last, 1e-9)}
         t_last = now
         with metrics_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, allow_nan=False) + "\n")
@@ -360,22 +390,7 @@ def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, pr
         if step % cfg.save_every == 0 and step < total:
             _save_checkpoint(ckpt, model, opt, sched, step, e, cfg)
     bar.close()
-
-    # The final folder: model, tokenizer, config, metrics and curve, swapped in atomically.
-    model.eval()
-    final_tmp = out.with_name(out.name + ".tmp")
-    if final_tmp.exists():
-        shutil.rmtree(final_tmp)
-    if cfg.lora_rank:  # merged, so the output is a plain model folder that every --policy takes
-        model = model.merge_and_unload()
-    model.save_pretrained(final_tmp)
-    tok.save_pretrained(final_tmp)
-    atomic_write_json(final_tmp / "sft_config.json", asdict(cfg))
-    shutil.copy(metrics_path, final_tmp / "metrics.jsonl")
-    plot_curve(metrics_path, final_tmp / "loss_curve.png")
     result = {"steps": step, "final_loss": finite(loss_val), "conversations": len(examples), "tokens": n_tokens}
-    atomic_write_json(final_tmp / "sft_result.json", result)
-    replace_dir(final_tmp, out)
-    shutil.rmtree(work)
+    _finish(cfg, out, work, model, tok, result)
     log(f"saved {out} (final loss {loss_val:.3f}); curve: {out / 'loss_curve.png'}")
     return result

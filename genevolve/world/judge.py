@@ -136,6 +136,136 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / u) if u else 0.0
 
 
+def _label(o) -> str:
+    return o.noun or o.shape or o.kind
+
+
+def _locate(gen: _Reading, gt: _Reading, objs) -> dict[int, str]:
+    """Each ground-truth object's cell in the generated image (greedy by mask overlap, colour and position)."""
+    pairs = []
+    for i, o in enumerate(objs):
+        want = gt.cell_mask(o.cell)
+        for c in CELLS:
+            mask = gen.cell_mask(c)
+            if mask.sum() < 4:
+                continue
+            score = _iou(mask, want) + (0.3 if gen.color_name(c) == o.color else 0.0) + (0.05 if c == o.cell else 0.0)
+            pairs.append((score, i, c))
+    where: dict[int, str] = {}
+    used: set[str] = set()
+    for score, i, c in sorted(pairs, reverse=True):
+        if i in where or c in used or score < 0.15:
+            continue
+        where[i] = c
+        used.add(c)
+    return where
+
+
+def _entity_likeness(gen: _Reading, gt: _Reading, c: str | None, o) -> float:
+    if c is None:
+        return 0.0
+    ya, xa = cell_origin(c)
+    yb, xb = cell_origin(o.cell)
+    a = gen.img[ya + 7 : ya + 7 + EMBLEM_H, xa + 5 : xa + 5 + EMBLEM_W]
+    b = gt.img[yb + 7 : yb + 7 + EMBLEM_H, xb + 5 : xb + 5 + EMBLEM_W]
+    mad = float(np.abs(a - b).mean())
+    return float(np.clip(1 - (mad - 4) / 26, 0, 1))
+
+
+def _object_checks(gen: _Reading, gt: _Reading, scene: Scene, where: dict[int, str], checks: dict[str, list[float]],
+                   notes: list[str]) -> None:
+    """The per-object checks of every skill group the scene asks for; binding holds only when every coloured
+    object keeps its own colour."""
+    bound: list[bool] = []
+    for i, o in enumerate(scene.objects):
+        c = where.get(i)
+        if c is None:
+            notes.append(f"the {_label(o)} is missing")
+        if "knowledge" in checks and o.kind == "entity":
+            s = _entity_likeness(gen, gt, c, o)
+            checks["knowledge"].append(s)
+            if s < 0.5:
+                notes.append(f"the {_label(o)} does not look like the real one")
+        if "spatial_layout" in checks:
+            ok = float(c == o.cell)
+            checks["spatial_layout"].append(ok)
+            if c is not None and not ok:
+                notes.append(f"the {_label(o)} is at {c} instead of {o.cell}")
+        if "quantity_counting" in checks and o.kind == "shape" and o.count >= 2:
+            n = gen.components(c) if c else 0
+            checks["quantity_counting"].append(float(n == o.count))
+            if n != o.count:
+                notes.append(f"{n} {_label(o)}s instead of {o.count}")
+        if "attribute_binding" in checks and o.kind in ("shape", "figure") and o.color:
+            got = gen.color_name(c) if c else None
+            bound.append(got == o.color)
+            if got and got != o.color:
+                notes.append(f"the {_label(o)} is {got} instead of {o.color}")
+        if "anatomy_body_coherence" in checks and o.kind == "figure":
+            iou = _iou(gen.cell_mask(c), gt.cell_mask(o.cell)) if c else 0.0
+            # A wrong limb count leaves IoU <= 0.935 with the true figure; the same figure gives 1.
+            s = float(np.clip((iou - 0.94) / 0.05, 0, 1))
+            checks["anatomy_body_coherence"].append(s)
+            if s < 0.5:
+                notes.append(f"the {_label(o)}'s body is malformed")
+        if "physical_material_consistency" in checks and o.kind == "shape" and o.material:
+            s = 0.0
+            if c is not None:
+                mad = float(np.abs(gen.cell_rgb(c) - gt.cell_rgb(o.cell)).mean())
+                s = float(np.clip(1 - (mad - 2) / 14, 0, 1))
+            checks["physical_material_consistency"].append(s)
+            if s < 0.5:
+                notes.append(f"the {_label(o)} does not look {o.material}-made with a shadow")
+    if "attribute_binding" in checks:
+        checks["attribute_binding"].append(float(bool(bound) and all(bound)))
+
+
+def _scene_checks(gen: _Reading, gt: _Reading, scene: Scene, checks: dict[str, list[float]], notes: list[str]) -> None:
+    """The whole-image checks: lighting (aesthetic drawing) and style (creative drawing)."""
+    if "aesthetic_drawing" in checks:
+        d = float(np.abs(gen.bg_row - gt.bg_row).mean())
+        checks["aesthetic_drawing"].append(float(np.clip(1 - (d - 5) / 35, 0, 1)))
+        if d > 20:
+            notes.append(f"the lighting is not {scene.lighting}")
+    if "creative_drawing" in checks:
+        bg = ~gen.fg & ~gt.fg
+        a, b = gen.residual[bg], gt.residual[bg]
+        corr = 0.0
+        if a.std() > 1e-3 and b.std() > 1e-3:
+            corr = float(np.corrcoef(a, b)[0, 1])
+        checks["creative_drawing"].append(float(np.clip((corr - 0.2) / 0.6, 0, 1)))
+        if corr < 0.5:
+            notes.append(f"the image is not in {scene.style} style")
+
+
+def _dimensions(gen: _Reading, gt: _Reading, scene: Scene, where: dict[int, str], checks: dict[str, list[float]],
+                notes: list[str]) -> tuple[float, float, float | None, float]:
+    """F (requested content present; an entity drawn generically is not the entity asked for), V (the skill
+    groups' checks), T (the banner's text) and A (overall likeness at low resolution)."""
+    objs = scene.objects
+    know = iter(checks.get("knowledge", []))
+    found = [float(i in where) * (next(know) if o.kind == "entity" and "knowledge" in checks else 1.0)
+             for i, o in enumerate(objs)]
+    if scene.text:
+        found.append(float(gen.banner))
+    F = float(np.mean(found)) if found else 1.0
+    groups = [float(np.mean(v)) for v in checks.values() if v]
+    if groups:
+        V = float(np.mean(groups))
+    else:  # nothing skill-specific asked: the objects themselves, in the right colour
+        V = float(np.mean([float(i in where and (o.kind == "entity" or gen.color_name(where[i]) == o.color))
+                           for i, o in enumerate(objs)])) if objs else 1.0
+    T = None
+    if scene.text:
+        T = text_accuracy(gen.text, scene.text)
+        if T < 1:
+            notes.append(f'the text reads "{gen.text}" instead of "{scene.text}"')
+    small_a = gen.img.reshape(14, 10, 12, 10, 3).mean(axis=(1, 3))
+    small_b = gt.img.reshape(14, 10, 12, 10, 3).mean(axis=(1, 3))
+    A = float(np.clip(1 - np.abs(small_a - small_b).mean() / 25, 0, 1))
+    return F, V, T, A
+
+
 class SandboxJudge:
     """Scores an image against a request's ground truth; see the module docstring for the rubric."""
 
@@ -144,116 +274,12 @@ class SandboxJudge:
     def judge(self, image: Any, scene: Scene, gt_image: Any) -> Judgement:
         gen = _Reading(np.asarray(image.convert("RGB") if hasattr(image, "convert") else image))
         gt = _Reading(np.asarray(gt_image.convert("RGB") if hasattr(gt_image, "convert") else gt_image))
-        objs = scene.objects
         notes: list[str] = []
-
-        # Locate each ground-truth object in the generated image (greedy by mask overlap).
-        pairs = []
-        for i, o in enumerate(objs):
-            want = gt.cell_mask(o.cell)
-            for c in CELLS:
-                mask = gen.cell_mask(c)
-                if mask.sum() < 4:
-                    continue
-                score = _iou(mask, want) + (0.3 if gen.color_name(c) == o.color else 0.0) + (0.05 if c == o.cell else 0.0)
-                pairs.append((score, i, c))
-        where: dict[int, str] = {}
-        used: set[str] = set()
-        for score, i, c in sorted(pairs, reverse=True):
-            if i in where or c in used or score < 0.15:
-                continue
-            where[i] = c
-            used.add(c)
-
-        def label(o) -> str:
-            return o.noun or o.shape or o.kind
-
+        where = _locate(gen, gt, scene.objects)
         checks: dict[str, list[float]] = {g: [] for g in visual_groups(scene)}
-        bound: list[bool] = []  # binding holds only when every coloured object keeps its own colour
-        for i, o in enumerate(objs):
-            c = where.get(i)
-            if c is None:
-                notes.append(f"the {label(o)} is missing")
-            if "knowledge" in checks and o.kind == "entity":
-                s = 0.0
-                if c is not None:
-                    ya, xa = cell_origin(c)
-                    yb, xb = cell_origin(o.cell)
-                    a = gen.img[ya + 7 : ya + 7 + EMBLEM_H, xa + 5 : xa + 5 + EMBLEM_W]
-                    b = gt.img[yb + 7 : yb + 7 + EMBLEM_H, xb + 5 : xb + 5 + EMBLEM_W]
-                    mad = float(np.abs(a - b).mean())
-                    s = float(np.clip(1 - (mad - 4) / 26, 0, 1))
-                checks["knowledge"].append(s)
-                if s < 0.5:
-                    notes.append(f"the {label(o)} does not look like the real one")
-            if "spatial_layout" in checks:
-                ok = float(c == o.cell)
-                checks["spatial_layout"].append(ok)
-                if c is not None and not ok:
-                    notes.append(f"the {label(o)} is at {c} instead of {o.cell}")
-            if "quantity_counting" in checks and o.kind == "shape" and o.count >= 2:
-                n = gen.components(c) if c else 0
-                checks["quantity_counting"].append(float(n == o.count))
-                if n != o.count:
-                    notes.append(f"{n} {label(o)}s instead of {o.count}")
-            if "attribute_binding" in checks and o.kind in ("shape", "figure") and o.color:
-                got = gen.color_name(c) if c else None
-                bound.append(got == o.color)
-                if got and got != o.color:
-                    notes.append(f"the {label(o)} is {got} instead of {o.color}")
-            if "anatomy_body_coherence" in checks and o.kind == "figure":
-                iou = _iou(gen.cell_mask(c), gt.cell_mask(o.cell)) if c else 0.0
-                # A wrong limb count leaves IoU <= 0.935 with the true figure; the same figure gives 1.
-                s = float(np.clip((iou - 0.94) / 0.05, 0, 1))
-                checks["anatomy_body_coherence"].append(s)
-                if s < 0.5:
-                    notes.append(f"the {label(o)}'s body is malformed")
-            if "physical_material_consistency" in checks and o.kind == "shape" and o.material:
-                s = 0.0
-                if c is not None:
-                    mad = float(np.abs(gen.cell_rgb(c) - gt.cell_rgb(o.cell)).mean())
-                    s = float(np.clip(1 - (mad - 2) / 14, 0, 1))
-                checks["physical_material_consistency"].append(s)
-                if s < 0.5:
-                    notes.append(f"the {label(o)} does not look {o.material}-made with a shadow")
-        if "attribute_binding" in checks:
-            checks["attribute_binding"].append(float(bool(bound) and all(bound)))
-        if "aesthetic_drawing" in checks:
-            d = float(np.abs(gen.bg_row - gt.bg_row).mean())
-            checks["aesthetic_drawing"].append(float(np.clip(1 - (d - 5) / 35, 0, 1)))
-            if d > 20:
-                notes.append(f"the lighting is not {scene.lighting}")
-        if "creative_drawing" in checks:
-            bg = ~gen.fg & ~gt.fg
-            a, b = gen.residual[bg], gt.residual[bg]
-            corr = 0.0
-            if a.std() > 1e-3 and b.std() > 1e-3:
-                corr = float(np.corrcoef(a, b)[0, 1])
-            checks["creative_drawing"].append(float(np.clip((corr - 0.2) / 0.6, 0, 1)))
-            if corr < 0.5:
-                notes.append(f"the image is not in {scene.style} style")
-
-        # An entity drawn generically is not the entity that was asked for.
-        know = iter(checks.get("knowledge", []))
-        found = [float(i in where) * (next(know) if o.kind == "entity" and "knowledge" in checks else 1.0)
-                 for i, o in enumerate(objs)]
-        if scene.text:
-            found.append(float(gen.banner))
-        F = float(np.mean(found)) if found else 1.0
-        groups = [float(np.mean(v)) for v in checks.values() if v]
-        if groups:
-            V = float(np.mean(groups))
-        else:  # nothing skill-specific asked: the objects themselves, in the right colour
-            V = float(np.mean([float(i in where and (o.kind == "entity" or gen.color_name(where[i]) == o.color))
-                               for i, o in enumerate(objs)])) if objs else 1.0
-        T = None
-        if scene.text:
-            T = text_accuracy(gen.text, scene.text)
-            if T < 1:
-                notes.append(f'the text reads "{gen.text}" instead of "{scene.text}"')
-        small_a = gen.img.reshape(14, 10, 12, 10, 3).mean(axis=(1, 3))
-        small_b = gt.img.reshape(14, 10, 12, 10, 3).mean(axis=(1, 3))
-        A = float(np.clip(1 - np.abs(small_a - small_b).mean() / 25, 0, 1))
+        _object_checks(gen, gt, scene, where, checks, notes)
+        _scene_checks(gen, gt, scene, checks, notes)
+        F, V, T, A = _dimensions(gen, gt, scene, where, checks, notes)
         k = kscore(F, V, T, A)
         rationale = "; ".join(notes) if notes else "everything requested is present and correct"
         return Judgement(F, V, T, A, k, rationale[0].upper() + rationale[1:] + ".", {g: v for g, v in checks.items()})

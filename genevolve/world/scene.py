@@ -188,94 +188,107 @@ def _rgb(name: str) -> np.ndarray:
     return np.array(ENTITY_COLORS.get(name, (128, 128, 128)), dtype=np.float32)
 
 
+def _flag(img: np.ndarray, spec: dict[str, Any], cols: list[np.ndarray], y: np.ndarray, x: np.ndarray) -> None:
+    h, w = EMBLEM_H, EMBLEM_W
+    layout = spec.get("layout", "h3")
+    n = len(cols)
+    if layout.startswith("h"):
+        idx = np.minimum((y * n) // h, n - 1)
+    elif layout.startswith("v"):
+        idx = np.minimum((x * n) // w, n - 1)
+    elif layout == "cross":
+        idx = (((np.abs(x - 10) <= 2) | (np.abs(y - 13) <= 2))).astype(int)
+    else:  # diagonal
+        idx = (x * h > y * w).astype(int)
+    idx = np.minimum(idx, n - 1)
+    img[:] = np.stack(cols)[idx]
+    sym = spec.get("symbol")
+    if sym:
+        m = shape_mask(sym, 10)
+        img[8:18, 10:20][m] = _rgb(spec.get("symbol_color", "white"))
+
+
+def _crest(img: np.ndarray, spec: dict[str, Any], cols: list[np.ndarray], y: np.ndarray, x: np.ndarray) -> None:
+    img[:] = _rgb(spec.get("field", "white"))
+    shield = (x >= 3) & (x <= 26) & ((y <= 14) | (np.abs(x - 14.5) <= (25 - y) * 1.1))
+    img[shield] = cols[0]
+    band = spec.get("band")
+    if band == "horizontal":
+        img[shield & (np.abs(y - 9) <= 2)] = cols[1]
+    elif band == "vertical":
+        img[shield & (np.abs(x - 14.5) <= 3)] = cols[1]
+    elif band == "chevron":
+        img[shield & (np.abs(y - (20 - np.abs(x - 14.5) * 0.8)) <= 2)] = cols[1]
+    sym = spec.get("symbol")
+    if sym:
+        m = shape_mask(sym, 8)
+        img[3:11, 11:19][m] = _rgb(spec.get("symbol_color", "white"))
+
+
+def _landmark(img: np.ndarray, spec: dict[str, Any], cols: list[np.ndarray], y: np.ndarray, x: np.ndarray) -> None:
+    img[:] = _rgb(spec.get("sky", "white"))
+    body, accent = cols[0], cols[1]
+    t = spec.get("type", "tower")
+    tiers = int(spec.get("tiers", 2))
+    if t == "tower":
+        img[4:26, 11:19] = body
+        for k in range(tiers):
+            img[7 + 6 * k : 10 + 6 * k, 13:17] = accent
+    elif t == "spire":
+        m = (np.abs(x - 14.5) <= (y - 1) * 0.35) & (y >= 2)
+        img[m] = body
+        img[26 - 3 * tiers : 26, 6:24] = accent
+    elif t == "dome":
+        m = ((x - 14.5) ** 2 + (y - 14) ** 2 <= 81) & (y <= 14)
+        img[m] = accent
+        img[14:26, 5:25] = body
+        for k in range(tiers):
+            img[17:24, 7 + 6 * k : 10 + 6 * k] = accent
+    elif t == "arch":
+        img[6:26, 4:26] = body
+        m = ((x - 14.5) ** 2 + (y - 16) ** 2 <= 36) | ((np.abs(x - 14.5) <= 6) & (y >= 16))
+        img[m] = _rgb(spec.get("sky", "white"))
+        img[6 : 6 + 2 * tiers, 4:26] = accent
+    else:  # stepped
+        for k in range(3):
+            img[26 - 7 * (k + 1) : 26 - 7 * k, 3 + 4 * k : 27 - 4 * k] = body if k % 2 == 0 else accent
+
+
+def _logo(img: np.ndarray, spec: dict[str, Any], cols: list[np.ndarray], y: np.ndarray, x: np.ndarray) -> None:
+    img[:] = cols[0]
+    mark = spec.get("mark", "ring")
+    fg = cols[1]
+    if mark == "ring":
+        r = np.sqrt((x - 14.5) ** 2 + (y - 12.5) ** 2)
+        img[(r <= 9) & (r >= 5)] = fg
+    elif mark == "bars":
+        img[5:21, 8:12] = fg
+        img[5:21, 17:21] = fg
+    elif mark in ("triangle", "diamond", "star", "circle"):
+        m = shape_mask(mark, 18)
+        img[4:22, 6:24][m] = fg
+    letter = spec.get("letter")
+    if letter:
+        from .font import GLYPHS
+
+        g = GLYPHS.get(letter)
+        if g is not None:
+            img[18:25, 22:27][g] = _rgb(spec.get("letter_color", "white"))
+
+
+_EMBLEMS = {"flag": _flag, "crest": _crest, "landmark": _landmark, "logo": _logo}
+
+
 def render_emblem(spec: dict[str, Any]) -> np.ndarray:
     """Draw an entity emblem (flag, crest, landmark, logo) as a 26 x 30 float RGB array."""
     h, w = EMBLEM_H, EMBLEM_W
     img = np.zeros((h, w, 3), dtype=np.float32)
     kind = spec["kind"]
+    if kind not in _EMBLEMS:
+        raise ValueError(f"unknown emblem kind {kind!r}")
     cols = [_rgb(c) for c in spec.get("colors", ["white"])]
     y, x = np.mgrid[0:h, 0:w]
-    if kind == "flag":
-        layout = spec.get("layout", "h3")
-        n = len(cols)
-        if layout.startswith("h"):
-            idx = np.minimum((y * n) // h, n - 1)
-        elif layout.startswith("v"):
-            idx = np.minimum((x * n) // w, n - 1)
-        elif layout == "cross":
-            idx = (((np.abs(x - 10) <= 2) | (np.abs(y - 13) <= 2))).astype(int)
-        else:  # diagonal
-            idx = (x * h > y * w).astype(int)
-        idx = np.minimum(idx, n - 1)
-        img[:] = np.stack(cols)[idx]
-        sym = spec.get("symbol")
-        if sym:
-            m = shape_mask(sym, 10)
-            img[8:18, 10:20][m] = _rgb(spec.get("symbol_color", "white"))
-    elif kind == "crest":
-        img[:] = _rgb(spec.get("field", "white"))
-        shield = (x >= 3) & (x <= 26) & ((y <= 14) | (np.abs(x - 14.5) <= (25 - y) * 1.1))
-        img[shield] = cols[0]
-        band = spec.get("band")
-        if band == "horizontal":
-            img[shield & (np.abs(y - 9) <= 2)] = cols[1]
-        elif band == "vertical":
-            img[shield & (np.abs(x - 14.5) <= 3)] = cols[1]
-        elif band == "chevron":
-            img[shield & (np.abs(y - (20 - np.abs(x - 14.5) * 0.8)) <= 2)] = cols[1]
-        sym = spec.get("symbol")
-        if sym:
-            m = shape_mask(sym, 8)
-            img[3:11, 11:19][m] = _rgb(spec.get("symbol_color", "white"))
-    elif kind == "landmark":
-        img[:] = _rgb(spec.get("sky", "white"))
-        body, accent = cols[0], cols[1]
-        t = spec.get("type", "tower")
-        tiers = int(spec.get("tiers", 2))
-        if t == "tower":
-            img[4:26, 11:19] = body
-            for k in range(tiers):
-                img[7 + 6 * k : 10 + 6 * k, 13:17] = accent
-        elif t == "spire":
-            m = (np.abs(x - 14.5) <= (y - 1) * 0.35) & (y >= 2)
-            img[m] = body
-            img[26 - 3 * tiers : 26, 6:24] = accent
-        elif t == "dome":
-            m = ((x - 14.5) ** 2 + (y - 14) ** 2 <= 81) & (y <= 14)
-            img[m] = accent
-            img[14:26, 5:25] = body
-            for k in range(tiers):
-                img[17:24, 7 + 6 * k : 10 + 6 * k] = accent
-        elif t == "arch":
-            img[6:26, 4:26] = body
-            m = ((x - 14.5) ** 2 + (y - 16) ** 2 <= 36) | ((np.abs(x - 14.5) <= 6) & (y >= 16))
-            img[m] = _rgb(spec.get("sky", "white"))
-            img[6 : 6 + 2 * tiers, 4:26] = accent
-        else:  # stepped
-            for k in range(3):
-                img[26 - 7 * (k + 1) : 26 - 7 * k, 3 + 4 * k : 27 - 4 * k] = body if k % 2 == 0 else accent
-    elif kind == "logo":
-        img[:] = cols[0]
-        mark = spec.get("mark", "ring")
-        fg = cols[1]
-        if mark == "ring":
-            r = np.sqrt((x - 14.5) ** 2 + (y - 12.5) ** 2)
-            img[(r <= 9) & (r >= 5)] = fg
-        elif mark == "bars":
-            img[5:21, 8:12] = fg
-            img[5:21, 17:21] = fg
-        elif mark in ("triangle", "diamond", "star", "circle"):
-            m = shape_mask(mark, 18)
-            img[4:22, 6:24][m] = fg
-        letter = spec.get("letter")
-        if letter:
-            from .font import GLYPHS
-
-            g = GLYPHS.get(letter)
-            if g is not None:
-                img[18:25, 22:27][g] = _rgb(spec.get("letter_color", "white"))
-    else:
-        raise ValueError(f"unknown emblem kind {kind!r}")
+    _EMBLEMS[kind](img, spec, cols, y, x)
     img[0, :] = img[-1, :] = 0
     img[:, 0] = img[:, -1] = 0
     return img

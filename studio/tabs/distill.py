@@ -1,0 +1,200 @@
+"""Distill: start, stop, resume or watch a self-evolution run; its curves, pairs, probe and report update live."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import gradio as gr
+
+from ..distill import (ARMS_ABLATE, ARMS_EVOLVE, PAIR_HEADERS, check_run_name, curves_figure, distill_args, latest_pairs,
+                      new_experiences, probe_request_id, read_live, report_parts, status_text)
+from ..html import columns_html, esc, message, token_gap_html
+from ..services import TINY, Services
+from ..tables import EXP_HEADERS, experience_rows
+from . import StudioError, opt_number, pick, safe, signature
+
+
+def _layout(s: Services) -> SimpleNamespace:
+    """The run form, the job buttons and the live views of the watched run folder."""
+    gr.Markdown(f"Self-evolution (GRPO + VED) in its own process, watched live. **Device: {s.device}.** "
+                "A run started from the command line can be watched too: pick its folder below.")
+    with gr.Row():
+        mode = gr.Radio(["evolve", "ablate"], value="evolve", label="Run", elem_id="distill-mode")
+        policy = gr.Dropdown([TINY], value=TINY, allow_custom_value=True, label="Student policy (tiny or a model folder)",
+                             elem_id="distill-policy")
+        quick = gr.Checkbox(True, label="--quick (a few minutes)", elem_id="distill-quick")
+        name = gr.Textbox(value="", label="Run name (folder under the runs folder; blank: a new one)", elem_id="distill-name")
+    with gr.Row():
+        arms_e = gr.CheckboxGroup(list(ARMS_EVOLVE), value=list(ARMS_EVOLVE), label="evolve: losses", elem_id="distill-arms")
+        arms_a = gr.CheckboxGroup(list(ARMS_ABLATE), value=list(ARMS_ABLATE), label="ablate: arms")
+        seed_bank = gr.Dropdown(["(none)"] + s.bank_choices(), value="(none)", label="Start from a bank (evolve)",
+                                elem_id="distill-seed-bank")
+        probe_req = gr.Dropdown(s.request_choices("evolve"), value=None, allow_custom_value=True, filterable=True, scale=2,
+                                label="Probe request for student vs teacher (blank: the first evolve request)",
+                                elem_id="distill-probe-request")
+    with gr.Row():
+        steps = gr.Textbox("", placeholder="default", label="steps", elem_id="distill-steps")
+        b = gr.Textbox("", placeholder="default", label="B prompts", elem_id="distill-b")
+        k = gr.Textbox("", placeholder="default", label="K rollouts", elem_id="distill-k")
+        rank = gr.Number(16, precision=0, label="LoRA rank")
+        lam = gr.Number(2.0, label="λ_VED")
+        dmin = gr.Number(0.20, label="δ_min")
+        gate = gr.Number(0.84, label="gate", elem_id="distill-gate")
+        seed = gr.Number(0, precision=0, label="seed")
+        mnt = gr.Number(384, precision=0, label="max new tokens", elem_id="distill-mnt")
+        evr = gr.Textbox("", placeholder="default", label="eval requests", elem_id="distill-evr")
+    with gr.Row():
+        start_btn = gr.Button("Start", variant="primary", elem_id="distill-start")
+        stop_btn = gr.Button("Stop", elem_id="distill-stop")
+        kill_btn = gr.Button("Kill", variant="stop", elem_id="distill-kill")
+        resume_btn = gr.Button("Resume", elem_id="distill-resume")
+        watch = gr.Dropdown(s.list_runs_training(), value=None, label="Watch a run folder", scale=3, elem_id="distill-watch")
+        watch_btn = gr.Button("Watch", elem_id="distill-watch-btn")
+    msg = gr.HTML(elem_id="distill-msg")
+    status = gr.HTML(elem_id="distill-status")
+    curves = gr.Plot(label="Learning curves", elem_id="distill-curves")
+    with gr.Row():
+        pairs = gr.Dataframe(headers=PAIR_HEADERS, interactive=False, wrap=True, max_height=240, label="Latest mined pairs")
+        new_exps = gr.Dataframe(headers=EXP_HEADERS, interactive=False, wrap=True, max_height=240, label="New experiences")
+    gr.Markdown("### Student vs teacher on a probe request")
+    probe_md = gr.Markdown(elem_id="distill-probe-head")
+    tokens = gr.HTML(elem_id="distill-tokens")
+    probe_cols = gr.HTML(elem_id="distill-probe-columns")
+    logtail = gr.Textbox(label="Log (last lines)", lines=8, max_lines=8, elem_id="distill-log")
+    with gr.Accordion("Report", open=True):
+        report_md = gr.Markdown(elem_id="distill-report")
+        report_imgs = gr.Gallery(columns=3, height=300, label="Curves and examples")
+    watched = gr.State(None)
+    seen = gr.State(None)
+    timer = gr.Timer(2.0, active=False)
+
+    live_outputs = [status, curves, pairs, new_exps, probe_md, tokens, probe_cols, logtail, report_md, report_imgs, seen, timer]
+    return SimpleNamespace(**{k: v for k, v in locals().items() if k != "s"})
+
+
+def _live_view(s: Services, ui: SimpleNamespace):
+    """The handler that redraws the watched run's live views (a no-op when its files have not changed)."""
+    msg, status, curves, probe_md, tokens, probe_cols = pick(ui, 'msg status curves probe_md tokens probe_cols')
+    logtail, watched, seen, timer, live_outputs, mode = pick(ui, 'logtail watched seen timer live_outputs mode')
+    policy, quick, name, arms_e, arms_a, seed_bank = pick(ui, 'policy quick name arms_e arms_a seed_bank')
+    probe_req, steps, b, k, rank, lam, dmin, gate, seed = pick(ui, 'probe_req steps b k rank lam dmin gate seed')
+    mnt, evr, start_btn, stop_btn, kill_btn, resume_btn = pick(ui, 'mnt evr start_btn stop_btn kill_btn resume_btn')
+    watch, watch_btn, pairs, new_exps, report_md, report_imgs = pick(ui, 'watch watch_btn pairs new_exps report_md report_imgs')
+
+    def refresh_view(out: str | None, last):
+        if not out:
+            return {status: message("info", "no run watched: start one or pick a folder")}
+        live = read_live(Path(out))
+        job = s.jobs.status()
+        ours = job.get("out") == str(live.out)
+        going = live.running or (ours and job["state"] in ("running", "stopping"))
+        sig = signature(live.out) + (job["state"] if ours else "",)
+        state = job["state"] if ours else ("running" if live.running else "idle")
+        head = (f'<div class="ge-msg {"err" if live.error else "info"}" data-points="{live.points}" data-state="{state}">'
+                f'{esc(status_text(live, job if ours else None))}</div>')
+        if sig == last:
+            return {status: head, timer: gr.Timer(active=going)}
+        out_: dict[Any, Any] = {status: head, seen: sig, timer: gr.Timer(active=going), curves: curves_figure(live.metrics)}
+        out_[pairs] = latest_pairs(live.pairs)
+        if live.probe_dir is not None:
+            out_[new_exps] = experience_rows([(None, e) for e in new_experiences(live.probe_dir, live.pairs)])
+        p = live.probe
+        if p:
+            from genevolve.records import ImageStore
+
+            from .html import store_src
+
+            sim = f" · similarity {p.similarity:.3f}" if p.similarity is not None else ""
+            out_[probe_md] = (f"Step {p.step} · `{p.request_id}` {p.request}" + (f"\n\nExperience `{p.experience_id}`{sim}; "
+                              f"guide:\n\n```\n{p.guide}\n```" if p.guide else f"\n\n_{p.note}_"))
+            out_[tokens] = token_gap_html([t.model_dump(exclude_none=True) for t in p.tokens])
+            trajs, verdicts = [], {}
+            for who, case in (("student", p.student), ("teacher", p.teacher)):
+                if case:
+                    trajs.append(case.trajectory.model_copy(update={"id": who}))
+                    if case.verdict:
+                        verdicts[who] = case.verdict
+            req = s.world.request(p.request_id) if p.request_id else None
+            src_run, src_world = store_src(ImageStore(live.probe_dir / "images")), store_src(s.world.images)
+            out_[probe_cols] = columns_html(req, trajs, verdicts, lambda h: src_run(h) or src_world(h),
+                                            titles={"student": "student (latest rollout)", "teacher": "teacher (student + guide)"},
+                                            mark=False)
+        log_path = live.out / "studio.log"
+        if log_path.exists():
+            out_[logtail] = "\n".join(log_path.read_text("utf-8", errors="replace").splitlines()[-8:])
+        if live.report:
+            body, imgs = report_parts(live.report)
+            out_[report_md] = body
+            out_[report_imgs] = [str(x) for x in imgs]
+        return out_
+
+    return safe(status)(refresh_view)
+
+
+def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
+    msg, status, curves, probe_md, tokens, probe_cols = pick(ui, 'msg status curves probe_md tokens probe_cols')
+    logtail, watched, seen, timer, live_outputs, mode = pick(ui, 'logtail watched seen timer live_outputs mode')
+    policy, quick, name, arms_e, arms_a, seed_bank = pick(ui, 'policy quick name arms_e arms_a seed_bank')
+    probe_req, steps, b, k, rank, lam, dmin, gate, seed = pick(ui, 'probe_req steps b k rank lam dmin gate seed')
+    mnt, evr, start_btn, stop_btn, kill_btn, resume_btn = pick(ui, 'mnt evr start_btn stop_btn kill_btn resume_btn')
+    watch, watch_btn, pairs, new_exps, report_md, report_imgs = pick(ui, 'watch watch_btn pairs new_exps report_md report_imgs')
+
+    @safe(msg)
+    def start(mode_, policy_, quick_, name_, arms_e_, arms_a_, seed_bank_, probe_, steps_, b_, k_, rank_, lam_, dmin_, gate_, seed_,
+              mnt_, evr_):
+        name_ = check_run_name(name_) if (name_ or "").strip() else f"distill-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = s.runs_dir / name_
+        if (out / "config.json").exists() or (out / "report").exists():
+            raise StudioError(f"{name_} already holds a run: pick it under 'Watch' and use Resume, or choose another name")
+        args = distill_args(mode_, out, policy_ or TINY, arms_e_ if mode_ == "evolve" else arms_a_, bool(quick_),
+                            opt_number(steps_, "steps"), opt_number(b_, "B"), opt_number(k_, "K"), rank_, float(lam_),
+                            float(dmin_), float(gate_), int(seed_ or 0), mnt_, opt_number(evr_, "eval requests"),
+                            probe_request_id(probe_, {r.id for r in s.world.requests}))
+        bank = None if seed_bank_ in (None, "", "(none)") or mode_ != "evolve" else s.run_path(seed_bank_)
+        text = s.jobs.start(args, out, seed_bank=bank)
+        return {msg: message("ok", text), watched: str(out), seen: None, timer: gr.Timer(active=True),
+                watch: gr.update(choices=s.list_runs_training(), value=name_)}
+
+    @safe(msg)
+    def stop():
+        return {msg: message("info", s.jobs.stop())}
+
+    @safe(msg)
+    def kill():
+        return {msg: message("info", s.jobs.kill())}
+
+    @safe(msg)
+    def resume(name_):
+        out = s.run_path(name_)
+        text = s.jobs.resume(out)
+        return {msg: message("ok", text), watched: str(out), seen: None, timer: gr.Timer(active=True)}
+
+    @safe(msg)
+    def watch_run(name_):
+        out = s.run_path(name_)
+        return {watched: str(out), seen: None, timer: gr.Timer(active=True), msg: message("info", f"watching {name_}")}
+
+    return SimpleNamespace(tick=_live_view(s, ui), start=start, stop=stop, kill=kill, resume=resume, watch_run=watch_run)
+
+
+def tab(s: Services) -> None:
+    ui = _layout(s)
+    h = _handlers(s, ui)
+    msg, status, curves, probe_md, tokens, probe_cols = pick(ui, 'msg status curves probe_md tokens probe_cols')
+    logtail, watched, seen, timer, live_outputs, mode = pick(ui, 'logtail watched seen timer live_outputs mode')
+    policy, quick, name, arms_e, arms_a, seed_bank = pick(ui, 'policy quick name arms_e arms_a seed_bank')
+    probe_req, steps, b, k, rank, lam, dmin, gate, seed = pick(ui, 'probe_req steps b k rank lam dmin gate seed')
+    mnt, evr, start_btn, stop_btn, kill_btn, resume_btn = pick(ui, 'mnt evr start_btn stop_btn kill_btn resume_btn')
+    watch, watch_btn, pairs, new_exps, report_md, report_imgs = pick(ui, 'watch watch_btn pairs new_exps report_md report_imgs')
+    tick, start, stop, kill, resume, watch_run = pick(h, 'tick start stop kill resume watch_run')
+    start_btn.click(start, [mode, policy, quick, name, arms_e, arms_a, seed_bank, probe_req, steps, b, k, rank, lam, dmin, gate, seed,
+                            mnt, evr],
+                    [msg, watched, seen, timer, watch])
+    stop_btn.click(stop, None, [msg])
+    kill_btn.click(kill, None, [msg])
+    resume_btn.click(resume, [watch], [msg, watched, seen, timer])
+    watch_btn.click(watch_run, [watch], [watched, seen, timer, msg])
+    timer.tick(tick, [watched, seen], live_outputs)

@@ -1,0 +1,159 @@
+"""Experiences: the bank searched, filtered and edited slot by slot, with a student-vs-teacher try of a guide."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gradio as gr
+
+from ..services import Services
+from genevolve.guides import SLOT_TITLES, SLOTS
+
+from ..html import columns_html, message
+from ..services import EXPERT_NOISY, STUDIO_BANK
+from ..tables import (EXP_HEADERS, HISTORY_HEADERS, experience_rows, filter_experiences, form_slots, history_rows,
+                      provenance_md)
+from . import StudioError, opt_number, pick, safe
+
+
+def _layout(s: Services) -> SimpleNamespace:
+    """The bank picker, search and filters, the table, the slot editor and the try-the-guide panel."""
+    gr.Markdown("The experience bank: search it by request (FAISS over source requests), filter, open one to edit its five "
+                "slots. Every change is saved through the library and is retrievable at once.")
+    with gr.Row():
+        bank_dd = gr.Dropdown(s.bank_choices(), value=STUDIO_BANK, label="Bank", scale=3, elem_id="exp-bank")
+        refresh = gr.Button("Refresh banks", size="sm")
+    with gr.Row():
+        query = gr.Textbox(label="Semantic search: a request", scale=3, elem_id="exp-query")
+        slot_filter = gr.Textbox(label="Slot text contains", scale=2, elem_id="exp-filter")
+        min_gap = gr.Textbox("", placeholder="any", label="Min reward gap", elem_id="exp-gap")
+        run_filter = gr.Dropdown(["(any)"], value="(any)", label="Source run", elem_id="exp-run")
+        search_btn = gr.Button("Search", variant="primary", elem_id="exp-search")
+    table = gr.Dataframe(headers=EXP_HEADERS, interactive=False, wrap=True, max_height=320, elem_id="exp-table",
+                         column_widths=["12%", "8%", "36%", "6%", "10%", "5%", "6%", "17%"])
+    status = gr.HTML(elem_id="exp-status")
+    with gr.Row():
+        exp_id = gr.Dropdown([], value=None, label="Experience", allow_custom_value=True, scale=3, elem_id="exp-id")
+        open_btn = gr.Button("Open", elem_id="exp-open")
+    with gr.Row():
+        with gr.Column(scale=3):
+            source = gr.Textbox(label="Source request (for a new experience: a request id or text)", elem_id="exp-source")
+            boxes = [gr.Textbox(label=SLOT_TITLES[sl], lines=2, elem_id=f"exp-slot-{sl}") for sl in SLOTS]
+            note = gr.Textbox(label="Edit note (kept in the version history)", elem_id="exp-note")
+            with gr.Row():
+                save_btn = gr.Button("Save", variant="primary", elem_id="exp-save")
+                create_btn = gr.Button("Create new", elem_id="exp-create")
+                confirm = gr.Checkbox(False, label="Yes, delete it", elem_id="exp-confirm")
+                delete_btn = gr.Button("Delete", variant="stop", elem_id="exp-delete")
+        with gr.Column(scale=2):
+            prov = gr.Markdown(elem_id="exp-provenance")
+            history = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, wrap=True, max_height=240, label="Versions")
+            retrieving = gr.Dataframe(headers=["similarity", "request", "text"], interactive=False, wrap=True, max_height=240,
+                                      label="Requests that retrieve it (nearest experience, above the gate)")
+    with gr.Accordion("Try the guide: student vs teacher (student + this experience) on its source request", open=False):
+        with gr.Row():
+            try_pol = gr.Dropdown(s.policy_choices(), value=EXPERT_NOISY, label="Student policy", allow_custom_value=True)
+            try_seed = gr.Number(0, precision=0, label="Seed")
+            try_btn = gr.Button("Run student and teacher", elem_id="exp-try")
+        try_html = gr.HTML(elem_id="exp-try-columns")
+    return SimpleNamespace(**{k: v for k, v in locals().items() if k != "s"})
+
+
+def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
+    table, status, bank_dd, refresh, query, slot_filter = pick(ui, 'table status bank_dd refresh query slot_filter')
+    min_gap, run_filter, search_btn, exp_id, open_btn = pick(ui, 'min_gap run_filter search_btn exp_id open_btn')
+    try_html, source, boxes, note, prov, history, retrieving = pick(ui, 'try_html source boxes note prov history retrieving')
+    try_pol, try_seed, try_btn, save_btn, create_btn = pick(ui, 'try_pol try_seed try_btn save_btn create_btn')
+    confirm, delete_btn = pick(ui, 'confirm delete_btn')
+
+    def listing(bank_name, q, slot_text, gap, run):
+        bank = s.bank(bank_name)
+        hits = bank.search(q, k=len(bank)) if (q or "").strip() and len(bank) else [(None, e) for e in reversed(list(bank.items.values()))]
+        hits = filter_experiences(hits, slot_text, opt_number(gap, "the minimum gap", float), run)
+        runs = ["(any)"] + sorted({e.run_id for e in bank.items.values() if e.run_id})
+        return {table: experience_rows(hits), exp_id: gr.update(choices=[e.id for _, e in hits]),
+                run_filter: gr.update(choices=runs), status: message("info", f"{len(hits)} of {len(bank)} experiences"
+                                                                      + (f" · {len(bank.load_errors)} broken line(s) set aside" if bank.load_errors else ""))}
+
+    def detail(bank_name, eid) -> dict:
+        bank = s.bank(bank_name)
+        e = bank.get((eid or "").strip())
+        ret = [[round(sim, 3), r.id, r.text] for sim, r in s.retrieving_requests(bank, e.id)]
+        return {**{b: e.slots[sl] for b, sl in zip(boxes, SLOTS)}, source: f"{e.source_request_id} · {e.source_request}",
+                prov: provenance_md(e), history: history_rows(e), retrieving: ret}
+
+    search = safe(status)(listing)
+
+    @safe(status)
+    def open_exp(bank_name, eid):
+        if not (eid or "").strip():
+            raise StudioError("pick an experience (search, then choose its id)")
+        return {**detail(bank_name, eid), status: message("ok", f"opened {eid}")}
+
+    @safe(status)
+    def pick_row(bank_name, evt: gr.SelectData):
+        eid = evt.row_value[0] if evt.row_value else None
+        return {exp_id: eid, **detail(bank_name, eid), status: message("ok", f"opened {eid}")}
+
+    @safe(status)
+    def save(bank_name, eid, note_text, *values):
+        if not (eid or "").strip():
+            raise StudioError("open an experience before saving (or use Create new)")
+        e = s.bank(bank_name).edit(eid.strip(), form_slots(values), note=note_text or "edited in the studio")
+        return {**detail(bank_name, e.id), status: message("ok", f"saved {e.id} as version {e.version}")}
+
+    @safe(status)
+    def create(bank_name, source_text, *values):
+        slots = form_slots(values)
+        text = (source_text or "").split(" · ", 1)
+        req = s.resolve_request(text[0] if len(text) == 2 and text[0].split("-")[0] in ("sft", "evolve", "bench") else source_text)
+        e = s.bank(bank_name).add(req.id, req.text, slots, reward_gap=0.0, run_id="studio", summariser="hand-written")
+        out = listing(bank_name, "", "", "", "(any)")
+        return {**out, **detail(bank_name, e.id), exp_id: gr.update(choices=out[exp_id]["choices"], value=e.id),
+                status: message("ok", f"created {e.id}")}
+
+    @safe(status)
+    def delete(bank_name, eid, yes):
+        if not yes:
+            raise StudioError("tick 'Yes, delete it' first: deleting cannot be undone")
+        s.bank(bank_name).delete((eid or "").strip())
+        out = listing(bank_name, "", "", "", "(any)")
+        return {**out, exp_id: gr.update(choices=out[exp_id]["choices"], value=None), confirm: False,
+                status: message("ok", f"deleted {eid}")}
+
+    @safe(status)
+    def try_guide(bank_name, eid, policy, seed_, progress=gr.Progress()):
+        progress(0, desc="student and teacher rolling out")
+        req, trajs, verdicts, store = s.try_guide(s.bank(bank_name), (eid or "").strip(), policy, int(seed_ or 0))
+        from .html import store_src
+
+        return {try_html: columns_html(req, trajs, verdicts, store_src(store), titles={"student": "student",
+                                                                                     "teacher": "teacher (student + guide)"},
+                                       mark=False),
+                status: message("ok", f"teacher reward {verdicts['teacher'].reward:.3f} vs student {verdicts['student'].reward:.3f}")}
+
+    return SimpleNamespace(listing=listing, detail=detail, search=search, open_exp=open_exp, pick_row=pick_row, save=save, create=create, delete=delete, try_guide=try_guide)
+
+
+def tab(s: Services) -> None:
+    ui = _layout(s)
+    h = _handlers(s, ui)
+    table, status, bank_dd, refresh, query, slot_filter = pick(ui, 'table status bank_dd refresh query slot_filter')
+    min_gap, run_filter, search_btn, exp_id, open_btn = pick(ui, 'min_gap run_filter search_btn exp_id open_btn')
+    try_html, source, boxes, note, prov, history, retrieving = pick(ui, 'try_html source boxes note prov history retrieving')
+    try_pol, try_seed, try_btn, save_btn, create_btn = pick(ui, 'try_pol try_seed try_btn save_btn create_btn')
+    confirm, delete_btn = pick(ui, 'confirm delete_btn')
+    listing, detail, search, open_exp, pick_row, save = pick(h, 'listing detail search open_exp pick_row save')
+    create, delete, try_guide = pick(h, 'create delete try_guide')
+    detail_outputs = [*boxes, source, prov, history, retrieving]
+    list_outputs = [table, exp_id, run_filter, status]
+    search_btn.click(search, [bank_dd, query, slot_filter, min_gap, run_filter], list_outputs)
+    query.submit(search, [bank_dd, query, slot_filter, min_gap, run_filter], list_outputs)
+    bank_dd.change(search, [bank_dd, query, slot_filter, min_gap, run_filter], list_outputs)
+    refresh.click(lambda: gr.update(choices=s.bank_choices()), None, [bank_dd])
+    open_btn.click(open_exp, [bank_dd, exp_id], detail_outputs + [status])
+    table.select(pick_row, [bank_dd], detail_outputs + [exp_id, status])
+    save_btn.click(save, [bank_dd, exp_id, note, *boxes], detail_outputs + [status])
+    create_btn.click(create, [bank_dd, source, *boxes], detail_outputs + list_outputs)
+    delete_btn.click(delete, [bank_dd, exp_id, confirm], list_outputs + [confirm])
+    try_btn.click(try_guide, [bank_dd, exp_id, try_pol, try_seed], [try_html, status])
