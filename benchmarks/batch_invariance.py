@@ -20,12 +20,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tqdm import tqdm
 
-from genevolve.agent import Tools
-from genevolve.guides import oracle_guide
+from genevolve.agent.loop import Tools
+from genevolve.agent.guides import oracle_guide
 from genevolve.policies.base import SamplingParams
 from genevolve.policies.resolve import resolve_policy
-from genevolve.records import atomic_write_json
-from genevolve.rollout import rollout
+from genevolve.records.schema import atomic_write_json
+from genevolve.agent.rollout import rollout
 from genevolve.world import World
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from policy_headroom import arm_row, bench, paired_gain, pm, policy_args
 
-from genevolve.records import atomic_write_json
+from genevolve.records.schema import atomic_write_json
 
 GRID = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.84, 0.85, 0.9, 0.95)
 FALLBACK_GATE = 0.84
@@ -92,7 +92,7 @@ def main() -> int:
         except ValueError:
             ap.error(f"--gate is 'calibrated' or a number in [-1, 1], not {a.gate!r}")
 
-    from genevolve.experience import ExperienceBank
+    from genevolve.experience.bank import ExperienceBank
     from genevolve.world import World
 
     world, bank = World(), ExperienceBank(a.bank)

@@ -4,7 +4,7 @@ For one evolve run folder (``trajectories.jsonl``, ``verdicts.jsonl``, ``pairs.j
 sandbox world:
 
 - every rollout group of a Knowledge-Anchored request: does its top-rewarded trajectory search the fact
-  it needs (requests with a hop), is it grounded (:func:`genevolve.experience.evidence`), did it pick the
+  it needs (requests with a hop), is it grounded (:func:`genevolve.experience.bank.evidence`), did it pick the
   official reference of the right entity, and did it get there without the fact search (a lucky guess);
 - every mined pair of a knowledge request: whether best and worst differ in fact search and in reference
   choice, how often the best guessed, and which search lesson the experience wrote.
@@ -21,8 +21,8 @@ import collections
 import json
 from pathlib import Path
 
-from genevolve.experience import evidence
-from genevolve.records import Trajectory, Verdict, atomic_write_json, read_jsonl
+from genevolve.experience.bank import evidence
+from genevolve.records.schema import Trajectory, Verdict, atomic_write_json, read_jsonl
 from genevolve.world import World
 
 

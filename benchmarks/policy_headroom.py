@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from genevolve.records import atomic_write_json
+from genevolve.records.schema import atomic_write_json
 
 
 def bench(args: list[str], out: Path, reuse: bool = False) -> dict:
@@ -63,7 +63,7 @@ def arm_row(r: dict) -> dict:
 def paired_gain(arm: dict, base: dict, n_seeds: int) -> dict:
     """Arm minus base, seed by seed (same seeds, same requests): mean and 95 % CI over seeds; null when a seed
     has no score in one of them (then the per-seed lists no longer line up)."""
-    from genevolve.evaluation import mean_ci
+    from genevolve.evaluation.bench import mean_ci
 
     if not (len(arm["per_seed"]) == len(base["per_seed"]) == n_seeds):
         return {"mean": None, "ci95": None, "per_seed": None, "note": "a seed has no score: nothing to pair"}
@@ -74,7 +74,7 @@ def paired_gain(arm: dict, base: dict, n_seeds: int) -> dict:
 
 def paired_track_gains(arm: dict, base: dict) -> dict:
     """Arm minus base by track, seed by seed, from two ``genevolve bench`` results: mean and 95 % CI over seeds."""
-    from genevolve.evaluation import mean_ci
+    from genevolve.evaluation.bench import mean_ci
 
     out = {}
     for track, row in arm["by"]["track"].items():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from policy_headroom import arm_row, bench, paired_gain, paired_track_gains, pm, policy_args
 
-from genevolve.records import atomic_write_json
+from genevolve.records.schema import atomic_write_json
 
 
 def print_table(rows: dict, res: dict, notes: list[str]) -> None:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from genevolve.agent import Tools, run_to_end
-from genevolve.records import atomic_write_json
+from genevolve.agent.loop import Tools, run_to_end
+from genevolve.records.schema import atomic_write_json
 from genevolve.world import World
-from genevolve.world.expert import ExpertNoise, ExpertPolicy
+from genevolve.agent.expert import ExpertNoise, ExpertPolicy
 from genevolve.world.scene import Scene
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from genevolve.records import atomic_write_json
+from genevolve.records.schema import atomic_write_json
 
 GRID = (0.6, 0.65, 0.7, 0.75, 0.8, 0.84, 0.9)
 
@@ -81,7 +81,7 @@ def main() -> int:
     if not exps:
         ap.error(f"the experience bank {a.bank!r} is empty")
 
-    from genevolve.embed import default_embedder
+    from genevolve.tools.embed import default_embedder
     from genevolve.world import World
 
     world, emb = World(), default_embedder()

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from genevolve.agent import Tools, run_to_end
+from genevolve.agent.loop import Tools, run_to_end
 from genevolve.policies.base import SamplingParams
 from genevolve.policies.resolve import resolve_policy
-from genevolve.records import atomic_write_json
-from genevolve.rollout import rollout
+from genevolve.records.schema import atomic_write_json
+from genevolve.agent.rollout import rollout
 from genevolve.world import World
 
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from genevolve.agent import Tools, run_to_end
-from genevolve.evaluation import SandboxScorer, mean_ci, raw_trajectory
-from genevolve.records import SKILLS, ImageStore, atomic_write_json
+from genevolve.agent.loop import Tools, run_to_end
+from genevolve.evaluation.bench import SandboxScorer, mean_ci, raw_trajectory
+from genevolve.records.schema import SKILLS, ImageStore, atomic_write_json
 from genevolve.world import World
-from genevolve.world.expert import ExpertNoise, ExpertPolicy
+from genevolve.agent.expert import ExpertNoise, ExpertPolicy
 
 
 def scores(world, tools, scorer, store, reqs, policy, seeds) -> dict[str, list[float]]:

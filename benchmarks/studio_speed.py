@@ -84,8 +84,8 @@ def main() -> None:
 
     from playwright.sync_api import sync_playwright
 
-    from genevolve.records import atomic_write_json
-    from genevolve.runs import load_run
+    from genevolve.records.schema import atomic_write_json
+    from genevolve.records.runs import load_run
     from studio.html import run_view
     from studio.services import EXPERT_NOISY, Services
 

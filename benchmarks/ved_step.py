@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
-from genevolve.agent import Tools
-from genevolve.guides import oracle_guide
+from genevolve.agent.loop import Tools
+from genevolve.agent.guides import oracle_guide
 from genevolve.policies.base import SamplingParams
 from genevolve.policies.resolve import resolve_policy
-from genevolve.records import atomic_write_json
-from genevolve.rollout import rollout
-from genevolve.teacher import teacher_stream
+from genevolve.records.schema import atomic_write_json
+from genevolve.agent.rollout import rollout
+from genevolve.agent.teacher import teacher_stream
 from genevolve.training.checkpoint import LORA_TARGETS
 from genevolve.training.evolve import EvolveConfig, evolve
 from genevolve.training.update import LossSettings, Scored, accumulate_gradients, token_logprobs
@@ -113,8 +113,8 @@ def step_costs(policy: str, batch: int, repeats: int, seed: int) -> dict:
 
 
 def time_shares(policy: str, steps: int, b: int, k: int, seed: int) -> dict:
-    from genevolve.evaluation import SandboxScorer
-    from genevolve.records import read_jsonl, Trajectory
+    from genevolve.evaluation.bench import SandboxScorer
+    from genevolve.records.schema import read_jsonl, Trajectory
     from genevolve.world.scene import Scene
 
     w = World()

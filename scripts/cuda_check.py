@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def make_pairs(n: int, seed: int = 0) -> list[dict]:
     """Student/teacher conversation pairs from the sandbox expert following each request's decision guide."""
-    from genevolve.agent import Tools, run_to_end
-    from genevolve.guides import oracle_guide
-    from genevolve.protocol import trajectory_to_messages
+    from genevolve.agent.loop import Tools, run_to_end
+    from genevolve.agent.guides import oracle_guide
+    from genevolve.agent.protocol import trajectory_to_messages
     from genevolve.world import World
-    from genevolve.world.expert import ExpertNoise, ExpertPolicy
+    from genevolve.agent.expert import ExpertNoise, ExpertPolicy
 
     world = World()
     tools, expert = Tools.for_world(world), ExpertPolicy(world, ExpertNoise.cold_start())

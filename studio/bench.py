@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from genevolve.evaluation import DIMS, LEVELS
+from genevolve.evaluation.bench import DIMS, LEVELS
 
 from . import StudioError
 

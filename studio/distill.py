@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection
 
-from genevolve.live import MetricsRow, PairRecord, ProbeRecord, is_running, read_jsonl_rows, read_metrics, read_pairs, read_probe
+from genevolve.records.live import MetricsRow, PairRecord, ProbeRecord, is_running, read_jsonl_rows, read_metrics, read_pairs, read_probe
 
 from . import StudioError
 
@@ -167,7 +167,7 @@ PAIR_HEADERS = ["step", "request", "text", "best R", "worst R", "gap", "experien
 def new_experiences(run: Path, pairs: list[PairRecord]):
     """The experiences made at the latest step, read from the bank's JSONL (never through a bank object,
     which could rewrite a file the trainer owns)."""
-    from genevolve.records import Experience
+    from genevolve.records.schema import Experience
 
     if not pairs:
         return []

@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from genevolve.records import ImageStore, Request, Trajectory, Verdict
+from genevolve.records.schema import ImageStore, Request, Trajectory, Verdict
 
 FOLD_CHARS = 280  # observations longer than this are folded
 Src = Callable[[str | None], str | None]  # image hash -> src for <img>, None when missing

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from genevolve.records import atomic_write_json
+from genevolve.records.schema import atomic_write_json
 
 from . import StudioError
 
@@ -62,7 +62,7 @@ class DistillJobs:
     # -- control -----------------------------------------------------------------
     def start(self, args: list[str], out: Path, seed_bank: Path | None = None) -> str:
         """Start ``genevolve <args>`` writing to ``out``; refused while another run is going."""
-        from genevolve.live import is_running
+        from genevolve.records.live import is_running
 
         out = Path(out)
         with self._lock:
@@ -76,7 +76,7 @@ class DistillJobs:
                 raise StudioError(f"the bank {seed_bank} has no experiences.jsonl")
             out.mkdir(parents=True, exist_ok=True)
             if src is not None:
-                from genevolve.records import atomic_write_bytes
+                from genevolve.records.schema import atomic_write_bytes
 
                 atomic_write_bytes(out / "bank" / "experiences.jsonl", src.read_bytes())
             env = {**os.environ, "GENEVOLVE_WORLD": str(self.world_root), "HF_HUB_OFFLINE": "1",

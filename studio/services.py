@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from genevolve.records import ImageStore, Request, RunInfo, Trajectory, Verdict
+from genevolve.records.schema import ImageStore, Request, RunInfo, Trajectory, Verdict
 
 from . import StudioError
 from .jobs import DistillJobs
@@ -56,10 +56,10 @@ class Services:
     @classmethod
     def create(cls, world_dir: str | Path | None = None, runs_dir: str | Path = "runs", embedder=None,
                data_dir: str | Path | None = None) -> "Services":
-        from genevolve.embed import default_embedder
-        from genevolve.paths import data_dir as default_data_dir
-        from genevolve.paths import user_references
-        from genevolve.refstore import ReferenceStore
+        from genevolve.tools.embed import default_embedder
+        from genevolve.records.paths import data_dir as default_data_dir
+        from genevolve.records.paths import user_references
+        from genevolve.tools.refstore import ReferenceStore
         from genevolve.world import World
 
         embedder = embedder or default_embedder()
@@ -100,7 +100,7 @@ class Services:
 
     def policy(self, name: str):
         """A policy by its studio name (None for raw); local models load once and are shared."""
-        from genevolve.world.expert import ExpertNoise, ExpertPolicy
+        from genevolve.agent.expert import ExpertNoise, ExpertPolicy
 
         name = (name or "").strip()
         if name == EXPERT:
@@ -127,8 +127,8 @@ class Services:
 
     def _trajectories(self, requests: list[Request], pol, k: int, seed: int, guides: dict[str, str] | None = None,
                       on_turn: Callable[[int, int], None] | None = None) -> list[Trajectory]:
-        from genevolve.agent import Tools
-        from genevolve.evaluation import trajectories
+        from genevolve.agent.loop import Tools
+        from genevolve.evaluation.bench import trajectories
         from genevolve.policies.base import SamplingParams
 
         params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384)
@@ -137,9 +137,9 @@ class Services:
 
     def _evaluate(self, requests: list[Request], pol, seeds: list[int], writer, samples: int = 1,
                   progress: Callable[[str], None] | None = None, on_turn: Callable[[int, int], None] | None = None):
-        """:func:`genevolve.evaluation.evaluate` on the sandbox, every case written to ``writer``'s run folder."""
-        from genevolve.agent import Tools
-        from genevolve.evaluation import SandboxScorer, evaluate
+        """:func:`genevolve.evaluation.bench.evaluate` on the sandbox, every case written to ``writer``'s run folder."""
+        from genevolve.agent.loop import Tools
+        from genevolve.evaluation.bench import SandboxScorer, evaluate
         from genevolve.policies.base import SamplingParams
 
         params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384)
@@ -153,7 +153,7 @@ class Services:
     def run_rollouts(self, request: Request, policy_name: str, k: int, seed: int,
                      progress: Callable[[int, int], None] | None = None) -> Path:
         """K trajectories for one request, rendered and judged, written as a run folder (as `genevolve rollout`)."""
-        from genevolve.runs import RunWriter, new_run_id, now_iso
+        from genevolve.records.runs import RunWriter, new_run_id, now_iso
 
         if not 1 <= int(k) <= 16:
             raise StudioError("K is between 1 and 16")
@@ -212,7 +212,7 @@ class Services:
         return [STUDIO_BANK] + sorted(found - {STUDIO_BANK})
 
     def bank(self, name: str):
-        from genevolve.experience import ExperienceBank
+        from genevolve.experience.bank import ExperienceBank
 
         path = self.run_path(name or STUDIO_BANK)
         with self._lock:
@@ -246,8 +246,8 @@ class Services:
 
     def try_guide(self, bank, exp_id: str, policy_name: str, seed: int) -> tuple[Request, list[Trajectory], dict[str, Verdict], ImageStore]:
         """The student and the teacher (the student with this experience as its guide) on the experience's source request."""
-        from genevolve.evaluation import SandboxScorer
-        from genevolve.experience import guide_text
+        from genevolve.evaluation.bench import SandboxScorer
+        from genevolve.experience.bank import guide_text
 
         exp = bank.get(exp_id)
         if policy_name == RAW:
@@ -279,7 +279,7 @@ class Services:
     def run_bench(self, policy_name: str, split: str, limit: int | None, seeds: list[int],
                   progress: Callable[[str], None] | None = None) -> Path:
         """A policy over a sandbox split (one trajectory per request and seed), written as a run folder."""
-        from genevolve.runs import RunWriter, new_run_id, now_iso
+        from genevolve.records.runs import RunWriter, new_run_id, now_iso
 
         if not seeds:
             raise StudioError("give at least one seed")
@@ -308,13 +308,13 @@ class Services:
         judgement or ground truth is missing are left out of the means and counted in the summary."""
         import tempfile
 
-        from genevolve.agent import Tools
+        from genevolve.agent.loop import Tools
         from genevolve.generators import open_generator
         from genevolve.judges.vlm import ProgramJudge, VLMJudge
-        from genevolve.official import DataError, load_requests, run_bench
+        from genevolve.evaluation.official import DataError, load_requests, run_bench
         from genevolve.policies.base import SamplingParams
-        from genevolve.runs import RunWriter, new_run_id, now_iso
-        from genevolve.scoring import ModelScorer
+        from genevolve.records.runs import RunWriter, new_run_id, now_iso
+        from genevolve.evaluation.scoring import ModelScorer
 
         if not seeds:
             raise StudioError("give at least one seed")

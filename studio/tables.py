@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from genevolve.experience import ExperienceError, validate_slots
-from genevolve.guides import SLOT_TITLES, SLOTS
-from genevolve.records import Experience
+from genevolve.experience.bank import ExperienceError, validate_slots
+from genevolve.agent.guides import SLOT_TITLES, SLOTS
+from genevolve.records.schema import Experience
 
 from . import StudioError
 

@@ -15,7 +15,7 @@ def world():
 
 @pytest.fixture(scope="session")
 def tools(world):
-    from genevolve.agent import Tools
+    from genevolve.agent.loop import Tools
 
     return Tools.for_world(world)
 
@@ -24,7 +24,7 @@ def tools(world):
 def tiny_folder(tmp_path_factory, world):
     """A tiny random Llama with a sandbox tokenizer, saved as a model folder (a stand-in student; read only)."""
     from genevolve.policies.tiny import build_tiny_model, train_tokenizer
-    from genevolve.protocol import SYSTEM_PROMPT
+    from genevolve.agent.protocol import SYSTEM_PROMPT
 
     tok = train_tokenizer([SYSTEM_PROMPT] + [r.text for r in world.split("evolve")] * 3, vocab_size=500)
     path = tmp_path_factory.mktemp("tiny-student")

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import genevolve.cli.train as train_cmd
 from genevolve.cli import app
-from genevolve.training import compare
+from genevolve.evaluation import report as compare
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from genevolve.agent import EndStep, Tools, TurnStep, run_episode, run_to_end
-from genevolve.protocol import (
+from genevolve.agent.loop import EndStep, Tools, TurnStep, run_episode, run_to_end
+from genevolve.agent.protocol import (
     FINAL_STEP_MESSAGE,
     FORMAT_ERROR_MESSAGE,
     MAX_TOOL_CALLS,
@@ -19,7 +19,7 @@ from genevolve.protocol import (
     trajectory_to_messages,
     wrap_observation,
 )
-from genevolve.records import ImageRef, Request, ToolCall, Trajectory, read_jsonl, write_jsonl
+from genevolve.records.schema import ImageRef, Request, ToolCall, Trajectory, read_jsonl, write_jsonl
 from genevolve.tools.base import ImageHit
 
 REQUEST = Request(id="req-7", text="Draw the Veloria mascot holding the flag")

@@ -41,8 +41,8 @@ def test_paired_gain_needs_every_seed():
 
 
 def test_experience_transfer_runs_small(tmp_path, world):
-    from genevolve.experience import ExperienceBank
-    from genevolve.guides import oracle_slots
+    from genevolve.experience.bank import ExperienceBank
+    from genevolve.agent.guides import oracle_slots
 
     bank = ExperienceBank(tmp_path / "bank")
     for r in world.split("evolve")[::20]:

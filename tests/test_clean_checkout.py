@@ -56,7 +56,7 @@ def test_rollouts_and_studio_edits_leave_the_checkout_as_it_was(tmp_path, monkey
     s.refs.set_caption(row["id"], "Banner of the Zorblat Guild")
     bank = s.bank("studio-bank")
     req = s.world.split("evolve")[0]
-    from genevolve.guides import SLOTS
+    from genevolve.agent.guides import SLOTS
 
     e = bank.add(req.id, req.text, {k: "Query spatial_layout first." for k in SLOTS}, reward_gap=0.3)
     bank.edit(e.id, {"prompt_construction": "Write exactly three stars."})
@@ -64,7 +64,7 @@ def test_rollouts_and_studio_edits_leave_the_checkout_as_it_was(tmp_path, monkey
 
 
 def test_the_data_folder_is_chosen_by_the_user_and_defaults_outside_the_package(tmp_path, monkeypatch):
-    from genevolve.paths import data_dir
+    from genevolve.records.paths import data_dir
 
     monkeypatch.setenv("GENEVOLVE_DATA", str(tmp_path / "mine"))
     assert data_dir() == tmp_path / "mine"

@@ -7,8 +7,8 @@ import json
 from typer.testing import CliRunner
 
 from genevolve.cli import app
-from genevolve.records import Trajectory, Verdict, read_jsonl
-from genevolve.runs import load_run
+from genevolve.records.schema import Trajectory, Verdict, read_jsonl
+from genevolve.records.runs import load_run
 
 runner = CliRunner()
 
@@ -66,7 +66,7 @@ def test_a_request_outside_the_sandbox_gets_no_score(tmp_path):
 
 
 def test_a_run_folder_is_complete_when_no_trajectory_answers(tmp_path, monkeypatch):
-    from genevolve import evaluation
+    from genevolve.evaluation import bench as evaluation
 
     def no_answers(reqs, pol, tools, k, seed, params=None, guides=None, on_turn=None):
         return [Trajectory(id=f"{r.id}-{i}", request_id=r.id, request_text=r.text, termination="max_rounds_reached")
@@ -115,7 +115,7 @@ def test_bench_records_what_it_ran_under_a_name_of_its_own(tmp_path, monkeypatch
         data = strict_json(tmp_path / "runs" / name)
         assert data["policy_sha256"][:8] in name and data["policy"].split("[")[0] in name
         assert data["adapter"] is None and data["world"].endswith("world")
-    from genevolve.runs import policy_checksum
+    from genevolve.records.runs import policy_checksum
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

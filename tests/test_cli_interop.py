@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from genevolve.cli import app
-from genevolve.runs import load_run
+from genevolve.records.runs import load_run
 
 from _loopback import FakeVLM, serve_app
 
@@ -137,7 +137,7 @@ def test_experiences_with_sandbox_api_and_local_summarisers(rollout_run, fake_vl
 def test_llm_summariser_on_a_local_model():
     """LLMSummariser drives a local transformers policy; a valid answer becomes slots."""
     from genevolve.policies.base import Completion
-    from genevolve.summarise import LLMSummariser
+    from genevolve.experience.summarise import LLMSummariser
 
     class Local:
         name = "local"
@@ -147,8 +147,8 @@ def test_llm_summariser_on_a_local_model():
             return [Completion(text=FakeVLM().answer({"messages": [{"role": "system", "content": ""},
                                                                    {"role": "user", "content": conversations[0][0]["content"]}]}))]
 
-    from genevolve.experience import Pair
-    from genevolve.records import Trajectory, Verdict
+    from genevolve.experience.bank import Pair
+    from genevolve.records.schema import Trajectory, Verdict
 
     t = Trajectory(id="t", request_id="r", request_text="x")
     pair = Pair("r", "x", t, t, Verdict(trajectory_id="t", request_id="r", reward=0.9), Verdict(trajectory_id="t", request_id="r"))

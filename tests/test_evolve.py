@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from genevolve.experience import ExperienceBank
-from genevolve.guides import SLOTS
+from genevolve.experience.bank import ExperienceBank
+from genevolve.agent.guides import SLOTS
 from genevolve.training.evolve import EvolveConfig, evolve
 
 
@@ -41,7 +41,7 @@ def test_ved_step_uses_the_teacher_and_updates_the_adapter(tmp_path, tiny_folder
 
 def test_unjudged_cases_neither_push_nor_pull(tmp_path, tiny_folder, world, monkeypatch):
     """A case the scorer could not judge (reward None) gets advantage 0, is left out of mining and of the means."""
-    from genevolve.evaluation import SandboxScorer
+    from genevolve.evaluation.bench import SandboxScorer
     from genevolve.training import losses
 
     real_score, seen = SandboxScorer.score, {}
@@ -103,12 +103,12 @@ def test_cli_refuses_an_unknown_probe_request(tmp_path):
 
 
 def test_live_files_probe_pairs_and_lock(tmp_path, tiny_folder, world, monkeypatch):
-    import genevolve.experience
-    from genevolve.experience import Pair
-    from genevolve.live import RunLockedError, is_running, read_metrics, read_probe, run_lock
+    import genevolve.experience.bank
+    from genevolve.experience.bank import Pair
+    from genevolve.records.live import RunLockedError, is_running, read_metrics, read_probe, run_lock
 
     # A random model never answers, so no real pair is mined: make the first group one.
-    monkeypatch.setattr(genevolve.experience, "mine_pairs", lambda groups, *a: [
+    monkeypatch.setattr(genevolve.experience.bank, "mine_pairs", lambda groups, *a: [
         Pair(groups[0][0][0].request_id, groups[0][0][0].request_text, groups[0][0][0], groups[0][1][0], groups[0][0][1], groups[0][1][1])])
     out = tmp_path / "run"
     bank = ExperienceBank(out / "bank")
@@ -143,7 +143,7 @@ def test_live_files_probe_pairs_and_lock(tmp_path, tiny_folder, world, monkeypat
 
 
 def test_probe_without_a_teacher_says_why(tmp_path, tiny_folder, world):
-    from genevolve.live import read_probe
+    from genevolve.records.live import read_probe
 
     evolve(_cfg(tmp_path / "run", tiny_folder, use_ved=False), world=world, log=lambda _: None)
     probe = read_probe(tmp_path / "run")
@@ -153,7 +153,7 @@ def test_probe_without_a_teacher_says_why(tmp_path, tiny_folder, world):
 
 
 def test_the_probe_changes_neither_the_batch_nor_the_update(tmp_path, tiny_folder, world):
-    from genevolve.live import read_probe
+    from genevolve.records.live import read_probe
 
     rows = {}
     for probe in (False, True):
@@ -198,15 +198,15 @@ def test_two_processes_share_a_step_and_stay_in_sync(tmp_path, tiny_folder, worl
     assert len((out / "trajectories.jsonl").read_text().splitlines()) == 2 * 2 * 2  # steps x B x K, written once
     assert (out / "checkpoint" / "adapter" / "adapter_model.safetensors").exists()
     assert (out / ".ranks" / "r1" / "bank").exists()
-    from genevolve.live import read_probe
+    from genevolve.records.live import read_probe
 
     probe = read_probe(out)  # written by the main process alone
     assert probe.step == 2 and probe.request_id == world.split("evolve")[0].id and probe.teacher is not None
 
 
 def test_evaluate_averages_several_samples_per_request(world):
-    from genevolve.training.compare import evaluate
-    from genevolve.world.expert import ExpertNoise, ExpertPolicy
+    from genevolve.evaluation.report import evaluate
+    from genevolve.agent.expert import ExpertNoise, ExpertPolicy
 
     reqs = world.split("bench")[::40][:3]
     noisy = ExpertPolicy(world, ExpertNoise.cold_start())
@@ -252,7 +252,7 @@ def test_ablate_records_what_each_arm_ran_and_flags_identical_arms(tmp_path, tin
 def test_adapter_distance_and_identical_arms(tmp_path):
     from safetensors.torch import save_file
 
-    from genevolve.training.compare import adapter_distance, identical_arms
+    from genevolve.evaluation.report import adapter_distance, identical_arms
 
     for name, scale in (("a", 1.0), ("b", 1.1)):
         (tmp_path / name).mkdir()

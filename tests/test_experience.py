@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from genevolve.agent import run_to_end
-from genevolve.embed import HashEmbedder
-from genevolve.evaluation import SandboxScorer
-from genevolve.experience import ExperienceBank, ExperienceError, evidence, mine_pairs, validate_slots
-from genevolve.guides import SLOTS
+from genevolve.agent.loop import run_to_end
+from genevolve.tools.embed import HashEmbedder
+from genevolve.evaluation.bench import SandboxScorer
+from genevolve.experience.bank import ExperienceBank, ExperienceError, evidence, mine_pairs, validate_slots
+from genevolve.agent.guides import SLOTS
 from genevolve.policies.base import Completion
-from genevolve.records import ImageStore, Trajectory, Verdict
-from genevolve.summarise import LLMSummariser, SandboxSummariser, SummaryError, parse_summary
-from genevolve.world.expert import ExpertNoise, ExpertPolicy
+from genevolve.records.schema import ImageStore, Trajectory, Verdict
+from genevolve.experience.summarise import LLMSummariser, SandboxSummariser, SummaryError, parse_summary
+from genevolve.agent.expert import ExpertNoise, ExpertPolicy
 
 SLOTS_OK = {s: f"Do the {s.replace('_', ' ')} right." for s in SLOTS}
 
@@ -24,7 +24,7 @@ def v(tid, reward, failed=None):
 
 
 def t(tid, termination="answer"):
-    from genevolve.records import Program
+    from genevolve.records.schema import Program
 
     return Trajectory(id=tid, request_id="r", request_text="x", termination=termination,
                       program=Program(gen_prompt="p") if termination == "answer" else None)
@@ -58,7 +58,7 @@ FACT = "The 2035 Granite Shield was won by Vairia United, who play their home ga
 
 def traced(tid, calls, refs=("IMG_001",)):
     """A trajectory whose turns are ``calls``: (tool, argument, observation text, image titles shown)."""
-    from genevolve.records import ImageRef, Observation, Program, ProgramRef, ToolCall, Turn
+    from genevolve.records.schema import ImageRef, Observation, Program, ProgramRef, ToolCall, Turn
 
     turns, n = [], 0
     for i, (tool, arg, text, titles) in enumerate(calls):
@@ -117,7 +117,7 @@ def test_mining_prefers_a_worst_that_gathered_evidence_differently():
 
 
 def test_the_sandbox_lesson_follows_the_grounded_best_and_names_the_guess():
-    from genevolve.experience import Pair
+    from genevolve.experience.bank import Pair
 
     sound = traced("sound", [("search", "2035 Granite Shield winner", FACT, []),
                              ("image_search", "official flag of Divia", "IMG_001: Official flag of Divia", ["Official flag of Divia"])])

@@ -7,9 +7,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from genevolve.corpus import index_folder
-from genevolve.embed import HashEmbedder
-from genevolve.gateway import build_gateway_app
+from genevolve.tools.corpus import index_folder
+from genevolve.tools.embed import HashEmbedder
+from genevolve.serving.gateway import build_gateway_app
 from genevolve.tools.serper import SerperImageSearch, SerperTextSearch
 
 from _loopback import serve_app
@@ -73,8 +73,8 @@ def test_serper_formats_batch_and_key(user_store):
 
 def test_agent_runs_offline_through_the_gateway(world, tmp_path):
     """The sandbox world behind the gateway, searched by the Serper clients: same facts, same pictures."""
-    from genevolve.agent import Tools, run_to_end
-    from genevolve.world.expert import ExpertNoise, ExpertPolicy
+    from genevolve.agent.loop import Tools, run_to_end
+    from genevolve.agent.expert import ExpertNoise, ExpertPolicy
 
     app = build_gateway_app(world.root, embedder=world.text_search._store.embedder)
     with serve_app(app) as url:

@@ -143,7 +143,7 @@ def test_client_round_robin_retries_and_errors():
 
 
 def test_render_service_end_to_end_with_the_sandbox(world):
-    from genevolve.render_server import build_render_app
+    from genevolve.serving.render import build_render_app
 
     app = build_render_app(world.generator)
     with serve_app(app) as url:
@@ -166,7 +166,7 @@ def test_render_service_end_to_end_with_the_sandbox(world):
 def test_render_server_reports_generator_failures():
     from fastapi.testclient import TestClient
 
-    from genevolve.render_server import build_render_app
+    from genevolve.serving.render import build_render_app
 
     class Broken:
         name = "broken"

@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from genevolve.cli import app
-from genevolve.experience import ExperienceBank, guide_text
-from genevolve.guides import derangement, oracle_guide, oracle_slots, request_guides
-from genevolve.protocol import GUIDE_HEADER
-from genevolve.world.expert import ExpertNoise, ExpertPolicy
+from genevolve.experience.bank import ExperienceBank, guide_text
+from genevolve.agent.guides import derangement, oracle_guide, oracle_slots, request_guides
+from genevolve.agent.protocol import GUIDE_HEADER
+from genevolve.agent.expert import ExpertNoise, ExpertPolicy
 
 runner = CliRunner()
 
@@ -43,7 +43,7 @@ def bank_dir(tmp_path_factory, world):
 
 def _bench(tmp_path, monkeypatch, *args):
     """Run bench with the blind-spot expert (it follows a guide) and return its JSON and the guides it was given."""
-    from genevolve import evaluation
+    from genevolve.evaluation import bench as evaluation
 
     seen = {}
     real = evaluation.trajectories
@@ -164,7 +164,7 @@ def _rows(md: str) -> list[str]:
 
 
 def test_teacher_section_measures_only_where_a_guide_is_given(tmp_path, world):
-    from genevolve.training.compare import teacher_section
+    from genevolve.evaluation.report import teacher_section
 
     train = world.split("evolve")[:3]
     _bank(tmp_path / "bank", world, train)
@@ -196,7 +196,7 @@ def test_evolve_report_has_no_teacher_row_that_copies_the_student(tmp_path, worl
     """The evolve command's comparison, with training skipped and the blind-spot expert (it follows a guide) as
     the student: the bank holds an experience of one training request and no bench request passes a 0.99 gate,
     so the bench part says so in words; the teacher rows are measured on the training request alone."""
-    from genevolve.guides import SLOTS
+    from genevolve.agent.guides import SLOTS
     from genevolve.policies import resolve
 
     import genevolve.cli.train as train_cmd

@@ -10,8 +10,8 @@ from PIL import Image
 from genevolve.judges import JudgeError
 from genevolve.judges.chat import RateLimiter
 from genevolve.judges.vlm import ProgramJudge, VLMJudge, kscore
-from genevolve.records import ImageStore, Program, ProgramRef, Request, Trajectory
-from genevolve.scoring import ModelScorer, is_missing, summarise
+from genevolve.records.schema import ImageStore, Program, ProgramRef, Request, Trajectory
+from genevolve.evaluation.scoring import ModelScorer, is_missing, summarise
 
 from _loopback import FakeVLM
 
@@ -130,7 +130,7 @@ def _case(store, i, program=True, gt=RED, ref_path=None):
                                       reference_images=[ProgramRef(img_id="IMG_001")] if ref_path else []) if program else None,
                       termination="answer" if program else "no_answer")
     if ref_path:
-        from genevolve.records import ImageRef
+        from genevolve.records.schema import ImageRef
 
         traj.images.append(ImageRef(img_id="IMG_001", title="ref", local_path=str(ref_path)))
     return req, traj
@@ -161,7 +161,7 @@ def test_scorer_records_every_failure_kind(tmp_path):
 
 
 def test_missing_policy_is_stated_and_reported(tmp_path):
-    from genevolve.records import Verdict
+    from genevolve.records.schema import Verdict
 
     req = Request(id="r", text="t", category="c")
     good = Verdict(trajectory_id="a", request_id="r", kscore=0.8, F=1, V=1, A=1)
@@ -184,7 +184,7 @@ def test_missing_policy_is_stated_and_reported(tmp_path):
 
 
 def test_wise_overall_is_null_when_nothing_was_judged():
-    from genevolve.wise import WiseItem, summarise_wise
+    from genevolve.evaluation.wise import WiseItem, summarise_wise
 
     items = [WiseItem(prompt_id=1, prompt="p", explanation="e", subcategory="s", category="cultural")]
     assert summarise_wise(items, {})["overall"] is None

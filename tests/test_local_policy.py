@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genevolve.agent import Tools
+from genevolve.agent.loop import Tools
 from genevolve.policies.base import SamplingParams
 from genevolve.policies.local import LocalPolicy, encode_conversation
 from genevolve.policies.tiny import build_tiny_model, train_tokenizer
-from genevolve.protocol import SYSTEM_PROMPT
-from genevolve.records import Request
-from genevolve.rollout import rollout
+from genevolve.agent.protocol import SYSTEM_PROMPT
+from genevolve.records.schema import Request
+from genevolve.agent.rollout import rollout
 from genevolve.tools.base import ImageHit
 
 TEXTS = [SYSTEM_PROMPT, "Draw three gold stars above a red circle.", "<think>I search.</think><tool_call>{\"name\": \"search\"}</tool_call>",

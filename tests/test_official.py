@@ -9,11 +9,11 @@ import httpx
 import pytest
 
 from genevolve.judges.vlm import VLMJudge
-from genevolve.official import DataError, export_sft, load_requests, load_sft, run_bench, sft_messages
+from genevolve.evaluation.official import DataError, export_sft, load_requests, load_sft, run_bench, sft_messages
 from genevolve.policies.base import SamplingParams
-from genevolve.records import ImageStore
-from genevolve.scoring import ModelScorer
-from genevolve.wise import WiseJudge, load_wise, run_wise, summarise_wise, wiscore
+from genevolve.records.schema import ImageStore
+from genevolve.evaluation.scoring import ModelScorer
+from genevolve.evaluation.wise import WiseJudge, load_wise, run_wise, summarise_wise, wiscore
 
 from _loopback import FakeVLM
 
@@ -21,8 +21,8 @@ from _loopback import FakeVLM
 @pytest.fixture(scope="module")
 def official(world, tmp_path_factory):
     """A small folder in the official layout, made from sandbox bench requests and expert trajectories."""
-    from genevolve.agent import Tools, run_to_end
-    from genevolve.world.expert import ExpertNoise, ExpertPolicy
+    from genevolve.agent.loop import Tools, run_to_end
+    from genevolve.agent.expert import ExpertNoise, ExpertPolicy
 
     root = tmp_path_factory.mktemp("genevolve-data-bench")
     (root / "bench").mkdir()
@@ -104,8 +104,8 @@ def test_sft_round_trip_and_training_rows(official, tmp_path):
 
 
 def test_bench_on_official_rows_with_the_vlm_judge(official, world, tmp_path):
-    from genevolve.agent import Tools
-    from genevolve.world.expert import ExpertNoise, ExpertPolicy
+    from genevolve.agent.loop import Tools
+    from genevolve.agent.expert import ExpertNoise, ExpertPolicy
 
     root, _, _, _ = official
     store = ImageStore(tmp_path / "img")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from genevolve.protocol import (
+from genevolve.agent.protocol import (
     FINAL_STEP_MESSAGE,
     FORMAT_ERROR_MESSAGE,
     GUIDE_HEADER,
@@ -20,7 +20,7 @@ from genevolve.protocol import (
     unwrap_observation,
     wrap_observation,
 )
-from genevolve.records import SKILLS, ImageRef, Program, ToolCall
+from genevolve.records.schema import SKILLS, ImageRef, Program, ToolCall
 
 GOLDEN = Path(__file__).parent / "data" / "sft_record.json"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from genevolve.protocol import (
+from genevolve.agent.protocol import (
     FINAL_STEP_MESSAGE,
     FORMAT_ERROR_MESSAGE,
     SYSTEM_PROMPT,
@@ -21,7 +21,7 @@ from genevolve.protocol import (
     trajectory_to_messages,
     wrap_observation,
 )
-from genevolve.records import ImageRef, ToolCall
+from genevolve.records.schema import ImageRef, ToolCall
 
 GOLDEN = Path(__file__).parent / "data" / "sft_record.json"
 
@@ -112,7 +112,7 @@ def test_export_golden_record_exactly(golden):
 
 
 def test_golden_round_trip_survives_jsonl(golden, tmp_path):
-    from genevolve.records import Trajectory, read_jsonl, write_jsonl
+    from genevolve.records.schema import Trajectory, read_jsonl, write_jsonl
 
     traj = trajectory_from_messages(golden["messages"])
     write_jsonl(tmp_path / "t.jsonl", [traj])

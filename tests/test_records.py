@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from genevolve import records
-from genevolve.records import (
+from genevolve.records import schema as records
+from genevolve.records.schema import (
     SCHEMA_VERSION,
     ImageRef,
     ImageStore,
@@ -414,7 +414,7 @@ def test_image_store_does_not_touch_cwd(tmp_path, monkeypatch):
 
 
 def test_mean_ci_uses_student_t_for_few_seeds():
-    from genevolve.evaluation import mean_ci
+    from genevolve.evaluation.bench import mean_ci
 
     m, h = mean_ci([0.30, 0.32, 0.34])
     assert m == pytest.approx(0.32) and h == pytest.approx(4.3027 * 0.02 / 3 ** 0.5, rel=1e-3)
@@ -424,7 +424,7 @@ def test_mean_ci_uses_student_t_for_few_seeds():
 
 
 def test_json_never_holds_nan(tmp_path):
-    from genevolve.records import atomic_write_json
+    from genevolve.records.schema import atomic_write_json
 
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError):
@@ -433,8 +433,8 @@ def test_json_never_holds_nan(tmp_path):
 
 
 def test_run_folder_exists_whole_before_any_case(tmp_path):
-    from genevolve.records import RunInfo
-    from genevolve.runs import RunWriter, load_run
+    from genevolve.records.schema import RunInfo
+    from genevolve.records.runs import RunWriter, load_run
 
     w = RunWriter(tmp_path / "run", RunInfo(id="r", created="now", command="rollout", policy="p", k=0, seed=0))
     for name in ("requests.jsonl", "trajectories.jsonl", "renders.jsonl", "verdicts.jsonl"):
@@ -446,7 +446,7 @@ def test_run_folder_exists_whole_before_any_case(tmp_path):
 
 
 def test_unjudged_cases_are_missing_not_zero():
-    from genevolve.evaluation import aggregate
+    from genevolve.evaluation.bench import aggregate
 
     judged = Request(id="a", text="t", track="quality", category="c", difficulty=2)
     outside = Request(id="b", text="a cat", track=None, category=None, difficulty=None)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genevolve.embed import HashEmbedder
-from genevolve.refstore import MAX_CAPTION, RefStoreError, ReferenceStore, check_image, clean_caption, safe_name
+from genevolve.tools.embed import HashEmbedder
+from genevolve.tools.refstore import MAX_CAPTION, RefStoreError, ReferenceStore, check_image, clean_caption, safe_name
 from genevolve.tools.faiss_store import VectorIndex, is_current
-from genevolve.tools.local import _fingerprint, _ref_text
+from genevolve.tools.local import texts_fingerprint, ref_text
 
 
 def png(color="red", size=(24, 20), fmt="PNG") -> bytes:
@@ -36,8 +36,8 @@ def store(tmp_path):
 
 def assert_index_matches_rows(store: ReferenceStore):
     emb = store.embedder
-    texts = [_ref_text(r) for r in store.rows()]
-    assert is_current(store.index_path, emb.name, emb.dim, len(texts), _fingerprint(texts))
+    texts = [ref_text(r) for r in store.rows()]
+    assert is_current(store.index_path, emb.name, emb.dim, len(texts), texts_fingerprint(texts))
     index = VectorIndex.load(store.index_path)
     assert sorted(index.ids().tolist()) == list(range(len(texts)))
     np.testing.assert_allclose(index.reconstruct(range(len(texts))), emb.encode(texts), atol=1e-6)

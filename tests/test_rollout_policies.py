@@ -18,8 +18,8 @@ import pytest
 from genevolve.policies.base import (AsAgentPolicy, Completion, SamplingParams, TokenStream, TurnByTurnPolicy,
                                      run_in_rounds)
 from genevolve.policies.openai_compat import OpenAIChatPolicy
-from genevolve.rollout import rollout
-from genevolve.world.expert import ExpertNoise, ExpertPolicy
+from genevolve.agent.rollout import rollout
+from genevolve.agent.expert import ExpertNoise, ExpertPolicy
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "turn_by_turn_rollouts.json").read_text())["cases"]
 
@@ -142,7 +142,7 @@ def test_rounds_ask_every_open_conversation_once_per_round_in_order():
 
 def test_every_policy_kind_is_a_rollout_policy(world):
     from genevolve.policies.local import LocalPolicy
-    from genevolve.scaleout import RemoteStudent
+    from genevolve.serving.scaleout import RemoteStudent
 
     for pol in (ExpertPolicy(world), AsAgentPolicy(OpenAIChatPolicy("http://127.0.0.1:9/v1", "m")),
                 RemoteStudent("http://127.0.0.1:9/v1", "m")):

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from genevolve.policies.base import SamplingParams
-from genevolve.scaleout import AdapterHotLoader, RemoteStudent
+from genevolve.serving.scaleout import AdapterHotLoader, RemoteStudent
 
 from _loopback import run_process_group, serve_app
 
@@ -41,8 +41,8 @@ def test_remote_student_follows_each_update(world, tools, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from genevolve.policies.resolve import resolve_policy
-    from genevolve.rollout import rollout
-    from genevolve.serve import build_app
+    from genevolve.agent.rollout import rollout
+    from genevolve.serving.chat import build_app
 
     served = resolve_policy("tiny")
     trainer_side = resolve_policy("tiny").model

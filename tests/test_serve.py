@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from genevolve.policies.base import Completion, Message, SamplingParams
 from genevolve.policies.openai_compat import OpenAIChatPolicy
-from genevolve.serve import build_app, run_server
+from genevolve.serving.chat import build_app, run_server
 
 
 class FakePolicy:

@@ -120,7 +120,7 @@ def test_model_loss_applies_the_head_only_where_the_mask_counts(tmp_path, tiny_f
 def test_guided_fraction_zero_puts_no_guide_anywhere(world):
     from itertools import islice
 
-    from genevolve.protocol import GUIDE_HEADER
+    from genevolve.agent.protocol import GUIDE_HEADER
     from genevolve.training.sft_data import conversations, expert_trajectories
 
     def guided_rows(fraction):

@@ -12,7 +12,7 @@ def test_smollm2_runs_a_sandbox_rollout_with_a_lora_adapter(tmp_path, world, too
 
     from genevolve.policies.base import SamplingParams
     from genevolve.policies.resolve import resolve_policy
-    from genevolve.rollout import rollout
+    from genevolve.agent.rollout import rollout
 
     pol = resolve_policy("smollm2")
     assert len(pol.tokenizer) > 40_000 and pol.tokenizer.chat_template
@@ -44,7 +44,7 @@ def test_smollm2_recipe_slice_trains_a_student_that_rolls_out(tmp_path, world, t
 
     from genevolve.policies.base import SamplingParams
     from genevolve.policies.resolve import resolve_policy
-    from genevolve.rollout import rollout
+    from genevolve.agent.rollout import rollout
     from genevolve.training.sft import SFTConfig, train_sft
     from genevolve.training.sft_data import conversations, expert_trajectories
 

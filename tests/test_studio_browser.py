@@ -39,10 +39,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory, world):
-    from genevolve.experience import ExperienceBank
-    from genevolve.guides import oracle_slots
+    from genevolve.experience.bank import ExperienceBank
+    from genevolve.agent.guides import oracle_slots
     from genevolve.policies.tiny import build_tiny_model, train_tokenizer
-    from genevolve.protocol import SYSTEM_PROMPT
+    from genevolve.agent.protocol import SYSTEM_PROMPT
 
     root = tmp_path_factory.mktemp("studio-browser")
     shutil.copytree(world.root, root / "world")
@@ -201,7 +201,7 @@ def test_upload_a_reference_and_retrieve_it(studio, page, tmp_path):
     _fill(page, "#refs-query textarea", "banner of the Quokka Guild")
     page.locator("#refs-search").click()
     page.locator("#refs-gallery").get_by_text("u0001").first.wait_for()
-    from genevolve.paths import user_references
+    from genevolve.records.paths import user_references
 
     store = user_references(studio["world"], studio["root"] / "data")  # the studio's copy; the world is only read
     rows = [json.loads(line) for line in (store / "refs.jsonl").read_text().splitlines()]

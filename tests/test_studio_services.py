@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from genevolve.guides import SLOTS
-from genevolve.runs import load_run
+from genevolve.agent.guides import SLOTS
+from genevolve.records.runs import load_run
 from studio import StudioError
 from studio.html import run_view
 from studio.jobs import DistillJobs
@@ -178,7 +178,7 @@ def test_one_distill_job_at_a_time_stop_kill_resume(tmp_path, fake_python):
 
 
 def test_a_folder_locked_by_another_trainer_is_refused(tmp_path, fake_python):
-    from genevolve.live import run_lock
+    from genevolve.records.live import run_lock
 
     jobs = DistillJobs(tmp_path, tmp_path, python=fake_python)
     (tmp_path / "bank").mkdir()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from genevolve.guides import SLOTS
-from genevolve.records import (Experience, ImageRef, Observation, Program, ProgramRef, Request, ToolCall, Trajectory, Turn,
+from genevolve.agent.guides import SLOTS
+from genevolve.records.schema import (Experience, ImageRef, Observation, Program, ProgramRef, Request, ToolCall, Trajectory, Turn,
                                Verdict)
 from studio import StudioError
 from studio.bench import (bench_problem, common_requests, load_summary, missing_html, missing_lines,
@@ -161,7 +161,7 @@ def test_read_live_of_an_ablation_has_one_curve_per_arm(tmp_path):
 
 
 def bench_summary(reqs, verdicts_by_seed):
-    from genevolve.evaluation import aggregate, over_seeds
+    from genevolve.evaluation.bench import aggregate, over_seeds
 
     return over_seeds({s: aggregate(zip(reqs, vs)) for s, vs in verdicts_by_seed.items()})
 
@@ -191,7 +191,7 @@ def test_bench_summary_table_chart_and_both_file_shapes(tmp_path):
 
 
 def test_missing_cases_are_counted_and_a_dead_judge_is_named(tmp_path):
-    from genevolve.scoring import summarise
+    from genevolve.evaluation.scoring import summarise
 
     reqs = [REQ, REQ.model_copy(update={"id": "bench-2", "track": "quality", "category": "scene"})]
     down = verdict("b", 0.0).model_copy(update={"failed": "judge failed: HTTP 503 overloaded"})

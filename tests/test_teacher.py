@@ -1,13 +1,13 @@
-"""The teacher's context (genevolve.teacher): the guide in the system message of an episode, and the teacher's
+"""The teacher's context (genevolve.agent.teacher): the guide in the system message of an episode, and the teacher's
 token stream over a student's sampled tokens, aligned position by position."""
 
 from __future__ import annotations
 
 import pytest
 
-from genevolve.agent import run_to_end
-from genevolve.protocol import GUIDE_HEADER, SYSTEM_PROMPT, trajectory_from_messages, trajectory_to_messages
-from genevolve.teacher import student_block_len, system_block, system_message, teacher_stream
+from genevolve.agent.loop import run_to_end
+from genevolve.agent.protocol import GUIDE_HEADER, SYSTEM_PROMPT, trajectory_from_messages, trajectory_to_messages
+from genevolve.agent.teacher import student_block_len, system_block, system_message, teacher_stream
 
 from test_agent import REQUEST, SEARCH, ScriptedPolicy, answer, tools
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from genevolve.evaluation import protocol_valid
+from genevolve.evaluation.bench import protocol_valid
 from genevolve.policies.base import SamplingParams
 from genevolve.policies.tiny import TINY_DIR, tiny_exists
 
@@ -31,7 +31,7 @@ def test_checkpoint_is_small_and_documented():
 
 def test_tiny_policy_writes_protocol_valid_trajectories(world, tools):
     from genevolve.policies.resolve import resolve_policy
-    from genevolve.rollout import rollout
+    from genevolve.agent.rollout import rollout
 
     pol = resolve_policy("tiny")
     assert 100 < len(pol.tokenizer) <= 8192
@@ -43,9 +43,9 @@ def test_tiny_policy_writes_protocol_valid_trajectories(world, tools):
 
 def test_a_trajectory_does_not_depend_on_its_batch(world, tools):
     """The same request and seed give the same tokens alone, in a batch of twelve, and next to guided rows."""
-    from genevolve.guides import oracle_guide
+    from genevolve.agent.guides import oracle_guide
     from genevolve.policies.resolve import resolve_policy
-    from genevolve.rollout import rollout
+    from genevolve.agent.rollout import rollout
 
     pol = resolve_policy("tiny")
     params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genevolve.embed import HashEmbedder, MiniLMEmbedder
-from genevolve.records import SKILLS, ImageRef
+from genevolve.tools.embed import HashEmbedder, MiniLMEmbedder
+from genevolve.records.schema import SKILLS, ImageRef
 from genevolve.tools.base import ImageHit, format_image_results, format_text_results
 from genevolve.tools.faiss_store import VectorIndex, is_current, read_meta
 from genevolve.tools.knowledge import SkillCards
@@ -448,7 +448,7 @@ def test_serper_image_search_failure_recorded(tmp_path: Path):
 
 def test_a_shipped_store_is_never_written_when_its_index_is_rebuilt(tmp_path, monkeypatch):
     """Searching the shipped world with another embedder rebuilds the index into the data folder, not into assets/."""
-    from genevolve.paths import index_cache
+    from genevolve.records.paths import index_cache
     from genevolve.world import DEFAULT_WORLD
 
     monkeypatch.setenv("GENEVOLVE_DATA", str(tmp_path / "data"))

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genevolve.agent import run_to_end
-from genevolve.evaluation import SandboxScorer, raw_trajectory
-from genevolve.records import SKILLS, ImageStore
-from genevolve.world.expert import ExpertNoise, ExpertPolicy
+from genevolve.agent.loop import run_to_end
+from genevolve.evaluation.bench import SandboxScorer, raw_trajectory
+from genevolve.records.schema import SKILLS, ImageStore
+from genevolve.agent.expert import ExpertNoise, ExpertPolicy
 from genevolve.world.font import read_text, text_mask
 from genevolve.world.generator import SandboxGenerator
 from genevolve.world.judge import SandboxJudge, kscore, text_accuracy
@@ -272,7 +272,7 @@ def test_expert_follows_a_decision_guide(world, tools):
 
 
 def test_blind_spot_noise_skips_its_skills_unless_guided(world, tools):
-    from genevolve.guides import oracle_guide
+    from genevolve.agent.guides import oracle_guide
 
     noise = ExpertNoise.blind_spots()
     assert noise.blind_skills and ExpertNoise.named("blind-spots") == noise

@@ -12,7 +12,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import typer
 
-from . import bench, data, rollout, serving, studio, train, wise, world
+from . import bench
+from . import data
+from . import rollout
+from . import serving
+from . import studio
+from . import train
+from . import wise
+from . import world
 
 app = typer.Typer(help="GenEvolve Studio: self-evolving image-generation agents on an offline sandbox.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)

@@ -56,10 +56,10 @@ def bench(
 
     import re
 
-    from ..evaluation import SandboxScorer, evaluate
-    from ..guides import request_guides
-    from ..records import ImageStore, atomic_write_json
-    from ..runs import policy_checksum
+    from ..evaluation.bench import SandboxScorer, evaluate
+    from ..agent.guides import request_guides
+    from ..records.schema import ImageStore, atomic_write_json
+    from ..records.runs import policy_checksum
     from ..world import World
 
     if guide is None and (gate is not None or leave_own_out):
@@ -113,9 +113,9 @@ def bench_official(data: Path, policy: str, seeds: str, generator: str, judge: O
     """`genevolve bench --data`: the official bench rows, any generator, the VLM judge."""
     import tempfile
 
-    from ..official import DataError, load_requests, run_bench
-    from ..records import ImageStore, atomic_write_json
-    from ..scoring import MISSING_POLICIES, ModelScorer
+    from ..evaluation.official import DataError, load_requests, run_bench
+    from ..records.schema import ImageStore, atomic_write_json
+    from ..evaluation.scoring import MISSING_POLICIES, ModelScorer
     from ..world import World
 
     if not judge:

@@ -25,8 +25,8 @@ JUDGE_HELP = "OpenAI-compatible base URL of the VLM judge (key: $OPENAI_API_KEY 
 
 def make_policy(world, name: str, noise: str, skip_skill: list[str], p_distractor: Optional[float],
             model: str = "default", adapter: Optional[str] = None):
-    from ..world.expert import ExpertNoise, ExpertPolicy
-    from ..records import SKILLS
+    from ..agent.expert import ExpertNoise, ExpertPolicy
+    from ..records.schema import SKILLS
 
     for s in skip_skill:
         if s not in SKILLS:
@@ -64,7 +64,7 @@ def sampling_params(temperature: float, top_p: float, max_new_tokens: int):
 
 
 class Bars:
-    """One tqdm progress bar per seed, fed by :func:`genevolve.evaluation.evaluate`'s ``on_turn``."""
+    """One tqdm progress bar per seed, fed by :func:`genevolve.evaluation.bench.evaluate`'s ``on_turn``."""
 
     def __init__(self, desc: str):
         self.desc, self.bar, self.seed = desc, None, None
@@ -90,7 +90,7 @@ class Bars:
 
 
 def make_tools(world, search: str):
-    from ..agent import Tools
+    from ..agent.loop import Tools
 
     if search == "local":
         return Tools.for_world(world)
@@ -181,7 +181,7 @@ def stop_on_sigterm():
 def train(cfg, world, stop) -> None:
     """Run the trainer; a stop or a locked run folder ends the command with a clear message."""
     from ..training.evolve import evolve as run_evolve
-    from ..live import RunLockedError
+    from ..records.live import RunLockedError
 
     try:
         run_evolve(cfg, world=world, log=typer.echo, stop=stop)

@@ -16,7 +16,7 @@ def index(
     chunk_chars: int = typer.Option(800, min=100, help="Passage length for documents."),
 ):
     """Build a searchable store (corpus, pictures, FAISS indexes) from any folder, for the gateway and --search."""
-    from ..corpus import index_folder
+    from ..tools.corpus import index_folder
 
     try:
         counts = index_folder(folder, out or folder.with_name(folder.name + ".store"), chunk_chars=chunk_chars, log=typer.echo)
@@ -32,9 +32,9 @@ def data_import(
     allow_missing: bool = typer.Option(False, help="Keep rows whose pictures are missing (recorded as missing cases)."),
 ):
     """Load the official bench rows, RL prompts and SFT trajectories into a run folder (turns read as the official runtime reads them)."""
-    from ..official import DataError, data_files, load_requests, load_sft, sft_messages
-    from ..records import ImageStore, Request, RunInfo, atomic_write_json, atomic_write_text, write_jsonl
-    from ..runs import RunWriter, new_run_id, now_iso
+    from ..evaluation.official import DataError, data_files, load_requests, load_sft, sft_messages
+    from ..records.schema import ImageStore, Request, RunInfo, atomic_write_json, atomic_write_text, write_jsonl
+    from ..records.runs import RunWriter, new_run_id, now_iso
 
     out = out.resolve()  # trajectories name their pictures by path: keep it valid from any working folder
     if (out / "run.json").exists():
@@ -84,8 +84,8 @@ def data_export(
     allow_missing: bool = typer.Option(False, help="Leave out pictures that have no local file (counted) instead of failing."),
 ):
     """Export our trajectories as SFT records in the official `messages` format."""
-    from ..official import DataError, export_sft
-    from ..runs import load_run
+    from ..evaluation.official import DataError, export_sft
+    from ..records.runs import load_run
 
     try:
         r = load_run(run)
@@ -111,9 +111,9 @@ def experiences_summarise(
     """Mine best-vs-worst pairs from a run and summarise them into visual experiences (sandbox or LLM summariser)."""
     from collections import defaultdict
 
-    from ..experience import ExperienceBank, mine_pairs
-    from ..runs import load_run
-    from ..summarise import LLMSummariser, SandboxSummariser, SummaryError
+    from ..experience.bank import ExperienceBank, mine_pairs
+    from ..records.runs import load_run
+    from ..experience.summarise import LLMSummariser, SandboxSummariser, SummaryError
 
     r = load_run(run)
     groups = defaultdict(list)

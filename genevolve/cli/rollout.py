@@ -29,10 +29,10 @@ def rollout(
     world: Optional[Path] = WORLD_OPT,
 ):
     """Run K trajectories for one request, render and judge them, and write a run folder."""
-    from ..evaluation import SandboxScorer, evaluate
-    from ..guides import oracle_guide
-    from ..records import RunInfo
-    from ..runs import RunWriter, new_run_id, now_iso
+    from ..evaluation.bench import SandboxScorer, evaluate
+    from ..agent.guides import oracle_guide
+    from ..records.schema import RunInfo
+    from ..records.runs import RunWriter, new_run_id, now_iso
     from ..world import World
 
     w = World(world)

@@ -18,7 +18,7 @@ def serve(
 ):
     """An OpenAI-compatible chat-completions server over a local policy, with vLLM-style dynamic LoRA loading."""
     from ..policies.resolve import resolve_policy
-    from ..serve import run_server
+    from ..serving.chat import run_server
 
     if policy in ("expert", "raw") or policy.startswith(("http://", "https://")):
         raise typer.BadParameter("serve needs a local model: tiny, smollm2 or a model folder", param_hint="--policy")
@@ -43,7 +43,7 @@ def render_service(
     world: Optional[Path] = WORLD_OPT,
 ):
     """Serve a generator with the render-service protocol: POST /generate {prompt, image_urls} -> {success, image}."""
-    from ..render_server import run_render_server
+    from ..serving.render import run_render_server
     from ..world import World
 
     gen = open_generator(generator, device, dtype, steps, timeout, World(world) if generator == "sandbox" else None, ip_adapter)
@@ -59,7 +59,7 @@ def gateway(
     world: Optional[Path] = WORLD_OPT,
 ):
     """Serve a store with Serper's /search and /images formats (point SERPER_BASE_URL at it)."""
-    from ..gateway import run_gateway
+    from ..serving.gateway import run_gateway
     from ..world import default_world_dir
 
     folder = store or (world or default_world_dir())

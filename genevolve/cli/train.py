@@ -86,7 +86,7 @@ def evolve(
     import signal
     import time
 
-    from ..experiments import bench_requests, compare_after_training
+    from ..evaluation.experiments import bench_requests, compare_after_training
     from ..world import World
 
     out = out or Path("runs") / f"evolve-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -136,9 +136,9 @@ def ablate(
     """The ablation: SFT-only, +GRPO, +VED, +GRPO+VED at the same number of rollouts, several seeds, mean ± 95% CI."""
     import time
 
-    from ..experiments import ARMS, Ablation, SettingsMismatch, bench_requests, run_ablation
+    from ..evaluation.experiments import ARMS, Ablation, SettingsMismatch, bench_requests, run_ablation
     from ..policies.base import SamplingParams
-    from ..runs import policy_checksum
+    from ..records.runs import policy_checksum
     from ..world import World
 
     arm_list = [a.strip() for a in arms.split(",") if a.strip()]

@@ -27,8 +27,8 @@ def wise(
     world: Optional[Path] = WORLD_OPT,
 ):
     """WISE: generate for every prompt (raw or through a policy), judge, and report WiScore by category and overall."""
-    from ..records import ImageStore, atomic_write_json
-    from ..wise import WiseJudge, load_wise, run_wise
+    from ..records.schema import ImageStore, atomic_write_json
+    from ..evaluation.wise import WiseJudge, load_wise, run_wise
     from ..world import World
 
     try:

@@ -83,7 +83,7 @@ class JudgeCache:
     def put(self, key: str, value: dict[str, Any]) -> None:
         if self.dir is None:
             return
-        from ..records import atomic_write_json
+        from ..records.schema import atomic_write_json
 
         atomic_write_json(self.dir / key[:2] / f"{key}.json", value)
 

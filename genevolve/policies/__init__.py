@@ -1,4 +1,4 @@
-"""Policies: the scripted expert lives in genevolve.world.expert; learned ones live here.
+"""Policies: the scripted expert lives in genevolve.agent.expert; learned ones live here.
 
 - :mod:`.base`: the interfaces (``run_conversations`` for rollouts, ``generate(conversations, params)``
   for single turns with log-probs) and :class:`TurnByTurnPolicy` for policies that write one turn per call;

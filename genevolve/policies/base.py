@@ -85,7 +85,7 @@ class ChatPolicy(Protocol):
 
 
 class RolloutPolicy(Protocol):
-    """What :func:`~genevolve.rollout.rollout` drives.
+    """What :func:`~genevolve.agent.rollout.rollout` drives.
 
     ``run_conversations`` runs ``n`` conversations to their end and returns one :class:`TokenStream`
     each. ``next_messages(i)`` gives conversation i's messages before its next turn (None: finished);

@@ -1,4 +1,4 @@
-"""A :class:`ChatPolicy` over any OpenAI-compatible chat-completions server (vLLM, SGLang, ``genevolve.serve``).
+"""A :class:`ChatPolicy` over any OpenAI-compatible chat-completions server (vLLM, SGLang, ``genevolve.serving.chat``).
 
 Server trouble never raises out of :meth:`OpenAIChatPolicy.generate`: a rollout of many episodes must
 survive one flaky request, so a failed conversation becomes ``Completion(finish_reason="error")`` with a
@@ -187,7 +187,7 @@ def _logprobs(choice: dict[str, Any]) -> list[float] | None:
 
 
 def _token_ids(choice: dict[str, Any]) -> list[int]:
-    """vLLM (``return_token_ids``) and ``genevolve.serve`` put the sampled ids in ``choices[0].token_ids``."""
+    """vLLM (``return_token_ids``) and ``genevolve.serving.chat`` put the sampled ids in ``choices[0].token_ids``."""
     ids = choice.get("token_ids")
     if not isinstance(ids, list):
         return []

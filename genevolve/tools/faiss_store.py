@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..records import atomic_write_bytes
+from ..records.schema import atomic_write_bytes
 
 
 def meta_path(path: str | os.PathLike) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..records import SKILLS
+from ..records.schema import SKILLS
 
 
 class SkillCards:

@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..embed import Embedder, default_embedder
+from .embed import Embedder, default_embedder
 from .base import EMPTY_QUERIES, ImageHit, format_text_results, join_blocks
-from ..paths import index_cache, is_shipped
+from ..records.paths import index_cache, is_shipped
 from .faiss_store import VectorIndex, is_current
 
 SNIPPET_CHARS = 300
@@ -71,11 +71,11 @@ def _corpus_text(row: dict[str, Any]) -> str:
     return f"{row.get('title', '')}. {row.get('text', '')}"
 
 
-def _ref_text(row: dict[str, Any]) -> str:
+def ref_text(row: dict[str, Any]) -> str:
     return str(row.get("title", ""))
 
 
-def _fingerprint(texts: list[str]) -> str:
+def texts_fingerprint(texts: list[str]) -> str:
     h = hashlib.sha1()
     for t in texts:
         h.update(t.encode("utf-8"))
@@ -83,8 +83,8 @@ def _fingerprint(texts: list[str]) -> str:
     return h.hexdigest()
 
 
-def _build(texts: list[str], embedder: Embedder) -> VectorIndex:
-    index = VectorIndex(embedder.dim, embedder=embedder.name, fingerprint=_fingerprint(texts))
+def build_index(texts: list[str], embedder: Embedder) -> VectorIndex:
+    index = VectorIndex(embedder.dim, embedder=embedder.name, fingerprint=texts_fingerprint(texts))
     if texts:
         index.add(np.arange(len(texts), dtype=np.int64), embedder.encode(texts))
     return index
@@ -131,14 +131,14 @@ class _Store:
                     raise FileNotFoundError(f"store folder not found: {self.store_dir}")
                 rows = read_rows(self.jsonl_path, self._required)
                 texts = [self._text_of(r) for r in rows]
-                emb, fp = self.embedder, _fingerprint(texts)
+                emb, fp = self.embedder, texts_fingerprint(texts)
                 # A shipped store is never written: an index rebuilt for it (another embedder) goes to the data folder.
                 save_to = index_cache(self.index_path) if is_shipped(self.store_dir) else self.index_path
                 found = next((p for p in (self.index_path, save_to) if is_current(p, emb.name, emb.dim, len(rows), fp)), None)
                 if found is not None:
                     index = VectorIndex.load(found)
                 else:
-                    index = _build(texts, emb)
+                    index = build_index(texts, emb)
                     try:
                         save_to.parent.mkdir(parents=True, exist_ok=True)
                         index.save(save_to)
@@ -214,7 +214,7 @@ class LocalImageSearch:
     """``image_search`` over ``refs.jsonl`` by cosine similarity of titles."""
 
     def __init__(self, store_dir: str | os.PathLike, embedder: Embedder | None = None):
-        self._store = _Store(store_dir, "refs.jsonl", "refs.faiss", ("id", "title", "file"), _ref_text, embedder)
+        self._store = _Store(store_dir, "refs.jsonl", "refs.faiss", ("id", "title", "file"), ref_text, embedder)
 
     def reload(self) -> None:
         self._store.reload()
@@ -250,7 +250,7 @@ def build_indexes(store_dir: str | os.PathLike, embedder: Embedder) -> None:
         raise FileNotFoundError(f"store folder not found: {store_dir}")
     for jsonl, name, required, text_of in (
         ("corpus.jsonl", "corpus.faiss", ("id", "title", "text"), _corpus_text),
-        ("refs.jsonl", "refs.faiss", ("id", "title", "file"), _ref_text),
+        ("refs.jsonl", "refs.faiss", ("id", "title", "file"), ref_text),
     ):
         rows = read_rows(store_dir / jsonl, required)
-        _build([text_of(r) for r in rows], embedder).save(store_dir / "index" / name)
+        build_index([text_of(r) for r in rows], embedder).save(store_dir / "index" / name)

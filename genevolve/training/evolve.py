@@ -7,7 +7,7 @@ retrieve an experience for every trajectory's request (cosine gate) -> score tok
 the system prompt, no gradient) and the reference (adapter disabled, no gradient) -> L = L_GRPO +
 lambda * L_VED -> one AdamW step on the LoRA weights -> metrics JSONL -> atomic checkpoint. For live
 viewers it also writes the mined pairs and a student-vs-teacher probe on one fixed request, the same
-at every step (:mod:`genevolve.live`); the probe is rolled out and scored apart from the batch, so it changes
+at every step (:mod:`genevolve.records.live`); the probe is rolled out and scored apart from the batch, so it changes
 neither the batch nor the gradients.
 
 In training the teacher never rolls out: it re-scores the student's own sampled tokens in its
@@ -22,7 +22,7 @@ whole step), and the LoRA gradients are summed before the identical optimizer st
 process writes the run folder; the others keep their copy of the bank under ``.ranks/``.
 
 Where things live: the steps in :mod:`.steps`, the token-level update in :mod:`.update`, the
-teacher's context in :mod:`genevolve.teacher`, data parallelism in :mod:`.parallel`, checkpoints in
+teacher's context in :mod:`genevolve.agent.teacher`, data parallelism in :mod:`.parallel`, checkpoints in
 :mod:`.checkpoint`, the probe in :mod:`.probe`, phase timing in :mod:`.timing`.
 """
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..live import MetricsRow
+from ..records.live import MetricsRow
 from . import steps
 from .parallel import Processes
 from .timing import PhaseTimer
@@ -100,7 +100,7 @@ def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
     The run folder is locked while training: a second trainer there raises ``RunLockedError``.
     ``stop()`` is asked before every step; a stopped run resumes from its last checkpoint.
     """
-    from ..live import run_lock
+    from ..records.live import run_lock
 
     cfg.validate()
     procs = Processes()

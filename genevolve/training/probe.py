@@ -4,7 +4,7 @@ The student writes once on the probe request and, when an experience passes the 
 teacher (the same weights with the guide in its system prompt) writes once too. The student's tokens
 are scored by the current weights (pi_old: the probe runs before the update) and by the teacher's
 context. Nothing is shared with the training batch: the probe changes neither the batch nor the
-gradients. The record is a :class:`genevolve.live.ProbeRecord`.
+gradients. The record is a :class:`genevolve.records.live.ProbeRecord`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..teacher import student_block_len, teacher_stream
+from ..agent.teacher import student_block_len, teacher_stream
 from .update import token_logprobs
 
 
@@ -43,8 +43,8 @@ def probe_request(world, request_id: str | None, split: str):
 def run_probe(req, pol, tools, scorer, store, bank, sp, seed: int, pad_id: int, use_ved: bool) -> ProbeResult:
     """The student and (when an experience passes the gate) the teacher once on ``req``, with the student's
     tokens scored by both; no gradient."""
-    from ..experience import guide_text
-    from ..rollout import rollout
+    from ..experience.bank import guide_text
+    from ..agent.rollout import rollout
 
     student = rollout([req], pol, tools, k=1, params=sp, seed=seed)[0]
     student.id += "-student"
@@ -70,9 +70,9 @@ def run_probe(req, pol, tools, scorer, store, bank, sp, seed: int, pad_id: int, 
 
 
 def write(out: Path, tok, step: int, request, probe: ProbeResult, use_ved: bool) -> None:
-    """Write the probe record of ``step`` (see :mod:`genevolve.live`)."""
-    from ..experience import guide_text
-    from ..live import ProbeRecord, probe_case, token_rows, write_probe
+    """Write the probe record of ``step`` (see :mod:`genevolve.records.live`)."""
+    from ..experience.bank import guide_text
+    from ..records.live import ProbeRecord, probe_case, token_rows, write_probe
 
     traj, exp = probe.student, probe.experience
     try:

@@ -64,7 +64,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..records import atomic_write_json, finite, replace_dir
+from ..records.schema import atomic_write_json, finite, replace_dir
 
 
 @dataclass
@@ -108,7 +108,7 @@ class SFTConfig:
                 raise ValueError(f"{name} must be >= 1")
         if not 0 < self.lr < 1:
             raise ValueError("lr must be in (0, 1)")
-        from ..world.expert import ExpertNoise
+        from ..agent.expert import ExpertNoise
 
         ExpertNoise.named(self.noise)
         if self.vocab_size > 8192:
@@ -133,7 +133,7 @@ def _load_conversations(cfg: SFTConfig, world, log) -> list[list[dict]]:
     from .sft_data import conversations, expert_trajectories
 
     log("generating cold-start trajectories with the scripted expert ...")
-    from ..world.expert import ExpertNoise
+    from ..agent.expert import ExpertNoise
 
     return conversations(expert_trajectories(world, seed=cfg.seed, guided_fraction=cfg.guided_fraction,
                                              noise=ExpertNoise.named(cfg.noise), extra_per_category=cfg.extra_requests))
@@ -244,7 +244,7 @@ def _open_work(cfg: SFTConfig, work: Path) -> None:
 
 def _conversations(cfg: SFTConfig, work: Path, world, log) -> list[list[dict]]:
     """The training conversations, saved in the work folder so that a resumed run sees the same ones."""
-    from ..records import atomic_write_text
+    from ..records.schema import atomic_write_text
 
     data_path = work / "sft_data.jsonl"
     if data_path.exists():
@@ -293,7 +293,7 @@ def _tokenizer_and_model(cfg: SFTConfig, work: Path, world, convs, device):
 
 def _restore(ckpt: Path, metrics_path: Path, model, opt, sched, device, log) -> int:
     """Load the checkpoint (model, optimizer, schedule, RNG) and trim metrics written after it; the step it holds."""
-    from ..records import atomic_write_text
+    from ..records.schema import atomic_write_text
 
     step = 0
     if (ckpt / "state.pt").exists():

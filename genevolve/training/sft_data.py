@@ -13,11 +13,11 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
-from ..agent import Tools, run_to_end
-from ..guides import oracle_guide
-from ..protocol import trajectory_to_messages
-from ..records import Request, Trajectory
-from ..world.expert import ExpertNoise, ExpertPolicy
+from ..agent.loop import Tools, run_to_end
+from ..agent.guides import oracle_guide
+from ..agent.protocol import trajectory_to_messages
+from ..records.schema import Request, Trajectory
+from ..agent.expert import ExpertNoise, ExpertPolicy
 
 
 def sft_requests(world, split: str = "sft", extra_per_category: int = 0, seed: int = 0) -> list[Request]:

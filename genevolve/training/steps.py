@@ -15,10 +15,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..live import MetricsRow, append_metrics
-from ..records import atomic_write_json, finite
-from ..teacher import teacher_stream
-from . import checkpoint, probe as probes
+from ..records.live import MetricsRow, append_metrics
+from ..records.schema import atomic_write_json, finite
+from ..agent.teacher import teacher_stream
+from . import checkpoint
+from . import probe as probes
 from .parallel import Processes
 from .timing import PhaseTimer
 from .update import LossSettings, Scored, accumulate_gradients
@@ -76,7 +77,7 @@ class Targets:
 
 
 def _bank(cfg, out: Path, procs: Processes):
-    from ..experience import ExperienceBank
+    from ..experience.bank import ExperienceBank
 
     bank_dir = out / "bank"
     if not procs.main:  # a private copy: the same experiences are added on every process, written once
@@ -89,12 +90,12 @@ def _bank(cfg, out: Path, procs: Processes):
 
 def setup(cfg, world, procs: Processes, log: Callable[[str], None]) -> Run:
     """Seed, load the student with its adapter (resumed from the checkpoint when there is one), open the bank."""
-    from ..agent import Tools
-    from ..evaluation import SandboxScorer
+    from ..agent.loop import Tools
+    from ..evaluation.bench import SandboxScorer
     from ..policies.base import SamplingParams
     from ..policies.resolve import resolve_policy
-    from ..records import ImageStore
-    from ..summarise import SandboxSummariser
+    from ..records.schema import ImageStore
+    from ..experience.summarise import SandboxSummariser
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +134,7 @@ def prompts_for(run: Run, step: int) -> list:
 
 def collect_rollouts(run: Run, requests: list, step: int) -> list:
     """K trajectories per request with the student (adapter on, no guide)."""
-    from ..rollout import rollout
+    from ..agent.rollout import rollout
 
     run.model.eval()
     if not requests:
@@ -150,7 +151,7 @@ def judge(run: Run, requests: list, trajs: list) -> list:
 
 def record_cases(run: Run, trajs: list, verdicts: list) -> None:
     """Append the step's trajectories (without token tensors) and verdicts to the run folder."""
-    from ..records import append_jsonl
+    from ..records.schema import append_jsonl
 
     if not run.procs.main:
         return
@@ -168,9 +169,9 @@ def groups_of(trajs: list, verdicts: list, n: int, k: int) -> list[list[tuple]]:
 
 def mine_and_summarise(run: Run, groups: list, step: int) -> Mined:
     """Best-vs-worst pairs -> experiences in the bank (VED arms only); one logged row per pair."""
-    from ..experience import mine_pairs
-    from ..live import PairRecord, append_pairs
-    from ..summarise import SummaryError
+    from ..experience.bank import mine_pairs
+    from ..records.live import PairRecord, append_pairs
+    from ..experience.summarise import SummaryError
 
     cfg, mined = run.cfg, Mined()
     if cfg.use_ved:
@@ -208,7 +209,7 @@ def advantages(groups: list) -> torch.Tensor:
 def update_targets(run: Run, batch: list, groups: list) -> Targets:
     """Every trajectory with tokens, its advantage and, when its request retrieves an experience, the
     teacher's stream over its tokens; then this process's share."""
-    from ..experience import guide_text
+    from ..experience.bank import guide_text
 
     cfg, tok, adv_PG = run.cfg, run.pol.tokenizer, advantages(groups)
     scored, hits, errors = [], 0, []

@@ -4,7 +4,7 @@ For each micro-batch of trajectories:
 
 - without gradient: the current weights before the update (pi_old), the reference (adapter
   disabled; only when GRPO's KL term is on) and the teacher (the same weights reading the student's
-  tokens behind the guide's system block, :func:`genevolve.teacher.teacher_stream`);
+  tokens behind the guide's system block, :func:`genevolve.agent.teacher.teacher_stream`);
 - with gradient: the student;
 - the losses of :mod:`.losses`, weighted so that the step's loss is a mean over all its assistant
   tokens (GRPO) and over all its trajectories that have a teacher (VED), then ``backward``.

@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from ..records import ImageStore, Request, read_jsonl
+from ..records.schema import ImageStore, Request, read_jsonl
 
 DEFAULT_WORLD = Path(__file__).resolve().parents[2] / "assets" / "world"
 

@@ -23,7 +23,7 @@ from typing import Callable
 from PIL import Image
 from tqdm import tqdm
 
-from ..records import ImageStore, Request, atomic_write_json, atomic_write_text, replace_dir, write_jsonl
+from ..records.schema import ImageStore, Request, atomic_write_json, atomic_write_text, replace_dir, write_jsonl
 from .entities import build_corpus, build_reference_specs, generate_world
 from .requests import QA_CATEGORIES, difficulty, needed_skills, sample_scene, write_request, parse_request
 from .scene import emblem_to_reference, render, render_emblem
@@ -111,7 +111,7 @@ def build_world(out: str | Path, seed: int = 0, embedder=None, with_index: bool 
     atomic_write_text(tmp / "README.md", WORLD_README)
     if with_index:
         from ..tools.local import build_indexes
-        from ..embed import default_embedder
+        from ..tools.embed import default_embedder
 
         build_indexes(tmp, embedder or default_embedder())
         log("indexes: corpus.faiss, refs.faiss")

@@ -67,7 +67,7 @@ _NOUN_RE = re.compile(
 _CELL_RE = re.compile(r"\bin the (" + "|".join(sorted(CELLS, key=len, reverse=True)) + r") of the (?:image|canvas)\b", re.I)
 _REF_RE = re.compile(r"\b(first|second|1st|2nd) reference image\b", re.I)
 _COLOR_RE = re.compile(r"\b(" + "|".join(ENTITY_COLORS) + r")\b", re.I)
-_EXACT_TEXT_RE = re.compile(r'\bexact text\s*"([^"]*)"', re.I)
+EXACT_TEXT_RE = re.compile(r'\bexact text\s*"([^"]*)"', re.I)
 _QUOTED_RE = re.compile(r'"([^"]{1,40})"')
 _BANNER_RE = re.compile(r"\b(banner|sign|text|words|lettering|caption)\b", re.I)
 
@@ -77,7 +77,7 @@ def _stable_seed(*parts: Any) -> int:
     return int.from_bytes(h[:8], "little")
 
 
-def _sentences(prompt: str) -> list[str]:
+def sentences(prompt: str) -> list[str]:
     # Quoted text never holds sentence punctuation in the sandbox alphabet, so a plain split is safe.
     return [s for s in re.split(r"(?<=[.;!?])\s+|\n+", prompt) if s.strip()]
 
@@ -101,7 +101,7 @@ class SandboxGenerator:
         scene.text = self._text(prompt, rng)
 
         objects: list[Obj] = []
-        for sentence in _sentences(prompt):
+        for sentence in sentences(prompt):
             found = [m for m in _NOUN_RE.finditer(sentence)]
             sent_objs = []
             for i, m in enumerate(found):
@@ -138,7 +138,7 @@ class SandboxGenerator:
 
     @staticmethod
     def _text(prompt: str, rng: random.Random) -> str | None:
-        m = _EXACT_TEXT_RE.search(prompt)
+        m = EXACT_TEXT_RE.search(prompt)
         if m:
             return re.sub(r"[^A-Z0-9 ]", "", m.group(1).upper())[:18] or None
         q = _QUOTED_RE.search(prompt)

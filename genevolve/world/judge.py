@@ -39,7 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from .font import read_text
-from .generator import _EXACT_TEXT_RE, _sentences
+from .generator import EXACT_TEXT_RE, sentences as split_sentences
 from .requests import visual_groups
 from .scene import BAND, BANNER_RGB, CELL, EMBLEM_H, EMBLEM_W, GRID, Scene, cell_origin
 from .vocab import (
@@ -295,7 +295,7 @@ class SandboxJudge:
         and ``variant`` (the sandbox reference row), or empty dicts for unknown images.
         """
         low = gen_prompt.lower()
-        sentences = [s.lower() for s in _sentences(gen_prompt)]
+        sentences = [s.lower() for s in split_sentences(gen_prompt)]
         items: list[float] = []
         missing: list[str] = []
 
@@ -331,7 +331,7 @@ class SandboxJudge:
         if scene.style:
             need(generator_style_phrase(scene.style) in low, generator_style_phrase(scene.style))
         if scene.text:
-            m = _EXACT_TEXT_RE.search(gen_prompt)
+            m = EXACT_TEXT_RE.search(gen_prompt)
             need(bool(m) and m.group(1).upper() == scene.text, f'exact text "{scene.text}"')
         if not gen_prompt.strip():
             return 0.0, ["empty gen_prompt"]

@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from genevolve.experience import ExperienceError
-from genevolve.records import SchemaError
-from genevolve.refstore import RefStoreError
+from genevolve.experience.bank import ExperienceError
+from genevolve.records.schema import SchemaError
+from genevolve.tools.refstore import RefStoreError
 
 from .. import StudioError
 from ..html import message

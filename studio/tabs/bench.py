@@ -95,7 +95,7 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
 
     @safe(status)
     def compare(a, b_, i):
-        from genevolve.runs import load_run
+        from genevolve.records.runs import load_run
 
         if not a or not b_:
             raise StudioError("pick two runs")

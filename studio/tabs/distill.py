@@ -103,9 +103,9 @@ def _live_view(s: Services, ui: SimpleNamespace):
             out_[new_exps] = experience_rows([(None, e) for e in new_experiences(live.probe_dir, live.pairs)])
         p = live.probe
         if p:
-            from genevolve.records import ImageStore
+            from genevolve.records.schema import ImageStore
 
-            from .html import store_src
+            from ..html import store_src
 
             sim = f" · similarity {p.similarity:.3f}" if p.similarity is not None else ""
             out_[probe_md] = (f"Step {p.step} · `{p.request_id}` {p.request}" + (f"\n\nExperience `{p.experience_id}`{sim}; "

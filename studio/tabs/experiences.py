@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from ..services import Services
-from genevolve.guides import SLOT_TITLES, SLOTS
+from genevolve.agent.guides import SLOT_TITLES, SLOTS
 
 from ..html import columns_html, message
 from ..services import EXPERT_NOISY, STUDIO_BANK
@@ -125,7 +125,7 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
     def try_guide(bank_name, eid, policy, seed_, progress=gr.Progress()):
         progress(0, desc="student and teacher rolling out")
         req, trajs, verdicts, store = s.try_guide(s.bank(bank_name), (eid or "").strip(), policy, int(seed_ or 0))
-        from .html import store_src
+        from ..html import store_src
 
         return {try_html: columns_html(req, trajs, verdicts, store_src(store), titles={"student": "student",
                                                                                      "teacher": "teacher (student + guide)"},

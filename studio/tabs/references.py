@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from genevolve.refstore import MAX_BYTES, RefStoreError, clean_caption
+from genevolve.tools.refstore import MAX_BYTES, RefStoreError, clean_caption
 
 from ..html import message
 from ..services import Services

@@ -11,7 +11,7 @@ from . import StudioError, safe
 
 
 def tab(s: Services) -> None:
-    from genevolve.runs import load_run
+    from genevolve.records.runs import load_run
 
     gr.Markdown("Run K rollouts of one request, or open a saved run: the trajectories stand side by side, best and worst marked.")
     choices = s.request_choices()

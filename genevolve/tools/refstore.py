@@ -22,9 +22,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .records import atomic_write_bytes, atomic_write_text
-from .tools.faiss_store import VectorIndex, is_current
-from .tools.local import LocalImageSearch, _build, _fingerprint, _ref_text, read_rows
+from ..records.schema import atomic_write_bytes, atomic_write_text
+from .faiss_store import VectorIndex, is_current
+from .local import LocalImageSearch, build_index, texts_fingerprint, ref_text, read_rows
 
 MAX_BYTES = 8 * 1024 * 1024
 MAX_SIDE = 4096
@@ -148,7 +148,7 @@ class ReferenceStore:
     # -- changes -------------------------------------------------------------
     def add(self, data: bytes, caption: str, filename: str = "") -> dict[str, Any]:
         """Validate and store an uploaded image with its caption; returns the new row."""
-        from .records import ImageStore
+        from ..records.schema import ImageStore
 
         caption = clean_caption(caption)
         image = check_image(data)
@@ -190,10 +190,10 @@ class ReferenceStore:
     def _commit(self, before: list[dict[str, Any]], after: list[dict[str, Any]], change: tuple[str, int, str]) -> None:
         """Write the rows, then the index updated in place (rebuilt whole when it was stale anyway)."""
         emb = self.embedder
-        old_texts = [_ref_text(r) for r in before]
-        new_texts = [_ref_text(r) for r in after]
+        old_texts = [ref_text(r) for r in before]
+        new_texts = [ref_text(r) for r in after]
         kind, i, caption = change
-        if is_current(self.index_path, emb.name, emb.dim, len(before), _fingerprint(old_texts)):
+        if is_current(self.index_path, emb.name, emb.dim, len(before), texts_fingerprint(old_texts)):
             index = VectorIndex.load(self.index_path)
             n = len(before)
             if kind in ("add", "caption"):
@@ -202,9 +202,9 @@ class ReferenceStore:
                 moved = index.reconstruct(range(i + 1, n))
                 index.remove(range(i, n))
                 index.add(range(i, n - 1), moved)
-            index.fingerprint = _fingerprint(new_texts)
+            index.fingerprint = texts_fingerprint(new_texts)
         else:
-            index = _build(new_texts, emb)
+            index = build_index(new_texts, emb)
         atomic_write_text(self.jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in after))
         index.save(self.index_path)
         self.search_backend.reload()

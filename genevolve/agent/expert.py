@@ -26,11 +26,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..policies.base import TurnByTurnPolicy
-from ..protocol import FINAL_STEP_MESSAGE, GUIDE_HEADER, MAX_TOOL_CALLS, parse_turn, render_turn, unwrap_observation
-from ..records import SKILLS, ToolCall
-from .entities import official_title, reference_noun_and_name
-from .requests import ParseError, ParsedRequest, needed_skills
-from .vocab import (
+from .protocol import FINAL_STEP_MESSAGE, GUIDE_HEADER, MAX_TOOL_CALLS, parse_turn, render_turn, unwrap_observation
+from ..records.schema import SKILLS, ToolCall
+from ..world.entities import official_title, reference_noun_and_name
+from ..world.requests import ParseError, ParsedRequest, needed_skills
+from ..world.vocab import (
     GENERATOR_MATERIAL_PHRASES,
     NUMBER_WORDS,
     REQUEST_CELL_PHRASES,

@@ -21,9 +21,9 @@ from .protocol import (
     parse_turn,
     wrap_observation,
 )
-from .records import SKILLS, ImageRef, Observation, Request, ToolCall, Trajectory, Turn
+from ..records.schema import SKILLS, ImageRef, Observation, Request, ToolCall, Trajectory, Turn
 from .teacher import system_message
-from .tools.base import format_image_results
+from ..tools.base import format_image_results
 
 
 class Policy(Protocol):

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .records import SKILLS, ImageRef, KeptMessage, Observation, Program, ProgramRef, ToolCall, Trajectory, Turn
+from ..records.schema import SKILLS, ImageRef, KeptMessage, Observation, Program, ProgramRef, ToolCall, Trajectory, Turn
 
 MAX_TURNS = 11
 MAX_TOOL_CALLS = 10

@@ -8,7 +8,7 @@
 - :class:`LLMSummariser` asks any chat policy (an OpenAI-compatible server or a local model) with a
   versioned prompt for the same five slots as JSON, and validates the answer against the schema.
 
-Both return slots that :func:`genevolve.experience.validate_slots` accepts, or raise
+Both return slots that :func:`genevolve.experience.bank.validate_slots` accepts, or raise
 :class:`SummaryError` with the reason (the trainer records it and goes on).
 """
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 import re
 
-from .experience import ExperienceError, Pair, evidence, validate_slots
-from .guides import AVOID, CONSTRUCTION, SLOTS
-from .policies.base import SamplingParams
+from .bank import ExperienceError, Pair, evidence, validate_slots
+from ..agent.guides import AVOID, CONSTRUCTION, SLOTS
+from ..policies.base import SamplingParams
 
 
 class SummaryError(ValueError):

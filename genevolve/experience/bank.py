@@ -32,8 +32,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .guides import SLOTS, format_guide
-from .records import Experience, ExperienceVersion, Trajectory, Verdict, atomic_write_text
+from ..agent.guides import SLOTS, format_guide
+from ..records.schema import Experience, ExperienceVersion, Trajectory, Verdict, atomic_write_text
 
 DELTA_MIN = 0.20
 MAX_PAIRS = 8
@@ -215,7 +215,7 @@ class ExperienceBank:
     @property
     def embedder(self):
         if self._embedder is None:
-            from .embed import default_embedder
+            from ..tools.embed import default_embedder
 
             self._embedder = default_embedder()
         return self._embedder
@@ -246,7 +246,7 @@ class ExperienceBank:
         self._rebuild_index()
 
     def _rebuild_index(self) -> None:
-        from .tools.faiss_store import VectorIndex
+        from ..tools.faiss_store import VectorIndex
 
         ids = list(self.items)
         missing = [i for i in ids if i not in self._vecs]

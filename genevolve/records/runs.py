@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .records import (
+from .schema import (
     ImageStore,
     RenderedImage,
     Request,
@@ -121,9 +121,9 @@ def policy_checksum(policy: str, adapter: str | None = None, label: str | None =
         h.update(f"{policy}|{model}".encode("utf-8"))
         return h.hexdigest()
     if policy == "tiny":
-        from .policies.tiny import TINY_DIR as folder
+        from ..policies.tiny import TINY_DIR as folder
     elif policy == "smollm2":
-        from .policies.resolve import smollm2_path
+        from ..policies.resolve import smollm2_path
 
         folder = smollm2_path()[0]
     else:

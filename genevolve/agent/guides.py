@@ -110,7 +110,7 @@ def _similarity_summary(sims: list[float]) -> dict | None:
 def _open_bank(folder: str):
     from pathlib import Path
 
-    from .experience import ExperienceBank
+    from ..experience.bank import ExperienceBank
 
     if not (Path(folder) / "experiences.jsonl").is_file():
         raise ValueError(f"{folder!r} holds no experience bank (no experiences.jsonl)")
@@ -134,7 +134,7 @@ def request_guides(spec: str, world, requests, gate: float | None = None, leave_
     ``leave_own_out`` (bank kinds only) never retrieves an experience mined from the request itself, so
     what is measured is transfer to other requests. Shuffles are seeded derangements.
     """
-    from .experience import GATE, guide_text
+    from ..experience.bank import GATE, guide_text
 
     kind, _, folder = spec.partition(":")
     if kind not in ("oracle", "bank", "shuffled") or (kind == "oracle" and folder) or (kind == "bank" and not folder):

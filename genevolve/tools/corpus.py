@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .records import atomic_write_text
+from ..records.schema import atomic_write_text
 
 TEXT_EXTS = {".txt", ".md"}
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
@@ -54,7 +54,7 @@ def index_folder(src: str | os.PathLike, out: str | os.PathLike, embedder=None, 
     """Build the store in ``out`` from ``src`` and its FAISS indexes; return counts and skipped files."""
     from PIL import Image
 
-    from .tools.local import build_indexes
+    from .local import build_indexes
 
     src, out = Path(src).resolve(), Path(out).resolve()
     if not src.is_dir():

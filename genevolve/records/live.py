@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel, ConfigDict, field_serializer
 
-from .records import Trajectory, Verdict, append_bytes, atomic_write_json
+from .schema import Trajectory, Verdict, append_bytes, atomic_write_json
 
 METRICS_VERSION = 1
 PAIRS_VERSION = 1

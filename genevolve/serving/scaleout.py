@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import httpx
 
-from .policies.base import AsAgentPolicy, SamplingParams, TurnByTurnPolicy
+from ..policies.base import AsAgentPolicy, SamplingParams, TurnByTurnPolicy
 
 PATHS = {"vllm": ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"),
          "genevolve": ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"),
@@ -74,7 +74,7 @@ class RemoteStudent(TurnByTurnPolicy):
     def __init__(self, base_url: str, base_model: str, server: str = "vllm", prefix: str = "student", keep: int = 1,
                  params: SamplingParams = SamplingParams(), api_key: str | None = None,
                  transport: httpx.BaseTransport | None = None, **client_kwargs: Any):
-        from .policies.openai_compat import OpenAIChatPolicy
+        from ..policies.openai_compat import OpenAIChatPolicy
 
         self.chat = OpenAIChatPolicy(base_url, base_model, api_key=api_key, transport=transport, **client_kwargs)
         self.loader = AdapterHotLoader(base_url, server, api_key=api_key, transport=transport)

@@ -13,11 +13,11 @@ Image values, or ``{"bytes"|"path"}`` objects.
 
 What it becomes:
 
-- bench and RL rows -> :class:`~genevolve.records.Request` (split ``bench`` / ``rl``), ground
-  truths stored by hash in an :class:`~genevolve.records.ImageStore`; ``eval_type`` picks the track
+- bench and RL rows -> :class:`~genevolve.records.schema.Request` (split ``bench`` / ``rl``), ground
+  truths stored by hash in an :class:`~genevolve.records.schema.ImageStore`; ``eval_type`` picks the track
   (anything naming knowledge -> ``knowledge``, else ``quality``), ``difficulty`` may be a number or
   easy / medium / hard;
-- SFT rows -> :class:`~genevolve.records.Trajectory` (via the protocol's ``messages`` import, turns
+- SFT rows -> :class:`~genevolve.records.schema.Trajectory` (via the protocol's ``messages`` import, turns
   read as the official runtime reads them), the ``images`` list giving the IMG ids their files: by
   the id in each file name when the names carry one (``images/traj_00213/IMG_001.jpg``), else by
   position (``IMG_001``, ``IMG_002``, ...); and back: our trajectories are exported as
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .records import ImageStore, Request, Trajectory
+from ..records.schema import ImageStore, Request, Trajectory
 
 DATA_EXTS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 KINDS = ("bench", "rl", "sft")
@@ -190,7 +190,7 @@ def load_sft(root: str | os.PathLike, allow_missing: bool = False, image_dir: st
     names the copy; without it, the dataset's files are named in place (pictures given as bytes
     then need ``image_dir``).
     """
-    from .protocol import trajectory_from_messages
+    from ..agent.protocol import trajectory_from_messages
 
     root = Path(root)
     files = data_files(root, "sft")
@@ -219,7 +219,7 @@ def load_sft(root: str | os.PathLike, allow_missing: bool = False, image_dir: st
                 traj.errors.append(f"{img_id}: picture missing from the dataset")
                 continue
             if ref is None:
-                from .records import ImageRef
+                from ..records.schema import ImageRef
 
                 ref = ImageRef(img_id=img_id, title="image")
                 traj.images.append(ref)
@@ -279,7 +279,7 @@ def _image_path(value: Any, roots: Sequence[Path], image_dir) -> str:
 
 def sft_messages(trajs: Iterable[Trajectory]) -> list[dict[str, Any]]:
     """Trajectories as ``{"messages"}`` rows (what ``genevolve sft --data`` trains on)."""
-    from .protocol import trajectory_to_messages
+    from ..agent.protocol import trajectory_to_messages
 
     return [{"messages": trajectory_to_messages(t)} for t in trajs]
 
@@ -294,8 +294,8 @@ def export_sft(trajs: Iterable[Trajectory], out: str | os.PathLike, verdicts: di
     raises :class:`DataError` naming it, before anything is written; with ``allow_missing`` it is left
     out (its id then has no file) and counted.
     """
-    from .protocol import trajectory_to_messages
-    from .records import atomic_write_text
+    from ..agent.protocol import trajectory_to_messages
+    from ..records.schema import atomic_write_text
 
     out = Path(out)
     rows, copies, missing, skipped = [], [], [], 0
@@ -326,11 +326,11 @@ def export_sft(trajs: Iterable[Trajectory], out: str | os.PathLike, verdicts: di
 
 def run_bench(requests: Sequence[Request], policy, tools, scorer, store: ImageStore, seeds: Sequence[int], params,
               missing: str = "exclude", guides=None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """:func:`genevolve.evaluation.evaluate` under the missing-case policy: the summary and every case.
+    """:func:`genevolve.evaluation.bench.evaluate` under the missing-case policy: the summary and every case.
 
     ``policy`` None is the raw baseline (request text straight to the generator).
     """
-    from .evaluation import evaluate
+    from .bench import evaluate
 
     ev = evaluate(requests, policy, tools, scorer, store, list(seeds), params=params, guides=guides, missing=missing,
                   progress=progress)

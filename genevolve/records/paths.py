@@ -19,7 +19,7 @@ def data_dir(given: str | os.PathLike | None = None) -> Path:
     return Path(base).expanduser() / "genevolve"
 
 
-SHIPPED = Path(__file__).resolve().parents[1] / "assets"  # the shipped sandbox data and policy: read-only at run time
+SHIPPED = Path(__file__).resolve().parents[2] / "assets"  # the shipped sandbox data and policy: read-only at run time
 
 
 def is_shipped(path: str | os.PathLike) -> bool:

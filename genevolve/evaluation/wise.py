@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .judges.chat import ChatJudge, JudgeError, data_uri, find_json_object, image_bytes
-from .records import Request
+from ..judges.chat import ChatJudge, JudgeError, data_uri, find_json_object, image_bytes
+from ..records.schema import Request
 
 FILES = ("cultural_common_sense", "spatio-temporal_reasoning", "natural_science")
 WEIGHTS = {"cultural": 0.4, "time": 0.167, "space": 0.133, "biology": 0.1, "physics": 0.1, "chemistry": 0.1}
@@ -166,7 +166,7 @@ def summarise_wise(items: Sequence[WiseItem], results: dict[int, dict[str, Any]]
 def run_wise(items: Sequence[WiseItem], generator, judge: WiseJudge, store, policy=None, tools=None, params=None,
              seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Generate (raw prompt, or a policy's program) and judge every item; per-case results and the summary."""
-    from .evaluation import load_references, trajectories
+    from .bench import load_references, trajectories
 
     trajs = trajectories([it.request() for it in items], policy, tools, 1, seed, params)
     results: dict[int, dict[str, Any]] = {}

@@ -37,9 +37,9 @@ def compare_after_training(cfg, world, requests: list, seeds: list[int], samples
                            log: Callable[[str], None]) -> Path:
     """Bench the student before and after the run ``cfg.out`` trained, and the teacher where it gets a guide;
     write the report folder and return ``report.md``."""
-    from .policies.resolve import resolve_policy
-    from .records import ImageStore, atomic_write_json
-    from .training.compare import evaluate, teacher_section, write_report
+    from ..policies.resolve import resolve_policy
+    from ..records.schema import ImageStore, atomic_write_json
+    from .report import evaluate, teacher_section, write_report
 
     t0, out = time.time(), Path(cfg.out)
     before = resolve_policy(cfg.policy)
@@ -83,7 +83,7 @@ class Ablation:
 def check_settings(out: Path, settings: dict[str, Any]) -> None:
     """Record what an ablation folder runs; a folder that ran other settings raises :class:`SettingsMismatch`
     (resuming would mix results)."""
-    from .records import atomic_write_json
+    from ..records.schema import atomic_write_json
 
     path = out / "ablate_config.json"
     if not path.exists():
@@ -103,7 +103,7 @@ def _short(v) -> str:
 
 def save_eval(eval_dir: Path, res: dict) -> None:
     """An arm-seed's evaluation (summary, trajectories, verdicts), swapped in whole: the folder exists only when done."""
-    from .records import atomic_write_json, replace_dir, write_jsonl
+    from ..records.schema import atomic_write_json, replace_dir, write_jsonl
 
     tmp = eval_dir.with_name(eval_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -116,7 +116,7 @@ def save_eval(eval_dir: Path, res: dict) -> None:
 
 
 def load_eval(eval_dir: Path) -> dict:
-    from .records import Trajectory, Verdict, read_jsonl
+    from ..records.schema import Trajectory, Verdict, read_jsonl
 
     saved = json.loads((eval_dir / "eval.json").read_text(encoding="utf-8"))
     trajs, verdicts = read_jsonl(eval_dir / "trajectories.jsonl", Trajectory), read_jsonl(eval_dir / "verdicts.jsonl", Verdict)
@@ -129,7 +129,7 @@ def load_eval(eval_dir: Path) -> dict:
 def seed_aggregate(summary: dict) -> dict:
     """One arm-seed's evaluation summary (one seed) as that seed's aggregate: each dimension's value, and its counts.
     An undefined value (None or NaN) stays undefined."""
-    from .evaluation import DIMS
+    from .bench import DIMS
 
     def value(x):
         m = x["mean"] if isinstance(x, dict) else x
@@ -141,9 +141,9 @@ def seed_aggregate(summary: dict) -> dict:
 
 def _arm_seed(ab: Ablation, world, arm: str, seed: int, train: Callable[[Any], None], log) -> tuple[dict, dict]:
     """One arm at one seed: trained (unless SFT-only) and evaluated, or loaded when done earlier."""
-    from .policies.resolve import resolve_policy
-    from .records import ImageStore
-    from .training.compare import ablation_run_record, evaluate
+    from ..policies.resolve import resolve_policy
+    from ..records.schema import ImageStore
+    from .report import ablation_run_record, evaluate
 
     store = ImageStore(ab.out / "images" / f"{arm}-s{seed}")
     run_dir = ab.out / f"{arm}-s{seed}"  # for sft only its eval/ folder
@@ -165,7 +165,7 @@ def _arm_seed(ab: Ablation, world, arm: str, seed: int, train: Callable[[Any], N
 
 def gains_lines(results: dict[str, dict]) -> list[str]:
     """The report's table of overall KScore per arm with its gain over SFT-only, paired by seed."""
-    from .evaluation import mean_ci
+    from .bench import mean_ci
 
     sft_k = results.get("sft", {}).get("summary", {}).get("overall", {}).get("all", {}).get("kscore", {})
     lines = ["## Gains over SFT-only (overall KScore)", "",
@@ -194,9 +194,9 @@ def identical_lines(same: list[dict]) -> list[str]:
 
 def ablation_teacher(ab: Ablation, world, runs_made: list[dict], log) -> tuple[str, dict | None]:
     """The teacher of the full method's trained student at the first seed (cached in ``<out>/teacher/``)."""
-    from .policies.resolve import resolve_policy
-    from .records import atomic_write_json, atomic_write_text
-    from .training.compare import teacher_section
+    from ..policies.resolve import resolve_policy
+    from ..records.schema import atomic_write_json, atomic_write_text
+    from .report import teacher_section
 
     arm = next((a for a in ("grpo+ved", "ved") if a in ab.arms), None)
     if not (ab.teacher and arm):
@@ -220,9 +220,9 @@ def ablation_teacher(ab: Ablation, world, runs_made: list[dict], log) -> tuple[s
 
 def run_ablation(ab: Ablation, world, train: Callable[[Any], None], log: Callable[[str], None]) -> tuple[Path, list[str]]:
     """Every arm at every seed, then the report and ``ablation.json``; returns the report and the gains table."""
-    from .evaluation import over_seeds
-    from .records import atomic_write_json
-    from .training.compare import identical_arms, write_report
+    from .bench import over_seeds
+    from ..records.schema import atomic_write_json
+    from .report import identical_arms, write_report
 
     check_settings(ab.out, ab.settings)
     t0 = time.time()

@@ -1,6 +1,6 @@
 """Scoring with real models: any generator, the VLM judge, and a stated missing-case policy.
 
-:class:`ModelScorer` has :class:`~genevolve.evaluation.SandboxScorer`'s ``score(request, traj,
+:class:`ModelScorer` has :class:`~genevolve.evaluation.bench.SandboxScorer`'s ``score(request, traj,
 store, seed)``: the program goes to the generator with its reference images, the image is stored by
 hash, the VLM judge compares it with the request's ground truth, and (when given) the
 program-sufficiency judge gives R_text; R = (1 - alpha) KScore + alpha R_text (without a program
@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Iterable
 
-from .evaluation import ALPHA, MISSING_PREFIXES, UNSCORED, aggregate, is_missing, load_references
-from .records import ImageStore, RenderedImage, Request, Trajectory, Verdict
+from .bench import ALPHA, MISSING_PREFIXES, UNSCORED, aggregate, is_missing, load_references
+from ..records.schema import ImageStore, RenderedImage, Request, Trajectory, Verdict
 
 MISSING_POLICIES = ("exclude", "zero")
 __all__ = ["MISSING_POLICIES", "MISSING_PREFIXES", "ModelScorer", "is_missing", "summarise"]
@@ -49,7 +49,7 @@ class ModelScorer:
         return None
 
     def score(self, request: Request, traj: Trajectory, store: ImageStore, seed: int = 0) -> tuple[RenderedImage | None, Verdict]:
-        from .judges import JudgeError
+        from ..judges import JudgeError
 
         base = dict(trajectory_id=traj.id, request_id=request.id, alpha=self.alpha,
                     text_policy=getattr(self.judge, "text_policy", "renormalise"))
@@ -90,7 +90,7 @@ class ModelScorer:
 
 
 def summarise(pairs: Iterable[tuple[Request, Verdict]], missing: str = "exclude") -> dict[str, Any]:
-    """:func:`~genevolve.evaluation.aggregate` under the missing-case policy, with the missing cases reported."""
+    """:func:`~genevolve.evaluation.bench.aggregate` under the missing-case policy, with the missing cases reported."""
     if missing not in MISSING_POLICIES:
         raise ValueError(f"missing is one of {', '.join(MISSING_POLICIES)}, not {missing!r}")
     pairs = list(pairs)

@@ -1,6 +1,6 @@
 """Batched multi-turn rollouts: B requests x K samples advance together.
 
-Every trajectory is an :class:`~genevolve.agent.Episode` (the protocol's rules live there); the
+Every trajectory is an :class:`~genevolve.agent.loop.Episode` (the protocol's rules live there); the
 policy drives them all through one call, :meth:`~genevolve.policies.base.RolloutPolicy.run_conversations`.
 A :class:`~genevolve.policies.local.LocalPolicy` runs the episodes in one batch with continuous
 batching (:mod:`genevolve.policies.continuous`): an episode whose turn ends runs its tool and
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from .agent import Episode, Tools
+from .loop import Episode, Tools
 from .protocol import MAX_TURNS
-from .policies.base import Completion, ModelCallError, RolloutPolicy, SamplingParams
-from .records import Request, Trajectory
+from ..policies.base import Completion, ModelCallError, RolloutPolicy, SamplingParams
+from ..records.schema import Request, Trajectory
 
 
 def rollout(requests: Sequence[Request], policy: RolloutPolicy, tools: Tools, k: int = 1,

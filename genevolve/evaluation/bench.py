@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from .records import ImageStore, Program, RenderedImage, Request, Trajectory, Verdict
+from ..records.schema import ImageStore, Program, RenderedImage, Request, Trajectory, Verdict
 
 ALPHA = 0.5
 # A verdict whose ``failed`` starts with one of these was not judged: a missing case, never a 0.
@@ -81,7 +81,7 @@ class SandboxScorer:
         if request.scene is None:  # rendered for a look, but there is nothing to compare it with
             return rendered, Verdict(**base, **UNSCORED, image=h, failed="no ground truth: the request lies outside "
                                      f"the sandbox world ({request.parse_error})")
-        from .world.scene import Scene
+        from ..world.scene import Scene
 
         scene = Scene.from_dict(request.scene)
         j = self.world.judge.judge(image, scene, self.world.gt_image(request))
@@ -197,8 +197,8 @@ def trajectories(requests: Sequence[Request], policy, tools, k: int, seed: int, 
     ``policy`` None is the raw-generator baseline."""
     if policy is None:
         return [raw_trajectory(r, seed * 1000 + i) for r in requests for i in range(k)]
-    from .policies.base import SamplingParams
-    from .rollout import rollout
+    from ..policies.base import SamplingParams
+    from ..agent.rollout import rollout
 
     params = params or SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384)
     return rollout(requests, policy, tools, k=k, params=params, seed=seed, guides=guides, on_turn=on_turn)
@@ -236,7 +236,7 @@ def evaluate(requests: Sequence[Request], policy, tools, scorer, store: ImageSto
 
     A seed's figures average over all its samples. ``missing`` None aggregates every verdict
     (:func:`aggregate`, missing cases counted apart); "exclude" or "zero" applies that missing-case policy
-    (:func:`genevolve.scoring.summarise`). ``on_case`` sees each case as it is judged (a run-folder writer);
+    (:func:`genevolve.evaluation.scoring.summarise`). ``on_case`` sees each case as it is judged (a run-folder writer);
     ``on_turn(seed, finished, total)`` follows the rollouts (progress bars).
     """
     if samples < 1:

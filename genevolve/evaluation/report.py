@@ -13,8 +13,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-from ..evaluation import SandboxScorer, mean_ci
-from ..records import ImageStore, atomic_write_json, atomic_write_text
+from .bench import SandboxScorer, mean_ci
+from ..records.schema import ImageStore, atomic_write_json, atomic_write_text
 
 CURVES = (("reward_mean", "reward (mean)"), ("kscore_mean", "KScore (rollouts)"), ("ved_loss", "VED loss"),
           ("grpo_loss", "GRPO loss"), ("retrieval_hit_rate", "retrieval hit rate"))
@@ -23,15 +23,15 @@ CURVES = (("reward_mean", "reward (mean)"), ("kscore_mean", "KScore (rollouts)")
 def evaluate(world, policy, requests, seeds=(0,), guides: dict[str, str] | None = None, params=None,
              store: ImageStore | None = None, progress: Callable[[str], None] | None = None,
              samples: int = 1) -> dict[str, Any]:
-    """:func:`genevolve.evaluation.evaluate` on the sandbox, overall and by track: ``{"summary", "records"}``.
+    """:func:`genevolve.evaluation.bench.evaluate` on the sandbox, overall and by track: ``{"summary", "records"}``.
 
     ``summary[level][group]`` holds each dimension's mean ± 95 % CI over seeds and ``per_seed``: the group's
     KScore at every seed in seed order (``None`` where undefined), for gains paired by seed.
     """
     import tempfile
 
-    from ..agent import Tools
-    from ..evaluation import evaluate as run
+    from ..agent.loop import Tools
+    from .bench import evaluate as run
 
     with tempfile.TemporaryDirectory() as tmp:
         ev = run(requests, policy, Tools.for_world(world), SandboxScorer(world), store or ImageStore(tmp), list(seeds),
@@ -50,7 +50,7 @@ def ablation_run_record(arm: str, seed: int, policy: str, adapter: Path | None, 
     fingerprint of its evaluation trajectories (equal fingerprints: the same sampled turns)."""
     import hashlib
 
-    from ..runs import policy_checksum
+    from ..records.runs import policy_checksum
 
     last = {}
     if adapter is not None and (adapter.parent.parent / "metrics.jsonl").exists():
@@ -219,8 +219,8 @@ def teacher_section(world, student, bank_dir: Path, bench_requests, seeds, gate:
     where it gets a guide, next to the student on the same requests: (a) the training requests whose own
     experience the gate retrieves, (b) the bench requests whose nearest experience passes the gate. Where
     no request gets one, a sentence says so instead of a row that would copy the student's."""
-    from ..experience import ExperienceBank, guide_text
-    from ..guides import request_guides
+    from ..experience.bank import ExperienceBank, guide_text
+    from ..agent.guides import request_guides
 
     md = ["## Teacher", "", f"The teacher is the trained student with the nearest bank experience (cosine >= {gate}) in its "
           "system prompt; it is only measured on requests that retrieve one, next to the student on the same requests.", ""]

@@ -42,7 +42,7 @@ def _query(item: Any) -> tuple[str, int] | str:
 
 def _text_results(text, q: str, num: int) -> dict:
     """Serper's /search answer for one query."""
-    from .tools.local import snippet
+    from ..tools.local import snippet
 
     hits = text.search_records(q, num)
     organic = [{"title": row.get("title", ""), "link": row.get("url", "") or f"gateway://doc/{row['id']}",
@@ -69,7 +69,7 @@ def _image_results(images, base: str, q: str, num: int) -> dict:
 
 
 def build_gateway_app(store: str | Path, embedder=None, api_key: str | None = None) -> FastAPI:
-    from .tools.local import LocalImageSearch, LocalTextSearch, read_rows
+    from ..tools.local import LocalImageSearch, LocalTextSearch, read_rows
 
     store = Path(store)
     for name in ("corpus.jsonl", "refs.jsonl"):

@@ -1,0 +1,1 @@
+"""Visual experiences: best-vs-worst pair mining, the experience bank (JSONL + FAISS) and the summarisers."""
