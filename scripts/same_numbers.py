@@ -7,8 +7,8 @@
 - ``genevolve ablate --quick`` (every arm, one seed).
 
 The fingerprint holds one hash per output file: JSON and JSONL are hashed after dropping what may
-differ between two identical runs (wall-clock times, throughputs, creation stamps, the output
-folder's own path); images and adapter weights are hashed byte for byte; Markdown reports, which
+differ between two identical runs (wall-clock times, throughputs, creation stamps, experience ids,
+which hash the creation time, the output folder's and the checkout's paths); images and adapter weights are hashed byte for byte; Markdown reports, which
 print times, are left out (their numbers are in the JSON beside them). ``compare`` prints every file
 whose hash differs, with the first differing values, and exits 1 when any does; a JSON file that keeps
 every earlier value and only adds fields counts as the same numbers (and says which fields it added).
@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 VOLATILE = re.compile(r"^(seconds|t_.*|tokens_per_s|created|wall.*|time.*|.*_seconds|elapsed.*)$")
+EXPERIENCE_ID = re.compile(r"\bexp-[0-9a-f]{10}\b")  # hashed with the creation time: differs between identical runs
+CHECKOUT = re.compile(r"[^\s\"']*/(?=assets/)")  # the checkout the code ran from (its shipped world and policy)
 SKIP_SUFFIXES = (".md", ".lock", ".log", ".tmp")
-SKIP_NAMES = {"fingerprint.json", "commands.json"}
+SKIP_NAMES = {"fingerprint.json", "commands.json", ".lock"}
 
 COMMANDS = {
     "evolve": ["evolve", "--out", "{out}/evolve"],
@@ -44,12 +46,13 @@ COMMANDS = {
 
 def normalise(value: Any, root: str) -> Any:
     """The value with volatile keys dropped and the output folder's path replaced by ``<out>``."""
-    if isinstance(value, dict):
-        return {k: normalise(v, root) for k, v in value.items() if not VOLATILE.match(str(k))}
+    if isinstance(value, dict):  # peft saves its target modules as a set, in hash order
+        return {k: sorted(v) if k == "target_modules" and isinstance(v, list) else normalise(v, root)
+                for k, v in value.items() if not VOLATILE.match(str(k))}
     if isinstance(value, list):
         return [normalise(v, root) for v in value]
-    if isinstance(value, str) and root in value:
-        return value.replace(root, "<out>")
+    if isinstance(value, str):
+        value = CHECKOUT.sub("<checkout>/", EXPERIENCE_ID.sub("exp-<id>", value.replace(root, "<out>")))
     return value
 
 
