@@ -5,7 +5,7 @@ GE := $(VENV)/bin/genevolve
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup studio chromium demo test test-slow bench world tiny-policy smollm2-policy cuda-check clean
+.PHONY: setup studio lab chromium demo test test-slow bench world tiny-policy smollm2-policy cuda-check clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml
 
 studio: setup
 	$(GE) studio --host 127.0.0.1 --port 7860
+
+# JupyterLab on notebooks/ with this venv's kernel, offline (settings: notebooks/jupyter_lab_config.py).
+lab: setup
+	cd notebooks && ../$(VENV)/bin/jupyter lab --config=jupyter_lab_config.py $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 # The browser tests drive Debian's Chromium; install it only when it is missing.
 chromium:

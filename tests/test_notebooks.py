@@ -24,3 +24,39 @@ def test_notebook_runs(name, tmp_path):
     assert not errors
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert images >= 1, "every notebook shows at least one figure"
+
+
+def test_jupyterlab_serves_the_notebooks_offline():
+    """What `make lab` starts (JupyterLab in notebooks/ with notebooks/jupyter_lab_config.py): the notebooks
+    listed, no news feed, no extension index lookups."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    jupyter = Path(sys.executable).with_name("jupyter")
+    cmd = [str(jupyter), "lab", "--config=jupyter_lab_config.py", f"--ServerApp.port={port}",
+           "--IdentityProvider.token=t", "--allow-root"]
+    proc = subprocess.Popen(cmd, cwd=NOTEBOOKS, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    try:
+        base, deadline, listed = f"http://127.0.0.1:{port}", time.time() + 90, None
+        while time.time() < deadline and listed is None:
+            try:
+                listed = httpx.get(f"{base}/api/contents", params={"token": "t"}, timeout=2).json()
+            except (httpx.HTTPError, ValueError):
+                time.sleep(0.5)
+        assert listed is not None, "JupyterLab did not answer"
+        assert {c["name"] for c in listed["content"]} >= {p.name for p in NOTEBOOKS.glob("*.ipynb")}
+        assert httpx.get(f"{base}/lab/api/news", params={"token": "t"}, timeout=5).json() == {"news": []}
+        assert httpx.get(f"{base}/lab", params={"token": "t"}, timeout=5).status_code == 200
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "Extension Manager is 'readonly'" in out
