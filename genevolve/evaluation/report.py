@@ -1,9 +1,10 @@
-"""Distill-and-compare: evaluate the student before and after, and the teacher where it gets a guide; write the report folder.
+"""Reports: the sandbox evaluation of a policy, the teacher where it gets a guide, and the report folder.
 
-The report folder holds ``report.md`` (KScore, F, V, T, A by track for each policy; the ablation
-table when several arms ran), learning-curve PNGs from the metrics JSONL, ``results.json`` and a few
-per-request examples with the policies' images side by side; an evolve report adds ``teacher.json``
-(see :func:`teacher_section`).
+``report.md`` opens with the result (each policy overall and by track, with its KScore change from the
+first policy; mean ± 95 % CI only with two or more seeds), then the teacher section or the ablation's
+gains, the learning curves (PNGs from the metrics JSONL), examples chosen by their largest gains and
+regressions, and last the configuration, folded. Beside it: ``results.json`` and, for an evolve run,
+``teacher.json`` (see :func:`teacher_section`).
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def plot_curves(metrics_files: dict[str, list[Path]], out_dir: Path) -> list[Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -116,6 +118,7 @@ def plot_curves(metrics_files: dict[str, list[Path]], out_dir: Path) -> list[Pat
                 ax.plot(range(1, len(r) + 1), r, lw=0.6, alpha=0.3)
             if n:
                 ax.plot(range(1, n + 1), [statistics.fmean(r[i] for r in runs) for i in range(n)], lw=2, label=arm)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -136,17 +139,31 @@ def _fmt(m: dict) -> str:
     return f"{m['mean']:.3f}" + (f" ± {ci:.3f}" if ci is not None and ci == ci else "")
 
 
+def _n_seeds(results: dict[str, dict]) -> int:
+    return max((len(r["summary"]["overall"]["all"]["kscore"].get("per_seed") or []) for r in results.values()), default=0)
+
+
 def table(results: dict[str, dict], dims=("kscore", "F", "V", "T", "A")) -> str:
-    lines = ["| policy | track | " + " | ".join(dims) + " |", "| --- | --- | " + " | ".join("---" for _ in dims) + " |"]
+    """Each policy overall and by track, with its KScore change from the first policy (before, or SFT-only)."""
+    names = list(results)
+    base = results[names[0]]["summary"] if names else None
+    head = ["policy", "track", *dims, "Δ KScore"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, res in results.items():
         s = res["summary"]
         for key, row in [("all", s["overall"]["all"])] + sorted(s["track"].items()):
-            lines.append(f"| {name} | {key} | " + " | ".join(_fmt(row[d]) for d in dims) + " |")
-    return "\n".join(lines)
+            ref = base["overall"]["all"] if key == "all" else base["track"].get(key)
+            k, k0 = row["kscore"]["mean"], (ref or {}).get("kscore", {}).get("mean")
+            delta = "" if name == names[0] or k is None or k0 is None else f"{k - k0:+.3f}"
+            lines.append(f"| {name} | {key} | " + " | ".join(_fmt(row[d]) for d in dims) + f" | {delta} |")
+    n = _n_seeds(results)
+    note = (f"Mean ± 95 % CI over {n} seeds." if n >= 2 else "One seed, no CI.")
+    return "\n".join(lines) + f"\n\n{note} Δ KScore: change from {names[0] if names else '-'} on the same requests."
 
 
 def write_examples(world, results: dict[str, dict], out_dir: Path, n: int = 6) -> str:
-    """Side-by-side examples (ground truth and each policy's image) for the requests where policies differ most."""
+    """Side-by-side examples (ground truth and each policy's image): the largest KScore gains and the largest
+    regressions from the first policy to the last (with one policy, its first requests)."""
     from PIL import Image
 
     ex_dir = out_dir / "examples"
@@ -157,12 +174,24 @@ def write_examples(world, results: dict[str, dict], out_dir: Path, n: int = 6) -
         for rec in results[name]["records"]:
             if rec["seed"] == results[name]["records"][0]["seed"] and rec.get("sample", 0) == 0:
                 by_req.setdefault(rec["request"], {})[name] = rec
-    def k(rec) -> float:  # a missing case (null) sorts as 0 here; it is shown as "–"
+    def k(rec) -> float:  # a missing case (null) counts as 0 here; it is shown as "–"
         return rec["verdict"].kscore or 0.0
 
-    spread = sorted(by_req.items(), key=lambda kv: -(max(map(k, kv[1].values())) - min(map(k, kv[1].values()))))
-    lines = []
-    for rid, recs in spread[:n]:
+    first, last = names[0], names[-1]
+    both = [(rid, recs) for rid, recs in by_req.items() if first in recs and last in recs]
+    by_gain = sorted(both, key=lambda kv: k(kv[1][last]) - k(kv[1][first]))
+    if first == last:
+        best, worst = both[:n], []
+        lines = [f"The first {len(best)} requests.", ""]
+    else:
+        worst = [kv for kv in by_gain[: n // 2] if k(kv[1][last]) < k(kv[1][first])]
+        best = [kv for kv in reversed(by_gain[len(worst):]) if k(kv[1][last]) > k(kv[1][first])][: n - len(worst)]
+        lines = [f"Chosen by the KScore change from {first} to {last} on the first seed's first sample: the "
+                 f"{len(best)} largest gains, then the {len(worst)} largest regressions.", ""]
+        if not best and not worst:
+            best = both[:n]
+            lines = [f"No request's KScore changed from {first} to {last}; the first {len(best)} requests.", ""]
+    for rid, recs in best + worst:
         req = world.request(rid)
         tiles = [world.gt_image(req)]
         captions = ["ground truth"]
@@ -179,7 +208,8 @@ def write_examples(world, results: dict[str, dict], out_dir: Path, n: int = 6) -
             x += t.width + 8
         canvas = canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST)
         canvas.save(ex_dir / f"{rid}.png")
-        lines.append(f"### {rid}\n\n{req.text}\n\n![{rid}](examples/{rid}.png)\n\n" + " · ".join(captions) + "\n")
+        change = "" if first == last else f" (KScore {k(recs[last]) - k(recs[first]):+.2f})"
+        lines.append(f"### {rid}{change}\n\n{req.text}\n\n![{rid}](examples/{rid}.png)\n\n" + " · ".join(captions) + "\n")
         for name in names:
             tr = recs[name]["trajectory"]
             prog = tr.program.gen_prompt if tr.program else f"(no program: {tr.termination})"
@@ -260,14 +290,14 @@ def write_report(out_dir: Path, title: str, results: dict[str, dict], world, met
                  extra_md: str = "", config: dict | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     curves = plot_curves(metrics_files, out_dir)
-    md = [f"# {title}", ""]
-    if config:
-        md += ["```json", json.dumps(config, indent=2), "```", ""]
-    md += ["## Held-out bench (mean ± 95 % CI over seeds)", "", table(results), ""]
+    md = [f"# {title}", "", "## Result: held-out bench", "", table(results), ""]
     if extra_md:
         md += [extra_md, ""]
     md += ["## Learning curves", ""] + [f"![{p.stem}]({p.name})" for p in curves] + [""]
-    md += ["## Examples", "", write_examples(world, results, out_dir)]
+    md += ["## Examples", "", write_examples(world, results, out_dir), ""]
+    if config:
+        md += ["## Configuration", "", "<details><summary>every setting of this run</summary>", "", "```json",
+               json.dumps(config, indent=2), "```", "", "</details>"]
     atomic_write_text(out_dir / "report.md", "\n".join(md) + "\n")
     atomic_write_json(out_dir / "results.json", {k: v["summary"] for k, v in results.items()})
     return out_dir / "report.md"
