@@ -66,7 +66,7 @@ HISTORY_HEADERS = ["version", "replaced", "note"] + [SLOT_TITLES[s] for s in SLO
 
 def history_rows(e: Experience) -> list[list[Any]]:
     rows = [[h.version, h.saved, h.note] + [_short(h.slots.get(s, ""), 80) for s in SLOTS] for h in reversed(e.history)]
-    return [[e.version, "(current)", ""] + [_short(e.slots[s], 80) for s in SLOTS]] + rows
+    return [[e.version, "(current)", e.note] + [_short(e.slots[s], 80) for s in SLOTS]] + rows
 
 
 REF_HEADERS = ["id", "caption", "entity", "variant"]

@@ -153,10 +153,12 @@ def test_bank_create_edit_delete_search_persist(tmp_path):
     miss, score = bank.retrieve("Show the logo of some phone in neon light")
     assert miss is None and score < bank.gate
     bank.edit(e1.id, {"skill_activation": "Query quantity_counting."}, note="tightened")
+    assert bank.edit(e1.id, {"skill_activation": "Query quantity_counting."}, note="again").version == 2  # no change, no version
     again = ExperienceBank(tmp_path, embedder=emb)  # everything persisted, index consistent with the file
     got = again.get(e1.id)
     assert got.version == 2 and got.slots["skill_activation"] == "Query quantity_counting."
-    assert got.history[0].slots["skill_activation"] == SLOTS_OK["skill_activation"] and got.history[0].note == "tightened"
+    assert got.note == "tightened" and len(got.history) == 1  # the note sits on the version it made
+    assert got.history[0].slots["skill_activation"] == SLOTS_OK["skill_activation"] and got.history[0].note == ""
     assert again.search("Paint a teal horse at dusk", 1)[0][1].id == e2.id
     again.delete(e2.id)
     assert [e.id for _, e in ExperienceBank(tmp_path, embedder=emb).search("Paint a teal horse", 5)] == [e1.id]

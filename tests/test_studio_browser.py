@@ -152,6 +152,8 @@ def test_edit_an_experience_reload_and_find_it_by_semantic_search(studio, page):
     _fill(page, "#exp-slot-prompt_construction textarea", marker)
     page.locator("#exp-save").click()
     page.locator("#exp-status").get_by_text("as version 2").wait_for()
+    page.locator("#exp-save").click()  # saving again with nothing changed makes no version, and says so
+    page.locator("#exp-status").get_by_text("nothing changed").wait_for()
 
     page.reload()
     page.get_by_role("tab", name="Experiences").click()

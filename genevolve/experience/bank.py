@@ -286,11 +286,15 @@ class ExperienceBank:
             del self.items[victim.id]
 
     def edit(self, exp_id: str, slots: dict[str, Any], note: str = "") -> Experience:
+        """A new version with these slots and ``note``; the old one goes to the history with its own note.
+        Slots equal to the current ones make no version (the experience comes back unchanged)."""
         with self._lock:
             exp = self.get(exp_id)
             clean = validate_slots({**exp.slots, **slots})
-            exp.history.append(ExperienceVersion(version=exp.version, slots=dict(exp.slots), saved=_now(), note=note))
-            exp.slots, exp.version = clean, exp.version + 1
+            if clean == exp.slots:
+                return exp
+            exp.history.append(ExperienceVersion(version=exp.version, slots=dict(exp.slots), saved=_now(), note=exp.note))
+            exp.slots, exp.version, exp.note = clean, exp.version + 1, note
             self._save()
             return exp
 

@@ -211,7 +211,7 @@ class ExperienceVersion(Record):
     version: int
     slots: dict[str, str]
     saved: str  # ISO time the version was replaced
-    note: str = ""
+    note: str = ""  # the note saved with this version when it was made
 
 
 class Experience(Record):
@@ -229,6 +229,7 @@ class Experience(Record):
     summariser: str = ""
     created: str = ""
     version: int = 1
+    note: str = ""  # the note saved with the current version (its edit's reason)
     history: list[ExperienceVersion] = Field(default_factory=list)
 
 

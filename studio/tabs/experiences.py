@@ -99,7 +99,10 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
     def save(bank_name, eid, note_text, *values):
         if not (eid or "").strip():
             raise StudioError("open an experience before saving (or use Create new)")
+        before = s.bank(bank_name).get(eid.strip()).version
         e = s.bank(bank_name).edit(eid.strip(), form_slots(values), note=note_text or "edited in the studio")
+        if e.version == before:
+            return {**detail(bank_name, e.id), status: message("info", f"nothing changed in {e.id}: no new version saved")}
         return {**detail(bank_name, e.id), status: message("ok", f"saved {e.id} as version {e.version}")}
 
     @safe(status)
