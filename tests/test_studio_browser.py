@@ -131,6 +131,16 @@ def test_two_rollouts_stand_side_by_side_and_a_deleted_run_is_reported(studio, p
     page.locator("#traj-status").get_by_text("no longer exists").wait_for()
 
 
+def test_a_request_outside_the_sandbox_is_labelled_before_it_runs(page):
+    box = page.locator("#traj-request input")
+    box.fill("a watercolour of my grandmother's kitchen")
+    box.press("Enter")
+    note = page.locator("#traj-status").get_by_text("lies outside the sandbox world")
+    note.wait_for()
+    assert "real policy, generator and judge" in page.locator("#traj-status").inner_text()
+    assert not page.locator("#traj-columns .ge-col").count()  # nothing has run
+
+
 def test_edit_an_experience_reload_and_find_it_by_semantic_search(studio, page):
     exp = studio["exps"][1]
     marker = "Write every count as exactly <number> in words, zebra-check"

@@ -57,6 +57,15 @@ def tab(s: Services) -> None:
     def open_run(name):
         return show(name)
 
+    @safe(status)
+    def label(value):
+        """Before anything runs: say whether the sandbox can read (and judge) the chosen or typed request."""
+        if not (value or "").strip():
+            return {status: ""}
+        note = s.request_note(s.resolve_request(value))
+        return {status: message("info", note) if note else ""}
+
+    req.change(label, [req], [status])
     run_btn.click(run, [req, pol, k, seed], [status, cols, diff, saved])
     open_btn.click(open_run, [saved], [status, cols, diff])
     refresh.click(lambda: gr.update(choices=s.list_runs()), None, [saved])
