@@ -134,6 +134,8 @@ def test_live_files_probe_pairs_and_lock(tmp_path, tiny_folder, world, monkeypat
     pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 2 and pairs[0]["step"] == 1 and pairs[0]["best"].endswith("-k0")
     assert pairs[0]["experience"] in ExperienceBank(out / "bank").items or pairs[0]["error"]
+    made = {p["experience"]: p["step"] for p in pairs if p["experience"]}  # steps count from 1 everywhere
+    assert all(ExperienceBank(out / "bank").get(e).step == step for e, step in made.items())
     assert read_metrics(out / "metrics.jsonl")[0].get("t_probe") > 0
     assert not is_running(out)
     with run_lock(out):

@@ -223,7 +223,7 @@ class Experience(Record):
     slots: dict[str, str]  # search_strategy, skill_activation, reference_selection, prompt_construction, failure_avoidance
     reward_gap: float = 0.0
     run_id: str = ""
-    step: int = 0
+    step: int = 0  # the training step that mined it, counted from 1 as in metrics.jsonl (0: not from training)
     best_trajectory: str = ""
     worst_trajectory: str = ""
     summariser: str = ""

@@ -187,7 +187,7 @@ def mine_and_summarise(run: Run, groups: list, step: int) -> Mined:
                 row.error = str(exc)
                 continue
             exp = run.bank.add(pair.request_id, pair.request_text, slots, reward_gap=pair.gap, run_id=run.out.name,
-                               step=step, best_trajectory=pair.best.id, worst_trajectory=pair.worst.id,
+                               step=step + 1, best_trajectory=pair.best.id, worst_trajectory=pair.worst.id,
                                summariser=run.summariser.name)
             mined.experiences.append(exp)
             row.experience = exp.id
