@@ -17,6 +17,7 @@ in :class:`SamplingParams`; nothing is hidden in a policy's defaults.
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol, Sequence
 
@@ -139,7 +140,7 @@ def run_in_rounds(write: Callable[[Sequence[Message], int], str], n: int, next_m
     return [TokenStream() for _ in range(n)]
 
 
-class TurnByTurnPolicy:
+class TurnByTurnPolicy(ABC):
     """A :class:`RolloutPolicy` from ``complete(messages, seed) -> str``: one turn of one conversation per call.
 
     Subclasses set ``name`` and implement :meth:`complete`; :meth:`run_conversations` asks the
@@ -148,8 +149,9 @@ class TurnByTurnPolicy:
 
     needs_exclusive_device = False
 
+    @abstractmethod
     def complete(self, messages: list[Message], seed: int = 0) -> str:
-        raise NotImplementedError
+        """The next assistant turn of one conversation."""
 
     def run_conversations(self, n: int, next_messages: NextMessages, on_turn: OnTurn, params: SamplingParams,
                           max_batch: int = 64, seeds: Sequence[int | None] | None = None,

@@ -60,10 +60,9 @@ def _layout(s: Services) -> SimpleNamespace:
 
 
 def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
-    status, table, missing_box, chart, page, pol, split = pick(ui, 'status table missing_box chart page pol split')
-    limit, seeds, eval_btn, results, show_btn, refresh = pick(ui, 'limit seeds eval_btn results show_btn refresh')
-    run_a, run_b, idx, prev_btn, next_btn, data, generator = pick(ui, 'run_a run_b idx prev_btn next_btn data generator')
-    allow_missing, judge_url, judge_model, api_key = pick(ui, 'allow_missing judge_url judge_model api_key')
+    status, table, missing_box, chart, page = pick(ui, 'status table missing_box chart page')
+    results, = pick(ui, 'results')
+    run_a, run_b, idx = pick(ui, 'run_a run_b idx')
 
     def show_many(names):
         if not names:

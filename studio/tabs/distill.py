@@ -77,12 +77,9 @@ def _layout(s: Services) -> SimpleNamespace:
 
 def _live_view(s: Services, ui: SimpleNamespace):
     """The handler that redraws the watched run's live views (a no-op when its files have not changed)."""
-    msg, status, curves, probe_md, tokens, probe_cols = pick(ui, 'msg status curves probe_md tokens probe_cols')
-    logtail, watched, seen, timer, live_outputs, mode = pick(ui, 'logtail watched seen timer live_outputs mode')
-    policy, quick, name, arms_e, arms_a, seed_bank = pick(ui, 'policy quick name arms_e arms_a seed_bank')
-    probe_req, steps, b, k, rank, lam, dmin, gate, seed = pick(ui, 'probe_req steps b k rank lam dmin gate seed')
-    mnt, evr, start_btn, stop_btn, kill_btn, resume_btn = pick(ui, 'mnt evr start_btn stop_btn kill_btn resume_btn')
-    watch, watch_btn, pairs, new_exps, report_md, report_imgs = pick(ui, 'watch watch_btn pairs new_exps report_md report_imgs')
+    status, curves, probe_md, tokens, probe_cols = pick(ui, 'status curves probe_md tokens probe_cols')
+    logtail, seen, timer = pick(ui, 'logtail seen timer')
+    pairs, new_exps, report_md, report_imgs = pick(ui, 'pairs new_exps report_md report_imgs')
 
     def refresh_view(out: str | None, last):
         if not out:
@@ -135,12 +132,9 @@ def _live_view(s: Services, ui: SimpleNamespace):
 
 
 def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
-    msg, status, curves, probe_md, tokens, probe_cols = pick(ui, 'msg status curves probe_md tokens probe_cols')
-    logtail, watched, seen, timer, live_outputs, mode = pick(ui, 'logtail watched seen timer live_outputs mode')
-    policy, quick, name, arms_e, arms_a, seed_bank = pick(ui, 'policy quick name arms_e arms_a seed_bank')
-    probe_req, steps, b, k, rank, lam, dmin, gate, seed = pick(ui, 'probe_req steps b k rank lam dmin gate seed')
-    mnt, evr, start_btn, stop_btn, kill_btn, resume_btn = pick(ui, 'mnt evr start_btn stop_btn kill_btn resume_btn')
-    watch, watch_btn, pairs, new_exps, report_md, report_imgs = pick(ui, 'watch watch_btn pairs new_exps report_md report_imgs')
+    msg, = pick(ui, 'msg')
+    watched, seen, timer = pick(ui, 'watched seen timer')
+    watch, = pick(ui, 'watch')
 
     @safe(msg)
     def start(mode_, policy_, quick_, name_, arms_e_, arms_a_, seed_bank_, probe_, steps_, b_, k_, rank_, lam_, dmin_, gate_, seed_,
@@ -183,12 +177,12 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
 def tab(s: Services) -> None:
     ui = _layout(s)
     h = _handlers(s, ui)
-    msg, status, curves, probe_md, tokens, probe_cols = pick(ui, 'msg status curves probe_md tokens probe_cols')
-    logtail, watched, seen, timer, live_outputs, mode = pick(ui, 'logtail watched seen timer live_outputs mode')
+    msg, = pick(ui, 'msg')
+    watched, seen, timer, live_outputs, mode = pick(ui, 'watched seen timer live_outputs mode')
     policy, quick, name, arms_e, arms_a, seed_bank = pick(ui, 'policy quick name arms_e arms_a seed_bank')
     probe_req, steps, b, k, rank, lam, dmin, gate, seed = pick(ui, 'probe_req steps b k rank lam dmin gate seed')
     mnt, evr, start_btn, stop_btn, kill_btn, resume_btn = pick(ui, 'mnt evr start_btn stop_btn kill_btn resume_btn')
-    watch, watch_btn, pairs, new_exps, report_md, report_imgs = pick(ui, 'watch watch_btn pairs new_exps report_md report_imgs')
+    watch, watch_btn = pick(ui, 'watch watch_btn')
     tick, start, stop, kill, resume, watch_run = pick(h, 'tick start stop kill resume watch_run')
     start_btn.click(start, [mode, policy, quick, name, arms_e, arms_a, seed_bank, probe_req, steps, b, k, rank, lam, dmin, gate, seed,
                             mnt, evr],

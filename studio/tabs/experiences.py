@@ -60,11 +60,10 @@ def _layout(s: Services) -> SimpleNamespace:
 
 
 def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
-    table, status, bank_dd, refresh, query, slot_filter = pick(ui, 'table status bank_dd refresh query slot_filter')
-    min_gap, run_filter, search_btn, exp_id, open_btn = pick(ui, 'min_gap run_filter search_btn exp_id open_btn')
-    try_html, source, boxes, note, prov, history, retrieving = pick(ui, 'try_html source boxes note prov history retrieving')
-    try_pol, try_seed, try_btn, save_btn, create_btn = pick(ui, 'try_pol try_seed try_btn save_btn create_btn')
-    confirm, delete_btn = pick(ui, 'confirm delete_btn')
+    table, status = pick(ui, 'table status')
+    run_filter, exp_id = pick(ui, 'run_filter exp_id')
+    try_html, source, boxes, prov, history, retrieving = pick(ui, 'try_html source boxes prov history retrieving')
+    confirm, = pick(ui, 'confirm')
 
     def listing(bank_name, q, slot_text, gap, run):
         bank = s.bank(bank_name)
@@ -146,7 +145,7 @@ def tab(s: Services) -> None:
     try_html, source, boxes, note, prov, history, retrieving = pick(ui, 'try_html source boxes note prov history retrieving')
     try_pol, try_seed, try_btn, save_btn, create_btn = pick(ui, 'try_pol try_seed try_btn save_btn create_btn')
     confirm, delete_btn = pick(ui, 'confirm delete_btn')
-    listing, detail, search, open_exp, pick_row, save = pick(h, 'listing detail search open_exp pick_row save')
+    search, open_exp, pick_row, save = pick(h, 'search open_exp pick_row save')
     create, delete, try_guide = pick(h, 'create delete try_guide')
     detail_outputs = [*boxes, source, prov, history, retrieving]
     list_outputs = [table, exp_id, run_filter, status]
