@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 
 from genevolve.agent.loop import Tools, run_to_end
-from genevolve.policies.base import SamplingParams
+from genevolve.policies.base import SamplingParams, TurnByTurnPolicy
 from genevolve.policies.resolve import resolve_policy
 from genevolve.records.schema import atomic_write_json
 from genevolve.agent.rollout import rollout
 from genevolve.world import World
 
 
-class PlainGenerate:
+class PlainGenerate(TurnByTurnPolicy):
     """One conversation at a time through ``model.generate`` (the baseline)."""
 
     def __init__(self, policy, params: SamplingParams):
