@@ -188,6 +188,13 @@ def _rgb(name: str) -> np.ndarray:
     return np.array(ENTITY_COLORS.get(name, (128, 128, 128)), dtype=np.float32)
 
 
+def _stamp_symbol(img: np.ndarray, spec: dict[str, Any], size: int, top: int, left: int) -> None:
+    """The emblem's optional symbol (a shape of ``size`` pixels) in its colour, at (top, left)."""
+    sym = spec.get("symbol")
+    if sym:
+        img[top : top + size, left : left + size][shape_mask(sym, size)] = _rgb(spec.get("symbol_color", "white"))
+
+
 def _flag(img: np.ndarray, spec: dict[str, Any], cols: list[np.ndarray], y: np.ndarray, x: np.ndarray) -> None:
     h, w = EMBLEM_H, EMBLEM_W
     layout = spec.get("layout", "h3")
@@ -202,10 +209,7 @@ def _flag(img: np.ndarray, spec: dict[str, Any], cols: list[np.ndarray], y: np.n
         idx = (x * h > y * w).astype(int)
     idx = np.minimum(idx, n - 1)
     img[:] = np.stack(cols)[idx]
-    sym = spec.get("symbol")
-    if sym:
-        m = shape_mask(sym, 10)
-        img[8:18, 10:20][m] = _rgb(spec.get("symbol_color", "white"))
+    _stamp_symbol(img, spec, 10, 8, 10)
 
 
 def _crest(img: np.ndarray, spec: dict[str, Any], cols: list[np.ndarray], y: np.ndarray, x: np.ndarray) -> None:
@@ -219,10 +223,7 @@ def _crest(img: np.ndarray, spec: dict[str, Any], cols: list[np.ndarray], y: np.
         img[shield & (np.abs(x - 14.5) <= 3)] = cols[1]
     elif band == "chevron":
         img[shield & (np.abs(y - (20 - np.abs(x - 14.5) * 0.8)) <= 2)] = cols[1]
-    sym = spec.get("symbol")
-    if sym:
-        m = shape_mask(sym, 8)
-        img[3:11, 11:19][m] = _rgb(spec.get("symbol_color", "white"))
+    _stamp_symbol(img, spec, 8, 3, 11)
 
 
 def _landmark(img: np.ndarray, spec: dict[str, Any], cols: list[np.ndarray], y: np.ndarray, x: np.ndarray) -> None:
