@@ -20,6 +20,7 @@ ARMS_EVOLVE = ("grpo", "ved")
 ARMS_ABLATE = ("sft", "grpo", "ved", "grpo+ved")
 CURVES = (("reward_mean", "reward (mean)"), ("ved_loss", "VED loss"), ("grpo_loss", "GRPO loss"),
           ("retrieval_hit_rate", "retrieval hit rate"))
+LONG_RUN_S = 240  # a run expected to take longer is started only after the user has been told how long
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 
 
@@ -70,13 +71,13 @@ def distill_args(mode: str, out: Path, policy: str = "tiny", arms: list[str] | t
 
 def probe_request_id(value: str | None, known: Collection[str]) -> str | None:
     """The request id of the form's probe field (an id, or a list entry "evolve-0003 · text"); blank: None,
-    the trainer's default (the first evolve request)."""
+    the trainer's default (picked at step 1: a request an experience was mined from)."""
     rid = (value or "").split(" · ", 1)[0].strip()
     if not rid:
         return None
     if rid not in known:
         raise StudioError(f"the probe request {rid!r} is not a sandbox request id: pick one from the list "
-                          "(or leave it blank for the first evolve request)")
+                          "(or leave it blank: the trainer picks one with an experience)")
     return rid
 
 
@@ -183,6 +184,43 @@ def new_experiences(run: Path, pairs: list[PairRecord]):
     return out
 
 
+def form_estimate(world, runs_dir: Path, mode: str, policy: str, arms, quick: bool, steps: int | None, b: int | None,
+                  k: int | None, eval_requests: int | None):
+    """The expected wall time of the form's run (see :mod:`genevolve.evaluation.estimate`)."""
+    from genevolve.evaluation.experiments import bench_requests
+    from genevolve.evaluation import estimate as est
+
+    n_eval = len(bench_requests(world, quick, eval_requests))
+    steps, b, k = (est.default(mode, name, quick, given) for name, given in (("steps", steps), ("prompts", b), ("rollouts", k)))
+    if mode == "evolve":
+        plan = est.plan_evolve(steps, b, k, True, n_eval, use_ved="ved" in arms)
+    else:
+        plan = est.plan_ablate(list(arms), 1, steps, b, k, True, n_eval)
+    return est.estimate(policy, plan, runs_dir)
+
+
+def eta_text(live: Live) -> str:
+    """"ETA …" for a running run: from its logged step times, before the first step from the start's estimate."""
+    import time
+
+    from genevolve.evaluation import estimate as est
+
+    plan = est.load(live.out)
+    if plan is None:
+        return ""
+    seconds = [r.seconds for rows in live.metrics.values() for r in rows if r.get("seconds")]
+    try:
+        elapsed = time.time() - (live.out / est.ESTIMATE_FILE).stat().st_mtime
+    except OSError:
+        elapsed = None
+    logs = [*live.out.glob("metrics.jsonl"), *live.out.glob("*/metrics.jsonl")]
+    last = max((p.stat().st_mtime for p in logs if p.exists()), default=None)
+    left = est.eta(plan, seconds, elapsed, time.time() - last if last else 0.0)
+    if left is None:
+        return ""
+    return f"ETA {est.minutes(left)}" + ("" if seconds else " (estimated before the first step)")
+
+
 def status_text(live: Live, job: dict[str, Any] | None = None) -> str:
     if not live.exists:
         return live.error or "no run"
@@ -196,6 +234,8 @@ def status_text(live: Live, job: dict[str, Any] | None = None) -> str:
         reward = "-" if last.reward_mean is None else format(last.reward_mean, ".3f")
         parts.append(f"reward {reward} · VED {last.ved_loss:.4f} · GRPO {last.grpo_loss:+.4f} · "
                      f"hit rate {last.retrieval_hit_rate:.2f} · bank {last.bank_size}")
+    if state in ("running", "stopping") and not live.report and (eta := eta_text(live)):
+        parts.append(eta)
     if live.report:
         parts.append("report ready")
     if live.error:
@@ -219,7 +259,7 @@ def curves_figure(metrics: dict[str, list[MetricsRow]]):
             if xs:
                 ax.plot(xs, ys, marker="o", lw=1.5, label=label)
         ax.set_title(title, fontsize=10)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one step: a single tick, never 0.95
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
@@ -235,3 +275,13 @@ def report_parts(report: Path) -> tuple[str, list[Path]]:
     images = [report.parent / m for m in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)]
     body = re.sub(r"!\[[^\]]*\]\([^)]+\)\n?", "", text)
     return body, [p for p in images if p.exists()]
+
+
+def report_file(report: Path) -> Path:
+    """The report as one self-contained HTML file, written beside it when missing or older than report.md."""
+    from genevolve.evaluation.report_html import write_report_html
+
+    html = report.with_suffix(".html")
+    if not html.exists() or html.stat().st_mtime < report.stat().st_mtime:
+        write_report_html(report, html)
+    return html

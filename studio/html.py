@@ -20,18 +20,23 @@ from typing import Any, Callable, Sequence
 from genevolve.records.schema import ImageStore, Request, Trajectory, Verdict
 
 FOLD_CHARS = 280  # observations longer than this are folded
+FOLD_TURNS, FOLD_TURN_CHARS = 4, 6000  # a trajectory with more turns (or more HTML) than this starts folded
 Src = Callable[[str | None], str | None]  # image hash -> src for <img>, None when missing
 
 CSS = """
-.ge-cols {display:flex; gap:10px; overflow-x:auto; align-items:flex-start; padding-bottom:6px}
-.ge-col {flex:1 0 260px; max-width:420px; border:1px solid #d0d4da; border-radius:8px; padding:8px; background:#fff;
-         font-size:13px; color:#1f2328}
+.ge-cols {display:grid; grid-template-columns:repeat(auto-fit, minmax(250px, 1fr)); gap:10px; align-items:start;
+          padding-bottom:6px}
+.ge-col {min-width:0; border:1px solid #d0d4da; border-radius:8px; padding:8px; background:#fff;
+         font-size:13px; color:#1f2328; overflow-wrap:anywhere}
 .ge-col.ge-best {border:2px solid #1a7f37} .ge-col.ge-worst {border:2px solid #cf222e}
 .ge-head {display:flex; justify-content:space-between; font-weight:600; margin-bottom:6px}
 .ge-tag {border-radius:4px; padding:0 6px; color:#fff; font-size:11px}
 .ge-tag.best {background:#1a7f37} .ge-tag.worst {background:#cf222e}
-.ge-pics {display:flex; gap:6px} .ge-pics figure {margin:0; text-align:center; font-size:11px; color:#57606a}
-.ge-pics img {width:120px; image-rendering:pixelated; border:1px solid #d0d4da}
+.ge-pics {display:flex; gap:6px} .ge-pics figure {margin:0; flex:1 1 0; min-width:0; max-width:160px; text-align:center;
+                                                   font-size:11px; color:#57606a}
+.ge-pics img {width:100%; image-rendering:pixelated; border:1px solid #d0d4da}
+.ge-missing {display:flex; align-items:center; justify-content:center; aspect-ratio:1; border:1px dashed #d0d4da;
+             color:#57606a; font-size:11px; padding:4px; background:#f6f8fa}
 .ge-thumbs {display:flex; flex-wrap:wrap; gap:4px; margin:4px 0}
 .ge-thumbs figure {margin:0; font-size:10px; text-align:center; width:64px; color:#57606a}
 .ge-thumbs img {width:60px; image-rendering:pixelated; border:1px solid #d0d4da}
@@ -54,6 +59,8 @@ CSS = """
 .ge-tokens .tok {border-radius:2px; cursor:help} .ge-tokens .ctx {color:#8c959f}
 .ge-legend {font-size:12px; color:#57606a; margin:4px 0}
 .ge-legend span {padding:0 6px; border-radius:3px}
+.gradio-container th .header-content span.header {word-break:normal; overflow-wrap:normal; white-space:nowrap}
+.gradio-container td span.text {word-break:normal; overflow-wrap:break-word}
 .ge-msg {padding:6px 10px; border-radius:6px; margin:4px 0}
 .ge-msg.err {background:#ffebe9; color:#82071e} .ge-msg.ok {background:#dafbe1; color:#044f1e}
 .ge-msg.info {background:#ddf4ff; color:#0a3069}
@@ -97,10 +104,28 @@ def store_src(store: ImageStore) -> Src:
     return src
 
 
-def _img(src: str | None, alt: str, cls: str = "") -> str:
+def _img(src: str | None, alt: str, cls: str = "", why: str = "image file not found") -> str:
+    """An ``<img>``, or a box saying why there is no picture."""
     if src is None:
-        return f'<div class="ge-err" title="{esc(alt)}">[missing image]</div>'
+        return f'<div class="ge-missing" data-missing="{esc(why)}" title="{esc(alt)}">{esc(why)}</div>'
     return f'<img src="{src}" alt="{esc(alt)}" class="{cls}">'
+
+
+def rendered_missing(traj: Trajectory, verdict: Verdict | None) -> str:
+    """Why a trajectory has no rendered picture to show."""
+    if traj.program is None:
+        return f"no program, nothing rendered ({traj.termination})"
+    if verdict is None:
+        return "not judged yet"
+    if verdict.failed:
+        return f"render failed: {verdict.failed}"
+    if not verdict.image:
+        return "render failed: no image recorded"
+    return "rendered image missing from the run folder"
+
+
+def gt_missing(gt: str | None) -> str:
+    return "no ground truth for this request" if not gt else "ground-truth image missing from the image store"
 
 
 def _num(x: float | None) -> str:
@@ -157,12 +182,13 @@ def trajectory_column(traj: Trajectory, verdict: Verdict | None, src: Src, gt: s
     ref_src = ref_src or (lambda im: file_src(im.local_path))
     tag = f'<span class="ge-tag {mark}">{mark.upper()}</span>' if mark else ""
     head = f'<div class="ge-head"><span>{esc(title or traj.id)}</span>{tag}</div>'
-    pics = (f'<div class="ge-pics"><figure>{_img(src(verdict.image if verdict else None), "rendered")}<figcaption>rendered'
-            f'</figcaption></figure><figure>{_img(src(gt), "ground truth")}<figcaption>ground truth</figcaption></figure></div>')
+    pics = (f'<div class="ge-pics"><figure>{_img(src(verdict.image if verdict else None), "rendered", why=rendered_missing(traj, verdict))}'
+            f'<figcaption>rendered</figcaption></figure><figure>{_img(src(gt), "ground truth", why=gt_missing(gt))}'
+            f'<figcaption>ground truth</figcaption></figure></div>')
     prog = traj.program
     if prog is not None:
         chosen = {r.img_id: r.note for r in prog.reference_images}
-        refs = "".join(f'<figure class="chosen">{_img(ref_src(traj.image(i)) if traj.image(i) else None, i)}'
+        refs = "".join(f'<figure class="chosen">{_img(ref_src(traj.image(i)) if traj.image(i) else None, i, why="reference file not found" if traj.image(i) else "not a retrieved image")}'
                        f'<figcaption>{esc(i)}</figcaption></figure>' for i in chosen)
         notes = "".join(f"<div>{esc(i)}: {esc(n)}</div>" for i, n in chosen.items())
         program = (f'<div class="ge-program"><b>Program</b><pre>{esc(prog.gen_prompt)}</pre>'
@@ -180,15 +206,20 @@ def trajectory_column(traj: Trajectory, verdict: Verdict | None, src: Src, gt: s
         if t.answer is not None:
             parts.append('<div class="ge-call">answer</div>')
         if t.tool_call is None and t.answer is None:
-            parts.append(f"<pre>{esc(t.raw)}</pre>")
+            raw = esc(t.raw)
+            parts.append(f"<details><summary>raw output ({len(t.raw)} characters)</summary><pre>{raw}</pre></details>"
+                         if len(t.raw) > FOLD_CHARS else f"<pre>{raw}</pre>")
         parts.append(_observation(t, ref_src))
         if t.error and not (t.observation and t.observation.error):
             parts.append(f'<div class="ge-err">{esc(t.error)}</div>')
         turns.append('<div class="ge-turn">' + "".join(parts) + "</div>")
     summary = f"{len(traj.turns)} turns · {traj.n_tool_calls} tool calls · {esc(traj.termination)}"
     cls = f"ge-col ge-{mark}" if mark else "ge-col"
+    body = "".join(turns)
+    fold = len(traj.turns) > FOLD_TURNS or len(body) > FOLD_TURN_CHARS  # a long trajectory starts folded
     return (f'<div class="{cls}" data-traj="{esc(traj.id)}">{head}{pics}{verdict_html(verdict)}{program}'
-            f'<details open><summary>{summary}</summary>{"".join(turns)}</details></div>')
+            f'<details{"" if fold else " open"} class="ge-turns"><summary>{summary}'
+            f'{" (click to unfold)" if fold else ""}</summary>{body}</details></div>')
 
 
 def columns_html(request: Request | None, trajs: Sequence[Trajectory], verdicts: dict[str, Verdict], src: Src,
@@ -336,18 +367,23 @@ def token_gap_html(tokens: list[dict[str, Any]], fold_chars: int = 400) -> str:
     return legend + f'<div class="ge-tokens" data-scored="{len(gaps)}">' + "".join(parts) + "</div>"
 
 
+def run_requests(run) -> list[str]:
+    """The run's request ids in the order their trajectories were written."""
+    return list(dict.fromkeys(t.request_id for t in run.trajectories))
+
+
 def run_view(run, request_id: str | None = None) -> tuple[str, str, str]:
     """A run folder as (summary line, K columns, best-vs-worst diff) for one of its requests (the first by default)."""
     if not run.trajectories:
         return message("info", f"{run.dir.name}: no trajectories yet"), "", ""
-    rid = request_id or run.trajectories[0].request_id
+    ids = run_requests(run)
+    rid = request_id if request_id in ids else ids[0]
     trajs = [t for t in run.trajectories if t.request_id == rid]
     req = next((r for r in run.requests if r.id == rid), None)
     verdicts = {v.trajectory_id: v for v in run.verdicts if v.request_id == rid}
     best, worst = best_and_worst(trajs, verdicts)
-    n_req = len({t.request_id for t in run.trajectories})
-    more = f" (showing 1 of {n_req} requests)" if n_req > 1 and request_id is None else ""
-    head = message("ok", f"{run.dir.name}: {len(trajs)} trajectories by {run.info.policy}{more}")
+    where = f" · request {ids.index(rid) + 1} of {len(ids)}" if len(ids) > 1 else ""
+    head = message("ok", f"{run.dir.name}: {len(trajs)} trajectories by {run.info.policy}{where}")
     diff = ""
     if best and worst:
         by_id = {t.id: t for t in trajs}

@@ -182,9 +182,24 @@ class Services:
 
     def list_runs_training(self) -> list[str]:
         """Distill runs: folders with metrics or a studio job, and ablation folders around them, newest first."""
-        found = {p.parent for pat in ("**/metrics.jsonl", "**/studio_job.json") for p in self.runs_dir.glob(pat)}
+        found = {p.parent for pat in ("**/metrics.jsonl", "**/studio_job.json", "**/.lock") for p in self.runs_dir.glob(pat)}
         found |= {p.parent for p in found if p.parent != self.runs_dir and not (p.parent / "metrics.jsonl").exists()}
         return [str(p.relative_to(self.runs_dir)) for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+    def running_run(self) -> str | None:
+        """The run a viewer opening the Distill view should see: the studio's own job while it runs, else the
+        newest folder a trainer (a terminal run) holds the lock of; None when nothing trains."""
+        from genevolve.records.live import is_running
+
+        job = self.jobs.status()
+        if job["state"] in ("running", "stopping") and job.get("out"):
+            out = Path(job["out"])
+            return str(out.relative_to(self.runs_dir)) if out.is_relative_to(self.runs_dir) else None
+        for name in self.list_runs_training():
+            path = self.runs_dir / name
+            if is_running(path) or any(is_running(p.parent) for p in path.glob("*/.lock")):
+                return name
+        return None
 
     def list_bench(self) -> list[str]:
         """Bench results: bench run folders and `genevolve bench` JSON files in the runs folder."""
@@ -217,10 +232,10 @@ class Services:
         path = self.run_path(name or STUDIO_BANK)
         with self._lock:
             key = str(path)
-            bank = self._banks.get(key)
-            if bank is None or not path.exists():
+            bank, seen = self._banks.get(key, (None, None))
+            if bank is None or not path.exists() or _file_sig(bank.jsonl) != seen:  # changed on disk (a trainer?): re-read
                 bank = ExperienceBank(path, embedder=self.embedder)
-                self._banks[key] = bank
+            self._banks[key] = (bank, _file_sig(bank.jsonl))
             return bank
 
     def retrieving_requests(self, bank, exp_id: str, splits: tuple[str, ...] = ("evolve", "bench"), limit: int = 20
@@ -364,6 +379,14 @@ class Services:
         writer.finish({"policy": name, "data": str(root), "generator": gen.name, "judge": judge.name,
                        "text_policy": judge.text_policy, "missing_pictures": loaded.missing, **res["summary"]})
         return writer.dir
+
+
+def _file_sig(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return None
 
 
 def _check_reachable(url: str, timeout: float = 5.0) -> None:

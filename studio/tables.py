@@ -11,6 +11,14 @@ from genevolve.records.schema import Experience
 from . import StudioError
 
 EXP_HEADERS = ["id", "similarity", "source request", "gap", "run", "step", "version", "search strategy"]
+EXP_WIDE = {"id": 150, "source request": 340, "run": 110, "search strategy": 260}
+
+
+def column_widths(headers: Sequence[str], wide: dict[str, int] | None = None) -> list[str]:
+    """Pixel widths for a table's columns: every header fits on one line (never wrapped letter by letter),
+    and the columns named in ``wide`` (free text) get the width given there."""
+    wide = wide or {}
+    return [f"{max(wide.get(h, 0), 9 * len(h) + 44, 72)}px" for h in headers]
 
 
 def _short(text: str, n: int = 90) -> str:

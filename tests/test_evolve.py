@@ -144,12 +144,36 @@ def test_live_files_probe_pairs_and_lock(tmp_path, tiny_folder, world, monkeypat
             evolve(_cfg(out, tiny_folder, steps=3), world=world, log=lambda _: None)
 
 
+def test_the_default_probe_follows_a_request_with_its_own_experience(tmp_path, tiny_folder, world, monkeypatch):
+    """No --probe-request: the probe follows a step-1 request an experience was mined from, so its teacher reads
+    that request's own experience from the first step on (a random model mines nothing: the second group is made
+    a pair), and a resumed run keeps following it."""
+    import genevolve.experience.bank
+    from genevolve.experience.bank import Pair
+    from genevolve.records.live import read_probe
+
+    monkeypatch.setattr(genevolve.experience.bank, "mine_pairs", lambda groups, *a: [
+        Pair(groups[1][0][0].request_id, groups[1][0][0].request_text, groups[1][0][0], groups[1][1][0], groups[1][0][1], groups[1][1][1])])
+    out = tmp_path / "run"
+    evolve(_cfg(out, tiny_folder, steps=1), world=world, log=lambda _: None)
+    second = json.loads((out / "trajectories.jsonl").read_text().splitlines()[2])["request_id"]  # K=2: group 2's first
+    probe = read_probe(out)
+    mined = json.loads((out / "pairs.jsonl").read_text().splitlines()[0])
+    assert probe.request_id == second == mined["request_id"] and mined["experience"]
+    assert probe.retrieval == "own" and probe.experience_id == mined["experience"] and probe.similarity > 0.99
+    assert probe.teacher is not None and any(t.q is not None for t in probe.tokens)
+    evolve(_cfg(out, tiny_folder, steps=2), world=world, log=lambda _: None)  # resumed: the same probe request
+    assert read_probe(out).step == 2 and read_probe(out).request_id == second
+
+
 def test_probe_without_a_teacher_says_why(tmp_path, tiny_folder, world):
     from genevolve.records.live import read_probe
 
     evolve(_cfg(tmp_path / "run", tiny_folder, use_ved=False), world=world, log=lambda _: None)
     probe = read_probe(tmp_path / "run")
-    assert probe.request_id == world.split("evolve")[0].id  # by default, the training split's first request
+    first = json.loads((tmp_path / "run" / "trajectories.jsonl").read_text().splitlines()[0])["request_id"]
+    assert probe.request_id == first  # by default, step 1's first request when nothing was mined from any
+    assert probe.chosen.startswith("the first request of step 1")
     assert probe.teacher is None and "without VED" in probe.note
     assert all(t.q is None for t in probe.tokens) and any(t.p is not None for t in probe.tokens)
 
@@ -203,7 +227,8 @@ def test_two_processes_share_a_step_and_stay_in_sync(tmp_path, tiny_folder, worl
     from genevolve.records.live import read_probe
 
     probe = read_probe(out)  # written by the main process alone
-    assert probe.step == 2 and probe.request_id == world.split("evolve")[0].id and probe.teacher is not None
+    first = json.loads((out / "trajectories.jsonl").read_text().splitlines()[0])["request_id"]
+    assert probe.step == 2 and probe.request_id == first and probe.teacher is not None  # step 1's first request
 
 
 def test_evaluate_averages_several_samples_per_request(world):

@@ -44,3 +44,43 @@ def test_examples_are_the_largest_gains_then_the_largest_regressions(world, tmp_
     assert heads == [f"### {ids[0]} (KScore +0.40)", f"### {ids[1]} (KScore +0.10)",
                      f"### {ids[4]} (KScore -0.40)", f"### {ids[3]} (KScore -0.10)"]
     assert "the 2 largest gains, then the 2 largest regressions" in md
+
+
+def test_the_report_as_one_self_contained_html_file(tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from genevolve.evaluation.report_html import write_report_html
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 3), (200, 30, 30)).save(buf, format="PNG")
+    (tmp_path / "curve.png").write_bytes(buf.getvalue())
+    (tmp_path.parent / "secret.png").write_bytes(buf.getvalue())
+    (tmp_path / "report.md").write_text("# Distill and compare\n\n| policy | KScore |\n| --- | --- |\n| after | 0.6 |\n\n"
+                                        "![curve](curve.png) ![gone](gone.png) ![outside](../secret.png)\n\n"
+                                        "<details><summary>every setting</summary>\n\n```json\n{}\n```\n\n</details>\n")
+    html = write_report_html(tmp_path / "report.md").read_text()
+    assert (tmp_path / "report.html").exists() and html.startswith("<!DOCTYPE html>")
+    assert "<title>Distill and compare</title>" in html and "<table>" in html and "<details>" in html
+    assert "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode() in html  # inlined, no file needed
+    assert 'src="curve.png"' not in html and "picture gone.png not found" in html
+    assert "picture ../secret.png not found in the report folder" in html  # nothing outside the folder is read
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="no report yet"):
+        write_report_html(tmp_path / "missing" / "report.md")
+
+
+def test_the_cli_writes_the_html_report(tmp_path):
+    from typer.testing import CliRunner
+
+    from genevolve.cli import app
+
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.md").write_text("# R\n\nok\n")
+    res = CliRunner().invoke(app, ["report", str(tmp_path), "--html", str(tmp_path / "out.html")])
+    assert res.exit_code == 0 and "self-contained" in res.output and "<p>ok</p>" in (tmp_path / "out.html").read_text()
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "no report yet" in res.output

@@ -131,6 +131,55 @@ def test_two_rollouts_stand_side_by_side_and_a_deleted_run_is_reported(studio, p
     page.locator("#traj-status").get_by_text("no longer exists").wait_for()
 
 
+def test_eight_columns_fit_a_1280_px_page_and_long_trajectories_fold(studio):
+    pg = studio["browser"].new_page(viewport={"width": 1280, "height": 900})
+    pg.set_default_timeout(90_000)
+    try:
+        pg.goto(studio["url"])
+        _fill(pg, "#traj-k input[type=number]", "8")
+        pg.locator("#traj-run").click()
+        cols = pg.locator("#traj-columns .ge-col")
+        cols.nth(7).wait_for()
+        box = pg.evaluate("(() => {const c = document.querySelector('#traj-columns .ge-cols'); "
+                          "const last = [...c.querySelectorAll('.ge-col')].pop().getBoundingClientRect(); "
+                          "return {scroll: c.scrollWidth, client: c.clientWidth, right: last.right, page: innerWidth}})()")
+        assert box["scroll"] <= box["client"] and box["right"] <= box["page"], box  # wrapped, nothing hidden sideways
+        assert pg.locator("#traj-columns .ge-missing").count() == 0  # every picture is there
+        long_ = pg.locator("#traj-columns details.ge-turns:not([open])").count()
+        assert long_ == sum(int(n) > 4 for n in re.findall(r"(\d+) turns ·", pg.locator("#traj-columns").inner_text()))
+        assert pg.evaluate("document.body.scrollHeight") < 8000
+        pg.screenshot(path=str(studio["shots"] / "trajectories-8-at-1280.png"), full_page=True)
+    finally:
+        pg.close()
+
+
+def test_a_run_made_in_a_terminal_appears_without_a_restart_and_is_paged_request_by_request(studio, page, world):
+    from studio.services import Services
+
+    name = "cli-made"
+    subprocess.run([sys.executable, "-m", "genevolve.cli", "rollout", "-r", world.split("bench")[3].id, "-k", "2", "--policy",
+                    "expert", "--out", str(studio["runs"] / name), "--world", str(studio["world"])], check=True,
+                   capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    services = Services.create(world_dir=studio["world"], runs_dir=studio["runs"], data_dir=studio["root"] / "data")
+    many = services.run_bench("expert", "bench", 3, [0]).name  # three requests, one trajectory each
+    page.get_by_role("tab", name="Experiences").click()
+    page.get_by_role("tab", name="Trajectories").click()  # opening the tab re-reads the runs folder
+    page.locator("#traj-saved input").click()
+    page.locator("#traj-saved").get_by_role("option", name=name, exact=True).wait_for()
+    page.locator("#traj-saved").get_by_role("option", name=many, exact=True).click()
+    page.locator("#traj-open").click()
+    page.locator("#traj-status").get_by_text("request 1 of 3").wait_for()
+    page.locator("#traj-next").click()
+    page.locator("#traj-status").get_by_text("request 2 of 3").wait_for()
+    assert world.split("bench")[1].id in page.locator("#traj-columns").inner_text()
+    page.locator("#traj-next").click()
+    page.locator("#traj-next").click()  # past the last request: stays on the last
+    page.locator("#traj-status").get_by_text("request 3 of 3").wait_for()
+    page.locator("#traj-prev").click()
+    page.locator("#traj-status").get_by_text("request 2 of 3").wait_for()
+    page.screenshot(path=str(studio["shots"] / "trajectories-paged.png"), full_page=True)
+
+
 def test_a_request_outside_the_sandbox_is_labelled_before_it_runs(page):
     box = page.locator("#traj-request input")
     box.fill("a watercolour of my grandmother's kitchen")
@@ -142,6 +191,8 @@ def test_a_request_outside_the_sandbox_is_labelled_before_it_runs(page):
 
 
 def test_edit_an_experience_reload_and_find_it_by_semantic_search(studio, page):
+    from studio.tables import EXP_HEADERS
+
     exp = studio["exps"][1]
     marker = "Write every count as exactly <number> in words, zebra-check"
     page.get_by_role("tab", name="Experiences").click()
@@ -162,6 +213,9 @@ def test_edit_an_experience_reload_and_find_it_by_semantic_search(studio, page):
     _fill(page, "#exp-slot-prompt_construction textarea", marker)
     page.locator("#exp-save").click()
     page.locator("#exp-status").get_by_text("as version 2").wait_for()
+    version = EXP_HEADERS.index("version")  # the list shows the version just saved
+    page.wait_for_function(f"[...document.querySelectorAll('#exp-table [role=row]')].some(r => r.textContent.includes('{exp.id}') "
+                           f"&& r.querySelectorAll('[role=gridcell]')[{version}]?.textContent.trim() === '2')")
     page.locator("#exp-save").click()  # saving again with nothing changed makes no version, and says so
     page.locator("#exp-status").get_by_text("nothing changed").wait_for()
 
@@ -228,7 +282,7 @@ def test_quick_distill_shows_live_curves_and_student_vs_teacher_then_stops(studi
     page.locator("#distill-policy input").fill(str(studio["micro"]))
     page.locator("#distill-policy input").press("Enter")
     _fill(page, "#distill-name textarea", "quick-distill")
-    _fill(page, "#distill-steps textarea", "8")
+    _fill(page, "#distill-steps textarea", "12")
     _fill(page, "#distill-b textarea", "2")
     _fill(page, "#distill-k textarea", "2")
     _fill(page, "#distill-mnt input", "16")
@@ -258,7 +312,22 @@ def test_quick_distill_shows_live_curves_and_student_vs_teacher_then_stops(studi
     assert "student p=" in title and "teacher q=" in title
     assert page.locator("#distill-probe-columns .ge-col").count() == 2  # student and teacher trajectories
     assert probe_id in page.locator("#distill-probe-head").inner_text()  # the chosen probe request, at every step
+    assert "ETA" in page.locator("#distill-status").inner_text()
     page.screenshot(path=str(studio["shots"] / "distill.png"), full_page=True)
+
+    # A reload, and a second browser tab, reconnect to the running job: its curve keeps gaining points.
+    page.reload()
+    second = studio["browser"].new_page(viewport={"width": 1400, "height": 1000})
+    second.goto(studio["url"])
+    for pg in (page, second):
+        pg.get_by_role("tab", name="Distill").click()
+        pg.locator("#distill-msg").get_by_text("reconnected to the running run quick-distill").wait_for()
+        assert pg.locator("#distill-watch input").input_value() == "quick-distill"
+        first = int(pg.locator("#distill-status [data-points]").get_attribute("data-points"))
+        pg.wait_for_function(f"+document.querySelector('#distill-status [data-points]')?.getAttribute('data-points') > {first}",
+                             timeout=120_000)
+    page.locator("#distill-tokens .tok[data-gap]").first.wait_for()
+    second.close()
 
     page.locator("#distill-stop").click()
     page.locator("#distill-msg").get_by_text("stopping pid").wait_for()
@@ -272,6 +341,53 @@ def test_quick_distill_shows_live_curves_and_student_vs_teacher_then_stops(studi
     assert page.locator("#distill-watch input").input_value() == "quick-distill"
     page.locator("#distill-watch-btn").click()
     page.locator("#distill-status").get_by_text("does not exist").wait_for()
+
+
+def test_a_quick_tiny_distill_shows_a_teacher_and_its_report_downloads(studio, page):
+    """The default student, no seeded bank, the default gate: the probe follows a request an experience was mined
+    from at step 1, so the token view has the teacher's numbers; the report then downloads as one HTML file."""
+    page.get_by_role("tab", name="Distill").click()
+    _fill(page, "#distill-name textarea", "quick-tiny")
+    _fill(page, "#distill-steps textarea", "1")
+    _fill(page, "#distill-evr textarea", "2")
+    page.locator("#distill-start").click()
+    page.locator("#distill-msg").get_by_text("expected about").wait_for()
+    page.locator("#distill-status").get_by_text("ETA").wait_for()
+    page.locator("#distill-tokens .tok[data-gap]").first.wait_for(timeout=240_000)
+    head = page.locator("#distill-probe-head").inner_text()
+    assert "mined from this request" in head and "similarity 1.000" in head
+    page.locator("#distill-report-download").wait_for(timeout=240_000)
+    with page.expect_download() as dl:
+        page.locator("#distill-report-download").click()
+    html = Path(dl.value.path()).read_text("utf-8")
+    assert html.startswith("<!DOCTYPE html>") and "data:image/png;base64," in html and "Result: held-out bench" in html
+    page.screenshot(path=str(studio["shots"] / "distill-quick-tiny.png"), full_page=True)
+
+
+def test_a_blank_user_name_gets_a_message(studio, tmp_path):
+    from studio.app import BLANK_USER, LOGIN_HINT, launch
+    from studio.services import Services
+
+    services = Services.create(world_dir=studio["world"], runs_dir=tmp_path / "runs", data_dir=tmp_path / "data")
+    port = _free_port()
+    app = launch(services, port=port, password="s3cret", block=False)
+    pg = studio["browser"].new_page()
+    try:
+        pg.goto(f"http://127.0.0.1:{port}/")
+        pg.get_by_text(LOGIN_HINT).wait_for()
+        pg.locator("input[type=password]").fill("s3cret")
+        with pg.expect_response(lambda r: r.url.rstrip("/").endswith("/login")) as answer:
+            pg.get_by_role("button", name="Login").click()
+        assert answer.value.status == 400 and answer.value.json()["detail"] == BLANK_USER
+        pg.locator("p.creds").wait_for()  # "Incorrect Credentials", under the hint that a user name is needed
+        pg.screenshot(path=str(studio["shots"] / "login-blank-user.png"))
+        pg.locator("input[type=text]").first.fill("me")
+        pg.locator("input[type=password]").fill("s3cret")  # the failed attempt cleared both boxes
+        pg.get_by_role("button", name="Login").click()
+        pg.get_by_role("tab", name="Trajectories").wait_for()
+    finally:
+        pg.close()
+        app.close()
 
 
 def test_bench_a_policy_and_page_two_runs_side_by_side(studio, page):

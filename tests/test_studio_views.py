@@ -53,7 +53,7 @@ def test_columns_mark_best_and_worst_and_fold_long_observations():
     assert 'data-columns="2"' in html and html.count('class="ge-col ') == 2
     assert 'ge-col ge-best" data-traj="a"' in html and 'ge-col ge-worst" data-traj="b"' in html
     assert f"observation ({FOLD_CHARS + 1} characters)" in html  # long observation folded
-    assert "IMG_001" in html and "[missing image]" in html  # thumbnail slot with its id, even when the file is gone
+    assert "IMG_001" in html and 'data-missing="reference file not found"' in html  # the slot says why it is empty
     assert best_and_worst([a, b], {"a": verdict("a", 0.5), "b": verdict("b", 0.5)}) == (None, None)  # a tie marks nothing
 
 
@@ -140,6 +140,12 @@ def test_read_live_tolerates_a_run_in_progress_and_a_deleted_folder(tmp_path):
     assert latest_pairs(live.pairs)[0][-1] == "exp-1"
     assert [e.id for e in new_experiences(out, live.pairs)] == ["exp-1"]
     assert "steps logged 2/3" in status_text(live) and "reward 0.200" in status_text(live)
+    assert "ETA" not in status_text(live)  # not running: no ETA
+    from genevolve.evaluation import estimate as est
+
+    est.save(out, est.Estimate(60.0, 1.0, "test", est.plan_evolve(3, 2, 2, False, 5)))
+    job = {"state": "running", "out": str(out)}
+    assert "ETA" in status_text(read_live(out), job)  # from the logged steps (no seconds here: 0 s each)
     curves_figure(live.metrics)
     import shutil
 
@@ -238,3 +244,38 @@ def test_experience_form_validation_and_tables():
     assert [x.id for _, x in filter_experiences(hits, run="run-b")] == ["exp-2"]
     assert experience_rows(hits)[0][:2] == ["exp-1", 0.9] and experience_rows(hits)[1][1] == ""
     assert history_rows(e)[0][:2] == [1, "(current)"]
+
+
+def test_a_missing_picture_says_why():
+    a = traj("a")
+    html = trajectory_column(a, verdict("a", 0.5, image="f" * 64), no_src, gt=None)
+    assert 'data-missing="no ground truth for this request"' in html
+    assert 'data-missing="rendered image missing from the run folder"' in html
+    html = trajectory_column(a, Verdict(trajectory_id="a", request_id="bench-1", failed="renderer crashed"), no_src, gt="e" * 64)
+    assert 'data-missing="render failed: renderer crashed"' in html
+    assert 'data-missing="ground-truth image missing from the image store"' in html
+    assert "[missing image]" not in html
+    no_prog = a.model_copy(update={"program": None, "termination": "max_turns"})
+    assert "no program, nothing rendered (max_turns)" in trajectory_column(no_prog, None, no_src)
+    assert 'data-missing="not judged yet"' in trajectory_column(a, None, no_src)
+
+
+def test_a_long_trajectory_starts_with_its_turns_folded():
+    from studio.html import FOLD_TURNS
+
+    short, long_ = traj("a", skills=["s"] * (FOLD_TURNS - 2)), traj("b", skills=["s"] * (FOLD_TURNS + 2))
+    assert len(short.turns) <= FOLD_TURNS < len(long_.turns)
+    assert '<details open class="ge-turns">' in trajectory_column(short, None, no_src)
+    folded = trajectory_column(long_, None, no_src)
+    assert '<details class="ge-turns">' in folded and "click to unfold" in folded
+
+
+def test_curves_have_whole_step_ticks_even_for_one_step():
+    from genevolve.records.live import MetricsRow
+
+    row = MetricsRow.model_validate({"step": 1, "reward_mean": 0.5, "ved_loss": 0.4, "grpo_loss": -0.1, "retrieval_hit_rate": 0.7})
+    fig = curves_figure({"run": [row]})
+    fig.canvas.draw()
+    for ax in fig.axes:
+        shown = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert shown and all(float(t).is_integer() for t in shown), shown

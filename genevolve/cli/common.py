@@ -153,6 +153,23 @@ def open_judges(url: str, model: str, api_key: Optional[str], text_policy: str, 
     return judge, pj
 
 
+def micro_batch_for(policy: str, given: Optional[int]) -> int:
+    """The update's sequences per forward/backward: as given, else 8 for a small vocabulary and fewer for a large
+    one, whose full-vocabulary logits would not fit in memory (SmolLM2's 49k tokens: 2)."""
+    if given is not None:
+        return given
+    import json
+
+    from ..policies.resolve import model_source
+
+    try:
+        folder, gguf = model_source(policy)
+        vocab = json.loads((Path(folder) / "config.json").read_text("utf-8"))["vocab_size"] if gguf is None else 49152
+    except (OSError, ValueError, KeyError):
+        return 2
+    return max(1, min(8, 8 * 16384 // int(vocab)))
+
+
 def evolve_cfg(out: Path, policy: str, steps: int, b: int, k: int, lambda_ved: float, lora_rank: int, lr: float,
                 delta_min: float, gate: float, seed: int, use_grpo: bool, use_ved: bool, max_new_tokens: int,
                 probe_request: Optional[str] = None, probe: bool = True, micro_batch: int = 8):

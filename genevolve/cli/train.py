@@ -9,7 +9,16 @@ from typing import Optional
 
 import typer
 
-from .common import check_probe_request, evolve_cfg, stop_on_sigterm, train
+from ..evaluation import estimate as estimates
+from .common import check_probe_request, evolve_cfg, micro_batch_for, stop_on_sigterm, train
+
+def announce_estimate(out: Path, policy: str, plan) -> None:
+    """Print the expected wall time and keep it in the run folder, where the studio's ETA reads it."""
+    est = estimates.estimate(policy, plan, runs_dir=out.resolve().parent)
+    out.mkdir(parents=True, exist_ok=True)
+    estimates.save(out, est)
+    typer.echo(f"expected time: {est.text()}")
+
 
 def sft(
     recipe: str = typer.Option("tiny", help="'tiny': train a tokenizer and a small Llama from scratch on the expert's "
@@ -73,9 +82,10 @@ def evolve(
     eval_samples: int = typer.Option(1, min=1, help="Trajectories per bench request and seed in the comparison (more: less sampling noise)."),
     max_new_tokens: int = typer.Option(384, min=16, help="Token budget of one assistant turn."),
     train_only: bool = typer.Option(False, "--train-only", help="Train and checkpoint; skip the bench comparison."),
-    probe_request: Optional[str] = typer.Option(None, help="Sandbox request id the live student-vs-teacher view follows at every step (default: the first evolve request)."),
+    probe_request: Optional[str] = typer.Option(None, help="Sandbox request id the live student-vs-teacher view follows at every step (default: the first request of step 1 that an experience is mined from, so the view has a teacher early)."),
     probe: bool = typer.Option(True, "--probe/--no-probe", help="Write each step's live student-vs-teacher probe (two extra rollouts a step)."),
-    micro_batch: int = typer.Option(8, min=1, help="Sequences per forward/backward in the update (fewer: less memory)."),
+    micro_batch: Optional[int] = typer.Option(None, min=1, help="Sequences per forward/backward in the update (fewer: less "
+                                              "memory; default 8, fewer for a large vocabulary: SmolLM2 2)."),
 ):
     """One-click distill-and-compare: GRPO + VED from the SFT student, then before / after on the bench and the
     teacher where it retrieves an experience (training requests and bench hits).
@@ -90,13 +100,18 @@ def evolve(
     from ..world import World
 
     out = out or Path("runs") / f"evolve-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg = evolve_cfg(out, policy, steps or (2 if quick else 5), prompts or (4 if quick else 8), rollouts or (4 if quick else 6),
+    micro_batch = micro_batch_for(policy, micro_batch)
+    cfg = evolve_cfg(out, policy, estimates.default("evolve", "steps", quick, steps), estimates.default("evolve", "prompts", quick, prompts),
+                     estimates.default("evolve", "rollouts", quick, rollouts),
                      lambda_ved, lora_rank, lr, delta_min, gate, seed, not no_grpo, not no_ved, max_new_tokens, probe_request,
                      probe, micro_batch)
     w = World()
     check_probe_request(w, probe_request)
     t0 = time.time()
     typer.echo(f"evolving {policy} ({cfg.arm}): {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.rollouts_per_prompt} rollouts -> {out}")
+    n_eval = 0 if train_only else len(bench_requests(w, quick, eval_requests))
+    announce_estimate(out, policy, estimates.plan_evolve(cfg.steps, cfg.prompts_per_step, cfg.rollouts_per_prompt, probe, n_eval,
+                                                         len(eval_seeds.split(",")), eval_samples, cfg.use_ved))
     train(cfg, w, stop_on_sigterm())
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # past training, SIGTERM ends the evaluation at once
     t_train = time.time() - t0
@@ -125,12 +140,13 @@ def ablate(
     eval_requests: Optional[int] = typer.Option(None, min=1, help="Bench requests per evaluation (default: all; quick 24)."),
     eval_samples: int = typer.Option(1, min=1, help="Trajectories per bench request and seed in the comparison (more: less sampling noise)."),
     max_new_tokens: int = typer.Option(384, min=16, help="Token budget of one assistant turn."),
-    probe_request: Optional[str] = typer.Option(None, help="Sandbox request id every arm's live student-vs-teacher view follows (default: the first evolve request)."),
+    probe_request: Optional[str] = typer.Option(None, help="Sandbox request id every arm's live student-vs-teacher view follows (default: the first request of step 1 that an experience is mined from, so the view has a teacher early)."),
     teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Measure the teacher (the full method's trained "
                                  "student with its bank's experiences) where it gets a guide, at the first seed."),
     probe: bool = typer.Option(True, "--probe/--no-probe", help="Write each step's live student-vs-teacher probe (two extra "
                                "rollouts a step, apart from training; --no-probe saves their time on a slow student)."),
-    micro_batch: int = typer.Option(8, min=1, help="Sequences per forward/backward in the update (fewer: less memory; a "
+    micro_batch: Optional[int] = typer.Option(None, min=1, help="Sequences per forward/backward in the update (default 8, fewer for a "
+                                              "large vocabulary: SmolLM2 2; fewer: less memory; a "
                                     "49k-token vocabulary over 8 long rollouts needs tens of GB)."),
 ):
     """The ablation: SFT-only, +GRPO, +VED, +GRPO+VED at the same number of rollouts, several seeds, mean ± 95% CI."""
@@ -145,12 +161,14 @@ def ablate(
     bad = [a for a in arm_list if a not in ARMS]
     if bad:
         raise typer.BadParameter(f"unknown arms {bad}", param_hint="--arms")
-    seed_list = [int(x) for x in (seeds or ("0" if quick else "0,1,2")).split(",") if x.strip()]
+    seed_list = [int(x) for x in estimates.default("ablate", "seeds", quick, seeds).split(",") if x.strip()]
     out = out or Path("runs") / f"ablate-{time.strftime('%Y%m%d-%H%M%S')}"
+    micro_batch = micro_batch_for(policy, micro_batch)
     w = World()
     check_probe_request(w, probe_request)
     reqs = bench_requests(w, quick, eval_requests)
-    n_steps, b, k = steps or (1 if quick else 4), prompts or (4 if quick else 8), rollouts or (4 if quick else 6)
+    n_steps, b, k = (estimates.default("ablate", name, quick, given) for name, given in
+                     (("steps", steps), ("prompts", prompts), ("rollouts", rollouts)))
     try:
         sha = policy_checksum(policy)
     except FileNotFoundError as exc:
@@ -163,6 +181,8 @@ def ablate(
         return evolve_cfg(run_dir, policy, n_steps, b, k, lambda_ved, lora_rank, lr, 0.20, 0.84, seed, "grpo" in arm,
                           "ved" in arm, max_new_tokens, probe_request, probe, micro_batch)
 
+    announce_estimate(out, policy, estimates.plan_ablate(arm_list, len(seed_list), n_steps, b, k, probe, len(reqs), eval_samples,
+                                                        teacher))
     stop = stop_on_sigterm()
     ab = Ablation(out, policy, arm_list, seed_list, reqs, eval_samples,
                   SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=max_new_tokens), settings, make_cfg, teacher)
@@ -176,7 +196,24 @@ def ablate(
     typer.echo(f"report: {report}  ({time.time() - t0:.0f} s in all)")
 
 
+def report(
+    run: Path = typer.Argument(..., help="An evolve or ablate run folder (or its report folder, or its report.md)."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Where to write the HTML file (default: report.html beside report.md)."),
+):
+    """A run's report as one self-contained HTML file (every picture inlined), to download, mail or archive."""
+    from ..evaluation.report_html import write_report_html
+
+    md = run if run.suffix == ".md" else run / "report.md" if (run / "report.md").exists() else run / "report" / "report.md"
+    try:
+        path = write_report_html(md, html)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained)")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(sft)
     app.command()(evolve)
     app.command()(ablate)
+    app.command()(report)

@@ -27,9 +27,10 @@ class SettingsMismatch(ValueError):
 
 def bench_requests(world, quick: bool, n: int | None) -> list:
     """The bench requests of a comparison: all of them, ``n`` spread evenly, or 24 for a quick run."""
+    from .estimate import default
+
     reqs = world.split("bench")
-    if quick and n is None:
-        n = 24
+    n = default("evolve", "eval_requests", quick, n)
     return reqs[:: max(1, len(reqs) // n)][:n] if n else reqs
 
 

@@ -118,7 +118,7 @@ def plot_curves(metrics_files: dict[str, list[Path]], out_dir: Path) -> list[Pat
                 ax.plot(range(1, len(r) + 1), r, lw=0.6, alpha=0.3)
             if n:
                 ax.plot(range(1, n + 1), [statistics.fmean(r[i] for r in runs) for i in range(n)], lw=2, label=arm)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one step: a single tick, never 0.95
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -300,4 +300,7 @@ def write_report(out_dir: Path, title: str, results: dict[str, dict], world, met
                json.dumps(config, indent=2), "```", "", "</details>"]
     atomic_write_text(out_dir / "report.md", "\n".join(md) + "\n")
     atomic_write_json(out_dir / "results.json", {k: v["summary"] for k, v in results.items()})
+    from .report_html import write_report_html
+
+    write_report_html(out_dir / "report.md")  # the same report as one self-contained file
     return out_dir / "report.md"

@@ -96,6 +96,8 @@ class ProbeRecord(BaseModel):
     student: ProbeCase | None = None
     teacher: ProbeCase | None = None
     note: str = ""
+    chosen: str = ""  # how the probe request was chosen (given, or picked by the trainer)
+    retrieval: str = ""  # how the teacher's experience was found: "own" (mined from this request) or "nearest"
 
     @field_serializer("tokens")
     def _tokens(self, tokens: list[TokenRow]) -> list[dict[str, Any]]:

@@ -68,7 +68,7 @@ class EvolveConfig:
     grad_clip: float = 1.0
     seed: int = 0
     probe: bool = True  # write probe.json each step for live viewers (costs two rollouts per step, main process only)
-    probe_request: str | None = None  # sandbox request id the probe follows (default: the split's first request)
+    probe_request: str | None = None  # sandbox request id the probe follows (default: picked at step 1, see probe.auto_request)
     device: str | None = None
     dtype: str | None = None
 
@@ -85,7 +85,7 @@ class EvolveConfig:
         if self.lambda_ved < 0:
             raise ValueError("lambda_ved must be >= 0")
         if self.probe_request is not None and not self.probe_request.strip():
-            raise ValueError("probe_request is a sandbox request id (or None for the split's first request)")
+            raise ValueError("probe_request is a sandbox request id (or None: picked at the first step)")
 
     @property
     def arm(self) -> str:
@@ -133,7 +133,7 @@ def _loop(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Callabl
         with timer("retrieve"):
             targets = steps.update_targets(run, batch, groups)
         with timer("probe"):
-            probe = steps.probe(run, step)
+            probe = steps.probe(run, step, batch)
         stats = steps.update(run, targets, timer)
         row = steps.metrics_row(run, step, trajs, verdicts, mined, targets, stats, timer)
         if procs.main:

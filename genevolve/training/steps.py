@@ -231,10 +231,12 @@ def update_targets(run: Run, batch: list, groups: list) -> Targets:
     return Targets(mine, len(scored), n_tokens, hits, errors)
 
 
-def probe(run: Run, step: int):
+def probe(run: Run, step: int, batch: list):
     """The live probe with this step's weights before the update (main process only), or None."""
     if not (run.cfg.probe and run.procs.main):
         return None
+    if run.probe_req is None:  # none given: picked once, from the first step's batch and what it mined
+        run.probe_req = probes.auto_request(run.out, batch, run.prompts, run.bank)
     return probes.run_probe(run.probe_req, run.pol, run.tools, run.scorer, run.store, run.bank, run.sp,
                             run.cfg.seed * 100_000 + step, run.pad_id, run.cfg.use_ved)
 
@@ -301,7 +303,8 @@ def record_step(run: Run, step: int, row: MetricsRow, probe_result) -> None:
     """Main process: the metrics row, the probe record, then the atomic checkpoint."""
     append_metrics(run.out / "metrics.jsonl", row)
     if probe_result is not None:
-        probes.write(run.out, run.pol.tokenizer, step + 1, run.probe_req, probe_result, run.cfg.use_ved)
+        probes.write(run.out, run.pol.tokenizer, step + 1, run.probe_req, probe_result, run.cfg.use_ved,
+                     probes.GIVEN if run.cfg.probe_request else probes.AUTO)
     checkpoint.save(run.out, run.model, run.opt, step + 1)
 
 

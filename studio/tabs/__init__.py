@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -23,6 +24,17 @@ from ..html import message
 
 log = logging.getLogger("genevolve.studio")
 EXPECTED = (StudioError, RefStoreError, ExperienceError, SchemaError, KeyError, FileNotFoundError)
+
+
+@dataclass
+class Refresh:
+    """What a view re-reads from disk when the page loads and when its tab is opened: ``fn()`` returns
+    one update per component of ``outputs`` (dropdown choices, mostly), so a run folder or bank made
+    elsewhere (a terminal, another browser tab) shows up without a restart."""
+
+    fn: Callable[[], Any]
+    outputs: list
+    on_open: bool = True  # False: only when the page loads (e.g. reconnecting to the running job)
 
 
 def safe(status: gr.components.Component) -> Callable:

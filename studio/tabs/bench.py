@@ -10,8 +10,9 @@ from ..services import Services
 from ..bench import (GENERATORS, SUMMARY_HEADERS, bench_problem, common_requests, load_summary, missing_html, page_html,
                      summary_figure, summary_rows)
 from ..html import message
+from ..tables import column_widths
 from ..services import RAW
-from . import StudioError, pick, safe
+from . import Refresh, StudioError, pick, safe
 
 
 def _layout(s: Services) -> SimpleNamespace:
@@ -45,7 +46,8 @@ def _layout(s: Services) -> SimpleNamespace:
                               elem_id="bench-results")
         show_btn = gr.Button("Show", elem_id="bench-show")
         refresh = gr.Button("Refresh lists", size="sm")
-    table = gr.Dataframe(headers=["run"] + SUMMARY_HEADERS, interactive=False, wrap=True, max_height=360, elem_id="bench-table")
+    table = gr.Dataframe(headers=["run"] + SUMMARY_HEADERS, interactive=False, wrap=True, max_height=360, elem_id="bench-table",
+                         column_widths=column_widths(["run"] + SUMMARY_HEADERS, {"run": 220, "group": 160}))
     missing_box = gr.HTML(elem_id="bench-missing")
     chart = gr.Plot(label="KScore by track, category, difficulty", elem_id="bench-chart")
     gr.Markdown("### Two runs side by side")
@@ -112,7 +114,7 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
     return SimpleNamespace(show_many=show_many, evaluate=evaluate, compare=compare)
 
 
-def tab(s: Services) -> None:
+def tab(s: Services) -> list[Refresh]:
     ui = _layout(s)
     h = _handlers(s, ui)
     status, table, missing_box, chart, page, pol, split = pick(ui, 'status table missing_box chart page pol split')
@@ -123,7 +125,9 @@ def tab(s: Services) -> None:
     eval_btn.click(evaluate, [pol, split, limit, seeds, data, generator, allow_missing, judge_url, judge_model, api_key],
                    [table, chart, missing_box, status, results, run_a, run_b])
     show_btn.click(safe(status)(show_many), [results], [table, chart, missing_box, status])
-    refresh.click(lambda: (gr.update(choices=s.list_bench()), gr.update(choices=s.list_runs()), gr.update(choices=s.list_runs())),
-                  None, [results, run_a, run_b])
+    lists = Refresh(lambda: (gr.update(choices=s.list_bench()), gr.update(choices=s.list_runs()), gr.update(choices=s.list_runs()),
+                             gr.update(choices=s.policy_choices())), [results, run_a, run_b, pol])
+    refresh.click(lists.fn, None, lists.outputs)
     for trigger, delta in ((idx.submit, 0), (prev_btn.click, -1), (next_btn.click, 1), (run_a.change, 0), (run_b.change, 0)):
         trigger(lambda a, b_, i, d=delta: compare(a, b_, (int(i or 1)) + d), [run_a, run_b, idx], [page, idx, status])
+    return [lists]

@@ -11,9 +11,9 @@ from genevolve.agent.guides import SLOT_TITLES, SLOTS
 
 from ..html import columns_html, message
 from ..services import EXPERT_NOISY, STUDIO_BANK
-from ..tables import (EXP_HEADERS, HISTORY_HEADERS, experience_rows, filter_experiences, form_slots, history_rows,
+from ..tables import (EXP_HEADERS, EXP_WIDE, HISTORY_HEADERS, column_widths, experience_rows, filter_experiences, form_slots, history_rows,
                       provenance_md)
-from . import StudioError, opt_number, pick, safe
+from . import Refresh, StudioError, opt_number, pick, safe
 
 
 def _layout(s: Services) -> SimpleNamespace:
@@ -30,7 +30,7 @@ def _layout(s: Services) -> SimpleNamespace:
         run_filter = gr.Dropdown(["(any)"], value="(any)", label="Source run", elem_id="exp-run")
         search_btn = gr.Button("Search", variant="primary", elem_id="exp-search")
     table = gr.Dataframe(headers=EXP_HEADERS, interactive=False, wrap=True, max_height=320, elem_id="exp-table",
-                         column_widths=["12%", "8%", "36%", "6%", "10%", "5%", "6%", "17%"])
+                         column_widths=column_widths(EXP_HEADERS, EXP_WIDE))
     status = gr.HTML(elem_id="exp-status")
     with gr.Row():
         exp_id = gr.Dropdown([], value=None, label="Experience", allow_custom_value=True, scale=3, elem_id="exp-id")
@@ -47,8 +47,11 @@ def _layout(s: Services) -> SimpleNamespace:
                 delete_btn = gr.Button("Delete", variant="stop", elem_id="exp-delete")
         with gr.Column(scale=2):
             prov = gr.Markdown(elem_id="exp-provenance")
-            history = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, wrap=True, max_height=240, label="Versions")
+            history = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, wrap=True, max_height=240, label="Versions",
+                                   column_widths=column_widths(HISTORY_HEADERS, {h: 220 for h in HISTORY_HEADERS[2:]}),
+                                   elem_id="exp-history")
             retrieving = gr.Dataframe(headers=["similarity", "request", "text"], interactive=False, wrap=True, max_height=240,
+                                      column_widths=column_widths(["similarity", "request", "text"], {"request": 120, "text": 300}),
                                       label="Requests that retrieve it (nearest experience, above the gate)")
     with gr.Accordion("Try the guide: student vs teacher (student + this experience) on its source request", open=False):
         with gr.Row():
@@ -95,14 +98,16 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
         return {exp_id: eid, **detail(bank_name, eid), status: message("ok", f"opened {eid}")}
 
     @safe(status)
-    def save(bank_name, eid, note_text, *values):
+    def save(bank_name, q, slot_text, gap, run, eid, note_text, *values):
         if not (eid or "").strip():
             raise StudioError("open an experience before saving (or use Create new)")
         before = s.bank(bank_name).get(eid.strip()).version
         e = s.bank(bank_name).edit(eid.strip(), form_slots(values), note=note_text or "edited in the studio")
         if e.version == before:
             return {**detail(bank_name, e.id), status: message("info", f"nothing changed in {e.id}: no new version saved")}
-        return {**detail(bank_name, e.id), status: message("ok", f"saved {e.id} as version {e.version}")}
+        listed = listing(bank_name, q, slot_text, gap, run)  # the list shows the version just saved
+        del listed[exp_id], listed[status]
+        return {**listed, **detail(bank_name, e.id), status: message("ok", f"saved {e.id} as version {e.version}")}
 
     @safe(status)
     def create(bank_name, source_text, *values):
@@ -137,7 +142,7 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
     return SimpleNamespace(listing=listing, detail=detail, search=search, open_exp=open_exp, pick_row=pick_row, save=save, create=create, delete=delete, try_guide=try_guide)
 
 
-def tab(s: Services) -> None:
+def tab(s: Services) -> list[Refresh]:
     ui = _layout(s)
     h = _handlers(s, ui)
     table, status, bank_dd, refresh, query, slot_filter = pick(ui, 'table status bank_dd refresh query slot_filter')
@@ -155,7 +160,9 @@ def tab(s: Services) -> None:
     refresh.click(lambda: gr.update(choices=s.bank_choices()), None, [bank_dd])
     open_btn.click(open_exp, [bank_dd, exp_id], detail_outputs + [status])
     table.select(pick_row, [bank_dd], detail_outputs + [exp_id, status])
-    save_btn.click(save, [bank_dd, exp_id, note, *boxes], detail_outputs + [status])
+    save_btn.click(save, [bank_dd, query, slot_filter, min_gap, run_filter, exp_id, note, *boxes],
+                   detail_outputs + [table, run_filter, status])
     create_btn.click(create, [bank_dd, source, *boxes], detail_outputs + list_outputs)
     delete_btn.click(delete, [bank_dd, exp_id, confirm], list_outputs + [confirm])
     try_btn.click(try_guide, [bank_dd, exp_id, try_pol, try_seed], [try_html, status])
+    return [Refresh(lambda: (gr.update(choices=s.bank_choices()), gr.update(choices=s.policy_choices())), [bank_dd, try_pol])]

@@ -10,7 +10,7 @@ from genevolve.tools.refstore import MAX_BYTES, RefStoreError, clean_caption
 
 from ..html import message
 from ..services import Services
-from ..tables import REF_HEADERS, gallery_items, ref_rows
+from ..tables import REF_HEADERS, column_widths, gallery_items, ref_rows
 from . import StudioError, safe
 
 
@@ -40,7 +40,8 @@ def tab(s: Services) -> None:
         filt = gr.Textbox(label="Browse: id, caption, entity or variant contains", scale=3, elem_id="refs-filter")
         page = gr.Number(1, precision=0, minimum=1, label="Page")
         browse_btn = gr.Button("Browse", elem_id="refs-browse")
-    table = gr.Dataframe(headers=REF_HEADERS, interactive=False, wrap=True, max_height=360, elem_id="refs-table")
+    table = gr.Dataframe(headers=REF_HEADERS, interactive=False, wrap=True, max_height=360, elem_id="refs-table",
+                         column_widths=column_widths(REF_HEADERS, {"caption": 420, "entity": 160}))
 
     @safe(status)
     def search(q, k_):

@@ -1,0 +1,150 @@
+"""How long a self-evolution run (``evolve``) or an ablation will take, before it starts and while it runs.
+
+Before the start the cost of one rollout is taken from earlier runs of the same policy in the runs
+folder (their logged step times), else from the size of the policy's weights with a rule measured on a
+2-core CPU (the tiny policy about a third of a second a rollout, SmolLM2-135M about ten). Once steps are
+logged, :func:`eta` uses the run's own step times. The figures are estimates, labelled as such
+wherever they are shown.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ESTIMATE_FILE = "estimate.json"
+# Seconds per training rollout (its share of judging and the update included) = BASE + PER_BYTE * weight bytes,
+# measured on 2 idle cores: tiny (14 MB) ~0.3 s, SmolLM2-135M fp32 (538 MB) 7-14 s.
+BASE_S, PER_BYTE_S = 0.05, 2.0e-8
+EVAL_SHARE = 0.6  # a bench rollout costs this share of a training one (no update, no teacher scoring)
+
+
+# The run commands' defaults, (quick, full): shared by the command line and the studio's estimate.
+DEFAULTS = {
+    "evolve": {"steps": (2, 5), "prompts": (4, 8), "rollouts": (4, 6), "eval_requests": (24, None)},
+    "ablate": {"steps": (1, 4), "prompts": (4, 8), "rollouts": (4, 6), "eval_requests": (24, None), "seeds": ("0", "0,1,2")},
+}
+
+
+def default(command: str, name: str, quick: bool, given=None):
+    """``given`` when set, else the command's default for a quick or a full run."""
+    return given if given is not None else DEFAULTS[command][name][0 if quick else 1]
+
+
+@dataclass
+class Plan:
+    """What a run will do, counted in rollouts."""
+
+    train_rollouts: int  # over all steps (and arms, seeds), the probe's included
+    eval_rollouts: int  # the before/after/teacher (or per-arm) bench comparison
+    steps: int  # steps logged to metrics.jsonl over the whole run
+    rollouts_per_step: int
+
+
+@dataclass
+class Estimate:
+    seconds: float
+    seconds_per_rollout: float
+    basis: str  # where the per-rollout cost comes from
+    plan: Plan
+
+    def text(self) -> str:
+        return f"about {minutes(self.seconds)} ({self.basis})"
+
+
+def minutes(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def plan_evolve(steps: int, b: int, k: int, probe: bool, eval_requests: int, eval_seeds: int = 1, eval_samples: int = 1,
+                use_ved: bool = True) -> Plan:
+    per_step = b * k + (2 if probe else 0)
+    evals = eval_requests * eval_seeds * eval_samples * (3 if use_ved else 2)  # before, after (and the teacher, at most)
+    return Plan(steps * per_step, evals, steps, per_step)
+
+
+def plan_ablate(arms: list[str], seeds: int, steps: int, b: int, k: int, probe: bool, eval_requests: int,
+                eval_samples: int = 1, teacher: bool = True) -> Plan:
+    trained = [a for a in arms if a != "sft"]
+    per_step = b * k + (2 if probe else 0)
+    evals = eval_requests * eval_samples * len(arms) * seeds + (eval_requests if teacher and "grpo+ved" in arms else 0)
+    return Plan(len(trained) * seeds * steps * per_step, evals, len(trained) * seeds * steps, per_step)
+
+
+def weight_bytes(policy: str) -> int | None:
+    """Bytes of the policy's weights on disk (safetensors or GGUF), None when they cannot be found."""
+    from ..policies.resolve import model_source
+
+    try:
+        folder, gguf = model_source(policy)
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    files = [Path(folder) / gguf] if gguf else list(Path(folder).glob("*.safetensors")) + list(Path(folder).glob("*.bin"))
+    size = sum(f.stat().st_size for f in files if f.exists())
+    return size or None
+
+
+def history(runs_dir: Path, policy: str) -> list[float]:
+    """Seconds per rollout of the logged steps of earlier runs of ``policy`` under ``runs_dir``."""
+    out = []
+    for cfg_path in Path(runs_dir).glob("**/config.json"):
+        try:
+            cfg = json.loads(cfg_path.read_text("utf-8"))
+            if cfg.get("policy") != policy or "rollouts_per_prompt" not in cfg:
+                continue
+            per_step = cfg["prompts_per_step"] * cfg["rollouts_per_prompt"] + (2 if cfg.get("probe", True) else 0)
+            for line in (cfg_path.parent / "metrics.jsonl").read_text("utf-8").splitlines():
+                row = json.loads(line)
+                if row.get("seconds"):
+                    out.append(float(row["seconds"]) / per_step)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def estimate(policy: str, plan: Plan, runs_dir: Path | None = None) -> Estimate:
+    """The run's expected wall time from its plan and the policy's cost per rollout."""
+    past = history(runs_dir, policy) if runs_dir is not None else []
+    if past:
+        per, basis = statistics.median(past), f"from {len(past)} logged steps of earlier runs of this policy"
+    else:
+        size = weight_bytes(policy)
+        if size is None:
+            per, basis = BASE_S + PER_BYTE_S * 5e8, "policy weights not found: assumed the size of SmolLM2-135M"
+        else:
+            per, basis = BASE_S + PER_BYTE_S * size, f"from the policy's {size / 1e6:.0f} MB of weights on a 2-core CPU"
+    seconds = per * (plan.train_rollouts + EVAL_SHARE * plan.eval_rollouts) + 10  # + loading the model and the world
+    return Estimate(seconds, per, basis, plan)
+
+
+def save(out: Path, est: Estimate) -> None:
+    from ..records.schema import atomic_write_json
+
+    atomic_write_json(Path(out) / ESTIMATE_FILE, asdict(est))
+
+
+def load(out: Path) -> Estimate | None:
+    try:
+        raw = json.loads((Path(out) / ESTIMATE_FILE).read_text("utf-8"))
+        return Estimate(raw["seconds"], raw["seconds_per_rollout"], raw["basis"], Plan(**raw["plan"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def eta(est: Estimate | None, step_seconds: list[float], elapsed: float | None = None,
+        since_last_step: float = 0.0) -> float | None:
+    """Seconds left: the logged steps' mean time for the steps still to come plus the comparison at the same
+    per-rollout cost, less the time spent since the last logged step; before any step is logged, the
+    estimate less the time already spent."""
+    if est is None:
+        return None
+    plan = est.plan
+    if not step_seconds:
+        return None if elapsed is None else max(est.seconds - elapsed, 0.0)
+    mean = statistics.fmean(step_seconds)
+    per = mean / max(plan.rollouts_per_step, 1)
+    left = max(plan.steps - len(step_seconds), 0)
+    return max(left * mean + EVAL_SHARE * per * plan.eval_rollouts - since_last_step, 0.0)
