@@ -43,7 +43,7 @@ def test_eta_uses_the_runs_own_steps(tmp_path):
     loaded = est.load(tmp_path)
     assert loaded == e
     assert est.eta(loaded, [], elapsed=100) == pytest.approx(200)  # before the first step: the estimate, less time spent
-    # two of four steps at 36 s (2 s a rollout): two more steps and 30 comparison rollouts at 0.6 x 2 s, less 10 s
-    assert est.eta(loaded, [36.0, 36.0], since_last_step=10) == pytest.approx(2 * 36 + 0.6 * 2 * 30 - 10)
+    # two of four steps at 36 s (2 s a rollout): two more steps and 30 comparison rollouts at a share of 2 s, less 10 s
+    assert est.eta(loaded, [36.0, 36.0], since_last_step=10) == pytest.approx(2 * 36 + est.EVAL_SHARE * 2 * 30 - 10)
     assert est.eta(None, [1.0]) is None and est.load(tmp_path / "nothing") is None
     assert est.minutes(125) == "2 min 05 s" and est.minutes(42) == "42 s"

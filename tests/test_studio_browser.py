@@ -179,6 +179,19 @@ def test_a_run_made_in_a_terminal_appears_without_a_restart_and_is_paged_request
     page.locator("#traj-status").get_by_text("request 2 of 3").wait_for()
     page.screenshot(path=str(studio["shots"] / "trajectories-paged.png"), full_page=True)
 
+    # A training run and its bank written by a terminal (the files `genevolve evolve` writes) show up in the
+    # Distill and Experiences lists when those tabs are opened.
+    train = studio["runs"] / "terminal-evolve"
+    (train / "bank").mkdir(parents=True)
+    (train / "config.json").write_text(json.dumps({"policy": "tiny", "steps": 2, "prompts_per_step": 1, "rollouts_per_prompt": 2}))
+    (train / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward_mean": 0.5}) + "\n")
+    shutil.copy(studio["runs"] / "studio-bank" / "experiences.jsonl", train / "bank" / "experiences.jsonl")
+    for tab, box, option in (("Distill", "#distill-watch", "terminal-evolve"), ("Experiences", "#exp-bank", "terminal-evolve/bank")):
+        page.get_by_role("tab", name=tab).click()
+        page.locator(f"{box} input").click()
+        page.locator(box).get_by_role("option", name=option, exact=True).wait_for()
+        page.keyboard.press("Escape")
+
 
 def test_a_request_outside_the_sandbox_is_labelled_before_it_runs(page):
     box = page.locator("#traj-request input")
@@ -282,7 +295,6 @@ def test_quick_distill_shows_live_curves_and_student_vs_teacher_then_stops(studi
     page.locator("#distill-policy input").fill(str(studio["micro"]))
     page.locator("#distill-policy input").press("Enter")
     _fill(page, "#distill-name textarea", "quick-distill")
-    _fill(page, "#distill-steps textarea", "12")
     _fill(page, "#distill-b textarea", "2")
     _fill(page, "#distill-k textarea", "2")
     _fill(page, "#distill-mnt input", "16")
@@ -291,6 +303,12 @@ def test_quick_distill_shows_live_curves_and_student_vs_teacher_then_stops(studi
     page.get_by_role("option", name="studio-bank").click()
     page.locator("#distill-probe-request input").fill(probe_id)
     page.locator("#distill-probe-request input").press("Enter")
+    _fill(page, "#distill-steps textarea", "2000")  # a long run is not started before the user hears how long it takes
+    page.locator("#distill-start").click()
+    page.locator("#distill-msg").get_by_text("Click Start again to run it anyway").wait_for()
+    assert "This run takes about" in page.locator("#distill-msg").inner_text()
+    assert not (studio["runs"] / "quick-distill").exists()
+    _fill(page, "#distill-steps textarea", "12")
     page.locator("#distill-start").click()
     page.locator("#distill-msg").get_by_text("started pid").wait_for()
 

@@ -2,7 +2,7 @@
 
 Before the start the cost of one rollout is taken from earlier runs of the same policy in the runs
 folder (their logged step times), else from the size of the policy's weights with a rule measured on a
-2-core CPU (the tiny policy about a third of a second a rollout, SmolLM2-135M about ten). Once steps are
+2-core CPU (the tiny policy about half a second a rollout, SmolLM2-135M about fifteen). Once steps are
 logged, :func:`eta` uses the run's own step times. The figures are estimates, labelled as such
 wherever they are shown.
 """
@@ -16,9 +16,12 @@ from pathlib import Path
 
 ESTIMATE_FILE = "estimate.json"
 # Seconds per training rollout (its share of judging and the update included) = BASE + PER_BYTE * weight bytes,
-# measured on 2 idle cores: tiny (14 MB) ~0.3 s, SmolLM2-135M fp32 (538 MB) 7-14 s.
-BASE_S, PER_BYTE_S = 0.05, 2.0e-8
-EVAL_SHARE = 0.6  # a bench rollout costs this share of a training one (no update, no teacher scoring)
+# measured on 2 idle cores (logged step seconds over rollouts): tiny (14 MB) ~0.5 s, SmolLM2-135M fp32 (538 MB)
+# 10-19 s (a quick evolve: 185 s and 344 s for its two steps of 18 rollouts).
+BASE_S, PER_BYTE_S = 0.25, 2.6e-8
+# A bench rollout costs this share of a training one, which also pays for the teacher's scoring and the
+# update: measured 0.2 (tiny) to 0.4 (SmolLM2, where generation dominates).
+EVAL_SHARE = 0.35
 
 
 # The run commands' defaults, (quick, full): shared by the command line and the studio's estimate.
