@@ -26,7 +26,7 @@ Src = Callable[[str | None], str | None]  # image hash -> src for <img>, None wh
 CSS = """
 .ge-cols {display:grid; grid-template-columns:repeat(auto-fit, minmax(250px, 1fr)); gap:10px; align-items:start;
           padding-bottom:6px}
-.ge-col {min-width:0; border:1px solid #d0d4da; border-radius:8px; padding:8px; background:#fff;
+.ge-col {min-width:0; max-width:560px; border:1px solid #d0d4da; border-radius:8px; padding:8px; background:#fff;
          font-size:13px; color:#1f2328; overflow-wrap:anywhere}
 .ge-col.ge-best {border:2px solid #1a7f37} .ge-col.ge-worst {border:2px solid #cf222e}
 .ge-head {display:flex; justify-content:space-between; font-weight:600; margin-bottom:6px}
