@@ -21,6 +21,15 @@ def column_widths(headers: Sequence[str], wide: dict[str, int] | None = None) ->
     return [f"{max(wide.get(h, 0), 9 * len(h) + 44, 72)}px" for h in headers]
 
 
+def broken_note(load_errors: Sequence[str], show: int = 3) -> str:
+    """The bank's broken lines, by file and line (they are skipped, and set aside by the next change)."""
+    if not load_errors:
+        return ""
+    more = f" and {len(load_errors) - show} more" if len(load_errors) > show else ""
+    return (f" · {len(load_errors)} broken line(s) skipped (set aside by the next change): "
+            + "; ".join(load_errors[:show]) + more)
+
+
 def _short(text: str, n: int = 90) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= n else text[: n - 1] + "…"

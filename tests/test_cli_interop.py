@@ -127,6 +127,11 @@ def test_experiences_with_sandbox_api_and_local_summarisers(rollout_run, fake_vl
         assert res.exit_code == 0, res.output
         counts = last_json(res.output)
         assert counts["added"] == 1 and counts["bank_size"] == 1, res.output
+    with (bank / "experiences.jsonl").open("a") as fh:  # a torn line (power loss) in the bank
+        fh.write('{"schema_version": 1, "id": "torn"\n')
+    res = runner.invoke(app, ["experiences", "summarise", str(rollout_run), "--bank", str(bank), "--delta-min", "0.0"])
+    assert res.exit_code == 0 and f"broken bank line set aside: {bank / 'experiences.jsonl'}:2:" in res.output, res.output
+    assert "torn" in (bank / "experiences.rejected.jsonl").read_text()
     # a local transformers model: the tiny policy is no summariser, so its answer is rejected and recorded
     res = runner.invoke(app, ["experiences", "summarise", str(rollout_run), "--bank", str(tmp_path / "bank-tiny"),
                               "--summariser", "tiny", "--delta-min", "0.0"])

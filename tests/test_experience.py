@@ -179,15 +179,51 @@ def test_bank_capacity_evicts_old_small_gaps(tmp_path):
     assert sorted(e.reward_gap for e in bank2.items.values()) == [0.2, 0.3, 0.4, 0.9]
 
 
-def test_broken_bank_lines_are_set_aside(tmp_path):
+def test_broken_bank_lines_are_reported_on_open_and_set_aside_once_by_the_next_write(tmp_path):
     bank = ExperienceBank(tmp_path, embedder=HashEmbedder(64))
     bank.add("r1", "one request", SLOTS_OK)
     with bank.jsonl.open("a") as fh:
         fh.write('{"schema_version": 1, "id": "broken"\n')
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     again = ExperienceBank(tmp_path, embedder=HashEmbedder(64))
+    again.search("one request")
     assert len(again) == 1 and again.load_errors and "experiences.jsonl:2" in again.load_errors[0]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # opening and searching write nothing
+    again.add("r2", "another request", SLOTS_OK)
     assert "broken" in (tmp_path / "experiences.rejected.jsonl").read_text()
     assert all(json.loads(line) for line in again.jsonl.read_text().splitlines())  # the file is clean again
+    assert not ExperienceBank(tmp_path, embedder=HashEmbedder(64)).load_errors  # set aside once, not reported again
+    assert not ExperienceBank(tmp_path / "never-made", embedder=HashEmbedder(64)).items
+    assert not (tmp_path / "never-made").exists()
+
+
+def test_an_edit_and_a_concurrent_addition_from_another_process_are_both_kept(tmp_path):
+    """The studio edits an experience while a trainer (another bank object, as in another process) adds one:
+    each write re-reads the file under the bank's lock, so neither change is lost."""
+    studio = ExperienceBank(tmp_path, embedder=HashEmbedder(64))
+    exp = studio.add("r1", "one request", SLOTS_OK)
+    trainer = ExperienceBank(tmp_path, embedder=HashEmbedder(64))  # loaded before the edit
+    studio.edit(exp.id, {"prompt_construction": "Write exact counts, edited in the studio."}, note="by hand")
+    trainer.add("r2", "another request", SLOTS_OK)  # its in-memory copy predates the edit
+    final = ExperienceBank(tmp_path, embedder=HashEmbedder(64))
+    assert len(final) == 2 and final.get(exp.id).version == 2
+    assert final.get(exp.id).slots["prompt_construction"] == "Write exact counts, edited in the studio."
+    studio.edit(exp.id, {"search_strategy": "Search the exact name."})  # and the studio keeps the trainer's addition
+    assert len(ExperienceBank(tmp_path, embedder=HashEmbedder(64))) == 2
+    assert [e.source_request_id for _, e in trainer.search("another request", k=2)][0] == "r2"
+
+
+def test_two_processes_writing_one_bank_lose_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from genevolve.experience.bank import ExperienceBank; from genevolve.tools.embed import HashEmbedder; "
+            "from genevolve.agent.guides import SLOTS; b = ExperienceBank(sys.argv[1], embedder=HashEmbedder(64)); "
+            "[b.add(f'{sys.argv[2]}-{i}', f'request {sys.argv[2]} {i}', {s: 'Do it exactly.' for s in SLOTS}) for i in range(15)]")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), w]) for w in ("a", "b")]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    ids = {e.source_request_id for e in ExperienceBank(tmp_path, embedder=HashEmbedder(64)).items.values()}
+    assert ids == {f"{w}-{i}" for w in "ab" for i in range(15)}
 
 
 def test_sandbox_summariser_reads_real_differences(world, tools):

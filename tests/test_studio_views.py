@@ -279,3 +279,11 @@ def test_curves_have_whole_step_ticks_even_for_one_step():
     for ax in fig.axes:
         shown = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert shown and all(float(t).is_integer() for t in shown), shown
+
+
+def test_broken_bank_lines_are_named_by_file_and_line():
+    from studio.tables import broken_note
+
+    assert broken_note([]) == ""
+    note = broken_note([f"/b/experiences.jsonl:{n}: bad" for n in (2, 5, 7, 9)])
+    assert "4 broken line(s)" in note and "/b/experiences.jsonl:2: bad" in note and "and 1 more" in note

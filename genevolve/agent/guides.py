@@ -8,6 +8,8 @@ to build guide-conditioned cold-start data and to measure whether a policy can u
 
 from __future__ import annotations
 
+import sys
+
 SLOTS = ("search_strategy", "skill_activation", "reference_selection", "prompt_construction", "failure_avoidance")
 SLOT_TITLES = {
     "search_strategy": "Search strategy",
@@ -115,6 +117,8 @@ def _open_bank(folder: str):
     if not (Path(folder) / "experiences.jsonl").is_file():
         raise ValueError(f"{folder!r} holds no experience bank (no experiences.jsonl)")
     bank = ExperienceBank(folder)
+    for line in bank.load_errors:
+        print(f"warning: broken bank line skipped: {line}", file=sys.stderr)
     if not len(bank):
         raise ValueError(f"the experience bank {folder!r} is empty")
     return bank

@@ -133,6 +133,8 @@ def experiences_summarise(
         except (ValueError, FileNotFoundError) as exc:
             raise typer.BadParameter(str(exc), param_hint="--summariser") from exc
     b = ExperienceBank(bank)
+    for line in b.load_errors:  # named by file and line; the next write sets them aside
+        typer.echo(f"warning: broken bank line set aside: {line}", err=True)
     added, errors = 0, []
     for pair in mine_pairs(list(groups.values()), delta_min, max_pairs):
         try:

@@ -14,13 +14,17 @@ so that the lesson is about the search and the references where the group shows 
 embeddings of their source requests (``experiences.faiss``). Retrieval returns the nearest
 experience when its cosine similarity reaches the gate (0.84). Capacity 500: when full, the bank
 evicts among its oldest quarter (at least the two oldest) the experience with the smallest reward
-gap (FIFO + reward-gap eviction). Every create, edit and delete rewrites the JSONL and the index atomically, so the two
-always agree; a broken JSONL line is set aside in ``experiences.rejected.jsonl`` on load, never
-silently dropped.
+gap (FIFO + reward-gap eviction). Opening a bank only reads. Every create, edit and delete is a
+read-modify-write under the bank's file lock (``.bank.lock``): it re-reads the JSONL if another
+process (a trainer, the studio) changed it, applies the change and rewrites the JSONL and the index
+atomically, so two writers wait for each other and neither loses the other's change. A broken JSONL
+line is reported with its file and line number on load and set aside in ``experiences.rejected.jsonl``
+by the next write, never silently dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -198,13 +202,12 @@ class ExperienceBank:
 
     def __init__(self, root: str | Path, embedder=None, capacity: int = CAPACITY, gate: float = GATE):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
         self.capacity = capacity
         self.gate = gate
         self._embedder = embedder
         self._lock = threading.RLock()
         self.items: dict[str, Experience] = {}
-        self.load_errors: list[str] = []
+        self.load_errors: list[str] = []  # "<file>:<line>: <why>" of each broken line
         self._vecs: dict[str, np.ndarray] = {}
         self._load()
 
@@ -221,10 +224,19 @@ class ExperienceBank:
         return self._embedder
 
     # -- persistence ------------------------------------------------------------
+    def _file_sig(self) -> tuple | None:
+        try:
+            st = self.jsonl.stat()
+            return st.st_size, st.st_mtime_ns
+        except OSError:
+            return None
+
     def _load(self) -> None:
-        if not self.jsonl.exists():
+        """Read the JSONL (never write it): good lines become items, broken ones are reported and kept aside."""
+        self.items, self.load_errors, self._rejected = {}, [], []
+        self._sig = self._file_sig()
+        if self._sig is None:
             return
-        rejected = []
         for n, line in enumerate(self.jsonl.read_text("utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -233,19 +245,35 @@ class ExperienceBank:
                 exp.slots = validate_slots(exp.slots)
             except ValueError as exc:
                 self.load_errors.append(f"{self.jsonl}:{n}: {str(exc).splitlines()[0]}")
-                rejected.append(line)
+                self._rejected.append(line)
                 continue
             self.items[exp.id] = exp
-        if rejected:
-            with (self.root / "experiences.rejected.jsonl").open("a", encoding="utf-8") as fh:
-                fh.writelines(r + "\n" for r in rejected)
+        if hasattr(self, "_index") and list(self.items) != self._index_ids:
+            del self._index  # rebuilt (in memory) on the next search
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A change: under the bank's file lock, on the file's latest contents, saved atomically at the end."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(self.root / ".bank.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a second writer (another process) waits here
+            if self._file_sig() != self._sig:
+                self._load()  # someone else wrote since we read: change their version, not ours
+            yield
             self._save()
 
     def _save(self) -> None:
+        if self._rejected:  # broken lines leave the bank once, kept beside it
+            with (self.root / "experiences.rejected.jsonl").open("a", encoding="utf-8") as fh:
+                fh.writelines(r + "\n" for r in self._rejected)
+            self._rejected = []
         atomic_write_text(self.jsonl, "".join(e.model_dump_json() + "\n" for e in self.items.values()))
-        self._rebuild_index()
+        self._sig = self._file_sig()
+        self._rebuild_index(save=True)
 
-    def _rebuild_index(self) -> None:
+    def _rebuild_index(self, save: bool = False) -> None:
         from ..tools.faiss_store import VectorIndex
 
         ids = list(self.items)
@@ -258,26 +286,28 @@ class ExperienceBank:
         index = VectorIndex(self.embedder.dim, getattr(self.embedder, "name", ""))
         if ids:
             index.add(np.arange(len(ids), dtype=np.int64), np.stack([self._vecs[i] for i in ids]))
-        index.save(self.root / "experiences.faiss")
+        if save:
+            index.save(self.root / "experiences.faiss")
         self._index, self._index_ids = index, ids
 
     def _ensure_index(self):
+        if self._file_sig() != self._sig:
+            self._load()  # another process changed the bank: search its current contents
         if not hasattr(self, "_index"):
-            self._rebuild_index()
+            self._rebuild_index()  # in memory: a reader writes nothing
         return self._index, self._index_ids
 
     # -- changes ---------------------------------------------------------------
     def add(self, source_request_id: str, source_request: str, slots: dict[str, Any], reward_gap: float = 0.0,
             **provenance: Any) -> Experience:
-        with self._lock:
-            clean = validate_slots(slots)
+        clean = validate_slots(slots)
+        with self._writing():
             eid = "exp-" + hashlib.sha1(f"{source_request_id}|{_now()}|{len(self.items)}|{json.dumps(clean)}".encode()).hexdigest()[:10]
             exp = Experience(id=eid, source_request_id=source_request_id, source_request=source_request, slots=clean,
                              reward_gap=float(reward_gap), created=_now(), **provenance)
             self.items[eid] = exp
             self._evict()
-            self._save()
-            return exp
+        return exp
 
     def _evict(self) -> None:
         while len(self.items) > self.capacity:
@@ -289,20 +319,23 @@ class ExperienceBank:
         """A new version with these slots and ``note``; the old one goes to the history with its own note.
         Slots equal to the current ones make no version (the experience comes back unchanged)."""
         with self._lock:
+            if self._file_sig() != self._sig:
+                self._load()
             exp = self.get(exp_id)
+            if validate_slots({**exp.slots, **slots}) == exp.slots:
+                return exp  # nothing changed: no version, no write
+        with self._writing():
+            exp = self.get(exp_id)  # the latest version on disk (another writer may have edited it meanwhile)
             clean = validate_slots({**exp.slots, **slots})
-            if clean == exp.slots:
-                return exp
-            exp.history.append(ExperienceVersion(version=exp.version, slots=dict(exp.slots), saved=_now(), note=exp.note))
-            exp.slots, exp.version, exp.note = clean, exp.version + 1, note
-            self._save()
-            return exp
+            if clean != exp.slots:
+                exp.history.append(ExperienceVersion(version=exp.version, slots=dict(exp.slots), saved=_now(), note=exp.note))
+                exp.slots, exp.version, exp.note = clean, exp.version + 1, note
+        return exp
 
     def delete(self, exp_id: str) -> None:
-        with self._lock:
+        with self._writing():
             self.get(exp_id)
             del self.items[exp_id]
-            self._save()
 
     def get(self, exp_id: str) -> Experience:
         if exp_id not in self.items:

@@ -113,8 +113,8 @@ def setup(cfg, world, procs: Processes, log: Callable[[str], None]) -> Run:
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     step0 = checkpoint.restore(out / "checkpoint", opt, pol.device, log)
     bank = _bank(cfg, out, procs)
-    if bank.load_errors:
-        log(f"bank: set aside {len(bank.load_errors)} broken line(s)")
+    for line in bank.load_errors:  # named by file and line; the first write sets them aside
+        log(f"bank: broken line set aside: {line}")
     prompts = world.split(cfg.split)
     probe_req = probes.probe_request(world, cfg.probe_request, cfg.split)  # checked on every process: a bad id stops all
     order = list(range(len(prompts)))

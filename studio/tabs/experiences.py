@@ -11,7 +11,7 @@ from genevolve.agent.guides import SLOT_TITLES, SLOTS
 
 from ..html import columns_html, message
 from ..services import EXPERT_NOISY, STUDIO_BANK
-from ..tables import (EXP_HEADERS, EXP_WIDE, HISTORY_HEADERS, column_widths, experience_rows, filter_experiences, form_slots, history_rows,
+from ..tables import (EXP_HEADERS, EXP_WIDE, HISTORY_HEADERS, broken_note, column_widths, experience_rows, filter_experiences, form_slots, history_rows,
                       provenance_md)
 from . import Refresh, StudioError, opt_number, pick, safe
 
@@ -75,7 +75,7 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
         runs = ["(any)"] + sorted({e.run_id for e in bank.items.values() if e.run_id})
         return {table: experience_rows(hits), exp_id: gr.update(choices=[e.id for _, e in hits]),
                 run_filter: gr.update(choices=runs), status: message("info", f"{len(hits)} of {len(bank)} experiences"
-                                                                      + (f" · {len(bank.load_errors)} broken line(s) set aside" if bank.load_errors else ""))}
+                                                                      + broken_note(bank.load_errors))}
 
     def detail(bank_name, eid) -> dict:
         bank = s.bank(bank_name)
