@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from genevolve.policies.base import Completion, Message, SamplingParams
 from genevolve.policies.openai_compat import OpenAIChatPolicy
 from genevolve.serving.chat import build_app, run_server
+from genevolve.serving.chat_limits import ServeLimits
 
 
 class FakePolicy:
@@ -128,9 +129,8 @@ def test_logprobs_tokens_empty_without_decode_token(policy):
 @pytest.mark.parametrize(
     "fields, needle",
     [
-        ({"n": 2}, "n must be 1"),
-        ({"stream": True}, "streaming is not supported"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "role"),
+        ({"n": 9}, "n must be at most 8"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user"}]}, "content"),
         ({"temperature": -1}, "temperature"),
@@ -159,15 +159,17 @@ def test_empty_model_means_base(client, policy):
     assert resp.status_code == 200 and resp.json()["model"] == "student"
 
 
-def test_adapter_load_select_and_unload(client, policy, tmp_path):
+def test_adapter_load_select_and_unload(policy, tmp_path):
+    client = TestClient(build_app(policy, "student", limits=ServeLimits(adapter_root=tmp_path)))
+    (tmp_path / "v1").mkdir()
     missing = client.post("/v1/load_lora_adapter", json={"lora_name": "v1", "lora_path": str(tmp_path / "none")})
-    assert missing.status_code == 400 and "does not exist" in missing.json()["error"]["message"]
+    assert missing.status_code == 400 and "no adapter folder" in missing.json()["error"]["message"]
 
-    resp = client.post("/v1/load_lora_adapter", json={"lora_name": "v1", "lora_path": str(tmp_path)})
+    resp = client.post("/v1/load_lora_adapter", json={"lora_name": "v1", "lora_path": "v1"})
     assert resp.status_code == 200 and resp.json() == {"status": "loaded", "lora_name": "v1"}
-    assert policy.adapters == {"v1": str(tmp_path)}
+    assert policy.adapters == {"v1": str((tmp_path / "v1").resolve())}
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["student", "v1"]
-    again = client.post("/v1/load_lora_adapter", json={"lora_name": "v1", "lora_path": str(tmp_path)})
+    again = client.post("/v1/load_lora_adapter", json={"lora_name": "v1", "lora_path": str(tmp_path / "v1")})
     assert again.status_code == 400
 
     assert chat(client, model="v1").json()["model"] == "v1"
@@ -190,7 +192,7 @@ def test_adapter_endpoints_need_policy_support(tmp_path):
         def generate(self, conversations, params):
             return [Completion("x") for _ in conversations]
 
-    client = TestClient(build_app(Plain(), "student"))
+    client = TestClient(build_app(Plain(), "student", limits=ServeLimits(adapter_root=tmp_path)))
     resp = client.post("/v1/load_lora_adapter", json={"lora_name": "v1", "lora_path": str(tmp_path)})
     assert resp.status_code == 400 and "cannot load" in resp.json()["error"]["message"]
     assert chat(client).json()["choices"][0]["message"]["content"] == "x"
@@ -213,7 +215,7 @@ def test_run_server_warns_off_loopback(monkeypatch, capsys, policy):
     run_server(policy, "student")
     assert calls[-1]["host"] == "127.0.0.1" and "warning" not in capsys.readouterr().err
     run_server(policy, "student", host="0.0.0.0", port=9000)
-    assert calls[-1] == {"host": "0.0.0.0", "port": 9000, "log_level": "warning"}
+    assert calls[-1] == {"host": "0.0.0.0", "port": 9000, "log_level": "warning", "timeout_graceful_shutdown": 10.0}
     assert "warning" in capsys.readouterr().err
 
 
@@ -229,7 +231,7 @@ def live_server(policy):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))  # the OS picks a free port, and we hold it: no race with other tests
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(policy, "student"), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(build_app(policy, "student", adapters=("v2",)), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -245,7 +247,7 @@ def live_server(policy):
         assert not thread.is_alive(), "server did not shut down"
 
 
-def test_end_to_end_with_openai_policy(live_server, policy, tmp_path):
+def test_end_to_end_with_openai_policy(live_server, policy):
     with OpenAIChatPolicy(live_server, "student", backoff=0, max_retries=1) as remote:
         convs = [[{"role": "system", "content": "s"}, {"role": "user", "content": f"prompt {i}"}] for i in range(5)]
         out = remote.generate(convs, SamplingParams(temperature=0.0, max_new_tokens=64, seed=1))
@@ -260,8 +262,7 @@ def test_end_to_end_with_openai_policy(live_server, policy, tmp_path):
         assert bad.finish_reason == "error" and "HTTP 500" in bad.error and live_server in bad.error
         policy.fail = None
 
-    resp = httpx.post(f"{live_server}/v1/load_lora_adapter", json={"lora_name": "v2", "lora_path": str(tmp_path)})
-    assert resp.status_code == 200
+    policy.adapters["v2"] = "preloaded"  # loaded before serving (the live server was built with adapters=("v2",))
     with OpenAIChatPolicy(f"{live_server}/v1", "v2", backoff=0) as remote:
         (c,) = remote.generate([convs[0]], SamplingParams())
         assert c.text == "echo: prompt 0" and policy.calls[-1][0] == "v2"

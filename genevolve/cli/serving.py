@@ -14,21 +14,38 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default; use 0.0.0.0 to share on a network)."),
     port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
     model_name: Optional[str] = typer.Option(None, help="Name clients use in 'model' (default: the policy's name)."),
+    alias: list[str] = typer.Option([], "--alias", help="Another name the policy answers to (repeatable); all are listed at /v1/models."),
     adapter: Optional[str] = typer.Option(None, help="LoRA adapter folder to load at start (served under its folder name)."),
+    adapter_root: Optional[Path] = typer.Option(None, help="Folder /v1/load_lora_adapter may load adapters from (default: none, loading refused with 403)."),
+    max_model_len: Optional[int] = typer.Option(None, min=1, help="Context length in tokens (default and upper bound: the model's max_position_embeddings)."),
+    max_body_mb: float = typer.Option(2.0, min=0.001, help="Largest request body in MB; larger ones get 413."),
+    max_queue: int = typer.Option(64, min=1, help="Requests admitted at once (running or waiting); beyond it 429."),
+    max_batch: int = typer.Option(16, min=1, help="Choices generated together in one continuous batch."),
+    shutdown_timeout: float = typer.Option(10.0, min=0, help="Seconds running requests get to finish after SIGTERM before they are cancelled."),
 ):
-    """An OpenAI-compatible chat-completions server over a local policy, with vLLM-style dynamic LoRA loading."""
+    """An OpenAI-compatible chat-completions server over a local policy, with vLLM-style dynamic LoRA loading.
+
+    What it accepts and refuses is in docs/serving.md.
+    """
     from ..policies.resolve import resolve_policy
     from ..serving.chat import run_server
+    from ..serving.chat_limits import ServeLimits
 
     if policy in ("expert", "raw") or policy.startswith(("http://", "https://")):
         raise typer.BadParameter("serve needs a local model: tiny, smollm2 or a model folder", param_hint="--policy")
+    if adapter_root is not None and not adapter_root.is_dir():
+        raise typer.BadParameter(f"no folder at {adapter_root}", param_hint="--adapter-root")
     pol = resolve_policy(policy)
     adapters = ()
     if adapter:
         name = Path(adapter).name
         pol.load_adapter(adapter, name)
         adapters = (name,)
-    run_server(pol, model_name or pol.name, host=host, port=port, adapters=adapters)
+    limits = ServeLimits(aliases=tuple(alias), max_model_len=max_model_len, max_body_bytes=int(max_body_mb * 2**20),
+                         max_queue=max_queue, max_batch=max_batch, adapter_root=adapter_root,
+                         shutdown_timeout=shutdown_timeout)
+    typer.echo(f"serving {model_name or pol.name} on http://{host}:{port}/v1", err=True)
+    run_server(pol, model_name or pol.name, host=host, port=port, adapters=adapters, limits=limits)
 
 
 def render_service(

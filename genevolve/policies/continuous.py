@@ -129,6 +129,8 @@ class ContinuousBatch:
     ``next_messages(i)`` gives conversation i's messages before its next turn (``None`` when it is
     finished); ``on_turn(i, completion)`` receives each turn as soon as it is written (the caller
     runs the tool there); ``on_progress()`` is called as each conversation finishes.
+    ``on_token(i, token, logprob, logits)``, when given, sees each sampled token of conversation i with
+    its row's logits; returning True ends the turn there (a server's stop strings, cancellations).
     ``policy`` is a :class:`~genevolve.policies.local.LocalPolicy`; its token
     streams keep, per conversation, the exact tokens seen and written, the assistant mask and the
     sampled log-probabilities.
@@ -140,8 +142,9 @@ class ContinuousBatch:
 
     def __init__(self, policy, n: int, next_messages: NextMessages, on_turn: OnTurn, params: SamplingParams,
                  max_batch: int = 64, join_fraction: float = 0.25, seeds: Sequence[int | None] | None = None,
-                 on_progress: Callable[[], None] | None = None):
-        self.p, self.params = policy, params
+                 on_progress: Callable[[], None] | None = None,
+                 on_token: Callable[[int, int, float, torch.Tensor], bool] | None = None):
+        self.p, self.params, self.on_token = policy, params, on_token
         self.next_messages, self.on_turn, self.on_progress = next_messages, on_turn, on_progress
         self.streams = [TokenStream() for _ in range(n)]
         self.queue = list(range(n))[::-1]  # conversations not yet given a row (popped from the end)
@@ -290,11 +293,12 @@ class ContinuousBatch:
         done = []
         for r, t, l in zip(range(lo, hi), tok.tolist(), lp.tolist()):
             st = self.streams[self.slot[r]]
+            ended = self.on_token is not None and self.on_token(self.slot[r], t, l, logits[r - lo])
             st.ids.append(t)
             st.mask.append(1)
             st.logprobs.append(l)
             self.turn[r].append((t, l))
-            if t in self.p.stop_ids or len(self.turn[r]) >= self.params.max_new_tokens:
+            if ended or t in self.p.stop_ids or len(self.turn[r]) >= self.params.max_new_tokens:
                 done.append(r)
         for r in reversed(done):  # from the end, so the swaps never move a row still to be handled
             self._finish_turn(r)

@@ -1,173 +1,199 @@
-"""An OpenAI-compatible chat-completions server in front of any :class:`ChatPolicy`.
+"""An OpenAI-compatible chat-completions server in front of any :class:`ChatPolicy` (``genevolve serve``).
 
 Trained students are served in the same API as vLLM and SGLang, so any OpenAI client (including our own
-:class:`~genevolve.policies.openai_compat.OpenAIChatPolicy`) can drive them. As in vLLM, LoRA adapters can
-be loaded at run time (``POST /v1/load_lora_adapter``) and are selected per request by passing the
-adapter name as ``model``.
+:class:`~genevolve.policies.openai_compat.OpenAIChatPolicy`) can drive them. The policy answers to its
+name and any aliases; as in vLLM, LoRA adapters can be loaded at run time (``POST /v1/load_lora_adapter``,
+only from folders under the adapter root) and are selected per request by passing the adapter name as
+``model``.
 
-One model, one GPU: generation runs under a lock, one request at a time, and switching adapters happens
-under the same lock so a request never sees another request's adapter. There is no authentication, so
-the server binds to loopback unless told otherwise.
+A request is read with a size cap, validated (:mod:`.chat_request`), measured against the context
+(:mod:`.chat_limits`) and queued; generation runs on one worker thread, concurrent requests batched
+together through the continuous-batching engine (:mod:`.chat_engine`). Answers are OpenAI's shapes,
+streamed as server-sent events on request (:mod:`.chat_format`). A client that goes away has its
+generation cancelled; on SIGTERM the server stops accepting, gives running requests up to
+``shutdown_timeout`` seconds, cancels the rest and exits 0. There is no authentication, so the server
+binds to loopback unless told otherwise. docs/serving.md lists what is supported and refused.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
 import sys
-import threading
-import time
-import uuid
-from pathlib import Path
-from typing import Sequence, Any, Iterable, Literal
+from typing import Any, AsyncIterator, Iterable, Sequence
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..policies.base import ChatPolicy, Completion, SamplingParams
+from ..policies.base import ChatPolicy, SamplingParams
+from .chat_engine import ChatEngine, Job
+from .chat_format import ChunkWriter, completion_body, error_response, token_decoder
+from .chat_limits import (ServeLimits, completion_budget, confined_adapter_path, context_length,
+                          count_prompt_tokens, read_body)
+from .chat_request import (ChatCompletionRequest, LoadAdapterRequest, RequestRefused, UnloadAdapterRequest,
+                           parse_body, plain_messages, refuse_unsupported)
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+DISCONNECT_POLL_S = 0.2
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # e.g. "name": kept and passed on to the policy
+class ChatServer:
+    """The state behind the app: the policy, its names, loaded adapters, the limits and the engine."""
 
-    role: Literal["system", "user", "assistant"]
-    content: str | list[dict[str, Any]]  # a string, or OpenAI content parts (text, image_url)
+    def __init__(self, policy: ChatPolicy, model_name: str, adapters: Iterable[str], limits: ServeLimits):
+        self.policy, self.model_name, self.limits = policy, model_name, limits
+        self.names = list(dict.fromkeys([model_name, *limits.aliases]))
+        self.loaded: set[str] = set(adapters)
+        self.engine = ChatEngine(policy, max_queue=limits.max_queue, max_batch=limits.max_batch)
+        self.context = context_length(policy, limits.max_model_len)
+        self.decode = token_decoder(policy)
 
+    def served(self) -> list[str]:
+        return [*self.names, *sorted(self.loaded - set(self.names))]
 
-class ChatCompletionRequest(BaseModel):
-    """The subset of OpenAI's request we honour; other fields clients commonly send are ignored."""
-
-    model: str = ""
-    messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(256, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # newer OpenAI clients send this instead
-    seed: int | None = None
-    n: int = 1
-    logprobs: bool = False
-    stream: bool = False
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"n must be 1 (got {n}): send one request per sample")
-        return n
-
-    @field_validator("stream")
-    @classmethod
-    def _no_stream(cls, stream: bool) -> bool:
-        if stream:
-            raise ValueError("streaming is not supported: send stream=false")
-        return stream
+    def make_job(self, req: ChatCompletionRequest) -> Job:
+        """Everything that may refuse a request, before it is queued (runs off the event loop)."""
+        adapter = None if req.model in ("", *self.names) else req.model
+        if adapter is not None and adapter not in self.loaded:
+            raise RequestRefused(404, f"The model `{req.model}` does not exist; this server serves: "
+                                      f"{', '.join(self.served())}", "not_found")
+        refuse_unsupported(req)
+        messages = plain_messages(req)
+        prompt_tokens = count_prompt_tokens(self.policy, messages)
+        budget = completion_budget(self.context, prompt_tokens, req.requested_max_tokens,
+                                   self.limits.default_max_tokens)
+        params = SamplingParams(temperature=req.temperature, top_p=req.top_p, max_new_tokens=budget, seed=req.seed)
+        return Job(messages, params, n=req.n, adapter=adapter, stops=req.stops,
+                   stop_token_ids=set(req.stop_token_ids or ()), top_logprobs=req.top_logprobs or 0,
+                   stream=req.stream, prompt_tokens=prompt_tokens)
 
 
-class LoadAdapterRequest(BaseModel):
-    lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
+def _listen(job: Job) -> asyncio.Queue:
+    """Events from the worker thread into this request's event loop."""
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    job.listener = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
+    return events
 
 
-class UnloadAdapterRequest(BaseModel):
-    lora_name: str = Field(min_length=1)
-
-
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    """OpenAI's error body, which OpenAI clients know how to surface."""
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
-
-
-def _count_prompt_tokens(policy: ChatPolicy, messages: list[dict[str, Any]]) -> int:
-    """Through the policy's chat template when it exposes a tokenizer; 0 when it cannot be counted."""
-    tokenizer = getattr(policy, "tokenizer", None)
-    if tokenizer is None or not hasattr(tokenizer, "apply_chat_template"):
-        return 0
+async def _wait(job: Job, events: asyncio.Queue, request: Request) -> bool:
+    """Wait for the job; False when the client went away first (the job is cancelled then)."""
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    except Exception:  # usage is informational; a template quirk must not fail the request
-        return 0
-    if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
-        ids = ids["input_ids"]
-    return len(ids) if hasattr(ids, "__len__") else 0
+        while not job.done.is_set():
+            try:
+                await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()
+                    return False
+        return True
+    finally:  # also when this task is cancelled (the client left, or shutdown ran out of time)
+        if not job.done.is_set():
+            job.cancel()
 
 
-def _logprobs_block(policy: ChatPolicy, completion: Completion) -> dict[str, Any] | None:
-    if completion.logprobs is None:
-        return None
-    decode = getattr(policy, "decode_token", None)
-    ids = completion.token_ids
-    content = []
-    for i, lp in enumerate(completion.logprobs):
-        token = decode(ids[i]) if decode is not None and i < len(ids) else ""
-        content.append({"token": token, "logprob": lp, "bytes": None, "top_logprobs": []})
-    return {"content": content}
+async def _stream(job: Job, events: asyncio.Queue, writer: ChunkWriter, include_usage: bool) -> AsyncIterator[str]:
+    try:
+        for line in writer.opening():
+            yield line
+        while True:
+            event = await events.get()
+            if event[0] == "done":
+                break
+            line = writer.delta(*event[1:])
+            if line:
+                yield line
+        for line in writer.closing(include_usage):
+            yield line
+    finally:  # the client disconnected: Starlette cancels this generator
+        if not job.done.is_set():
+            job.cancel()
 
 
-def _chat_completion(policy: ChatPolicy, model_name: str, loaded: set[str], lock: threading.Lock,
-                     req: ChatCompletionRequest) -> Any:
-    """One chat completion: the base model or a loaded adapter, one generation at a time, in OpenAI's format."""
-    adapter = None if req.model in ("", model_name) else req.model
-    if adapter is not None and adapter not in loaded:
-        known = ", ".join([model_name, *sorted(loaded)])
-        return _error(404, f"model {req.model!r} not found; available: {known}", "not_found")
-    messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    params = SamplingParams(
-        temperature=req.temperature,
-        top_p=req.top_p,
-        max_new_tokens=req.max_completion_tokens or req.max_tokens,
-        seed=req.seed,
-    )
-    with lock:
+def _add_chat_route(app: FastAPI, server: ChatServer) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
         try:
-            if adapter is not None:
-                policy.set_adapter(adapter)
-            elif loaded and hasattr(policy, "disable_adapter"):
-                policy.disable_adapter()
-            completion = policy.generate([messages], params)[0]
-        except Exception as exc:  # reported to the client; the server keeps serving
-            completion = Completion(text="", finish_reason="error", error=f"{type(exc).__name__}: {exc}")
-    if completion.finish_reason == "error":
-        return _error(500, f"generation failed: {completion.error or 'unknown error'}", "server_error")
-    prompt_tokens = _count_prompt_tokens(policy, messages)
-    choice: dict[str, Any] = {
-        "index": 0,
-        "message": {"role": "assistant", "content": completion.text},
-        "finish_reason": completion.finish_reason,
-        "logprobs": _logprobs_block(policy, completion) if req.logprobs else None,
-    }
-    if completion.token_ids:
-        choice["token_ids"] = list(completion.token_ids)
-    completion_tokens = len(completion.token_ids)
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": req.model or model_name,
-        "choices": [choice],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
-    }
+            raw = await read_body(request, server.limits.max_body_bytes)
+            req = parse_body(raw, ChatCompletionRequest)
+            job = await run_in_threadpool(server.make_job, req)
+            events = _listen(job)
+            server.engine.submit(job)
+        except RequestRefused as r:
+            return error_response(r.status, r.message, r.kind, r.headers)
+        model = req.model or server.model_name
+        want_logprobs = req.logprobs
+        if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            writer = ChunkWriter(job, model, want_logprobs, server.decode)
+            return StreamingResponse(_stream(job, events, writer, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        if not await _wait(job, events, request):
+            return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+        if job.error:
+            return error_response(500, f"generation failed: {job.error}", "server_error")
+        return completion_body(job, model, want_logprobs, server.decode)
 
 
-def build_app(policy: ChatPolicy, model_name: str, adapters: Iterable[str] = ()) -> FastAPI:
+def _add_adapter_routes(app: FastAPI, server: ChatServer) -> None:
+    policy = server.policy
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> Any:
+        try:
+            req = parse_body(await read_body(request, server.limits.max_body_bytes), LoadAdapterRequest)
+            if not hasattr(policy, "load_adapter"):
+                raise RequestRefused(400, f"policy {policy.name!r} cannot load LoRA adapters")
+            path = confined_adapter_path(server.limits.adapter_root, req.lora_path)
+            if req.lora_name in server.names or req.lora_name in server.loaded:
+                raise RequestRefused(400, f"adapter name {req.lora_name!r} is already in use")
+            await run_in_threadpool(_load, server, str(path), req.lora_name)
+        except RequestRefused as r:
+            return error_response(r.status, r.message, r.kind, r.headers)
+        return {"status": "loaded", "lora_name": req.lora_name}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> Any:
+        try:
+            req = parse_body(await read_body(request, server.limits.max_body_bytes), UnloadAdapterRequest)
+            if req.lora_name not in server.loaded:
+                raise RequestRefused(404, f"adapter {req.lora_name!r} is not loaded", "not_found")
+            if not hasattr(policy, "unload_adapter"):
+                raise RequestRefused(400, f"policy {policy.name!r} cannot unload LoRA adapters")
+            await run_in_threadpool(_unload, server, req.lora_name)
+        except RequestRefused as r:
+            return error_response(r.status, r.message, r.kind, r.headers)
+        return {"status": "unloaded", "lora_name": req.lora_name}
+
+
+def _load(server: ChatServer, path: str, name: str) -> None:
+    with server.engine.lock:
+        try:
+            server.policy.load_adapter(path, name)
+        except Exception as exc:  # a bad adapter folder is the caller's input, not a server crash
+            raise RequestRefused(400, f"loading adapter {name!r} failed: {type(exc).__name__}") from None
+        server.loaded.add(name)
+
+
+def _unload(server: ChatServer, name: str) -> None:
+    with server.engine.lock:
+        server.policy.unload_adapter(name)
+        server.loaded.discard(name)
+
+
+def build_app(policy: ChatPolicy, model_name: str, adapters: Iterable[str] = (),
+              limits: ServeLimits | None = None) -> FastAPI:
     """The app; ``adapters`` names LoRA adapters already loaded on ``policy`` before serving."""
-    app = FastAPI(title=f"genevolve serve: {model_name}")
-    lock = threading.Lock()
-    loaded: set[str] = set(adapters)
+    server = ChatServer(policy, model_name, adapters, limits or ServeLimits())
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # OpenAI and vLLM answer malformed requests with 400 and one readable message, not 422.
-        parts = []
-        for err in exc.errors():
-            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg", "invalid")))
-        return _error(400, "invalid request: " + "; ".join(parts), "invalid_request_error")
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await run_in_threadpool(server.engine.stop, 2.0)  # uvicorn's graceful period has already run
+
+    app = FastAPI(title=f"genevolve serve: {model_name}", lifespan=lifespan)
+    app.state.server = server
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -175,41 +201,16 @@ def build_app(policy: ChatPolicy, model_name: str, adapters: Iterable[str] = ())
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        names = [model_name, *sorted(loaded)]
-        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "genevolve"} for n in names]}
+        return {"object": "list", "data": [
+            {"id": n, "object": "model", "owned_by": "genevolve", "root": model_name,
+             "max_model_len": server.context} for n in server.served()]}
 
-    @app.post("/v1/chat/completions")
-    def chat_completions(req: ChatCompletionRequest) -> Any:
-        return _chat_completion(policy, model_name, loaded, lock, req)
+    _add_chat_route(app, server)
+    _add_adapter_routes(app, server)
 
-    @app.post("/v1/load_lora_adapter")
-    def load_lora_adapter(req: LoadAdapterRequest) -> Any:
-        if not hasattr(policy, "load_adapter"):
-            return _error(400, f"policy {policy.name!r} cannot load LoRA adapters", "invalid_request_error")
-        if req.lora_name == model_name or req.lora_name in loaded:
-            return _error(400, f"adapter name {req.lora_name!r} is already in use", "invalid_request_error")
-        if not Path(req.lora_path).exists():
-            return _error(400, f"adapter path does not exist: {req.lora_path}", "invalid_request_error")
-        with lock:
-            try:
-                policy.load_adapter(req.lora_path, req.lora_name)
-            except Exception as exc:  # a bad adapter folder is the caller's input, not a server crash
-                return _error(
-                    400, f"loading {req.lora_path} failed: {type(exc).__name__}: {exc}", "invalid_request_error"
-                )
-            loaded.add(req.lora_name)
-        return {"status": "loaded", "lora_name": req.lora_name}
-
-    @app.post("/v1/unload_lora_adapter")
-    def unload_lora_adapter(req: UnloadAdapterRequest) -> Any:
-        if req.lora_name not in loaded:
-            return _error(404, f"adapter {req.lora_name!r} is not loaded", "not_found")
-        if not hasattr(policy, "unload_adapter"):
-            return _error(400, f"policy {policy.name!r} cannot unload LoRA adapters", "invalid_request_error")
-        with lock:
-            policy.unload_adapter(req.lora_name)
-            loaded.discard(req.lora_name)
-        return {"status": "unloaded", "lora_name": req.lora_name}
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
 
     return app
 
@@ -221,14 +222,26 @@ def run_server(
     port: int = 8000,
     log_level: str = "warning",
     adapters: Sequence[str] = (),
+    limits: ServeLimits | None = None,
 ) -> None:
-    """Serve until interrupted. Loopback by default: the API has no authentication."""
+    """Serve until interrupted or sent SIGTERM. Loopback by default: the API has no authentication."""
     import uvicorn
 
+    limits = limits or ServeLimits()
     if host not in LOOPBACK_HOSTS:
         print(
             f"warning: serving {model_name!r} on {host}:{port}, reachable from other machines "
             "with no authentication; anyone who can connect can generate and load adapters",
             file=sys.stderr,
         )
-    uvicorn.run(build_app(policy, model_name, adapters=adapters), host=host, port=port, log_level=log_level)
+    # uvicorn re-raises the signal it shut down on; with this handler in place that is a no-op, so a
+    # SIGTERM ends in a clean exit 0 once the graceful period (timeout_graceful_shutdown) has run.
+    previous = None
+    with contextlib.suppress(ValueError):  # not in the main thread: uvicorn installs no handlers either
+        previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.run(build_app(policy, model_name, adapters=adapters, limits=limits), host=host, port=port,
+                    log_level=log_level, timeout_graceful_shutdown=limits.shutdown_timeout)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
