@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -266,3 +267,159 @@ def test_end_to_end_with_openai_policy(live_server, policy):
     with OpenAIChatPolicy(f"{live_server}/v1", "v2", backoff=0) as remote:
         (c,) = remote.generate([convs[0]], SamplingParams())
         assert c.text == "echo: prompt 0" and policy.calls[-1][0] == "v2"
+
+
+# ---------------------------------------------------------------------------
+# names, limits, message forms and refusals (the fake policy: no model needed)
+# ---------------------------------------------------------------------------
+
+
+def test_aliases_are_served_and_listed_and_unknown_names_404_with_the_list(policy):
+    client = TestClient(build_app(policy, "student", limits=ServeLimits(aliases=("gpt-4o-mini", "default"))))
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["student", "gpt-4o-mini", "default"]
+    for name in ("student", "gpt-4o-mini", "default"):
+        resp = chat(client, model=name)
+        assert resp.status_code == 200 and resp.json()["model"] == name
+        assert policy.calls[-1][0] is None  # an alias is the base model, not an adapter
+    resp = chat(client, model="gpt-5")
+    assert resp.status_code == 404
+    message = resp.json()["error"]["message"]
+    assert "gpt-5" in message and all(n in message for n in ("student", "gpt-4o-mini", "default"))
+
+
+def test_body_over_the_cap_is_413_before_it_is_read(policy):
+    client = TestClient(build_app(policy, "student"))
+    big = b'{"messages": [{"role": "user", "content": "' + b"a" * (50 * 2**20) + b'"}]}'
+    start = time.monotonic()
+    resp = client.post("/v1/chat/completions", content=big, headers={"content-type": "application/json"})
+    assert resp.status_code == 413 and "limit" in resp.json()["error"]["message"]
+    assert time.monotonic() - start < 5 and policy.calls == []
+
+    small = TestClient(build_app(policy, "student", limits=ServeLimits(max_body_bytes=1000)))
+    chunks = iter([b'{"messages": [{"role": "user", "content": "', b"a" * 800, b"a" * 800, b'"}]}'])
+    resp = small.post("/v1/chat/completions", content=chunks)  # chunked: no Content-Length to trust
+    assert resp.status_code == 413 and policy.calls == []
+
+
+@pytest.mark.parametrize("fields", [{"tools": [{"type": "function", "function": {"name": "f"}}]},
+                                    {"tool_choice": "auto"}])
+def test_tool_calling_is_refused_with_a_clear_400(client, policy, fields):
+    resp = chat(client, **fields)
+    assert resp.status_code == 400 and "tool calling is not supported" in resp.json()["error"]["message"]
+    assert policy.calls == []
+
+
+def test_tool_messages_become_tool_response_user_turns(client, policy):
+    messages = [
+        {"role": "user", "content": "draw the flag"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function",
+                         "function": {"name": "search", "arguments": "{\"queries\": [\"flag\"]}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "the flag is red"},
+    ]
+    resp = client.post("/v1/chat/completions", json={"model": "student", "messages": messages})
+    assert resp.status_code == 200
+    sent = policy.calls[-1][1]
+    assert sent[1] == {"role": "assistant",
+                       "content": '<tool_call>{"name": "search", "arguments": {"queries": ["flag"]}}</tool_call>'}
+    assert sent[2] == {"role": "user", "content": "<tool_response>the flag is red</tool_response>"}
+    assert resp.json()["choices"][0]["message"]["content"] == "echo: <tool_response>the flag is red</tool_response>"
+
+
+def test_text_parts_are_joined_and_images_are_refused(client, policy):
+    parts = [{"type": "text", "text": "a red"}, {"type": "text", "text": "fox"}]
+    assert chat(client, content=parts).json()["choices"][0]["message"]["content"] == "echo: a red\nfox"
+    image = [{"type": "text", "text": "this"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]
+    resp = chat(client, content=image)
+    assert resp.status_code == 400 and "text-only" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("text", ["bad \x00 byte", "bell \x07", "esc \x1b[31m", "lone \ud800 surrogate", "c1 \x85"])
+def test_control_and_surrogate_characters_are_400(client, policy, text):
+    body = json.dumps({"model": "student", "messages": [{"role": "user", "content": text}]})  # \ud800 as an escape
+    resp = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and "U+" in resp.json()["error"]["message"]
+    assert chat(client, content="tab\tnew\nline\r ok").status_code == 200
+
+
+def test_stop_strings_and_ids_cut_a_finished_reply(client, policy):
+    choice = chat(client, content="a red fox", stop=["fox", "red"]).json()["choices"][0]
+    assert choice["message"]["content"] == "echo: a " and choice["finish_reason"] == "stop"
+    choice = chat(client, content="a red fox", stop="fox").json()["choices"][0]
+    assert choice["message"]["content"] == "echo: a red "
+    choice = chat(client, content="a red fox", stop_token_ids=[ord("x")]).json()["choices"][0]
+    assert choice["message"]["content"] == "echo: a red fo" and choice["finish_reason"] == "stop"
+
+
+def test_n_choices_and_their_bound(client, policy):
+    body = chat(client, n=3).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert chat(client, n=8).status_code == 200
+    assert chat(client, n=9).status_code == 400
+
+
+def test_streaming_sends_openai_chunks_and_done(client):
+    resp = chat(client, content="hi", stream=True, stream_options={"include_usage": True})
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    lines = [line for line in resp.text.split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "echo: hi"
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len("echo: hi")
+
+
+@pytest.mark.parametrize("fields, needle", [({"top_logprobs": 21, "logprobs": True}, "at most 20"),
+                                            ({"top_logprobs": 2}, "needs logprobs")])
+def test_top_logprobs_bounds(client, fields, needle):
+    resp = chat(client, **fields)
+    assert resp.status_code == 400 and needle in resp.json()["error"]["message"]
+
+
+def test_adapter_loading_is_disabled_without_a_root(client, policy, tmp_path):
+    resp = client.post("/v1/load_lora_adapter", json={"lora_name": "v1", "lora_path": str(tmp_path)})
+    assert resp.status_code == 403 and "--adapter-root" in resp.json()["error"]["message"]
+    assert policy.adapters == {}
+
+
+def test_adapter_paths_outside_the_root_are_403_alike(policy, tmp_path):
+    root, outside = tmp_path / "adapters", tmp_path / "secret"
+    (root / "ok").mkdir(parents=True)
+    outside.mkdir()
+    (root / "escape").symlink_to(outside)
+    client = TestClient(build_app(policy, "student", limits=ServeLimits(adapter_root=root)))
+    messages = set()
+    for path in ["/etc", "/etc/passwd", "/no/such/dir", "../secret", "../../../../etc", "escape", str(root / "escape"),
+                 "ok/../../secret", str(outside), str(tmp_path / "missing"), str(root), ".", "a\x00b"]:
+        resp = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
+        assert resp.status_code == 403, path
+        messages.add(resp.json()["error"]["message"])
+    assert len(messages) == 1 and policy.adapters == {}
+    assert client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "ok"}).status_code == 200
+
+
+def test_a_full_queue_answers_429(policy):
+    gate = threading.Event()
+    slow = FakePolicy()
+    original = slow.generate
+    slow.generate = lambda convs, params: (gate.wait(10), original(convs, params))[1]
+    app = build_app(slow, "student", limits=ServeLimits(max_queue=2))
+    client, engine = TestClient(app), app.state.server.engine
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(chat(client).status_code)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while engine.in_flight < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    resp = chat(client)
+    assert resp.status_code == 429 and resp.headers["retry-after"] == "1"
+    assert "busy" in resp.json()["error"]["message"]
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert results == [200, 200] and engine.in_flight == 0
+    assert chat(client).status_code == 200
