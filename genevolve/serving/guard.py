@@ -16,7 +16,7 @@ import unicodedata
 from typing import Any, Callable
 
 Answer = Callable[[int, str], Any]  # (status, message) -> an ASGI response
-DRAIN_FACTOR = 16  # a refused body is read and dropped up to this many times the cap, then the server stops listening
+DRAIN_MIN = 16 * 1024 * 1024  # a refused body is read and dropped up to max(4 x the cap, this), then the server hangs up
 
 
 async def _drain(receive, limit: int) -> None:
@@ -54,7 +54,7 @@ class BodyLimit:
         too_big = f"the request body is over {self.max_bytes} bytes (the server's limit)"
         length = dict(scope.get("headers") or []).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
-            await _drain(receive, self.max_bytes * DRAIN_FACTOR)
+            await _drain(receive, max(4 * self.max_bytes, DRAIN_MIN))
             return await self.answer(413, too_big)(scope, receive, send)
         chunks, size, more = [], 0, True
         while more:
@@ -66,7 +66,7 @@ class BodyLimit:
             more = message.get("more_body", False)
             if size > self.max_bytes:
                 if more:
-                    await _drain(receive, self.max_bytes * DRAIN_FACTOR)
+                    await _drain(receive, max(4 * self.max_bytes, DRAIN_MIN))
                 return await self.answer(413, too_big)(scope, receive, send)
         return await self.app(scope, _replay(receive, b"".join(chunks)), send)
 
@@ -83,7 +83,7 @@ class ApiKey:
         given = dict(scope.get("headers") or []).get(b"x-api-key", b"")
         if hmac.compare_digest(given, self.key) or self.signed(scope):
             return await self.app(scope, receive, send)
-        await _drain(receive, self.max_bytes * DRAIN_FACTOR)
+        await _drain(receive, max(4 * self.max_bytes, DRAIN_MIN))
         return await self.answer(403, "Unauthorized: send the server's key as X-API-KEY")(scope, receive, send)
 
 

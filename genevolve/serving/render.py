@@ -1,17 +1,28 @@
 """``genevolve render-service``: any of our generators behind the render-service protocol.
 
-    POST /generate  {"prompt": str, "image_urls": [data URIs], "seed": int (optional)}
-    -> 200 {"success": true, "image": "<base64 PNG>", "seconds": float}
+    POST /generate  {"prompt": str, "image_urls": [data URIs], "seed": int, "width": int, "height": int}
+    -> 200 {"success": true, "image": "<base64>", "media_type": "image/png", "width": int, "height": int,
+            "fixed_size": bool, "note": str (when the requested size was not applied), "seconds": float}
     -> 4xx/5xx {"success": false, "error": "..."}
 
-One generator, one device: renders run one at a time under a lock. Only ``data:`` URIs are
-accepted for references (the server never fetches URLs). There is no authentication, so the
-server binds to loopback unless told otherwise.
+Every field is checked before any work: ``prompt`` is clean text (no lone surrogates or control
+characters) of at most 10,000 characters; ``seed`` an integer a torch generator takes; ``width`` and
+``height`` (optional) whole numbers from 64 to 1024; at most 4 ``image_urls``, each a base64 ``data:``
+URI of a PNG, JPEG, GIF or WebP picture of at most 4096 pixels a side and 16 megapixels (the server
+never fetches URLs, and a decompression bomb is refused before it is decoded). A body over 32 MB gets
+413, anything else malformed 400 with a message. Other services' knobs (steps, ...) are accepted and
+ignored. A generator with ``width``/``height`` settings renders at the requested size; one with a fixed
+size (the sandbox's) says so in ``fixed_size`` and ``note``.
+
+One generator, one device: renders run one at a time under a lock. There is no authentication, so
+the server binds to loopback unless told otherwise; it serves no interactive docs pages (they load
+scripts from a CDN), /openapi.json stays.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import sys
 import threading
@@ -19,63 +30,150 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
-from ..generators.render_service import decode_image
+from .guard import BodyLimit, read_json, safe, text_problem
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+MAX_PROMPT_CHARS = 10_000
+MAX_BODY_BYTES = 32 * 1024 * 1024
+SIDES = (64, 1024)
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # other services' knobs (width, steps, ...) are accepted and ignored
+    model_config = ConfigDict(extra="allow", strict=True)  # strict: 5.0, "5" and true are not integers
 
-    prompt: str
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     image_urls: list[str] = Field(default_factory=list)
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
+    width: int | None = None
+    height: int | None = None
+
+    @field_validator("prompt", mode="before")  # before: pydantic's own message for a lone surrogate is obscure
+    @classmethod
+    def _clean(cls, prompt: Any) -> Any:
+        if not isinstance(prompt, str):
+            return prompt
+        if prompt and not prompt.strip():
+            raise ValueError("the prompt is blank")
+        if (why := text_problem(prompt)) is not None:
+            raise ValueError(f"the prompt {why}")
+        return prompt
 
 
 def _fail(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"success": False, "error": message})
+    return JSONResponse(status_code=status, content={"success": False, "error": safe(message)})
 
 
-def build_render_app(generator, max_refs: int = 4) -> FastAPI:
-    app = FastAPI(title=f"genevolve render-service: {generator.name}")
+def _reference(url: str):
+    """A data URI to an RGB picture, or ValueError saying why not (size and format checked before decoding)."""
+    from ..tools.refstore import RefStoreError, check_image
+
+    header, comma, payload = url.partition(",")
+    if not header.startswith("data:"):
+        raise ValueError("is not a data: URI (this server does not fetch URLs)")
+    if not comma or ";base64" not in header:
+        raise ValueError("is not a base64 data: URI")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"is not valid base64 ({exc})") from exc
+    try:
+        return check_image(raw)
+    except RefStoreError as exc:
+        raise ValueError(str(exc).replace("upload", "send")) from exc
+
+
+def _parse(body: bytes, max_refs: int, sides: tuple[int, int]) -> tuple[GenerateRequest, list] | str:
+    """The request and its decoded references, or why it is refused (cheap checks first)."""
+    value, why = read_json(body)
+    if why is not None:
+        return why
+    if not isinstance(value, dict):
+        return "the body must be a JSON object with 'prompt'"
+    try:
+        req = GenerateRequest.model_validate(value)
+    except ValidationError as exc:
+        return "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+    for name in ("width", "height"):
+        side = getattr(req, name)
+        if side is not None and not sides[0] <= side <= sides[1]:
+            return f"{name}: {side} is outside {sides[0]}-{sides[1]} pixels"
+    if len(req.image_urls) > max_refs:
+        return f"{len(req.image_urls)} image_urls; at most {max_refs}"
+    refs = []
+    for i, url in enumerate(req.image_urls):
+        try:
+            refs.append(_reference(url))
+        except ValueError as exc:
+            return f"image_urls[{i}] {exc}" if str(exc).startswith("is ") else f"image_urls[{i}]: {exc}"
+    return req, refs
+
+
+def _render(generator, req: GenerateRequest, refs: list):
+    """The generator's picture, at the requested size when the generator has size settings."""
+    if not (hasattr(generator, "width") and hasattr(generator, "height")) or (req.width, req.height) == (None, None):
+        return generator.generate(req.prompt, refs, seed=req.seed)
+    before = generator.width, generator.height
+    generator.width, generator.height = req.width or before[0], req.height or before[1]
+    try:
+        return generator.generate(req.prompt, refs, seed=req.seed)
+    finally:
+        generator.width, generator.height = before
+
+
+def _answer(generator, req: GenerateRequest, image, seconds: float) -> dict:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    fixed = not (hasattr(generator, "width") and hasattr(generator, "height"))
+    out = {"success": True, "image": base64.b64encode(buf.getvalue()).decode("ascii"), "media_type": "image/png",
+           "width": image.width, "height": image.height, "fixed_size": fixed, "seconds": round(seconds, 3),
+           "generator": generator.name}
+    wanted = (req.width or image.width, req.height or image.height)
+    if wanted != image.size:
+        out["note"] = (f"{generator.name} draws at a fixed {image.width}x{image.height}" if fixed else
+                       f"{generator.name} drew {image.width}x{image.height}") + f"; {wanted[0]}x{wanted[1]} was asked for"
+    return out
+
+
+def build_render_app(generator, max_refs: int = 4, max_body_bytes: int = MAX_BODY_BYTES,
+                     sides: tuple[int, int] = SIDES) -> FastAPI:
+    """The render service over one generator: bodies over ``max_body_bytes`` get 413, and every field is
+    checked (at most ``max_refs`` references, width and height within ``sides``) before any work."""
+    app = FastAPI(title=f"genevolve render-service: {generator.name}", docs_url=None, redoc_url=None)
     lock = threading.Lock()
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body')}: {e.get('msg', 'invalid')}" for e in exc.errors()]
-        return _fail(400, "invalid request: " + "; ".join(parts))
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        return _fail(exc.status_code, str(exc.detail))
 
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok", "generator": generator.name}
 
-    @app.post("/generate")
-    def generate(req: GenerateRequest) -> Any:
-        if len(req.image_urls) > max_refs:
-            return _fail(400, f"{len(req.image_urls)} image_urls; at most {max_refs}")
-        refs = []
-        for i, url in enumerate(req.image_urls):
-            if not url.startswith("data:"):
-                return _fail(400, f"image_urls[{i}] is not a data: URI (this server does not fetch URLs)")
-            try:
-                refs.append(decode_image(url))
-            except ValueError as exc:
-                return _fail(400, f"image_urls[{i}]: {exc}")
+    def locked(req: GenerateRequest, refs: list) -> tuple[Any, float]:
         t0 = time.monotonic()
         with lock:
-            try:
-                image = generator.generate(req.prompt, refs, seed=req.seed)
-            except Exception as exc:  # reported to the client; the server keeps serving
-                return _fail(500, f"generation failed: {type(exc).__name__}: {exc}")
-        buf = io.BytesIO()
-        image.convert("RGB").save(buf, format="PNG")
-        return {"success": True, "image": base64.b64encode(buf.getvalue()).decode("ascii"),
-                "seconds": round(time.monotonic() - t0, 3), "generator": generator.name}
+            return _render(generator, req, refs), time.monotonic() - t0
 
+    schema = {"requestBody": {"required": True, "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}}}}
+
+    @app.post("/generate", openapi_extra=schema)
+    async def generate(request: Request) -> Any:
+        parsed = _parse(await request.body(), max_refs, sides)
+        if isinstance(parsed, str):
+            return _fail(400, f"invalid request: {parsed}")
+        req, refs = parsed
+        try:
+            image, seconds = await run_in_threadpool(locked, req, refs)
+        except Exception as exc:  # reported to the client; the server keeps serving
+            return _fail(500, f"generation failed: {type(exc).__name__}: {exc}")
+        return _answer(generator, req, image, seconds)
+
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, answer=_fail)
     return app
 
 
