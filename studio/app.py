@@ -10,8 +10,13 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the studio runs offline
 
 import hmac
+import math
+import time
+from collections import deque
 
 import gradio as gr
+
+from genevolve.serving.guard import is_loopback
 
 from .html import CSS
 from .services import Services
@@ -75,15 +80,89 @@ class BlankUserName:
         return await self.app(scope, replay(), send)
 
 
-def launch(services: Services, host: str = "127.0.0.1", port: int = 7860, password: str | None = None, block: bool = True):
-    """Serve the studio; with a password, every visitor must give it (any user name)."""
+TOO_MANY = "Too many failed logins from your address: wait {} s, then try again."
+
+
+def _is_login(scope) -> bool:
+    return scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/login")
+
+
+class LoginThrottle:
+    """ASGI middleware: after ``max_failures`` failed logins from one client address within ``window_s`` seconds,
+    that address is answered 429 (with Retry-After) for ``lockout_s`` seconds without its password being tried.
+    Logins in flight count against the limit, so parallel guesses gain nothing; a success clears the count."""
+
+    def __init__(self, app, max_failures: int = 5, window_s: float = 60.0, lockout_s: float = 60.0, clock=time.monotonic):
+        self.app, self.max_failures, self.window_s, self.lockout_s, self.clock = app, max_failures, window_s, lockout_s, clock
+        self.failures: dict[str, deque] = {}
+        self.pending: dict[str, int] = {}
+        self.locked: dict[str, float] = {}
+
+    def _forget_old(self, now: float) -> None:
+        for who, times in list(self.failures.items()):
+            while times and times[0] <= now - self.window_s:
+                times.popleft()
+            if not times and not self.pending.get(who):
+                del self.failures[who]
+        self.locked = {who: until for who, until in self.locked.items() if until > now}
+
+    async def __call__(self, scope, receive, send):
+        if not _is_login(scope):
+            return await self.app(scope, receive, send)
+        from starlette.responses import JSONResponse
+
+        who, now = (scope.get("client") or ("unknown",))[0], self.clock()
+        self._forget_old(now)
+        times = self.failures.setdefault(who, deque())
+        wait = math.ceil(self.locked[who] - now) if who in self.locked else 0
+        if not wait and len(times) + self.pending.get(who, 0) >= self.max_failures:
+            wait = 1  # the rest of its allowance is being tried right now
+        if wait:
+            return await JSONResponse({"detail": TOO_MANY.format(wait)}, status_code=429,
+                                      headers={"Retry-After": str(wait)})(scope, receive, send)
+        status = 0
+
+        async def watch(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.pending[who] = self.pending.get(who, 0) + 1
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            self.pending[who] -= 1
+            if not self.pending[who]:
+                del self.pending[who]
+        if status in (400, 401, 403):
+            times.append(self.clock())
+            if len(times) >= self.max_failures:
+                self.locked[who] = self.clock() + self.lockout_s
+                times.clear()
+        elif 200 <= status < 300:
+            times.clear()
+
+
+def check_exposure(host: str, password: str | None, insecure_no_password: bool = False) -> None:
+    """Refuse to serve a non-loopback address without a password unless explicitly told to."""
+    if not password and not is_loopback(host) and not insecure_no_password:
+        raise ValueError(f"the studio on {host} would be open to other machines without a password: "
+                         "give one, bind 127.0.0.1, or pass insecure_no_password=True")
+
+
+def launch(services: Services, host: str = "127.0.0.1", port: int = 7860, password: str | None = None, block: bool = True,
+           insecure_no_password: bool = False):
+    """Serve the studio; with a password, every visitor must give it (any user name), and repeated failed
+    logins from one address are throttled. A non-loopback ``host`` needs a password or ``insecure_no_password``."""
     from starlette.middleware import Middleware
 
+    check_exposure(host, password, insecure_no_password)
     app = build_app(services)
     app.queue(default_concurrency_limit=2)
     auth = (lambda _user, pw: hmac.compare_digest(pw.encode(), password.encode())) if password else None
     app.launch(server_name=host, server_port=port, auth=auth, auth_message=LOGIN_HINT if password else None, css=CSS,
                prevent_thread_lock=not block, quiet=True, ssr_mode=False, footer_links=[], max_file_size="32mb",
                allowed_paths=[str(services.world.root), str(services.world.refs_root), str(services.runs_dir)],
-               app_kwargs={"middleware": [Middleware(BlankUserName)]})
+               app_kwargs={"middleware": [Middleware(BlankUserName), Middleware(LoginThrottle)]})
     return app

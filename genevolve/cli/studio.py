@@ -19,21 +19,30 @@ def studio(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder for your reference uploads and edits "
                                             "(default: $GENEVOLVE_DATA, else ~/.local/share/genevolve); the shipped world is never written."),
     world: Optional[Path] = WORLD_OPT,
+    insecure_no_password: bool = typer.Option(False, "--insecure-no-password", help="Serve a non-loopback address "
+                                              "without a password: anyone who can reach it can use the studio and its runs."),
 ):
     """The Gradio studio: trajectories side by side, experience and reference editors, distill with a live
     student-vs-teacher view, and bench comparisons, on the offline sandbox."""
     from importlib.metadata import entry_points
 
+    from ..serving.guard import is_loopback
+
     password = os.environ.get(password_env) or None
-    if host not in ("127.0.0.1", "localhost", "::1") and not password:
-        typer.echo(f"warning: binding {host} without a password; set ${password_env} to require one", err=True)
+    if not is_loopback(host) and not password:
+        if not insecure_no_password:
+            typer.echo(f"error: the studio on {host} would be open to other machines without a password: set "
+                       f"${password_env}, bind 127.0.0.1, or pass --insecure-no-password", err=True)
+            raise typer.Exit(2)
+        typer.echo(f"warning: binding {host} without a password (--insecure-no-password)", err=True)
     found = entry_points(group="genevolve.apps", name="studio")
     if not found:
         typer.echo("error: the studio is not installed (no 'genevolve.apps' entry point named 'studio'): "
                    "run `make studio`, or `pip install -e .` in the project folder", err=True)
         raise typer.Exit(2)
     serve = next(iter(found)).load()
-    serve(host=host, port=port, password=password, runs_dir=runs, data_dir=data_dir, world_dir=world, echo=typer.echo)
+    serve(host=host, port=port, password=password, runs_dir=runs, data_dir=data_dir, world_dir=world, echo=typer.echo,
+          insecure_no_password=insecure_no_password)
 
 
 def register(app: typer.Typer) -> None:

@@ -138,3 +138,16 @@ def sign(key: str, path: str) -> str:
 def check_signature(key: str, path: str, given: str) -> bool:
     return hmac.compare_digest(sign(key, path), given)
 
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps a server on this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:  # another host name, or "" (every address)
+        return False
