@@ -152,6 +152,7 @@ def test_a_big_body_gets_413_not_a_reset_connection(user_store):
 
 def test_no_docs_pages_that_load_a_cdn(gateway):
     assert gateway.get("/docs").status_code == 404 and gateway.get("/redoc").status_code == 404
+    assert gateway.get("/docs").json() == {"message": "Not Found", "statusCode": 404}  # Serper's error shape
     assert gateway.get("/openapi.json").status_code == 200
 
 

@@ -26,10 +26,10 @@ from urllib.parse import parse_qs, quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.exceptions import HTTPException
 
-from .guard import ApiKey, BodyLimit, check_signature, is_int, read_json, safe, sign, text_problem
+from .guard import ApiKey, BodyLimit, check_signature, is_int, is_loopback, read_json, safe, sign, text_problem
 
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 MAX_NUM = 100
 MAX_QUERY_CHARS = 2000
 MAX_BATCH = 64
@@ -141,6 +141,10 @@ def build_gateway_app(store: str | Path, embedder=None, api_key: str | None = No
     app = FastAPI(title=f"genevolve gateway: {store}", docs_url=None, redoc_url=None)  # those pages load a CDN
     by_id: dict[str, dict] = {}
 
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:  # 404, 405: in Serper's error shape
+        return _error(exc.status_code, str(exc.detail))
+
     async def run(request: Request, one) -> Any:
         body, why = read_json(await request.body())
         queries = _queries(body, max_batch) if why is None else why
@@ -186,7 +190,7 @@ def run_gateway(store: str | Path, host: str = "127.0.0.1", port: int = 8200, ap
     import uvicorn
 
     app = build_gateway_app(store, api_key=api_key)
-    if host not in LOOPBACK_HOSTS:
+    if not is_loopback(host):
         print(f"warning: gateway on {host}:{port} is reachable from other machines"
               + ("" if api_key else " with no API key"), file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
