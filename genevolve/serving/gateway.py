@@ -180,7 +180,7 @@ def build_gateway_app(store: str | Path, embedder=None, api_key: str | None = No
         return FileResponse(path, media_type=_media_type(path), headers={"X-Content-Type-Options": "nosniff"})
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes, answer=_error)
-    if api_key:  # added last, so it runs first: a request without the key is not even read
+    if api_key:  # added last, so it runs first: a request without the key is refused before anything is parsed
         app.add_middleware(ApiKey, key=api_key, answer=_error, max_bytes=max_body_bytes, signed=_signed_file(api_key))
     return app
 
