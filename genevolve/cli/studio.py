@@ -19,8 +19,9 @@ def studio(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder for your reference uploads and edits "
                                             "(default: $GENEVOLVE_DATA, else ~/.local/share/genevolve); the shipped world is never written."),
     world: Optional[Path] = WORLD_OPT,
-    insecure_no_password: bool = typer.Option(False, "--insecure-no-password", help="Serve a non-loopback address "
-                                              "without a password: anyone who can reach it can use the studio and its runs."),
+    insecure_no_password: bool = typer.Option(False, "--insecure-no-password", rich_help_panel="Network",
+                                              help="Serve a non-loopback address without a password: anyone who "
+                                              "can reach it can use the studio and its runs."),
 ):
     """The Gradio studio: trajectories side by side, experience and reference editors, distill with a live
     student-vs-teacher view, and bench comparisons, on the offline sandbox."""
