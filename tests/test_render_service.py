@@ -92,6 +92,7 @@ def test_references_are_data_uris_at_most_four_and_never_bombs(gen):
         "http://127.0.0.1:1/a.png": "is not a data: URI (this server does not fetch URLs)",
         "file:///etc/passwd": "is not a data: URI", "data:image/png,rawbytes": "is not a base64 data: URI",
         "data:image/png;base64,@@@": "is not valid base64", "data:image/png;base64,AAAA": "not a readable image",
+        "data:image/png;base64,": "image_urls[1] is empty",
         _uri(_png_header(20000, 20000)): "not a readable image (DecompressionBombError)",
         _uri(_png_header(5000, 20)): "at most 4096 a side", _uri(_png_header(4090, 4000)): "16 megapixels",
         _uri(_bmp(), "image/bmp"): "BMP files are not accepted",

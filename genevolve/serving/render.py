@@ -80,10 +80,12 @@ def _reference(url: str):
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"is not valid base64 ({exc})") from exc
+    if not raw:
+        raise ValueError("is empty")
     try:
         return check_image(raw)
     except RefStoreError as exc:
-        raise ValueError(str(exc).replace("upload", "send")) from exc
+        raise ValueError(str(exc).replace("upload a ", "send a ")) from exc
 
 
 def _parse(body: bytes, max_refs: int, sides: tuple[int, int]) -> tuple[GenerateRequest, list] | str:
@@ -162,7 +164,7 @@ def build_render_app(generator, max_refs: int = 4, max_body_bytes: int = MAX_BOD
 
     @app.post("/generate", openapi_extra=schema)
     async def generate(request: Request) -> Any:
-        parsed = _parse(await request.body(), max_refs, sides)
+        parsed = await run_in_threadpool(_parse, await request.body(), max_refs, sides)  # decoding is CPU work
         if isinstance(parsed, str):
             return _fail(400, f"invalid request: {parsed}")
         req, refs = parsed
