@@ -89,6 +89,12 @@ def test_streamed_text_equals_the_whole_reply_and_holds_back_stops(client):
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_a_vanishing_temperature_is_greedy_not_a_crash(client):
+    greedy = ask(client, temperature=0, max_tokens=5).json()["choices"][0]["token_ids"]
+    resp = ask(client, temperature=2e-80, max_tokens=5)  # found by the fuzz test: logits / T overflowed
+    assert resp.status_code == 200 and resp.json()["choices"][0]["token_ids"] == greedy
+
+
 def test_n_choices_differ_and_logprobs_have_openai_shape(client):
     body = ask(client, temperature=1.0, seed=11, max_tokens=8, n=3, logprobs=True, top_logprobs=3).json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]

@@ -37,6 +37,7 @@ from .chat_request import (ChatCompletionRequest, LoadAdapterRequest, RequestRef
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 DISCONNECT_POLL_S = 0.2
+SAMPLING_EPS = 1e-5  # a temperature below this samples greedily (logits / 1e-80 overflow to inf)
 
 
 class ChatServer:
@@ -64,7 +65,8 @@ class ChatServer:
         prompt_tokens = count_prompt_tokens(self.policy, messages)
         budget = completion_budget(self.context, prompt_tokens, req.requested_max_tokens,
                                    self.limits.default_max_tokens)
-        params = SamplingParams(temperature=req.temperature, top_p=req.top_p, max_new_tokens=budget, seed=req.seed)
+        temperature = 0.0 if req.temperature < SAMPLING_EPS else req.temperature  # as vLLM: near 0 is greedy
+        params = SamplingParams(temperature=temperature, top_p=req.top_p, max_new_tokens=budget, seed=req.seed)
         return Job(messages, params, n=req.n, adapter=adapter, stops=req.stops,
                    stop_token_ids=set(req.stop_token_ids or ()), top_logprobs=req.top_logprobs or 0,
                    stream=req.stream, prompt_tokens=prompt_tokens)
