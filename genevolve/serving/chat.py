@@ -62,7 +62,7 @@ class ChatServer:
                                       f"{', '.join(self.served())}", "not_found")
         refuse_unsupported(req)
         messages = plain_messages(req)
-        prompt_tokens = count_prompt_tokens(self.policy, messages)
+        prompt_tokens = count_prompt_tokens(self.policy, messages, self.context)
         budget = completion_budget(self.context, prompt_tokens, req.requested_max_tokens,
                                    self.limits.default_max_tokens)
         temperature = 0.0 if req.temperature < SAMPLING_EPS else req.temperature  # as vLLM: near 0 is greedy

@@ -223,25 +223,35 @@ class ChatEngine:
             self._admitted -= k
 
     # -- the worker --------------------------------------------------------------
-    def _take(self) -> list[Job] | None:
-        """The next batch: the oldest live job and the waiting jobs that can share its run."""
+    def _drop_cancelled(self) -> None:
+        """Finish the waiting jobs whose clients left (called under the condition's lock)."""
+        dead = [j for j in self._waiting if j.cancelled.is_set()]
+        if dead:
+            self._waiting = [j for j in self._waiting if not j.cancelled.is_set()]
+            self._admitted -= len(dead)
+            for j in dead:
+                j.finish()
+
+    def _work_ahead(self) -> bool:
+        """Block until a job waits (True) or the engine is closed with nothing waiting (False)."""
         with self._cond:
             while True:
-                dead = [j for j in self._waiting if j.cancelled.is_set()]
-                self._waiting = [j for j in self._waiting if not j.cancelled.is_set()]
-                if dead:
-                    self._admitted -= len(dead)
-                    for j in dead:
-                        j.finish()
+                self._drop_cancelled()
                 if self._waiting:
-                    break
+                    return True
                 if self._closed:
-                    return None
+                    return False
                 self._cond.wait()
-            head = self._waiting[0]
+
+    def _take(self) -> list[Job]:
+        """The next batch: the oldest live job and the waiting jobs that can share its run."""
+        with self._cond:
+            self._drop_cancelled()
+            if not self._waiting:
+                return []
             if not self.continuous:
                 return [self._waiting.pop(0)]
-            key = _group_key(head)
+            key = _group_key(self._waiting[0])
             batch, rest, rows = [], [], 0
             for j in self._waiting:
                 if _group_key(j) == key and (not batch or rows + j.n <= self.max_batch):
@@ -253,19 +263,22 @@ class ChatEngine:
             return batch
 
     def _loop(self) -> None:
-        while (jobs := self._take()) is not None:
-            try:
-                with self.lock:
+        while self._work_ahead():
+            with self.lock:  # the batch forms once the model is free: what queued meanwhile runs together
+                jobs = self._take()
+                if not jobs:
+                    continue
+                self.batches.append(len(jobs))
+                try:
                     self._select_adapter(jobs[0].adapter)
                     (self._run_continuous if self.continuous else self._run_plain)(jobs)
-            except Exception as exc:  # reported to each client; the server keeps serving
-                for j in jobs:
-                    j.finish(f"{type(exc).__name__}: {exc}")
-            finally:
-                for j in jobs:
-                    j.finish()
-                self.batches.append(len(jobs))
-                self._release(len(jobs))
+                except Exception as exc:  # reported to each client; the server keeps serving
+                    for j in jobs:
+                        j.finish(f"{type(exc).__name__}: {exc}")
+                finally:
+                    for j in jobs:
+                        j.finish()
+                    self._release(len(jobs))
 
     def _select_adapter(self, adapter: str | None) -> None:
         if adapter is not None:
