@@ -43,11 +43,12 @@ def test_remote_student_follows_each_update(world, tools, tmp_path):
     from genevolve.policies.resolve import resolve_policy
     from genevolve.agent.rollout import rollout
     from genevolve.serving.chat import build_app
+    from genevolve.serving.chat_limits import ServeLimits
 
     served = resolve_policy("tiny")
     trainer_side = resolve_policy("tiny").model
     lora = get_peft_model(trainer_side, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    with serve_app(build_app(served, "tiny")) as url:
+    with serve_app(build_app(served, "tiny", limits=ServeLimits(adapter_root=tmp_path))) as url:
         student = RemoteStudent(url, "tiny", server="genevolve", params=SamplingParams(temperature=0.7, max_new_tokens=48),
                                 backoff=0, max_retries=0)
         req = world.split("bench")[0]
