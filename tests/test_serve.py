@@ -351,6 +351,12 @@ def test_stop_strings_and_ids_cut_a_finished_reply(client, policy):
     assert choice["message"]["content"] == "echo: a red fo" and choice["finish_reason"] == "stop"
 
 
+def test_max_tokens_is_bounded_even_without_a_known_context(client, policy):
+    resp = chat(client, max_tokens=10**9)
+    assert resp.status_code == 400 and "at most 32768" in resp.json()["error"]["message"]
+    assert policy.calls == []
+
+
 def test_n_choices_and_their_bound(client, policy):
     body = chat(client, n=3).json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]

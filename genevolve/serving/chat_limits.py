@@ -12,6 +12,7 @@ from fastapi import Request
 from .chat_request import RequestRefused
 
 DEFAULT_MAX_TOKENS = 256  # a request that names no max_tokens gets this much, or what the context leaves
+UNKNOWN_CONTEXT_MAX_TOKENS = 32768  # the budget cap for a policy whose context length is not known
 ADAPTER_REFUSED = ("loading adapters from this path is not allowed: adapters load only from folders under "
                    "the server's --adapter-root")
 
@@ -102,7 +103,10 @@ def completion_budget(limit: int | None, prompt_tokens: int, requested: int | No
     As vLLM: an explicit ``max_tokens`` that does not fit next to the prompt is refused, never cut; a
     request without one gets ``default`` capped to what the context leaves.
     """
-    if limit is None:
+    if limit is None:  # a model that does not say its context: still never an unbounded generation
+        if requested is not None and requested > UNKNOWN_CONTEXT_MAX_TOKENS:
+            raise RequestRefused(400, f"max_tokens must be at most {UNKNOWN_CONTEXT_MAX_TOKENS} for this model "
+                                      f"(got {requested})")
         return requested or default
     wanted = requested if requested is not None else min(default, max(1, limit - prompt_tokens))
     if prompt_tokens + wanted > limit:
