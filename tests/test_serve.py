@@ -212,12 +212,29 @@ def test_run_server_warns_off_loopback(monkeypatch, capsys, policy):
     import uvicorn
 
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: calls.append(self.config))
     run_server(policy, "student")
-    assert calls[-1]["host"] == "127.0.0.1" and "warning" not in capsys.readouterr().err
-    run_server(policy, "student", host="0.0.0.0", port=9000)
-    assert calls[-1] == {"host": "0.0.0.0", "port": 9000, "log_level": "warning", "timeout_graceful_shutdown": 10.0}
+    assert calls[-1].host == "127.0.0.1" and "warning" not in capsys.readouterr().err
+    run_server(policy, "student", host="0.0.0.0", port=9000, limits=ServeLimits(shutdown_timeout=3))
+    assert (calls[-1].host, calls[-1].port, calls[-1].timeout_graceful_shutdown) == ("0.0.0.0", 9000, 3)
     assert "warning" in capsys.readouterr().err
+
+
+def test_unloading_an_adapter_fails_the_requests_waiting_for_it(policy, tmp_path):
+    (tmp_path / "v1").mkdir()
+    app = build_app(policy, "student", limits=ServeLimits(adapter_root=tmp_path))
+    client, engine = TestClient(app), app.state.server.engine
+    assert client.post("/v1/load_lora_adapter", json={"lora_name": "v1", "lora_path": "v1"}).status_code == 200
+    result = []
+    with engine.lock:  # the model is busy: the request waits
+        thread = threading.Thread(target=lambda: result.append(chat(client, model="v1")))
+        thread.start()
+        while engine.in_flight < 1:
+            time.sleep(0.01)
+        engine.drop_adapter("v1")
+    thread.join(10)
+    assert result[0].status_code == 500 and "unloaded" in result[0].json()["error"]["message"]
+    assert engine.in_flight == 0 and policy.calls == []
 
 
 # ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import threading
 from typing import Any, AsyncIterator, Iterable, Sequence
 
 from fastapi import FastAPI, Request
@@ -180,6 +181,7 @@ def _load(server: ChatServer, path: str, name: str) -> None:
 
 def _unload(server: ChatServer, name: str) -> None:
     with server.engine.lock:
+        server.engine.drop_adapter(name)
         server.policy.unload_adapter(name)
         server.loaded.discard(name)
 
@@ -236,14 +238,33 @@ def run_server(
             "with no authentication; anyone who can connect can generate and load adapters",
             file=sys.stderr,
         )
+    app = build_app(policy, model_name, adapters=adapters, limits=limits)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=limits.shutdown_timeout)
     # uvicorn re-raises the signal it shut down on; with this handler in place that is a no-op, so a
-    # SIGTERM ends in a clean exit 0 once the graceful period (timeout_graceful_shutdown) has run.
+    # SIGTERM ends in a clean exit 0 once the graceful period has run.
     previous = None
     with contextlib.suppress(ValueError):  # not in the main thread: uvicorn installs no handlers either
         previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        uvicorn.run(build_app(policy, model_name, adapters=adapters, limits=limits), host=host, port=port,
-                    log_level=log_level, timeout_graceful_shutdown=limits.shutdown_timeout)
+        graceful_server(config, app.state.server.engine, limits.shutdown_timeout).run()
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def graceful_server(config, engine: ChatEngine, grace: float):
+    """A uvicorn server that, once told to stop, cancels the generations still running shortly before
+    ``grace`` seconds are up, so that their responses end properly (streams with their last chunk and
+    ``[DONE]``) before uvicorn closes what is left."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                timer = threading.Timer(max(0.0, grace - 0.5), engine.cancel_all)
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    return GracefulServer(config)

@@ -172,6 +172,7 @@ class ChatEngine:
         self.lock = threading.Lock()  # the model: a batch, an adapter switch, a load or unload
         self._cond = threading.Condition()
         self._waiting: list[Job] = []
+        self._running: list[Job] = []
         self._admitted = 0
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -199,28 +200,32 @@ class ChatEngine:
         with self._cond:
             return self._admitted
 
+    def cancel_all(self) -> None:
+        """Cancel every admitted job: running ones end at their next token, waiting ones never run."""
+        with self._cond:
+            for job in self._waiting + self._running:
+                job.cancel()
+            self._cond.notify_all()
+
+    def drop_adapter(self, name: str) -> None:
+        """Fail the waiting jobs that asked for adapter ``name`` (being unloaded; call under :attr:`lock`)."""
+        with self._cond:
+            gone = [j for j in self._waiting if j.adapter == name]
+            self._waiting = [j for j in self._waiting if j.adapter != name]
+            self._admitted -= len(gone)
+        for job in gone:
+            job.finish(f"the adapter {name!r} was unloaded before this request ran")
+
     def stop(self, timeout: float = 10.0) -> bool:
         """Refuse new jobs, cancel every admitted one, wait up to ``timeout`` s; True when the worker ended."""
         with self._cond:
             self._closed = True
-            waiting, self._waiting = self._waiting, []
-            self._cond.notify_all()
-        for job in waiting:
-            job.cancel()
-            job.finish("the server is shutting down")
-            self._release(1)
-        self._cancel_running = True
+        self.cancel_all()
         thread = self._thread
         if thread is not None:
             thread.join(timeout)
             return not thread.is_alive()
         return True
-
-    _cancel_running = False
-
-    def _release(self, k: int) -> None:
-        with self._cond:
-            self._admitted -= k
 
     # -- the worker --------------------------------------------------------------
     def _drop_cancelled(self) -> None:
@@ -269,6 +274,8 @@ class ChatEngine:
                 if not jobs:
                     continue
                 self.batches.append(len(jobs))
+                with self._cond:
+                    self._running = list(jobs)
                 try:
                     self._select_adapter(jobs[0].adapter)
                     (self._run_continuous if self.continuous else self._run_plain)(jobs)
@@ -278,7 +285,9 @@ class ChatEngine:
                 finally:
                     for j in jobs:
                         j.finish()
-                    self._release(len(jobs))
+                    with self._cond:
+                        self._running = []
+                        self._admitted -= len(jobs)
 
     def _select_adapter(self, adapter: str | None) -> None:
         if adapter is not None:
@@ -308,15 +317,13 @@ class ChatEngine:
         end_ids = set(self.policy.stop_ids)
 
         def next_messages(i: int):
-            if handed[i] or rows[i].job.cancelled.is_set() or self._cancel_running:
+            if handed[i] or rows[i].job.cancelled.is_set():
                 return None
             handed[i] = True
             return rows[i].job.messages
 
         def on_token(i: int, t: int, lp: float, logits) -> bool:
             choice = rows[i]
-            if self._cancel_running:
-                choice.job.cancel()
             return choice.add(t, lp, _top(logits, choice.job.top_logprobs), decode, end_ids)
 
         def on_turn(i: int, comp: Completion) -> None:
