@@ -3,6 +3,7 @@ and the training call that turns a locked folder or a stop request into a clear 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -197,17 +198,47 @@ def stop_on_sigterm():
 
 def train(cfg, world, stop) -> None:
     """Run the trainer; a stop or a locked run folder ends the command with a clear message."""
+    from ..training.checkpoint import CheckpointError
     from ..training.evolve import evolve as run_evolve
     from ..records.live import RunLockedError
 
     try:
         run_evolve(cfg, world=world, log=typer.echo, stop=stop)
-    except RunLockedError as exc:
+    except (RunLockedError, CheckpointError, ValueError) as exc:  # one line: a locked folder, a broken checkpoint, other settings
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if stop():
         typer.echo(f"stopped; {cfg.out} holds the last checkpoint: run the same command again to resume")
         raise typer.Exit(0)
+
+
+@contextlib.contextmanager
+def holding(out: Path, force_new: bool = False):
+    """The run folder locked for the whole command, training and evaluation; with ``force_new`` an existing
+    run there is first moved aside (to ``<out>.replaced-<time>``), never deleted."""
+    import os
+    import time
+
+    from ..records.live import RunLockedError, run_lock
+
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun / accelerate the main process holds the folder
+        yield
+        return
+    if force_new and out.exists() and any(out.iterdir()):
+        from ..records.live import is_running
+
+        if is_running(out):
+            typer.echo(f"error: {out} is being trained by another process; stop it before replacing it", err=True)
+            raise typer.Exit(2)
+        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        typer.echo(f"--force-new: the earlier run is kept in {aside}")
+    try:
+        with run_lock(out):
+            yield
+    except RunLockedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def check_probe_request(w, probe_request: str | None) -> None:

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from ..evaluation import estimate as estimates
-from .common import check_probe_request, evolve_cfg, micro_batch_for, stop_on_sigterm, train
+from .common import check_probe_request, evolve_cfg, holding, micro_batch_for, stop_on_sigterm, train
 
 def announce_estimate(out: Path, policy: str, plan) -> None:
     """Print the expected wall time and keep it in the run folder, where the studio's ETA reads it."""
@@ -86,6 +86,8 @@ def evolve(
     probe: bool = typer.Option(True, "--probe/--no-probe", help="Write each step's live student-vs-teacher probe (two extra rollouts a step)."),
     micro_batch: Optional[int] = typer.Option(None, min=1, help="Sequences per forward/backward in the update (fewer: less "
                                               "memory; default 8, fewer for a large vocabulary: SmolLM2 2)."),
+    force_new: bool = typer.Option(False, "--force-new", help="Start again in --out even though it holds a run with other "
+                                   "settings (the earlier run is moved aside, not deleted)."),
 ):
     """One-click distill-and-compare: GRPO + VED from the SFT student, then before / after on the bench and the
     teacher where it retrieves an experience (training requests and bench hits).
@@ -93,10 +95,8 @@ def evolve(
     Under ``accelerate launch`` or ``torchrun`` the processes share the training (data-parallel); the
     main process then runs the comparison alone.
     """
-    import signal
     import time
 
-    from ..evaluation.experiments import bench_requests, compare_after_training
     from ..world import World
 
     out = out or Path("runs") / f"evolve-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -107,11 +107,24 @@ def evolve(
                      probe, micro_batch)
     w = World()
     check_probe_request(w, probe_request)
+    with holding(out, force_new):
+        _train_and_compare(cfg, w, quick, eval_requests, eval_seeds, eval_samples, train_only)
+
+
+def _train_and_compare(cfg, w, quick: bool, eval_requests, eval_seeds: str, eval_samples: int, train_only: bool) -> None:
+    """evolve's work, inside the run folder's lock: train (or resume), then the before / after / teacher comparison."""
+    import signal
+    import time
+
+    from ..evaluation.experiments import bench_requests, compare_after_training
+
+    out = Path(cfg.out)
     t0 = time.time()
-    typer.echo(f"evolving {policy} ({cfg.arm}): {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.rollouts_per_prompt} rollouts -> {out}")
+    typer.echo(f"evolving {cfg.policy} ({cfg.arm}): {cfg.steps} steps x {cfg.prompts_per_step} prompts x "
+               f"{cfg.rollouts_per_prompt} rollouts -> {out}")
     n_eval = 0 if train_only else len(bench_requests(w, quick, eval_requests))
-    announce_estimate(out, policy, estimates.plan_evolve(cfg.steps, cfg.prompts_per_step, cfg.rollouts_per_prompt, probe, n_eval,
-                                                         len(eval_seeds.split(",")), eval_samples, cfg.use_ved))
+    announce_estimate(out, cfg.policy, estimates.plan_evolve(cfg.steps, cfg.prompts_per_step, cfg.rollouts_per_prompt, cfg.probe,
+                                                             n_eval, len(eval_seeds.split(",")), eval_samples, cfg.use_ved))
     train(cfg, w, stop_on_sigterm())
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # past training, SIGTERM ends the evaluation at once
     t_train = time.time() - t0
@@ -188,7 +201,8 @@ def ablate(
                   SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=max_new_tokens), settings, make_cfg, teacher)
     t0 = time.time()
     try:
-        report, lines = run_ablation(ab, w, lambda cfg: train(cfg, w, stop), typer.echo)
+        with holding(out):  # the ablation folder is held until its report is written
+            report, lines = run_ablation(ab, w, lambda cfg: train(cfg, w, stop), typer.echo)
     except SettingsMismatch as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

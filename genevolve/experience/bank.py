@@ -278,9 +278,8 @@ class ExperienceBank:
 
         ids = list(self.items)
         missing = [i for i in ids if i not in self._vecs]
-        if missing:
-            vecs = self.embedder.encode([self.items[i].source_request for i in missing])
-            self._vecs.update(zip(missing, vecs))
+        for i in missing:  # one text at a time: a vector never depends on which others were encoded with it,
+            self._vecs[i] = self.embedder.encode([self.items[i].source_request])[0]  # so a reloaded bank searches the same
         for gone in set(self._vecs) - set(ids):
             del self._vecs[gone]
         index = VectorIndex(self.embedder.dim, getattr(self.embedder, "name", ""))

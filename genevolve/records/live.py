@@ -108,12 +108,26 @@ class RunLockedError(RuntimeError):
     """Another process is training in this run folder."""
 
 
+_HELD: dict[str, int] = {}  # run folders this process holds, with their nesting depth
+
+
 @contextlib.contextmanager
 def run_lock(out: str | Path) -> Iterator[None]:
-    """Hold ``<out>/.lock`` for the duration; raise :class:`RunLockedError` when someone else holds it."""
+    """Hold ``<out>/.lock`` for the duration; raise :class:`RunLockedError` when someone else holds it.
+
+    Re-entrant within a process (a command holds its run folder from training through evaluation while
+    the trainer takes it again). The lock dies with its process, so a crashed run never leaves a stale one."""
     import fcntl
 
     path = Path(out) / ".lock"
+    key = str(path.resolve())
+    if _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -125,7 +139,11 @@ def run_lock(out: str | Path) -> Iterator[None]:
                                  "wait for it to finish or stop it before starting or resuming there") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
-        yield
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            _HELD.pop(key, None)
     finally:
         os.close(fd)  # closing releases the lock, also when the process dies
 

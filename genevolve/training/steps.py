@@ -76,6 +76,28 @@ class Targets:
     teacher_errors: list[str]
 
 
+RESUME_FREE = ("out", "device", "dtype", "micro_batch", "probe", "probe_request", "steps")  # may change on a resume
+
+
+def check_same_config(out: Path, cfg) -> None:
+    """A resume must train what the run trained: refuse, naming the settings, when the config differs."""
+    import json
+
+    saved_path = out / "config.json"
+    if not saved_path.exists() or not ((out / "checkpoint").exists() or (out / checkpoint.START).exists()):
+        return
+    try:
+        saved = json.loads(saved_path.read_text("utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{saved_path} is not valid JSON ({exc}): the run cannot be resumed; start a new one") from None
+    now = asdict(cfg)
+    differ = [f"{k}: {saved.get(k)!r} in the run, {now[k]!r} now" for k in now
+              if k not in RESUME_FREE and k in saved and saved[k] != now[k]]
+    if differ:
+        raise ValueError(f"{out} was trained with other settings, so it cannot be resumed with these ("
+                         + "; ".join(differ) + "). Use the run's settings, another --out, or --force-new to start it again")
+
+
 def _bank(cfg, out: Path, procs: Processes):
     from ..experience.bank import ExperienceBank
 
@@ -100,7 +122,12 @@ def setup(cfg, world, procs: Processes, log: Callable[[str], None]) -> Run:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if procs.main:
+        check_same_config(out, cfg)
+        checkpoint.recover(out, log)
+        checkpoint.roll_back(out, out / "bank" / "experiences.jsonl", log)  # a cut-short step leaves nothing behind
+        checkpoint.mark_start(out, out / "bank" / "experiences.jsonl")
         atomic_write_json(out / "config.json", asdict(cfg))
+    procs.barrier()  # the other processes copy the bank once it is rolled back
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if world is None:
@@ -305,7 +332,7 @@ def record_step(run: Run, step: int, row: MetricsRow, probe_result) -> None:
     if probe_result is not None:
         probes.write(run.out, run.pol.tokenizer, step + 1, run.probe_req, probe_result, run.cfg.use_ved,
                      probes.GIVEN if run.cfg.probe_request else probes.AUTO)
-    checkpoint.save(run.out, run.model, run.opt, step + 1)
+    checkpoint.save(run.out, run.model, run.opt, step + 1, run.out / "bank" / "experiences.jsonl")
 
 
 def summary_line(cfg, row: MetricsRow) -> str:
