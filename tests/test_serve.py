@@ -446,3 +446,19 @@ def test_a_full_queue_answers_429(policy):
         t.join(10)
     assert results == [200, 200] and engine.in_flight == 0
     assert chat(client).status_code == 200
+
+
+def test_incremental_text_equals_a_whole_decode_with_context_sensitive_tokenizers():
+    from genevolve.serving.chat_engine import Job
+
+    vocab = {1: "▁a", 2: "▁red", 3: "▁fox", 4: "es", 5: "\xe2", 6: "\x82\xac"}  # 5 + 6: the bytes of "€"
+
+    def decode(ids):  # like SentencePiece: a word's space is dropped at the start of a text
+        raw = "".join(vocab[i] for i in ids).encode("latin-1").decode("utf-8", "replace")
+        return raw.replace("▁", " ").lstrip(" ")
+
+    vocab = {k: v.encode("utf-8").decode("latin-1") if "▁" in v else v for k, v in vocab.items()}
+    choice = Job([{"role": "user", "content": "x"}], SamplingParams(max_new_tokens=10)).choices[0]
+    for token in (1, 2, 3, 4, 5, 6):
+        assert choice.add(token, -0.1, [], decode, set()) is False
+    assert choice.text == decode([1, 2, 3, 4, 5, 6]) == "a red foxes€"

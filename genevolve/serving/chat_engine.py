@@ -21,6 +21,7 @@ from ..policies.base import Completion, SamplingParams
 from .chat_request import RequestRefused
 
 Listener = Callable[[tuple], None]
+CONTEXT_IDS = 4  # ids of decoded text kept as context for decoding the next ones
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Choice:
     text: str = ""
     finish_reason: str | None = None
     _pending: list[int] = field(default_factory=list)  # ids whose text is not yet whole characters
+    _done_ids: list[int] = field(default_factory=list)  # the last ids already in the text (decoding context)
     _sent_chars: int = 0
     _sent_tokens: int = 0
     ended_on_id: bool = False  # the last id is a stop token (not part of the content)
@@ -100,10 +102,12 @@ class Choice:
             self.finish_reason, self.ended_on_id = "stop", True
             return self._end(decode)
         self._pending.append(token)
-        piece = decode(self._pending)
-        if not piece.endswith("\ufffd"):  # a token that ends inside a UTF-8 character waits for the next one
+        piece = self._decode_pending(decode)
+        # A token that ends inside a UTF-8 character waits for the next one (at most 4: a character's bytes).
+        if not piece.endswith("\ufffd") or len(self._pending) >= 4:
             before = len(self.text)
             self.text += piece
+            self._done_ids = (self._done_ids + self._pending)[-CONTEXT_IDS:]
             self._pending = []
             if self._cut_at_stop(before):
                 return self._flush(final=True)
@@ -113,9 +117,16 @@ class Choice:
         self._flush(final=False)
         return False
 
+    def _decode_pending(self, decode: Callable[[list[int]], str]) -> str:
+        """The text the pending ids add, decoded after the last few ids (tokenizers such as SentencePiece
+        write a token differently at the start of a text)."""
+        if not self._done_ids:
+            return decode(self._pending)
+        return decode(self._done_ids + self._pending)[len(decode(self._done_ids)):]
+
     def _end(self, decode: Callable[[list[int]], str]) -> bool:
         if self._pending:  # a reply cut inside a character keeps what its bytes decode to
-            self.text += decode(self._pending)
+            self.text += self._decode_pending(decode)
             self._pending = []
         return self._flush(final=True)
 
