@@ -157,3 +157,13 @@ def test_a_client_that_leaves_cancels_its_generation(local):
         assert _wait_idle(engine, 5) < 5, "a generation went on after its client timed out"
         assert time.monotonic() - start < 8  # 3000 tokens would take far longer
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+
+def test_streamed_choices_carry_their_logprobs(client):
+    resp = ask(client, temperature=1.0, seed=5, max_tokens=6, n=2, stream=True, logprobs=True, top_logprobs=2)
+    chunks = [json.loads(line[6:]) for line in resp.text.split("\n\n") if line.startswith("data: {")]
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == index]
+        entries = [e for c in mine if c["logprobs"] for e in c["logprobs"]["content"]]
+        assert 1 <= len(entries) <= 6 and all(len(e["top_logprobs"]) == 2 for e in entries)
+        assert mine[-1]["finish_reason"] in ("stop", "length")
