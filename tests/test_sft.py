@@ -76,6 +76,55 @@ def test_sft_resumes_after_a_crash(tmp_path, small_data, world, monkeypatch):
     assert [r["step"] for r in rows] == list(range(1, res["steps"] + 1))
 
 
+def test_a_resume_survives_a_torn_metrics_line_and_refuses_changed_data(tmp_path, small_data, world, monkeypatch):
+    calls = {"n": 0}
+    real = sft_mod.model_loss
+
+    def crashing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed mid-training")
+        return real(*a, **k)
+
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(small_data.read_bytes())
+    monkeypatch.setattr(sft_mod, "model_loss", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(_cfg(tmp_path, data), world=world, log=lambda _: None, progress=False)
+    monkeypatch.setattr(sft_mod, "model_loss", real)
+    with open(tmp_path / "model.work" / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "lo')  # killed in the middle of a line
+    changed = data.read_text().splitlines()[:-1]  # the data file edited between the crash and the resume
+    data.write_text("\n".join(changed) + "\n")
+    with pytest.raises(ValueError, match="data_sha256"):
+        train_sft(_cfg(tmp_path, data), world=world, log=lambda _: None, progress=False)
+    data.write_bytes(small_data.read_bytes())
+    logs = []
+    res = train_sft(_cfg(tmp_path, data), world=world, log=logs.append, progress=False)
+    assert any("metrics.jsonl:" in line and "torn or broken" in line for line in logs)
+    rows = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, res["steps"] + 1))
+
+
+def test_two_sft_runs_into_one_folder_do_not_mix(tmp_path, small_data, world):
+    import subprocess
+    import sys
+
+    from genevolve.records.live import RunLockedError, is_running
+
+    work = tmp_path / "model.work"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from genevolve.records.live import run_lock\n"
+                               "with run_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(work)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held" and is_running(work)  # another process is training there
+        with pytest.raises(RunLockedError, match="another process"):
+            train_sft(_cfg(tmp_path, small_data), world=world, log=lambda _: None, progress=False)
+        assert not (work / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+
+
 def test_bad_sft_data_is_named(tmp_path, world):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "x"}]}\n{"oops": 1}\n')

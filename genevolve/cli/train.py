@@ -44,6 +44,7 @@ def sft(
     device: Optional[str] = typer.Option(None, help="Torch device (default: cuda if available, else cpu)."),
 ):
     """Supervised fine-tuning with an assistant-only loss; resumes from its last checkpoint if interrupted."""
+    from ..records.live import RunLockedError
     from ..training.sft import SFTConfig, train_sft
 
     cfg = SFTConfig(out=str(out), recipe=recipe, model=model, data=str(data) if data else None, epochs=epochs, lr=lr,
@@ -56,7 +57,7 @@ def sft(
         raise typer.BadParameter(str(exc)) from exc
     try:
         result = train_sft(cfg, log=typer.echo)
-    except (ValueError, FileNotFoundError) as exc:  # bad data, an unknown model, a work folder with other settings
+    except (ValueError, FileNotFoundError, RunLockedError) as exc:  # bad data, an unknown model, other settings, a busy folder
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(result))

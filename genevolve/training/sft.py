@@ -229,10 +229,24 @@ def plot_curve(metrics_path: Path, out_png: Path, key: str = "loss", title: str 
     plt.close(fig)
 
 
+def _data_digest(cfg: SFTConfig) -> str | None:
+    """A checksum of the --data file: a resume on a file that changed since would train on the old rows."""
+    import hashlib
+
+    if not cfg.data or not Path(cfg.data).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(cfg.data, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _open_work(cfg: SFTConfig, work: Path) -> None:
-    """The scratch folder of a run; one that holds a run with other settings raises (resuming would mix them)."""
+    """The scratch folder of a run; one that holds a run with other settings or other data raises (resuming
+    would mix them)."""
     work.mkdir(parents=True, exist_ok=True)
-    same = {k: v for k, v in asdict(cfg).items() if k != "device"}
+    same = {k: v for k, v in asdict(cfg).items() if k != "device"} | {"data_sha256": _data_digest(cfg)}
     if (work / "config.json").exists():
         old = {k: v for k, v in json.loads((work / "config.json").read_text()).items() if k != "device"}
         if old != same:
@@ -304,8 +318,14 @@ def _restore(ckpt: Path, metrics_path: Path, model, opt, sched, device, log) -> 
         torch.set_rng_state(state["rng"])
         step = state["step"]
         log(f"resumed from step {step}")
-    if metrics_path.exists():  # drop metric lines written after the checkpoint, so the curve has no duplicates
-        rows = [line for line in metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    if metrics_path.exists():  # drop metric lines written after the checkpoint (and a torn last one): no duplicates
+        rows = []
+        for n, line in enumerate(metrics_path.read_text("utf-8").splitlines(), 1):
+            try:
+                if line.strip() and json.loads(line)["step"] <= step:
+                    rows.append(line)
+            except (ValueError, KeyError, TypeError):
+                log(f"{metrics_path}:{n}: a torn or broken metrics line, dropped ({line[:60]!r})")
         atomic_write_text(metrics_path, "".join(r + "\n" for r in rows))
     return step
 
@@ -330,14 +350,21 @@ def _finish(cfg: SFTConfig, out: Path, work: Path, model, tok, result: dict) -> 
 
 def train_sft(cfg: SFTConfig, world=None, log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Run SFT; resume from ``<out>.work/checkpoint`` if a previous run stopped. Returns final metrics."""
+    from ..records.live import run_lock
+
+    cfg.validate()
+    out = Path(cfg.out)
+    work = out.with_name(out.name + ".work")  # scratch: checkpoint, metrics; becomes part of `out` at the end
+    with run_lock(work):  # a second `sft --out` on the same folder is refused while this one runs
+        return _train_sft_locked(cfg, world, log, progress, out, work)
+
+
+def _train_sft_locked(cfg: SFTConfig, world, log: Callable[[str], None], progress: bool, out: Path, work: Path) -> dict:
     from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
     from ..policies.local import encode_conversation, pick_device
 
-    cfg.validate()
-    out = Path(cfg.out)
-    work = out.with_name(out.name + ".work")  # scratch: checkpoint, metrics; becomes part of `out` at the end
     _open_work(cfg, work)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
