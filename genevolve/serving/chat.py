@@ -32,7 +32,7 @@ from ..policies.base import ChatPolicy, SamplingParams
 from .chat_engine import ChatEngine, Job
 from .chat_format import ChunkWriter, completion_body, error_response, token_decoder
 from .chat_limits import (ServeLimits, completion_budget, confined_adapter_path, context_length,
-                          count_prompt_tokens, read_body)
+                          count_prompt_tokens, longest_token_chars, read_body)
 from .chat_request import (ChatCompletionRequest, LoadAdapterRequest, RequestRefused, UnloadAdapterRequest,
                            parse_body, plain_messages, refuse_unsupported)
 
@@ -51,6 +51,7 @@ class ChatServer:
         self.engine = ChatEngine(policy, max_queue=limits.max_queue, max_batch=limits.max_batch)
         self.context = context_length(policy, limits.max_model_len)
         self.decode = token_decoder(policy)
+        self.piece = longest_token_chars(policy)
 
     def served(self) -> list[str]:
         return [*self.names, *sorted(self.loaded - set(self.names))]
@@ -63,7 +64,7 @@ class ChatServer:
                                       f"{', '.join(self.served())}", "not_found")
         refuse_unsupported(req)
         messages = plain_messages(req)
-        prompt_tokens = count_prompt_tokens(self.policy, messages, self.context)
+        prompt_tokens = count_prompt_tokens(self.policy, messages, self.context, self.piece)
         budget = completion_budget(self.context, prompt_tokens, req.requested_max_tokens,
                                    self.limits.default_max_tokens)
         temperature = 0.0 if req.temperature < SAMPLING_EPS else req.temperature  # as vLLM: near 0 is greedy

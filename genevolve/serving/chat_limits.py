@@ -62,13 +62,13 @@ def context_length(policy, override: int | None) -> int | None:
     return native if isinstance(native, int) else None
 
 
-def count_prompt_tokens(policy, messages: list[dict[str, Any]], limit: int | None = None) -> int:
+def count_prompt_tokens(policy, messages: list[dict[str, Any]], limit: int | None = None, piece: int = 1) -> int:
     """The prompt's length as the model will see it (template with generation prompt); 0 without a tokenizer.
 
     Tokenising gives Python lists only: a prompt too long for the context is refused before any tensor.
-    A rendered prompt longer than ``limit`` times the longest vocabulary entry (times 4, for normalisers
-    that fold several characters into one) cannot fit whatever its tokens, so it is refused without
-    tokenising it at all.
+    A rendered prompt longer than ``limit`` times ``piece`` (the longest vocabulary entry,
+    :func:`longest_token_chars`) times 4 (for normalisers that fold several characters into one)
+    cannot fit whatever its tokens, so it is refused without tokenising it at all.
     """
     tokenizer = getattr(policy, "tokenizer", None)
     if tokenizer is None or not hasattr(tokenizer, "apply_chat_template"):
@@ -77,7 +77,7 @@ def count_prompt_tokens(policy, messages: list[dict[str, Any]], limit: int | Non
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # a template that cannot render these messages (e.g. role order)
         raise RequestRefused(400, f"the chat template cannot render these messages: {type(exc).__name__}: {exc}") from None
-    piece = 4 * longest_token_chars(tokenizer)
+    piece = 4 * piece
     if limit is not None and len(text) > limit * piece:
         raise RequestRefused(
             400, f"This model's maximum context length is {limit} tokens. However, your messages have at least "
@@ -85,16 +85,13 @@ def count_prompt_tokens(policy, messages: list[dict[str, Any]], limit: int | Non
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def longest_token_chars(tokenizer) -> int:
-    """Characters the longest vocabulary entry stands for (at most: byte-level entries spell one char per byte)."""
-    cached = getattr(tokenizer, "_genevolve_longest_piece", None)
-    if cached is None:
-        cached = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
-        try:
-            tokenizer._genevolve_longest_piece = cached
-        except AttributeError:
-            pass
-    return cached
+def longest_token_chars(policy) -> int:
+    """Characters the longest vocabulary entry stands for (at most: byte-level entries spell one char per
+    byte); 1 for a policy without a tokenizer."""
+    tokenizer = getattr(policy, "tokenizer", None)
+    if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
+        return 1
+    return max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
 
 
 def completion_budget(limit: int | None, prompt_tokens: int, requested: int | None, default: int) -> int:
