@@ -460,3 +460,41 @@ def test_unjudged_cases_are_missing_not_zero():
     assert set(out["track"]) == {"quality"} and set(out["difficulty"]) == {"2"} and set(out["category"]) == {"c"}
     alone = aggregate(pairs[2:])["overall"]["all"]
     assert alone["kscore"] is None and alone["missing"] == 1
+
+
+def test_an_append_after_a_torn_line_sets_the_fragment_aside_instead_of_gluing_the_next_row(tmp_path):
+    from genevolve.records.schema import append_jsonl
+
+    path = tmp_path / "trajectories.jsonl"
+    path.write_text('{"id": "a"}\n{"id": "b", "turns": [{"raw": "half')  # power loss in the middle of a row
+    append_jsonl(path, Request(id="bench-1", text="a red cube", track="quality", category="c", difficulty=1))
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0]) == {"id": "a"} and json.loads(lines[1])["id"] == "bench-1"
+    assert (tmp_path / "trajectories.jsonl.torn").read_text().startswith('{"id": "b"')  # kept, not lost
+
+
+def test_two_writers_started_at_once_into_one_folder_the_second_is_refused(tmp_path):
+    import threading
+
+    from genevolve.records.runs import RunWriter
+
+    results, barrier = [], threading.Barrier(8)
+
+    def start(i):
+        barrier.wait()
+        try:
+            RunWriter(tmp_path / "run", RunInfo(id=f"run-{i}", created="now", command="rollout", policy="expert", k=1, seed=i))
+            results.append(("ok", i))
+        except FileExistsError as exc:
+            results.append(("refused", str(exc)))
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r[0] for r in results].count("ok") == 1
+    assert all("already holds a run" in r[1] for r in results if r[0] == "refused")
+    winner = next(i for kind, i in results if kind == "ok")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["seed"] == winner
+    assert not list((tmp_path / "run").glob(".run.json.*"))

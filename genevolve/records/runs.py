@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,13 +49,25 @@ class RunWriter:
         if (self.dir / "run.json").exists():
             raise FileExistsError(f"{self.dir} already holds a run; choose another --out")
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._claim(info)  # atomic: of two writers started at once into one folder, the second is refused
         self.images = ImageStore(self.dir / "images")
         self.images.root.mkdir(exist_ok=True)
         self.info = info
         self.cases = self.answered = 0
-        atomic_write_json(self.dir / "run.json", info.model_dump())
         for name in ("requests.jsonl", "trajectories.jsonl", "renders.jsonl", "verdicts.jsonl"):
             (self.dir / name).touch()
+
+    def _claim(self, info: RunInfo) -> None:
+        """Write run.json only if no other writer has: a hard link either creates it whole or fails."""
+        tmp = self.dir / f".run.json.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp.write_text(info.model_dump_json(indent=2), "utf-8")
+        try:
+            os.link(tmp, self.dir / "run.json")
+        except FileExistsError:
+            raise FileExistsError(f"{self.dir} already holds a run (another writer started there just now); "
+                                  "choose another --out") from None
+        finally:
+            tmp.unlink()
 
     def add_request(self, request: Request, gt_image=None) -> None:
         if gt_image is not None:

@@ -310,10 +310,32 @@ def append_jsonl(path: str | os.PathLike, record: BaseModel) -> None:
     append_bytes(path, (record.model_dump_json() + "\n").encode("utf-8"))
 
 
+def _cut_torn_tail(fd: int, path: str | os.PathLike) -> None:
+    """A file that does not end in a newline ends in a line a crash cut short: move that fragment to
+    ``<file>.torn`` and cut the file back to its last whole line, so the next row is not glued to it."""
+    size = os.fstat(fd).st_size
+    if not size or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    start = size
+    while start > 0:
+        chunk = os.pread(fd, min(65536, start), max(0, start - 65536))
+        nl = chunk.rfind(b"\n")
+        if nl >= 0:
+            start = max(0, start - 65536) + nl + 1
+            break
+        start = max(0, start - 65536)
+    fragment = os.pread(fd, size - start, start)
+    with open(f"{os.fspath(path)}.torn", "ab") as fh:
+        fh.write(fragment + b"\n")
+    os.ftruncate(fd, start)
+
+
 def append_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Append ``data`` in one write (whole lines stay whole for concurrent readers), then fsync."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    """Append ``data`` in one write (whole lines stay whole for concurrent readers), then fsync; a torn last
+    line left by a crash is first set aside (see :func:`_cut_torn_tail`)."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        _cut_torn_tail(fd, path)
         os.write(fd, data)
         os.fsync(fd)
     finally:
