@@ -239,3 +239,24 @@ def test_as_agent_policy_passes_seed_and_returns_text():
     rec = Recorder(httpx.Response(200, json=ok_body("<answer>x</answer>")))
     assert AsAgentPolicy(make(rec)).complete(CONV, seed=9) == "<answer>x</answer>"
     assert rec.payloads[0]["seed"] == 9
+
+
+def test_a_megabyte_completion_is_cut_and_recorded_as_too_long():
+    handler = Recorder(httpx.Response(200, json=ok_body("x" * 1_000_000)))
+    pol = make(handler)
+    out = pol.generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=64))[0]
+    assert len(out.text) == 4096 and out.finish_reason == "length" and "1000000 characters cut at 4096" in out.error
+
+
+def test_the_command_line_bounds_every_server_request(monkeypatch):
+    """`genevolve --timeout S --retries N <command>`: a server that never answers costs at most (1 + N) x S."""
+    from typer.testing import CliRunner
+
+    from genevolve.cli import app
+    from genevolve.cli.common import CLIENT, make_policy
+
+    res = CliRunner().invoke(app, ["--timeout", "2.5", "--retries", "0", "world", "--help"])
+    assert res.exit_code == 0 and CLIENT == {"timeout": 2.5, "retries": 0}
+    pol = make_policy(None, "http://127.0.0.1:9/v1", "none", [], None)
+    assert pol.policy.max_retries == 0 and pol.policy._http.timeout.read == 2.5
+    CLIENT.update(timeout=60.0, retries=2)

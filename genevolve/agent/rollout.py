@@ -45,7 +45,9 @@ def rollout(requests: Sequence[Request], policy: RolloutPolicy, tools: Tools, k:
         if comp.finish_reason == "error":
             episodes[i].fail(comp.error or "policy failed")
         else:
-            episodes[i].step(comp.text, finish_reason=comp.finish_reason)
+            turn = episodes[i].step(comp.text, finish_reason=comp.finish_reason)
+            if comp.error:  # a turn that came back, with a note (e.g. cut for being too long)
+                episodes[i].traj.errors.append(f"turn {turn.index}: {comp.error}")
 
     def progress() -> None:
         on_turn(sum(e.done for e in episodes), len(episodes))

@@ -24,6 +24,10 @@ GENERATOR_HELP = ("'sandbox', 'tiny' (random-weight diffusers pipeline), 't2i:<m
 JUDGE_HELP = "OpenAI-compatible base URL of the VLM judge (key: $OPENAI_API_KEY or --judge-api-key)."
 
 
+# Bounds on every request to a policy or judge server, set by `genevolve --timeout S --retries N <command>`.
+CLIENT = {"timeout": 60.0, "retries": 2}
+
+
 def make_policy(world, name: str, noise: str, skip_skill: list[str], p_distractor: Optional[float],
             model: str = "default", adapter: Optional[str] = None):
     from ..agent.expert import ExpertNoise, ExpertPolicy
@@ -50,7 +54,7 @@ def make_policy(world, name: str, noise: str, skip_skill: list[str], p_distracto
     from ..policies.resolve import resolve_policy
 
     try:
-        return resolve_policy(name, model=model, adapter=adapter)
+        return resolve_policy(name, model=model, adapter=adapter, timeout=CLIENT["timeout"], retries=CLIENT["retries"])
     except (ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--policy") from exc
 
@@ -146,7 +150,7 @@ def open_judges(url: str, model: str, api_key: Optional[str], text_policy: str, 
     from ..judges.vlm import ProgramJudge, VLMJudge
 
     try:
-        common = dict(api_key=api_key, cache_dir=cache, rpm=rpm)
+        common = dict(api_key=api_key, cache_dir=cache, rpm=rpm, timeout=CLIENT["timeout"], max_retries=CLIENT["retries"])
         judge = VLMJudge(url, model, text_policy=text_policy, **common)
         pj = ProgramJudge(url, model, limiter=judge.limiter, **common) if sufficiency else None
     except ValueError as exc:

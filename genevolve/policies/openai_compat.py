@@ -145,7 +145,7 @@ class OpenAIChatPolicy:
         if not resp.is_success:
             body = resp.text.strip()[:300]
             return self._error(f"HTTP {resp.status_code}" + (f": {body}" if body else ""))
-        return self._parse(resp)
+        return cap_length(self._parse(resp), params)
 
     def _error(self, reason: str) -> Completion:
         return Completion(text="", finish_reason="error", error=f"POST {self._url} failed: {reason}")
@@ -172,6 +172,17 @@ class OpenAIChatPolicy:
             token_ids=_token_ids(choice),
             logprobs=_logprobs(choice),
         )
+
+
+def cap_length(completion: Completion, params: SamplingParams) -> Completion:
+    """A completion longer than any ``max_new_tokens`` answer could be (32 characters a token) is cut there and
+    recorded as too long, so a misbehaving server cannot fill the run files."""
+    limit = max(4096, 32 * params.max_new_tokens)
+    if len(completion.text) <= limit:
+        return completion
+    note = f"completion of {len(completion.text)} characters cut at {limit} (more than max_tokens={params.max_new_tokens} allows)"
+    return Completion(text=completion.text[:limit], finish_reason="length", error=note,
+                      token_ids=completion.token_ids[: params.max_new_tokens], logprobs=(completion.logprobs or [])[: params.max_new_tokens] or None)
 
 
 def _logprobs(choice: dict[str, Any]) -> list[float] | None:

@@ -53,15 +53,16 @@ def model_source(spec: str) -> tuple[Path, str | None]:
 
 
 def resolve_policy(spec: str, *, model: str = "default", adapter: str | None = None, device: str | None = None,
-                   dtype: str | None = None):
-    """A policy for ``spec`` (see the module docstring); ``expert`` is resolved by the caller."""
+                   dtype: str | None = None, timeout: float = 60.0, retries: int = 2):
+    """A policy for ``spec`` (see the module docstring); ``expert`` is resolved by the caller. ``timeout``
+    (seconds per request) and ``retries`` bound a server policy's requests."""
     from .local import LocalPolicy
 
     if spec.startswith(("http://", "https://")):
         from .base import AsAgentPolicy
         from .openai_compat import OpenAIChatPolicy
 
-        return AsAgentPolicy(OpenAIChatPolicy(spec, model))
+        return AsAgentPolicy(OpenAIChatPolicy(spec, model, timeout=timeout, max_retries=retries))
     folder, gguf = model_source(spec)
     return LocalPolicy.load(folder, gguf_file=gguf, device=device, dtype=dtype, adapter=adapter,
                             name=spec if spec in ("tiny", "smollm2") else None)
