@@ -138,10 +138,21 @@ def test_live_files_probe_pairs_and_lock(tmp_path, tiny_folder, world, monkeypat
     assert all(ExperienceBank(out / "bank").get(e).step == step for e, step in made.items())
     assert read_metrics(out / "metrics.jsonl")[0].get("t_probe") > 0
     assert not is_running(out)
-    with run_lock(out):
-        assert is_running(out)
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from genevolve.records.live import run_lock\n"
+                               "with run_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held" and is_running(out)  # another process trains there
         with pytest.raises(RunLockedError, match="another process"):
             evolve(_cfg(out, tiny_folder, steps=3), world=world, log=lambda _: None)
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(out):  # the same process may hold its folder while the trainer takes it again
+        assert is_running(out)
 
 
 def test_the_default_probe_follows_a_request_with_its_own_experience(tmp_path, tiny_folder, world, monkeypatch):

@@ -123,6 +123,7 @@ def test_two_sft_runs_into_one_folder_do_not_mix(tmp_path, small_data, world):
         assert not (work / "metrics.jsonl").exists()
     finally:
         holder.kill()
+        holder.wait()
 
 
 def test_bad_sft_data_is_named(tmp_path, world):
