@@ -1,8 +1,8 @@
 """Kill and resume: ``kill -9`` a training command at random moments, run it again, and compare with a run
 that was never interrupted.
 
-For each command (``evolve --train-only`` on the tiny student with a small seeded setting, and ``sft``'s
-tiny recipe on a few rows) the script first runs it once uninterrupted, then ``--trials`` times: start it
+For each command (``evolve --train-only`` on the tiny student with a small seeded setting, ``sft``'s tiny
+recipe on a few expert rows, and ``ablate`` with two arms and its comparison) the script first runs it once uninterrupted, then ``--trials`` times: start it
 in a fresh folder, kill it with SIGKILL after a random share of the uninterrupted wall time, start the
 same command again and let it finish. It counts
 
@@ -36,12 +36,28 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from same_numbers import fingerprint  # noqa: E402  (the same normalisation as the refactoring check)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-IGNORED = ("checkpoint/state.pt", "estimate.json", "start.json", "sft_state.pt")  # hold sizes and times of the run itself
+IGNORED = ("checkpoint/state.pt", "estimate.json", "start.json", ".html")  # sizes and times of the run itself (the HTML report
+# prints times, like report.md)
 
 COMMANDS = {
     "evolve": ["evolve", "--train-only", "--steps", "3", "-B", "2", "-K", "2", "--max-new-tokens", "96", "--no-probe",
                "--delta-min", "0.0", "--gate", "-1", "--seed", "3"],
+    "sft": ["sft", "--recipe", "tiny", "--data", "{data}", "--epochs", "3", "--pretrain-epochs", "1", "--batch-tokens", "2048",
+            "--save-every", "2", "--warmup-steps", "1"],
+    "ablate": ["ablate", "--arms", "sft,grpo+ved", "--seeds", "0", "--steps", "2", "-B", "2", "-K", "2", "--max-new-tokens", "96",
+               "--eval-requests", "2", "--no-probe", "--no-teacher"],
 }
+
+
+def sft_data(path: Path, n: int = 8) -> Path:
+    """A few expert conversations as SFT rows (the data `genevolve sft --data` reads)."""
+    from genevolve.training.sft_data import conversations, expert_trajectories
+    from genevolve.world import World
+
+    it = expert_trajectories(World(), split="bench", guided_fraction=0.5, seed=0)
+    convs = conversations([next(it) for _ in range(n)])
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    return path
 
 
 def _run(args: list[str], out: Path, kill_after: float | None = None) -> tuple[int, float]:
@@ -82,7 +98,9 @@ def compare(reference: dict[str, str], folder: Path) -> list[str]:
 
 
 def trials(command: str, n: int, rng: random.Random, work: Path) -> dict:
-    args = COMMANDS[command]
+    work.mkdir(parents=True, exist_ok=True)
+    data = sft_data(work / "sft-data.jsonl") if command == "sft" else None
+    args = [a.replace("{data}", str(data)) for a in COMMANDS[command]]
     ref_dir = work / "uninterrupted" / command  # every run in a folder of the same name: it is recorded in the rows
     code, wall = _run(args, ref_dir)
     if code != 0:
@@ -102,7 +120,7 @@ def trials(command: str, n: int, rng: random.Random, work: Path) -> dict:
         print(f"{command} trial {i}: killed at {at:5.1f} s of {wall:.1f} s ({'killed' if row['killed'] else 'had finished'}) · "
               f"resume exit {second} · unparsable {health['unparsable']} · duplicated {health['duplicated']} · "
               f"{'equal to the uninterrupted run' if not differ else 'DIFFERS: ' + ', '.join(differ[:4])}")
-    return {"command": "genevolve " + " ".join(args), "uninterrupted_wall_s": round(wall, 1), "trials": rows,
+    return {"command": "genevolve " + " ".join(COMMANDS[command]), "uninterrupted_wall_s": round(wall, 1), "trials": rows,
             "kills": sum(r["killed"] for r in rows), "survived": sum(r["resumed_exit"] == 0 for r in rows),
             "rows_lost": sum(r["unparsable"] for r in rows), "rows_duplicated": sum(r["duplicated"] for r in rows),
             "equal": sum(r["equal"] for r in rows)}

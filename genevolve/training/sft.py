@@ -339,6 +339,8 @@ def _finish(cfg: SFTConfig, out: Path, work: Path, model, tok, result: dict) -> 
     if cfg.lora_rank:  # merged, so the output is a plain model folder that every --policy takes
         model = model.merge_and_unload()
     model.save_pretrained(final_tmp)
+    for key in ("local_files_only", "is_local"):  # loading flags picked up by a resumed run: not part of the tokenizer
+        tok.init_kwargs.pop(key, None)
     tok.save_pretrained(final_tmp)
     atomic_write_json(final_tmp / "sft_config.json", asdict(cfg))
     shutil.copy(work / "metrics.jsonl", final_tmp / "metrics.jsonl")
