@@ -61,7 +61,7 @@ class FakeVLM:
     F = 1, text not applicable unless the request has a quote. Sufficiency requests: 1 when the
     gen_prompt is at least 40 characters, else 0.25. WISE requests: 2/1/1. ``mode`` injects faults:
     "down" (HTTP 503), "not_json" (a body that is not JSON), "prose" (an answer with no JSON),
-    "outside" (V = 0.7), "missing_key" (no V).
+    "outside" (V = 0.7), "missing_key" (no V), "level_outside" (a sufficiency level of 0.6).
     """
 
     def __init__(self, mode: str = "ok"):
@@ -84,6 +84,8 @@ class FakeVLM:
                                "failure_avoidance": "Never leave a count implicit."})
         if "prompt-reference program" in system:
             prog = json.loads(texts[0].split("Program:\n", 1)[1])
+            if self.mode == "level_outside":
+                return json.dumps({"missing": [], "level": 0.6})  # not one of the rubric's five levels
             return json.dumps({"missing": [], "level": 1 if len(prog["gen_prompt"]) >= 40 else 0.25})
         if "Consistency" in system or "WiScore" in system:
             return json.dumps({"consistency": 2, "realism": 1, "aesthetic_quality": 1, "rationale": "ok"})

@@ -77,6 +77,33 @@ def test_export_import_and_bench_official(rollout_run, fake_vlm, tmp_path, world
     assert res.exit_code != 0 and "gt.png" in res.output
 
 
+@pytest.mark.parametrize("policy", ["zero", "exclude"])
+def test_an_out_of_rubric_program_level_is_missing_in_the_table_and_the_note_alike(rollout_run, tmp_path, policy):
+    """The program judge answers level 0.6 (not a rubric level): the case is missing, and under either policy the
+    table's KScore is the one the note gives for that policy."""
+    run = load_run(rollout_run)
+    root = tmp_path / "official"
+    (root / "bench").mkdir(parents=True)
+    req = run.requests[0]
+    run.images.get(req.gt_image).save(root / "bench" / "gt.png")
+    (root / "bench" / "rows.jsonl").write_text(json.dumps({"id": "b1", "question": req.text, "gt_image": "gt.png",
+                                                           "eval_type": "knowledge", "category": "flags", "difficulty": 2}) + "\n")
+    out = tmp_path / "bench.json"
+    with serve_app(FakeVLM("level_outside").app()) as url:
+        res = runner.invoke(app, ["bench", "--data", str(root), "--policy", "expert", "--seeds", "0", "--judge", url + "/v1",
+                                  "--judge-model", "fake", "--missing", policy, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(out.read_text())
+    m = summary["missing"]["0"] if "0" in summary["missing"] else next(iter(summary["missing"].values()))
+    assert m["n"] == 1 and "program sufficiency" in next(iter(m["errors"].values()))
+    table_k = summary["by"]["overall"]["all"]["kscore"]["mean"] if summary["by"]["overall"] else None
+    if policy == "zero":
+        assert table_k == pytest.approx(0.0) and m["kscore_missing_as_zero"] == pytest.approx(0.0)
+        assert "counted as 0 in the table" in res.output and "KScore with them as 0: 0.000" in res.output
+    else:
+        assert table_k is None and "left out of the table's means" in res.output  # nothing left to average, and the note says why
+
+
 def test_data_import_writes_a_run_folder_that_reads_like_any_other(tmp_path, world):
     """Official rows in: a whole run folder out, which export, the experience miner and the studio all read."""
     from studio.html import run_view

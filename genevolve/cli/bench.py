@@ -145,7 +145,8 @@ def bench_official(data: Path, policy: str, seeds: str, generator: str, judge: O
     typer.echo(table(rows, ["by", "group", "n", "KScore (95% CI over seeds)", "F", "V", "T", "A", "failed", "missing"]))
     for s, m in summary["missing"].items():
         if m["n"]:
-            typer.echo(f"seed {s}: {m['n']}/{m['of']} missing cases ({m['policy']}d from the means): {m['reasons']}; "
+            how = "counted as 0 in the table" if m["policy"] == "zero" else "left out of the table's means"
+            typer.echo(f"seed {s}: {m['n']}/{m['of']} missing cases ({how}): {m['reasons']}; "
                        + (f"KScore with them as 0: {m['kscore_missing_as_zero']:.3f}" if m["kscore_missing_as_zero"] is not None
                           else "nothing was judged"))
     typer.echo(f"saved: {out}")
