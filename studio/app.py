@@ -58,26 +58,17 @@ class BlankUserName:
         from starlette.requests import Request
         from starlette.responses import JSONResponse
 
+        from genevolve.serving.guard import replay_body
+
         body, more = b"", True
         while more:
             chunk = await receive()
             body, more = body + chunk.get("body", b""), chunk.get("more_body", False)
 
-        def replay():
-            sent = False
-
-            async def again():
-                nonlocal sent
-                if sent:
-                    return await receive()
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return again
-
-        form = await Request(scope, replay()).form()
+        form = await Request(scope, replay_body(receive, body)).form()
         if not str(form.get("username", "")).strip():
             return await JSONResponse({"detail": BLANK_USER}, status_code=400)(scope, receive, send)
-        return await self.app(scope, replay(), send)
+        return await self.app(scope, replay_body(receive, body), send)
 
 
 TOO_MANY = "Too many failed logins from your address: wait {} s, then try again."

@@ -29,7 +29,8 @@ async def _drain(receive, limit: int) -> None:
         more = message.get("more_body", False)
 
 
-def _replay(receive, body: bytes):
+def replay_body(receive, body: bytes):
+    """An ASGI ``receive`` that hands the app ``body`` (already read) once, then defers to the real one."""
     sent = False
 
     async def again():
@@ -68,7 +69,7 @@ class BodyLimit:
                 if more:
                     await _drain(receive, max(4 * self.max_bytes, DRAIN_MIN))
                 return await self.answer(413, too_big)(scope, receive, send)
-        return await self.app(scope, _replay(receive, b"".join(chunks)), send)
+        return await self.app(scope, replay_body(receive, b"".join(chunks)), send)
 
 
 class ApiKey:
