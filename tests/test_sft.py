@@ -54,16 +54,22 @@ def test_tiny_sft_learns_and_writes_a_loadable_model(tmp_path, small_data, world
     assert len(pol.tokenizer) <= 8192 and pol.tokenizer.chat_template
 
 
-def test_sft_resumes_after_a_crash(tmp_path, small_data, world, monkeypatch):
+def _crash_at(n: int, real):
+    """``model_loss`` that raises on its n-th call, as if the process were killed mid-training."""
     calls = {"n": 0}
-    real = sft_mod.model_loss
 
     def crashing(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == n:
             raise KeyboardInterrupt("killed mid-training")
         return real(*a, **k)
 
+    return crashing
+
+
+def test_sft_resumes_after_a_crash(tmp_path, small_data, world, monkeypatch):
+    real = sft_mod.model_loss
+    crashing = _crash_at(4, real)
     monkeypatch.setattr(sft_mod, "model_loss", crashing)
     with pytest.raises(KeyboardInterrupt):
         train_sft(_cfg(tmp_path, small_data), world=world, log=lambda _: None, progress=False)
@@ -77,15 +83,8 @@ def test_sft_resumes_after_a_crash(tmp_path, small_data, world, monkeypatch):
 
 
 def test_a_resume_survives_a_torn_metrics_line_and_refuses_changed_data(tmp_path, small_data, world, monkeypatch):
-    calls = {"n": 0}
     real = sft_mod.model_loss
-
-    def crashing(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("killed mid-training")
-        return real(*a, **k)
-
+    crashing = _crash_at(4, real)
     data = tmp_path / "data.jsonl"
     data.write_bytes(small_data.read_bytes())
     monkeypatch.setattr(sft_mod, "model_loss", crashing)
