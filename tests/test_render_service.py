@@ -149,8 +149,6 @@ def test_no_docs_pages_that_load_a_cdn_and_errors_keep_the_protocol(gen):
 
 
 def test_loopback_by_default(gen, monkeypatch, capsys):
-    import uvicorn
-
     from genevolve.cli.serving import gateway, render_service
     from genevolve.serving.gateway import run_gateway
 
@@ -159,7 +157,7 @@ def test_loopback_by_default(gen, monkeypatch, capsys):
     for cmd in (render_service, gateway):
         assert inspect.signature(cmd).parameters["host"].default.default == "127.0.0.1"
     started = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(kw))
+    monkeypatch.setattr(render, "serve_until_stopped", lambda app, host, port, log_level="warning": started.append({"host": host}))
     render.run_render_server(gen)
     assert started[-1]["host"] == "127.0.0.1" and capsys.readouterr().err == ""
     render.run_render_server(gen, host="0.0.0.0")

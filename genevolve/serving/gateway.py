@@ -20,15 +20,18 @@ otherwise and serves no interactive docs pages (they load scripts from a CDN); /
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .guard import ApiKey, BodyLimit, check_signature, is_int, is_loopback, read_json, safe, sign, text_problem
+from .guard import (ApiKey, BodyLimit, check_signature, is_int, is_loopback, read_json, safe, serve_until_stopped, sign,
+                    text_problem)
 
 MAX_NUM = 100
 MAX_QUERY_CHARS = 2000
@@ -145,12 +148,18 @@ def build_gateway_app(store: str | Path, embedder=None, api_key: str | None = No
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:  # 404, 405: in Serper's error shape
         return _error(exc.status_code, str(exc.detail))
 
+    searching = threading.Lock()
+
     async def run(request: Request, one) -> Any:
         body, why = read_json(await request.body())
         queries = _queries(body, max_batch) if why is None else why
         if isinstance(queries, str):
             return _error(400, f"invalid query: {queries}")
-        out = [one(q, num) for q, num in queries]
+        def answer():
+            with searching:  # one search at a time, off the event loop: the server keeps accepting and answering
+                return [one(q, num) for q, num in queries]
+
+        out = await run_in_threadpool(answer)
         return out if isinstance(body, list) else out[0]
 
     @app.get("/health")
@@ -187,10 +196,8 @@ def build_gateway_app(store: str | Path, embedder=None, api_key: str | None = No
 
 def run_gateway(store: str | Path, host: str = "127.0.0.1", port: int = 8200, api_key: str | None = None,
                 log_level: str = "warning") -> None:
-    import uvicorn
-
     app = build_gateway_app(store, api_key=api_key)
     if not is_loopback(host):
         print(f"warning: gateway on {host}:{port} is reachable from other machines"
               + ("" if api_key else " with no API key"), file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    serve_until_stopped(app, host, port, log_level)

@@ -152,3 +152,23 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:  # another host name, or "" (every address)
         return False
+
+
+def serve_until_stopped(app, host: str, port: int, log_level: str = "warning", grace: float = 10.0) -> None:
+    """Run ``app`` with uvicorn until interrupted or sent SIGTERM, then stop accepting, give the requests in
+    flight up to ``grace`` seconds, and return (exit 0: uvicorn re-raises the signal it stopped on, which the
+    handler installed here turns into a no-op)."""
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace)
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread: uvicorn installs no handlers either
+        previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

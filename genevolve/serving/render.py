@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .guard import BodyLimit, is_loopback, read_json, safe, text_problem
+from .guard import BodyLimit, is_loopback, read_json, safe, serve_until_stopped, text_problem
 
 MAX_PROMPT_CHARS = 10_000
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -179,9 +179,7 @@ def build_render_app(generator, max_refs: int = 4, max_body_bytes: int = MAX_BOD
 
 
 def run_render_server(generator, host: str = "127.0.0.1", port: int = 8100, log_level: str = "warning") -> None:
-    import uvicorn
-
     if not is_loopback(host):
         print(f"warning: render service on {host}:{port} is reachable from other machines with no authentication",
               file=sys.stderr)
-    uvicorn.run(build_render_app(generator), host=host, port=port, log_level=log_level)
+    serve_until_stopped(build_render_app(generator), host, port, log_level)
