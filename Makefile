@@ -5,7 +5,7 @@ GE := $(VENV)/bin/genevolve
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup studio lab chromium demo test test-slow bench world tiny-policy smollm2-policy cuda-check clean
+.PHONY: setup studio lab chromium demo test test-slow bench mutate world tiny-policy smollm2-policy cuda-check clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ bench: setup
 	$(PY) benchmarks/render_judge_speed.py
 	$(PY) benchmarks/sandbox_levers.py
 	$(PY) benchmarks/studio_speed.py
+
+# Mutation testing of the core modules (scripts/mutate.py), on demand and never part of `make test`. It works in a
+# temporary copy and writes only benchmarks/results/mutation.{json,md}. One module: make mutate MODULE=losses
+mutate: setup
+	$(PY) scripts/mutate.py $(if $(MODULE),--module $(MODULE),)
 
 world: setup
 	$(GE) world build --seed 0 --out assets/world
