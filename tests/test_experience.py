@@ -162,7 +162,7 @@ def test_bank_create_edit_delete_search_persist(tmp_path):
     assert again.search("Paint a teal horse at dusk", 1)[0][1].id == e2.id
     again.delete(e2.id)
     assert [e.id for _, e in ExperienceBank(tmp_path, embedder=emb).search("Paint a teal horse", 5)] == [e1.id]
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="no experience 'exp-nope'"):
         again.delete("exp-nope")
 
 
@@ -265,7 +265,7 @@ def test_llm_summariser_validates_json():
         parse_summary(json.dumps({**SLOTS_OK, "failure_avoidance": ""}))
     s = LLMSummariser(FakeChat("oops"))
     s.prompt = lambda p: "prompt"
-    with pytest.raises(SummaryError):
+    with pytest.raises(SummaryError, match="the summary has no JSON object"):
         s.summarise(pair)
     s2 = LLMSummariser(FakeChat(good))
     s2.prompt = lambda p: "prompt"

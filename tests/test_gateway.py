@@ -44,7 +44,7 @@ def test_index_a_folder(user_store, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .txt/.md documents and no pictures"):
         index_folder(tmp_path / "empty", tmp_path / "o", embedder=HashEmbedder(), log=lambda s: None)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="no folder to index at .*nope"):
         index_folder(tmp_path / "nope", tmp_path / "o", embedder=HashEmbedder())
 
 

@@ -185,7 +185,7 @@ def test_lora_adapters_attach_switch_and_disable(policy, tmp_path):
     pol.set_adapter("a1")
     assert pol.generate(c, GREEDY)[0].logprobs == pytest.approx(adapted, abs=1e-5)
     assert pol.adapters == ["a1"]
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="no adapter at .*missing"):
         pol.load_adapter(tmp_path / "missing", "x")
 
 

@@ -193,5 +193,5 @@ def test_combined_loss():
     a, b = torch.tensor(1.0), torch.tensor(0.5)
     assert float(combined_loss(a, b)) == pytest.approx(2.0)
     assert float(combined_loss(None, b, lambda_ved=3.0)) == pytest.approx(1.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no loss to combine"):
         combined_loss(None, None)

@@ -175,9 +175,9 @@ def test_render_then_parse_answer():
 
 
 def test_render_turn_needs_exactly_one_action():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="exactly one of tool_call or answer"):
         render_turn("t")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="exactly one of tool_call or answer"):
         render_turn("t", tool_call=ToolCall(name="search"), answer={"gen_prompt": "x"})
 
 

@@ -185,7 +185,7 @@ def test_schema_error_is_a_value_error():
 def test_extra_fields_rejected_by_model():
     with pytest.raises(ValidationError, match="bogus"):
         ToolCall.model_validate({"name": "search", "arguments": {}, "bogus": 1})
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match=r"tool_call\.extra\n.*Extra inputs are not permitted"):
         Turn.model_validate({"index": 0, "raw": "x", "tool_call": {"name": "s", "extra": True}})
 
 
@@ -373,7 +373,7 @@ def test_image_store_rejects_bad_hash_strings(tmp_path, bad):
     store = ImageStore(tmp_path)
     with pytest.raises(ValueError, match="not an image hash"):
         store.path(bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not an image hash"):
         store.get(bad)
     assert bad not in store
 
@@ -385,7 +385,7 @@ def test_image_store_missing_image_raises_key_error(tmp_path):
     with pytest.raises(KeyError, match=missing):
         store.get(missing)
     store.put(_image())
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match=missing):
         store.get(missing)
 
 
@@ -427,7 +427,7 @@ def test_json_never_holds_nan(tmp_path):
     from genevolve.records.schema import atomic_write_json
 
     for bad in (float("nan"), float("inf")):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="not JSON compliant"):
             atomic_write_json(tmp_path / "x.json", {"kscore": bad})
     assert not (tmp_path / "x.json").exists()
 

@@ -32,7 +32,7 @@ def test_sglang_and_vllm_paths():
     refused = AdapterHotLoader("http://h:8000", transport=httpx.MockTransport(lambda r: httpx.Response(400, text="bad rank")))
     with pytest.raises(RuntimeError, match="HTTP 400: bad rank"):
         refused.load("a", "/tmp/a")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="server is one of .*not 'tgi'"):
         AdapterHotLoader("http://h", "tgi")
 
 

@@ -71,7 +71,7 @@ def test_sft_resumes_after_a_crash(tmp_path, small_data, world, monkeypatch):
     real = sft_mod.model_loss
     crashing = _crash_at(4, real)
     monkeypatch.setattr(sft_mod, "model_loss", crashing)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="killed mid-training"):
         train_sft(_cfg(tmp_path, small_data), world=world, log=lambda _: None, progress=False)
     assert (tmp_path / "model.work" / "checkpoint" / "state.pt").exists() and not (tmp_path / "model").exists()
     monkeypatch.setattr(sft_mod, "model_loss", real)
@@ -88,7 +88,7 @@ def test_a_resume_survives_a_torn_metrics_line_and_refuses_changed_data(tmp_path
     data = tmp_path / "data.jsonl"
     data.write_bytes(small_data.read_bytes())
     monkeypatch.setattr(sft_mod, "model_loss", crashing)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="killed mid-training"):
         train_sft(_cfg(tmp_path, data), world=world, log=lambda _: None, progress=False)
     monkeypatch.setattr(sft_mod, "model_loss", real)
     with open(tmp_path / "model.work" / "metrics.jsonl", "a") as fh:

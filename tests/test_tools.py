@@ -154,7 +154,7 @@ def test_vector_index_stale_detection(tmp_path: Path):
     assert is_current(path, "hash-8", 8, 2)
     assert not is_current(path, "all-MiniLM-L6-v2", 8, 2)
     assert not is_current(path, "hash-8", 8, 3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected vectors of shape \(N, 8\), got \(1, 4\)"):
         index.add([5], np.ones((1, 4), np.float32))
 
 
