@@ -37,14 +37,24 @@ def test_rubric_order_and_text_policies(tmp_path):
     kinds = [p["type"] for p in parts]
     assert kinds.index("image_url") < len(kinds) - 1  # generated first, ground truth last
 
+    # RED against BLUE: the fake grades F 1, V 0, A 0 (mean difference 113 of 255), text not applicable.
     half = judge(fake, tmp_path / "cache", text_policy="half").judge("a red square", RED, BLUE)
-    assert half.T == 0.5 and half.kscore == pytest.approx(0.1 + 0.4 * half.V + 0.2 + 0.1 * half.A)
+    assert (half.F, half.V, half.T, half.A) == (1, 0, 0.5, 0)
+    assert half.kscore == pytest.approx(0.1 * 1 + 0.4 * 0 + 0.4 * 0.5 + 0.1 * 0)  # = 0.3
     renorm = judge(fake).judge("a red square", RED, BLUE)
-    assert renorm.T is None and renorm.kscore == pytest.approx(kscore(1, renorm.V, None, renorm.A))
+    assert (renorm.F, renorm.V, renorm.T, renorm.A) == (1, 0, None, 0)
+    assert renorm.kscore == pytest.approx(0.1 / 0.6)  # T left out: (0.1 F + 0.4 V + 0.1 A) / 0.6
     texty = judge(fake).judge('a banner with the exact text "HI"', RED, RED)
     assert texty.T == 1 and not texty.text_na and texty.kscore == pytest.approx(1.0)
     with pytest.raises(ValueError, match="text_policy"):
         judge(fake, text_policy="zero")
+
+
+def test_kscore_weights_by_hand():
+    assert kscore(1, 1, 1, 1) == pytest.approx(1.0)
+    assert [kscore(*one_hot) for one_hot in ((1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1))] == \
+        pytest.approx([0.1, 0.4, 0.4, 0.1])
+    assert kscore(0, 1, None, 0) == pytest.approx(0.4 / 0.6) and kscore(1, 0, None, 1) == pytest.approx(0.2 / 0.6)
 
 
 def test_cache_by_content_hash(tmp_path):
@@ -155,9 +165,12 @@ def test_scorer_records_every_failure_kind(tmp_path):
     assert v.failed == "generator failed: TimeoutError: render took too long" and is_missing(v)
     _, v = ModelScorer(gen, judge(FakeVLM("outside"), answer_retries=0)).score(*_case(store, 4), store)
     assert v.failed.startswith("judge failed: V is 0.7") and is_missing(v) and v.image in store
-    no_pj = ModelScorer(gen, judge(fake))
-    _, v = no_pj.score(*_case(store, 5), store)
-    assert v.alpha == 0 and v.reward == v.kscore
+    # a wrong picture (BLUE for RED): KScore (0.1 F) / 0.6 = 1/6, R_text 1 (a 50-character prompt)
+    _, v = ModelScorer(Gen(BLUE), judge(fake), pj, alpha=0.5).score(*_case(store, 5), store)
+    assert v.kscore == pytest.approx(1 / 6) and v.r_text == 1 and v.reward == pytest.approx(0.5 * 1 / 6 + 0.5 * 1)
+    no_pj = ModelScorer(Gen(BLUE), judge(fake))
+    _, v = no_pj.score(*_case(store, 6), store)
+    assert v.alpha == 0 and v.kscore == pytest.approx(1 / 6) and v.reward == pytest.approx(1 / 6)
 
 
 def test_missing_policy_is_stated_and_reported(tmp_path):
@@ -175,7 +188,7 @@ def test_missing_policy_is_stated_and_reported(tmp_path):
     zero = summarise(pairs, missing="zero")
     assert zero["overall"]["all"]["n"] == 3 and zero["overall"]["all"]["kscore"] == pytest.approx(0.8 / 3)
     assert zero["missing"]["n"] == 1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="missing is one of .*not 'drop'"):
         summarise(pairs, missing="drop")
     assert summarise([])["missing"]["kscore_missing_excluded"] is None
     assert summarise([(req, down)])["missing"]["kscore_missing_excluded"] is None

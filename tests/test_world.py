@@ -90,7 +90,7 @@ def test_issue_example_request_is_multi_hop(world):
     ("Draw a red circle and a blue square", "relation"),
 ])
 def test_unreadable_requests_raise(world, text, why):
-    with pytest.raises(ParseError):
+    with pytest.raises(ParseError, match=why):
         parse_request(text, world.data)
 
 
@@ -203,13 +203,24 @@ def test_judge_reads_failures(world):
     wrong.text = "GO TEEM"
     j = judge.judge(Image.fromarray(render(wrong)), scene, gt)
     assert j.checks["quantity_counting"] == [0.0] and j.checks["knowledge"] == [1.0]
-    assert j.T == pytest.approx(text_accuracy("GO TEEM", "GO TEAM")) and "GO TEEM" in j.rationale
+    assert j.T == pytest.approx(6 / 7) and "GO TEEM" in j.rationale  # one substitution in seven characters
     moved = Scene.from_dict(r.scene)
     moved.objects[0].cell = "top-left"
     j2 = judge.judge(Image.fromarray(render(moved)), scene, gt)
     assert j2.checks["spatial_layout"] == [0.0, 1.0]
     blank = judge.judge(Image.fromarray(render(Scene())), scene, gt)
     assert blank.F == 0.0 and blank.kscore < 0.2
+
+
+def test_text_accuracy_is_one_minus_the_edit_distance_over_the_longer_text():
+    # worked by hand: (read, wanted, edits, longer length)
+    assert text_accuracy("GO TEAM", "GO TEAM") == 1.0
+    assert text_accuracy("GO TEEM", "GO TEAM") == pytest.approx(1 - 1 / 7)  # one substitution
+    assert text_accuracy("GO", "GO TEAM") == pytest.approx(1 - 5 / 7)  # five characters missing
+    assert text_accuracy("GO TEAM!!", "GO TEAM") == pytest.approx(1 - 2 / 9)  # two extra, over the longer (9)
+    assert text_accuracy("OG TAEM", "GO TEAM") == pytest.approx(1 - 4 / 7)  # two swaps are four substitutions
+    assert text_accuracy("XYZ", "AB") == 0.0 and text_accuracy("", "HI") == 0.0
+    assert text_accuracy("", "") == 1.0 and text_accuracy("HI", "") == 0.0  # no text wanted: any text is wrong
 
 
 def test_kscore_weights_and_text_renormalisation():
