@@ -166,14 +166,37 @@ def test_sft_trains_on_official_trajectories(official, tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in sft_messages(load_sft(root).trajectories)))
     cfg = SFTConfig(out=str(tmp_path / "student"), recipe="model", model=str(TINY_DIR), data=str(data), epochs=1,
-                    lora_rank=4, batch_tokens=4096, warmup_steps=1, lr=1e-3)
+                    lora_rank=4, batch_tokens=16384, warmup_steps=1, lr=1e-3)
     result = train_sft(cfg, log=lambda s: None, progress=False)
-    assert result["conversations"] == 3 and result["steps"] >= 1 and result["final_loss"] == result["final_loss"]
+    assert result["conversations"] == 3 and result["steps"] == 1  # the three conversations in one batch
+    # The one step's loss is the base model's (a fresh LoRA changes nothing): the mean cross-entropy of the
+    # assistant tokens, computed here a conversation at a time with a plain forward pass.
+    convs = [json.loads(line)["messages"] for line in data.read_text().splitlines()]
+    assert result["final_loss"] == pytest.approx(_assistant_nll(TINY_DIR, convs), rel=1e-4)
     # The LoRA is merged into a plain model folder that every --policy accepts.
     assert (tmp_path / "student" / "config.json").exists() and not (tmp_path / "student" / "adapter_config.json").exists()
     from genevolve.policies.resolve import resolve_policy
 
     assert resolve_policy(str(tmp_path / "student")).tokenizer is not None
+
+
+def _assistant_nll(model_dir, conversations) -> float:
+    """Mean negative log-likelihood of the assistant's tokens, one conversation at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from genevolve.policies.local import encode_conversation
+
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    total, n = 0.0, 0
+    for messages in conversations:
+        ids, mask = encode_conversation(tok, messages)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        for i in range(1, len(ids)):
+            if mask[i]:
+                total, n = total - float(logp[i - 1, ids[i]]), n + 1
+    return total / n
 
 
 # ---------------------------------------------------------------------------
