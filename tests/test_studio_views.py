@@ -119,6 +119,27 @@ def test_the_probe_request_goes_to_evolve_as_an_id():
     assert args[0] == "ablate" and args[args.index("--probe-request") + 1] == "evolve-0003"
 
 
+def _curves(fig) -> dict[str, dict[str, tuple[list, list]]]:
+    """What a curves figure shows: panel title -> line label -> (steps, values)."""
+    return {ax.get_title(): {ln.get_label(): ([float(x) for x in ln.get_xdata()], [float(y) for y in ln.get_ydata()])
+                             for ln in ax.get_lines()} for ax in fig.axes}
+
+
+def _bars(fig) -> dict[str, dict[str, list[tuple[str, float, float]]]]:
+    """What a bar figure shows: panel title -> run -> [(x label, bar height, error-bar half-height)]."""
+    out = {}
+    for ax in fig.axes:
+        labels = [t.get_text() for t in ax.get_xticklabels()]
+        out[ax.get_title()] = {}
+        for bars in ax.containers:
+            if not hasattr(bars, "patches"):
+                continue
+            segments = bars.errorbar.lines[2][0].get_segments() if bars.errorbar else []
+            halves = [abs(float(seg[1][1] - seg[0][1])) / 2 for seg in segments] or [0.0] * len(bars.patches)
+            out[ax.get_title()][bars.get_label()] = [(lab, b.get_height(), h) for lab, b, h in zip(labels, bars.patches, halves)]
+    return out
+
+
 def _write_run(out: Path, steps: int = 2):
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps({"steps": 3}))
@@ -146,7 +167,10 @@ def test_read_live_tolerates_a_run_in_progress_and_a_deleted_folder(tmp_path):
     est.save(out, est.Estimate(60.0, 1.0, "test", est.plan_evolve(3, 2, 2, False, 5)))
     job = {"state": "running", "out": str(out)}
     assert "ETA" in status_text(read_live(out), job)  # from the logged steps (no seconds here: 0 s each)
-    curves_figure(live.metrics)
+    # the two logged steps of _write_run (the torn third line is not drawn), one line per panel
+    assert _curves(curves_figure(live.metrics)) == {
+        "reward (mean)": {"run": ([1, 2], pytest.approx([0.1, 0.2]))}, "VED loss": {"run": ([1, 2], pytest.approx([0.5, 0.25]))},
+        "GRPO loss": {"run": ([1, 2], pytest.approx([-0.1, -0.1]))}, "retrieval hit rate": {"run": ([1, 2], pytest.approx([0.5, 0.5]))}}
     import shutil
 
     shutil.rmtree(out)
@@ -162,6 +186,10 @@ def test_read_live_of_an_ablation_has_one_curve_per_arm(tmp_path):
     (tmp_path / "abl" / "report" / "curve_x.png").write_bytes(b"png")
     live = read_live(tmp_path / "abl")
     assert set(live.metrics) == {"grpo-s0", "ved-s0"} and live.points == 3 and live.report is not None
+    fig = curves_figure(live.metrics)
+    assert _curves(fig)["VED loss"] == {"grpo-s0": ([1, 2], pytest.approx([0.5, 0.25])), "ved-s0": ([1], pytest.approx([0.5]))}
+    assert all(set(panel) == {"grpo-s0", "ved-s0"} for panel in _curves(fig).values())
+    assert sorted(t.get_text() for t in fig.axes[0].get_legend().get_texts()) == ["grpo-s0", "ved-s0"]
     body, images = report_parts(live.report)
     assert "![" not in body and "| a |" in body and [p.name for p in images] == ["curve_x.png"]
 
@@ -182,7 +210,12 @@ def test_bench_summary_table_chart_and_both_file_shapes(tmp_path):
     rows = summary_rows(summary)
     assert rows[0][:3] == ["overall", "all", 2] and rows[0][3].startswith("0.500 ± ")
     assert {r[0] for r in rows} == {"overall", "track", "category", "difficulty"}
-    summary_figure({"raw": summary})
+    # KScore per group, mean over the two seeds; CI = t(0.975, 1 df) 12.706 × sd 0.1414 / √2 = 1.2706
+    ci = pytest.approx(12.706 * 0.1, abs=1e-3)
+    assert _bars(summary_figure({"raw": summary})) == {
+        "KScore by track": {"raw": [("knowledge", pytest.approx(0.7), ci), ("quality", pytest.approx(0.3), ci)]},
+        "KScore by category": {"raw": [("flag", pytest.approx(0.7), ci), ("scene", pytest.approx(0.3), ci)]},
+        "KScore by difficulty": {"raw": [("1", pytest.approx(0.3), ci), ("2", pytest.approx(0.7), ci)]}}
     (tmp_path / "agg.json").write_text(json.dumps({"overall": {"all": {"n": 1, "failed": 0, "kscore": 0.3, "F": 1, "V": 0.2,
                                                                        "T": None, "A": 0.4, "r_text": 0, "reward": 0.3}}}))
     assert summary_rows(load_summary(tmp_path / "agg.json"))[0][3] == "0.300"
