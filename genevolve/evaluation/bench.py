@@ -95,7 +95,7 @@ class SandboxScorer:
 
 
 _INVALID_ISSUES = ("empty gen_prompt", "gen_prompt is missing", "dropped unknown image id", "dropped a malformed",
-                   "names images by id", "reference_images is not a list", "dropped duplicate")
+                   "gen_prompt names images by id", "reference_images is not a list", "dropped duplicate")
 
 
 def protocol_valid(traj: Trajectory) -> bool:
