@@ -221,3 +221,134 @@ def test_edit_makes_one_version_per_change_and_delete_removes(tmp_path):
     assert len(bank) == 0 and len(ExperienceBank(tmp_path, embedder=HashEmbedder(32))) == 0
     with pytest.raises(KeyError):
         bank.get(exp.id)
+
+
+def _gathering(tid, facts, images, refs=("IMG_001",)):
+    calls = [("search", "Aurora Cup winner", "Veloria won.", [])] * facts + \
+            [("image_search", "flag of the winner", "IMG_001", ["IMG_001"])] * images
+    return _t(tid, calls, refs=list(refs))
+
+
+def test_a_worst_that_gathered_differently_means_different_kinds_of_search():
+    best = _gathering("b", 1, 1)
+    many = _gathering("many", 2, 2)  # more searches of both kinds: gathered the same way as the best
+    for other in (_gathering("nofacts", 0, 1), _gathering("noimages", 1, 0)):
+        for order in ([many, other], [other, many]):
+            group = [(best, _v("b", 0.9))] + [(tr, _v(tr.id, 0.1)) for tr in order]
+            assert mine_pairs([group])[0].worst.id == other.id
+
+
+def test_an_unfinished_worst_with_a_program_is_still_passed_over_for_an_answer():
+    best = _gathering("b", 1, 1)
+    unfinished = _gathering("u", 0, 0).model_copy(update={"termination": "max_rounds_reached"})
+    answered = _gathering("a", 1, 1)
+    for order in ([unfinished, answered], [answered, unfinished]):
+        group = [(best, _v("b", 0.9))] + [(tr, _v(tr.id, 0.1)) for tr in order]
+        assert mine_pairs([group])[0].worst.id == "a"
+
+
+def test_skipped_groups_do_not_stop_the_mining_of_later_groups():
+    guess = _t("g", [("image_search", "flag of Brezia", "IMG_001", ["IMG_001"])], refs=["IMG_001"])
+    later = [(_t("b"), _v("b", 0.9)), (_t("w"), _v("w", 0.1))]
+    for first in ([(_t("x"), _v("x", 0.9))],  # too small
+                  [(guess, _v("g", 0.9)), (guess, _v("g", 0.1))],  # nothing grounded
+                  [(guess, _v("g", 0.9)), (_t("s"), _v("s", 0.1))]):  # the grounded best is the only lowest
+        assert [p.best.id for p in mine_pairs([first, later])] == ["b"]
+
+
+def test_with_no_threshold_the_best_is_never_its_own_worst():
+    guess = _t("g", [("image_search", "flag of Brezia", "IMG_001", ["IMG_001"])], refs=["IMG_001"])
+    assert mine_pairs([[(guess, _v("g", 0.9)), (_t("s"), _v("s", 0.5))]], delta_min=0.0) == []
+    (pair,) = mine_pairs([[(_t("s"), _v("s", 0.5)), (_t("t"), _v("t", 0.5))]], delta_min=0.0)
+    assert (pair.best.id, pair.worst.id, pair.gap) == ("s", "t", 0.0)
+
+
+def test_evidence_counts_every_fact_search_and_a_name_right_after_a_bracket():
+    e = evidence(_t("x", [("search", "a", "x", []), ("search", "b", "y", []), ("search", "c", "z", []),
+                          ("image_search", "(Veloria flag)", "IMG_001", ["IMG_001"])], refs=["IMG_001"]))
+    assert e.fact_searches == 3 and e.guessed_names == ("Veloria",)
+
+
+def test_the_bank_uses_its_embedder_and_stamps_new_experiences(tmp_path):
+    import re
+
+    emb = HashEmbedder(32)
+    bank = ExperienceBank(tmp_path, embedder=emb)
+    assert bank.embedder is emb and bank.load_errors == []
+    exp = bank.add("r1", "one", SLOTS_OK)
+    assert re.fullmatch(r"exp-[0-9a-f]{10}", exp.id) and exp.reward_gap == 0.0
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", exp.created)  # UTC, to the second
+    same = bank.edit(exp.id, {"search_strategy": "Search first."})
+    assert same.note == ""
+
+
+def test_the_index_file_is_written_by_changes_only_and_names_its_embedder(tmp_path):
+    from genevolve.tools.faiss_store import VectorIndex
+
+    emb = HashEmbedder(32)
+    bank = ExperienceBank(tmp_path, embedder=emb)
+    bank.add("r1", "one", SLOTS_OK)
+    bank.add("r2", "two", SLOTS_OK)
+    index = VectorIndex.load(tmp_path / "experiences.faiss")
+    assert len(index) == 2 and index.embedder == "hash-32"
+    (tmp_path / "experiences.faiss").unlink()
+    assert ExperienceBank(tmp_path, embedder=emb).search("one", 1)[0][1].source_request_id == "r1"
+    assert not (tmp_path / "experiences.faiss").exists()  # a reader writes nothing
+
+
+def test_a_reader_sees_what_another_bank_object_wrote_since(tmp_path):
+    emb = HashEmbedder(32)
+    writer, reader = ExperienceBank(tmp_path, embedder=emb), ExperienceBank(tmp_path, embedder=emb)
+    writer.add("r1", "three gold stars", SLOTS_OK)
+    assert [e.source_request_id for _, e in reader.search("three gold stars", 5)] == ["r1"]
+    writer.add("r2", "a teal horse at dusk", SLOTS_OK)
+    assert reader.search("a teal horse at dusk", 1)[0][1].source_request_id == "r2"
+    assert reader.nearest(["a teal horse at dusk"])[0][0].source_request_id == "r2"
+
+
+def test_an_edit_compares_with_the_latest_slots_on_disk(tmp_path):
+    emb = HashEmbedder(32)
+    a = ExperienceBank(tmp_path, embedder=emb)
+    exp = a.add("r1", "one", SLOTS_OK)
+    b = ExperienceBank(tmp_path, embedder=emb)
+    b.edit(exp.id, {"search_strategy": "Search twice."})
+    back = a.edit(exp.id, {"search_strategy": SLOTS_OK["search_strategy"]}, note="undo")  # equal to a's stale copy
+    assert back.version == 3 and back.note == "undo"
+    assert ExperienceBank(tmp_path, embedder=emb).get(exp.id).slots["search_strategy"] == SLOTS_OK["search_strategy"]
+
+
+def test_loading_skips_blank_lines_sets_broken_ones_aside_and_keeps_reading(tmp_path):
+    emb = HashEmbedder(32)
+    bank = ExperienceBank(tmp_path, embedder=emb)
+    first, second = bank.add("r1", "one", SLOTS_OK), bank.add("r2", "two", SLOTS_OK)
+    lines = bank.jsonl.read_text("utf-8").splitlines()
+    bank.jsonl.write_text(lines[0] + "\n\n{broken\n" + lines[1] + "\n", "utf-8")
+    again = ExperienceBank(tmp_path, embedder=emb)
+    assert list(again.items) == [first.id, second.id]
+    assert again.load_errors == [f"{again.jsonl}:3: 1 validation error for Experience"]
+    again.add("r3", "three", SLOTS_OK)
+    assert (tmp_path / "experiences.rejected.jsonl").read_text("utf-8") == "{broken\n"
+
+
+def test_search_returns_five_by_default_and_nearest_can_return_the_first_experience(tmp_path):
+    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(32))
+    made = [bank.add(f"r{i}", f"request number {i} with words", SLOTS_OK) for i in range(7)]
+    assert len(bank.search("request number 3 with words")) == 5
+    (e, s), = bank.nearest([made[0].source_request])
+    assert e.id == made[0].id and s == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="^exclude_sources needs one entry per text$"):
+        bank.nearest(["a"], exclude_sources=[])
+
+
+def test_the_oldest_quarter_grows_with_the_bank(tmp_path):
+    gaps = [0.9, 0.8, 0.1, 0.2] + [0.5] * 9  # capacity 12: the 13th addition weighs the 3 oldest (13 // 4)
+    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(16), capacity=12)
+    made = [bank.add(f"r{i}", f"request {i}", SLOTS_OK, reward_gap=g) for i, g in enumerate(gaps)]
+    assert made[2].id not in bank.items and made[3].id in bank.items and len(bank) == 12
+    assert list(bank.items) == [made[i].id for i in _evict_oracle(gaps, 12)]
+
+
+def test_ids_differ_for_different_slots_added_in_the_same_second_at_capacity(tmp_path):
+    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(16), capacity=2)
+    ids = [bank.add("r1", "one", {**SLOTS_OK, "search_strategy": f"Search {i}."}).id for i in range(4)]
+    assert len(set(ids)) == 4
