@@ -44,6 +44,19 @@ from genevolve.records.schema import atomic_write_json
 from genevolve.world import World
 
 
+def source_state() -> dict:
+    """The checkout's commit and whether the library had uncommitted changes when the figures were taken."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "genevolve"], cwd=root, capture_output=True, text=True)
+        return {"git_commit": head or None, "library_uncommitted_changes": bool(dirty.stdout.strip())}
+    except OSError:
+        return {"git_commit": None, "library_uncommitted_changes": None}
+
+
 def machine_facts(policy) -> dict:
     import peft
     import transformers
@@ -52,7 +65,7 @@ def machine_facts(policy) -> dict:
             "dtype": str(policy.model.dtype).replace("torch.", ""), "python": platform.python_version(),
             "platform": platform.platform(), "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "GENEVOLVE_DTYPE": os.environ.get("GENEVOLVE_DTYPE"),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), **source_state()}
 
 
 def prompt_ids(policy, messages) -> list[int]:

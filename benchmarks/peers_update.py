@@ -147,7 +147,7 @@ class Ours:
         t = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
         self.opt.step()
-        self.timers = {"frozen forwards (pi_old, reference, teacher)": stats["teacher_seconds"],
+        self.timers = {"frozen forwards (accumulate_gradients teacher_seconds)": stats["teacher_seconds"],
                        "student forward + loss + backward": stats["update_seconds"],
                        "clip + optimizer": time.perf_counter() - t}
 
