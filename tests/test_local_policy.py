@@ -52,25 +52,83 @@ def test_logprobs_are_the_models_own(policy):
     assert out.logprobs == pytest.approx(want, abs=1e-4)
 
 
-def test_streams_reuse_the_cache_across_turns(policy):
-    """Continuing a conversation turn by turn gives the same tokens as re-encoding the whole of it."""
-    obs = {"role": "user", "content": "<tool_response>\nsome result\n</tool_response>"}
+@pytest.fixture(scope="module")
+def stopping_policy(policy):
+    """The same tiny model with its stop token's logit raised by 4, so that a sampled turn ends with a stop token
+    after a few tokens (the random model alone almost never samples it)."""
+    model = build_tiny_model(policy.tokenizer, seed=0, layers=2, hidden=64).eval()
+    stop = policy.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def raise_stop(module, args, logits):
+        logits[..., stop] += 4.0
+        return logits
+
+    model.lm_head.register_forward_hook(raise_stop)
+    return LocalPolicy(model, policy.tokenizer, name="tiny-stopping")
+
+
+OBS = {"role": "user", "content": "<tool_response>\nsome result\n</tool_response>"}
+
+
+def two_turns(pol, params):
+    """A conversation continued turn by turn on one stream: (stream, [turn 1, turn 2])."""
     turns = []
 
     def next_messages(i):
         if len(turns) == 2:
             return None
-        return conv() + ([{"role": "assistant", "content": turns[0].text}, obs] if turns else [])
+        return conv() + ([{"role": "assistant", "content": turns[0].text}, OBS] if turns else [])
 
-    (st,) = policy.run_conversations(1, next_messages, lambda i, c: turns.append(c), GREEDY)
-    fresh = policy.generate([conv() + [{"role": "assistant", "content": turns[0].text}, obs]], GREEDY)[0]
+    (st,) = pol.run_conversations(1, next_messages, lambda i, c: turns.append(c), params)
     assert st.resets == 0
-    if turns[0].finish_reason == "stop":  # with a stop token the re-rendered history is token-identical
-        assert turns[1].token_ids == fresh.token_ids
     # The stream's mask is 1 exactly on the sampled tokens.
     sampled = [t for t, m in zip(st.ids, st.mask) if m]
     assert sampled == turns[0].token_ids + turns[1].token_ids
     assert len(st.ids) == len(st.mask) == len(st.logprobs)
+    return st, turns
+
+
+def test_streams_reuse_the_cache_across_turns(stopping_policy):
+    """Continuing a conversation turn by turn gives the same tokens as re-encoding the whole of it.
+
+    That holds when the re-rendered history is token-identical to the stream: the first turn ended with a stop
+    token and its sampled tokens are the ones the tokenizer would choose for its text (a random model often
+    samples a split that encodes differently, or half a character). The first seed whose first turn is like that
+    is used (59 is, for this model); the noise is then the same (one seed, one first user message, the same
+    positions), so a fresh stream over the history samples the same second turn."""
+    prompt = policy_encode(stopping_policy, conv())
+    for seed in (59, *range(100)):
+        params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=48, seed=seed)
+        first = stopping_policy.generate([conv()], params)[0]
+        history = conv() + [{"role": "assistant", "content": first.text}, OBS]
+        canonical = policy_encode(stopping_policy, history)[: len(prompt) + len(first.token_ids)] == prompt + first.token_ids
+        if first.finish_reason == "stop" and len(first.token_ids) >= 4 and canonical:
+            break
+    else:
+        pytest.fail("no seed gives a first turn that ends with a stop token and re-encodes to itself")
+    st, turns = two_turns(stopping_policy, params)
+    assert turns[0].token_ids == first.token_ids
+    assert st.ids[: len(st.ids) - len(turns[1].token_ids)] == policy_encode(stopping_policy, history)
+    fresh = stopping_policy.generate([history], params)[0]
+    assert turns[1].token_ids == fresh.token_ids and len(fresh.token_ids) >= 2
+    assert turns[1].logprobs == pytest.approx(fresh.logprobs, abs=1e-4)
+
+
+def test_a_turn_cut_by_the_token_budget_is_followed_by_the_templates_text(policy):
+    """A turn that ran out of tokens has no stop token in the stream: the stream goes on with the template's text
+    after the turn (its stop token, the observation), encoded, behind the sampled tokens as they were."""
+    st, turns = two_turns(policy, GREEDY)
+    assert turns[0].finish_reason == "length" and len(turns[0].token_ids) == GREEDY.max_new_tokens
+    prompt = policy_encode(policy, conv())
+    text = policy._render(conv() + [{"role": "assistant", "content": turns[0].text}, OBS])
+    rest = policy.tokenizer(text[len(policy._render(conv()) + turns[0].text):], add_special_tokens=False)["input_ids"]
+    assert rest[0] == policy.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert st.ids == prompt + turns[0].token_ids + rest + turns[1].token_ids
+
+
+def policy_encode(pol, messages):
+    """The token ids of a conversation rendered with the generation prompt, encoded in one piece."""
+    return pol.tokenizer(pol._render(messages), add_special_tokens=False)["input_ids"]
 
 
 def test_the_cache_goes_to_the_model_without_a_deprecation_warning(policy):
