@@ -352,3 +352,18 @@ def test_ids_differ_for_different_slots_added_in_the_same_second_at_capacity(tmp
     bank = ExperienceBank(tmp_path, embedder=HashEmbedder(16), capacity=2)
     ids = [bank.add("r1", "one", {**SLOTS_OK, "search_strategy": f"Search {i}."}).id for i in range(4)]
     assert len(set(ids)) == 4
+
+
+def test_an_embedder_without_a_name_leaves_the_index_unnamed(tmp_path):
+    from genevolve.tools.faiss_store import VectorIndex
+
+    class Nameless:
+        dim = 16
+
+        def encode(self, texts):
+            return HashEmbedder(16).encode(texts)
+
+    bank = ExperienceBank(tmp_path, embedder=Nameless())
+    bank.add("r1", "one", SLOTS_OK)
+    assert VectorIndex.load(tmp_path / "experiences.faiss").embedder == ""
+    assert bank.search("one", 1)[0][1].source_request_id == "r1"

@@ -116,3 +116,31 @@ def test_sample_tokens_at_the_ends_of_the_unit_interval():
     tied = torch.tensor([[1.0, 3.0, 3.0, 0.0]])
     assert int(sample_tokens(tied, SamplingParams(temperature=0.0), [0.5])[0][0]) == 1
     assert int(sample_tokens(tied, p, [0.0])[0][0]) == 1  # equal probabilities keep their index order
+
+
+def test_ties_keep_index_order_even_among_thousands():
+    """A stable sort: with 5000 equal logits u = 0 takes token 0 (an unstable sort starts elsewhere)."""
+    tok, lp = sample_tokens(torch.zeros(1, 5000), SamplingParams(temperature=1.0, top_p=1.0), [0.0])
+    assert int(tok[0]) == 0 and tok.shape == (1,) and lp.shape == (1,)
+    assert float(lp[0]) == pytest.approx(-math.log(5000))
+
+
+def test_a_token_exactly_on_a_cdf_step_or_the_top_p_edge():
+    # p = 0.5, 0.5: u = 0.5 lands exactly on the first step, which belongs to the second token (right side)
+    assert int(sample_tokens(torch.zeros(1, 2), SamplingParams(temperature=1.0, top_p=1.0), [0.5])[0][0]) == 1
+    # p = 0.5, 0.25, 0.25 and top_p = 0.5: the second token has exactly 0.5 before it, so it is cut
+    logits = torch.tensor([[math.log(2.0), 0.0, 0.0]])
+    assert int(sample_tokens(logits, SamplingParams(temperature=1.0, top_p=0.5), [0.99])[0][0]) == 0
+    assert int(sample_tokens(logits, SamplingParams(temperature=1.0, top_p=0.51), [0.99])[0][0]) == 1
+
+
+def test_u_rounding_to_one_stays_on_the_last_kept_token_of_its_own_row():
+    top = 1.0 - 2**-53  # 1.0 in float32: the target is the whole mass
+    cut = SamplingParams(temperature=1.0, top_p=0.5)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    tok, lp = sample_tokens(logits, cut, [top, top])
+    assert tok.tolist() == [0, 1]  # row 0 keeps one token; row 1 (0.25 each) keeps two
+    assert lp.tolist() == pytest.approx([2.0 - math.log(sum(math.exp(x) for x in (2, 1, 0, -1))), -math.log(4)])
+    # with top_p = 1 nothing is cut, even a token whose mass before it rounds to 1
+    full = sample_tokens(torch.tensor([[0.0, -100.0]]), SamplingParams(temperature=1.0, top_p=1.0), [top])[0]
+    assert full.tolist() == [1]
