@@ -168,3 +168,26 @@ def test_summarise_lists_at_most_twenty_errors():
     pairs = [_pair(f"m{i:02d}", None, failed=f"judge failed: {i}") for i in range(25)]
     m = summarise(pairs)["missing"]
     assert len(m["ids"]) == 25 and list(m["errors"]) == [f"m{i:02d}" for i in range(20)]
+
+
+def test_the_judges_see_the_request_text_and_defaults_hold(tmp_path):
+    store = ImageStore(tmp_path)
+    texts = []
+
+    class Plain:  # no text_policy attribute
+        def judge(self, text, image, gt):
+            texts.append(("kscore", text))
+            return Judge().judge(text, image, gt)
+
+    class PJ(ProgramJudge):
+        def judge(self, text, program, refs):
+            texts.append(("program", text))
+            return super().judge(text, program, refs)
+
+    gen = Gen()
+    rendered, v = ModelScorer(gen, Plain(), PJ(missing=("a", "b"))).score(*_case(store), store)
+    assert texts == [("kscore", "a red square"), ("program", "a red square")]
+    assert v.text_policy == "renormalise" and rendered.seed == 0 and gen.calls[0][2] == 0
+    assert v.rationale == "Looks close. Program misses: a; b."
+    rendered, v = ModelScorer(Gen(), Judge(), PJ(fail="down")).score(*_case(store), store)
+    assert v.image == rendered.hash and v.image is not None
