@@ -37,29 +37,65 @@ def test_sglang_and_vllm_paths():
 
 
 def test_remote_student_follows_each_update(world, tools, tmp_path):
-    """The tiny policy served by `genevolve serve`; rollouts go to the newest hot-loaded adapter."""
+    """The tiny policy served by `genevolve serve`; rollouts go to the newest hot-loaded adapter.
+
+    The adapters are initialised to change the model (PEFT's default zero lora_B would make them no-ops), so the
+    served turns show which weights answered: the newest adapter's, or the base model's when it is asked for."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
-    from genevolve.policies.resolve import resolve_policy
+    from genevolve.agent.protocol import SYSTEM_PROMPT
     from genevolve.agent.rollout import rollout
+    from genevolve.policies.local import LocalPolicy
+    from genevolve.policies.openai_compat import OpenAIChatPolicy
+    from genevolve.policies.resolve import resolve_policy
     from genevolve.serving.chat import build_app
     from genevolve.serving.chat_limits import ServeLimits
 
-    served = resolve_policy("tiny")
-    trainer_side = resolve_policy("tiny").model
-    lora = get_peft_model(trainer_side, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    served, plain = resolve_policy("tiny"), resolve_policy("tiny")
+    lora = get_peft_model(resolve_policy("tiny").model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                   task_type="CAUSAL_LM", init_lora_weights=False))
+    req = world.split("bench")[0]
+    probe, greedy = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": req.text}], \
+        SamplingParams(temperature=0.0, max_new_tokens=16)
+
+    def local(model):
+        """The greedy turn computed here, in this process."""
+        return LocalPolicy(model.eval(), plain.tokenizer).generate([probe], greedy)[0]
+
     with serve_app(build_app(served, "tiny", limits=ServeLimits(adapter_root=tmp_path))) as url:
+        def ask(model):
+            with OpenAIChatPolicy(url, model, backoff=0, max_retries=0) as client:
+                c = client.generate([probe], greedy)[0]
+            assert c.error is None and c.logprobs, c
+            return c
+
         student = RemoteStudent(url, "tiny", server="genevolve", params=SamplingParams(temperature=0.7, max_new_tokens=48),
                                 backoff=0, max_retries=0)
-        req = world.split("bench")[0]
         before = rollout([req], student, tools, k=1, params=student.params, max_turns=2)[0]
         assert before.turns and before.termination != "error"
+        base = ask("tiny")
+        assert (base.text, base.logprobs) == (local(plain.model).text, pytest.approx(local(plain.model).logprobs, abs=1e-4))
+        answers = {}
         for step in (1, 2):
             lora.save_pretrained(tmp_path / "run" / "checkpoint" / "adapter")
             student.follow(tmp_path / "run")({"step": step})
+            answers[step], want = ask(student.model), local(lora)
+            assert (answers[step].text, answers[step].logprobs) == (want.text, pytest.approx(want.logprobs, abs=1e-4))
+            with torch.no_grad():  # the next step's adapter: other weights
+                for name, w in lora.named_parameters():
+                    if "lora_B" in name:
+                        w.mul_(-1.5)
         assert student.model == "student-step2" and student.loaded == ["student-step2"]
         models = httpx.get(f"{url}/v1/models").json()["data"]
         assert [m["id"] for m in models] == ["tiny", "student-step2"]  # step 1 was unloaded
+        # the adapters change what the model says; the base model, asked for by name, is unchanged
+        for a, b in ((answers[1], base), (answers[2], base), (answers[2], answers[1])):
+            assert a.logprobs != pytest.approx(b.logprobs, abs=1e-3)
+        again = ask("tiny")
+        assert (again.text, again.logprobs) == (base.text, pytest.approx(base.logprobs, abs=1e-5))
+        back = ask(student.model)  # and the adapter is applied again after a request without it
+        assert (back.text, back.logprobs) == (answers[2].text, pytest.approx(answers[2].logprobs, abs=1e-5))
         after = rollout([req], student, tools, k=1, params=student.params, max_turns=2)[0]
         assert after.policy == "remote:student-step2" and after.termination != "error"
 
