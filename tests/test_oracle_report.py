@@ -79,7 +79,8 @@ def _records(raws):
 
 
 def _run(per_seed, raws):
-    cell = {"mean": sum(x for x in per_seed if x is not None) / len(per_seed), "ci95": None, "per_seed": per_seed}
+    vals = [x for x in per_seed if x is not None]
+    cell = {"mean": sum(vals) / len(vals) if vals else None, "ci95": None, "per_seed": per_seed}
     return {"summary": {"overall": {"all": {"kscore": cell, "F": cell, "V": cell, "T": cell, "A": cell, "per_seed": per_seed}},
                         "track": {}}, "records": _records(raws)}
 
@@ -131,3 +132,61 @@ def test_identical_arms_pairs_runs_with_the_same_seed_and_fingerprint():
         {"seed": 0, "arms": ["grpo", "again"], "sha256": ["1", "5"], "relative_distance": None},
         {"seed": 0, "arms": ["ved", "again"], "sha256": ["2", "5"], "relative_distance": None}]
     assert identical_arms([]) == []
+
+
+def test_evaluate_passes_everything_to_the_one_evaluation_and_keeps_each_seeds_groups(world, monkeypatch):
+    import genevolve.evaluation.bench as bench
+    from genevolve.agent.loop import Tools
+    from genevolve.evaluation.bench import Case, Evaluation, over_seeds
+    from genevolve.records.schema import Request, Verdict
+
+    seen = {}
+    row = lambda k: {"kscore": k, "F": k, "V": k, "T": None, "A": k, "r_text": k, "reward": k, "n": 1, "failed": 0, "missing": 0}  # noqa: E731
+    per_seed = {4: {"overall": {"all": row(0.5)}, "track": {"text": row(0.2)}}, 9: {"overall": {"all": row(0.7)}, "track": {}}}
+    req = Request(id="q", text="q")
+    traj = Trajectory(id="t", request_id="q", request_text="q")
+    case = Case(4, 0, req, traj, None, Verdict(trajectory_id="t", request_id="q"))
+
+    def spy(requests, policy, tools, scorer, store, seeds, **kw):
+        seen.update(requests=requests, policy=policy, tools=tools, scorer=scorer, seeds=seeds, **kw)
+        return Evaluation([case], per_seed, over_seeds(per_seed, kw["levels"]), {})
+
+    monkeypatch.setattr(bench, "evaluate", spy)
+    progress = [].append
+    out = report.evaluate(world, "the-policy", [req], seeds=(4, 9), guides={"q": "g"}, params="p", progress=progress, samples=3)
+    assert seen["requests"] == [req] and seen["policy"] == "the-policy" and isinstance(seen["tools"], Tools)
+    assert seen["scorer"].world is world and seen["seeds"] == [4, 9]
+    assert (seen["samples"], seen["params"], seen["guides"], seen["levels"], seen["progress"]) == (3, "p", {"q": "g"}, ("overall", "track"), progress)
+    assert out["summary"]["track"]["text"]["per_seed"] == [0.2, None]  # a group one seed does not have
+    assert out["summary"]["overall"]["all"]["per_seed"] == [0.5, 0.7]
+    assert out["records"] == [{"seed": 4, "sample": 0, "request": "q", "trajectory": traj, "verdict": case.verdict}]
+
+
+def test_teacher_and_student_are_evaluated_alike_and_undefined_scores_print_as_a_dash(monkeypatch):
+    calls = []
+    runs = {None: _run([None], ["a"]), "tie": _run([None], ["b"]), "dash": _run([0.5], ["c"])}
+
+    def fake(world, policy, requests, seeds, guides=None, progress=None, samples=1):
+        calls.append((world, policy, requests, progress))
+        return runs[None if guides is None else guides["r"]]
+
+    monkeypatch.setattr(report, "evaluate", fake)
+    say = [].append
+    lines, _ = _student_vs_teacher("W", "S", ["req"], {"r": "tie"}, [0], 1, say)
+    assert calls == [("W", "S", ["req"], say)] * 2
+    assert lines == ["The teacher's trajectories differ from the student's but score exactly the same (KScore -): "
+                     "no separate teacher row."]
+    lines, data = _student_vs_teacher("W", "S", ["req"], {"r": "dash"}, [0], 1, say)
+    assert lines[-1] == "Teacher minus student, paired by seed: -." and data["gain"] is None
+    runs["same"] = _run([0.1], ["a"])
+    lines, _ = _student_vs_teacher("W", "S", ["req"], {"r": "same"}, [0], 1, say)
+    assert lines == ["With the guide the teacher wrote exactly the student's trajectories here (the guide changed no "
+                     "sampled token), so it scores the same: no separate teacher row."]
+
+
+def test_identical_arms_measure_the_distance_between_their_adapters(monkeypatch):
+    seen = []
+    monkeypatch.setattr(report, "adapter_distance", lambda a, b: seen.append((a, b)) or 0.12345678)
+    runs = [{"arm": "grpo", "seed": 0, "eval_fingerprint": "f", "adapter": "A", "policy_sha256": "1"},
+            {"arm": "ved", "seed": 0, "eval_fingerprint": "f", "adapter": "B", "policy_sha256": "2"}]
+    assert identical_arms(runs)[0]["relative_distance"] == 0.123457 and seen == [("A", "B")]
