@@ -59,6 +59,11 @@ MODULES: dict[str, Module] = {
                           "(a diagnostic read from adapter files) are not mutated"),
     "sampling": Module("genevolve/policies/sampling.py", ["tests/test_oracle_sampling.py"]),
 }
+# Files near the core that are not mutated, and why.
+NOT_MUTATED = {
+    "genevolve/experience/summarise.py": "it writes an experience's text from a mined pair; the mining itself "
+                                         "(mine_pairs, evidence) is in bank.py",
+}
 KILLED = {"killed", "timeout", "segfault"}
 SURVIVED = {"survived", "no tests", "suspicious"}
 
@@ -192,6 +197,7 @@ def markdown(results: dict[str, dict]) -> str:
     for name, r in results.items():
         lines.append(f"| {name} | `{r['module']}` | {r['mutants']} | {r['killed']} | {r['survived']} | {r['equivalent']} "
                      f"| {pct(r['score'])} | {pct(r['raw_score'])} | {r['seconds']:.0f} |")
+    lines += [""] + [f"Not mutated: `{path}`: {why}." for path, why in NOT_MUTATED.items()]
     for name, r in results.items():
         lines += ["", f"## {name}: `{r['module']}`", "", "Tests: " + ", ".join(f"`{t}`" for t in r["tests"]) + "."]
         if r["note"]:
