@@ -242,3 +242,119 @@ def test_load_references_reads_images_in_program_order_and_reports_problems(tmp_
     assert problems[0].startswith("reference IMG_003 could not be read: ")
     assert problems[1:] == ["reference IMG_002 has no image", "reference IMG_004 has no image"]
     assert load_references(_traj(program=False)) == ([], [])
+
+
+class _World:
+    """Records what the scorer hands to its generator and judges; scores are fixed numbers."""
+
+    def __init__(self, missing=("a", "b")):
+        from genevolve.world.judge import Judgement
+
+        self.refs = {"ref-1": {"entity": "e1", "variant": "official"}}
+        self.calls = {}
+        world = self
+
+        class Generator:
+            name = "fake-gen"
+
+            def generate(self, prompt, refs, seed=0):
+                world.calls["generate"] = (prompt, [im.size for im in refs], seed)
+                from PIL import Image
+
+                return Image.new("RGB", (5, 7), (seed, 0, 0))
+
+        class Judge:
+            def judge(self, image, scene, gt):
+                world.calls["judge"] = (image.size, gt)
+                return Judgement(F=0.5, V=0.25, T=0.75, A=1.0, kscore=0.55, rationale="Judged.")
+
+            def program_sufficiency(self, prompt, scene, rows):
+                world.calls["sufficiency"] = (prompt, rows)
+                return 0.25, list(missing)
+
+        self.generator, self.judge = Generator(), Judge()
+
+    def gt_image(self, request):
+        return "GT"
+
+
+def test_sandbox_scorer_hands_over_prompt_references_and_seed_and_records_all(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (3, 2), "blue").save(tmp_path / "a.png")
+    req = Request(id="r1", text="x", scene={"objects": []})
+    traj = Trajectory(id="t1", request_id="r1", request_text="x",
+                      images=[ImageRef(img_id="IMG_001", local_path=str(tmp_path / "a.png"), source_id="ref-1"),
+                              ImageRef(img_id="IMG_002", local_path=str(tmp_path / "a.png"), source_id="other"),
+                              ImageRef(img_id="IMG_003")],
+                      program=Program(gen_prompt="the prompt", reference_images=[ProgramRef(img_id=i) for i in
+                                                                                 ("IMG_001", "IMG_002", "IMG_003")]))
+    world, store = _World(), ImageStore(tmp_path / "store")
+    rendered, v = SandboxScorer(world).score(req, traj, store)
+    assert world.calls["generate"] == ("the prompt", [(3, 2), (3, 2)], 0)
+    assert world.calls["sufficiency"] == ("the prompt", [{"entity": "e1", "variant": "official"}, {}])
+    assert world.calls["judge"] == ((5, 7), "GT")
+    ref_hash = store.put(Image.open(tmp_path / "a.png").convert("RGB"))
+    assert (rendered.hash, rendered.width, rendered.height, rendered.generator, rendered.prompt, rendered.seed) == \
+        (v.image, 5, 7, "fake-gen", "the prompt", 0)
+    assert rendered.reference_hashes == [ref_hash, ref_hash] and v.image in store
+    assert (v.F, v.V, v.T, v.A, v.kscore, v.r_text, v.alpha) == (0.5, 0.25, 0.75, 1.0, 0.55, 0.25, 0.5)
+    assert v.reward == pytest.approx(0.5 * 0.55 + 0.5 * 0.25) and v.failed is None
+    assert v.rationale == "Judged. Program misses: a; b. reference IMG_003 has no image."
+    _, v = SandboxScorer(_World(missing=())).score(req, traj.model_copy(update={"images": traj.images[:2], "program": Program(
+        gen_prompt="p", reference_images=[ProgramRef(img_id="IMG_001")])}), store, seed=9)
+    assert v.rationale == "Judged." and v.image is not None
+    outside = Request(id="o", text="x", parse_error="no scene")
+    rendered, v = SandboxScorer(_World()).score(outside, traj, store, seed=4)
+    assert v.image == rendered.hash and rendered.seed == 4
+    assert v.failed == "no ground truth: the request lies outside the sandbox world (no scene)"
+    _, v = SandboxScorer(_World()).score(req, _traj(program=False, termination="no_answer"), store)
+    assert (v.failed, v.rationale, v.trajectory_id, v.request_id) == ("no program (no_answer)", "The trajectory gave no answer.", "t", "r1")
+
+
+def test_evaluate_hands_policy_params_and_guides_to_the_rollouts_and_names_the_policy(tmp_path, monkeypatch):
+    got = []
+
+    def fake(requests, policy, tools, k, seed, params=None, guides=None, on_turn=None):
+        got.append((policy, tools, k, seed, params, guides))
+        return [raw_trajectory(r, seed * 1000) for r in requests]
+
+    class Policy:
+        name = "pol"
+
+    class Scorer(_Scorer):
+        def score(self, request, traj, store, seed=0):
+            return "the image", super().score(request, traj, store, seed)[1]
+
+    monkeypatch.setattr(bench, "trajectories", fake)
+    said, pol = [], Policy()
+    ev = evaluate([_req("r0")], pol, "tools", Scorer(), ImageStore(tmp_path), [3], params="p", guides={"r0": "g"},
+                  progress=said.append)
+    assert got == [(pol, "tools", 1, 3, "p", {"r0": "g"})] and said == ["evaluating pol seed 3 on 1 requests"]
+    assert ev.cases[0].rendered == "the image"
+    empty = evaluate([], pol, "tools", Scorer(), ImageStore(tmp_path), [0])
+    assert empty.protocol_valid["per_seed"] == {0: None} and empty.protocol_valid["mean"] is None
+    with pytest.raises(ValueError, match=r"^samples must be >= 1$"):
+        evaluate([], pol, None, Scorer(), ImageStore(tmp_path), [0], samples=0)
+
+
+def test_trajectories_default_to_the_papers_sampling_and_pass_everything_on(monkeypatch):
+    import genevolve.agent.rollout as rollout_module
+    from genevolve.policies.base import SamplingParams
+
+    got = []
+    monkeypatch.setattr(rollout_module, "rollout", lambda *a, **kw: got.append((a, kw)) or ["t"])
+    turn = print
+    assert bench.trajectories(["q"], "pol", "tools", 3, 7, None, {"q": "g"}, turn) == ["t"]
+    assert got[-1] == ((["q"], "pol", "tools"), dict(k=3, params=SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=384),
+                                                   seed=7, guides={"q": "g"}, on_turn=turn))
+    mine = SamplingParams(temperature=0.1, top_p=0.5, max_new_tokens=9)
+    bench.trajectories(["q"], "pol", "tools", 1, 0, mine)
+    assert got[-1][1]["params"] is mine
+    assert [t.seed for t in bench.trajectories([_req("a"), _req("b")], None, None, 2, 4)] == [4000, 4001, 4000, 4001]
+
+
+def test_over_seeds_with_a_seed_that_lacks_a_level():
+    per_seed = {0: {"overall": {"all": {"kscore": 0.2}}, "track": {"q": {"kscore": 0.4}}}, 1: {"overall": {"all": {"kscore": 0.6}}}}
+    by = over_seeds(per_seed, ("overall", "track"))
+    assert by["track"]["q"]["kscore"]["per_seed"] == [0.4] and by["overall"]["all"]["kscore"]["mean"] == pytest.approx(0.4)
