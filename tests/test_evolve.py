@@ -177,6 +177,47 @@ def test_the_default_probe_follows_a_request_with_its_own_experience(tmp_path, t
     assert read_probe(out).step == 2 and read_probe(out).request_id == second
 
 
+def test_a_step_mines_its_own_pairs_into_the_bank(tmp_path, world):
+    """Real mining on the shipped tiny policy (it answers, so rewards spread): a group whose best and worst are
+    at least δ_min apart gives one pair and one experience keyed by its request; a closer group gives none."""
+    from collections import defaultdict
+
+    out = tmp_path / "run"
+    cfg = _cfg(out, "tiny", use_grpo=False, rollouts_per_prompt=4, max_new_tokens=192, probe=False, delta_min=0.2, gate=0.84)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny policy's matrices are small: two threads mostly wait on each other
+    try:
+        evolve(cfg, world=world, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    trajs = [json.loads(line) for line in (out / "trajectories.jsonl").read_text().splitlines()]
+    reward = {json.loads(line)["trajectory_id"]: json.loads(line)["reward"] for line in (out / "verdicts.jsonl").read_text().splitlines()}
+    groups = defaultdict(list)
+    for t in trajs:
+        groups[t["request_id"]].append(t["id"])
+    assert len(groups) == 2 and all(len(g) == 4 for g in groups.values())
+    spread = {rid: max(reward[i] for i in ids) - min(reward[i] for i in ids) for rid, ids in groups.items()}
+    wide = {rid for rid, gap in spread.items() if gap >= 0.2}
+    assert len(wide) == 1, spread  # with this seed one group is above δ_min and one below: both sides are tested
+
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert {p["request_id"] for p in pairs} == wide and len(pairs) == 1
+    (pair,) = pairs
+    ids = groups[pair["request_id"]]
+    assert pair["best"] in ids and pair["worst"] in ids and pair["step"] == 1
+    assert (pair["best_reward"], pair["worst_reward"]) == (reward[pair["best"]], reward[pair["worst"]])
+    assert pair["best_reward"] == max(reward[i] for i in ids) and pair["worst_reward"] == min(reward[i] for i in ids)
+    assert pair["gap"] == pytest.approx(spread[pair["request_id"]]) and pair["gap"] >= 0.2
+
+    from genevolve.records.schema import Experience, read_jsonl
+
+    (exp,) = read_jsonl(out / "bank" / "experiences.jsonl", Experience)
+    assert exp.id == pair["experience"] and exp.step == 1 and exp.run_id == "run"
+    assert (exp.source_request_id, exp.source_request) == (pair["request_id"], world.request(pair["request_id"]).text)
+    assert (exp.best_trajectory, exp.worst_trajectory) == (pair["best"], pair["worst"])
+    assert exp.reward_gap == pytest.approx(pair["gap"]) and set(exp.slots) == set(SLOTS) and all(exp.slots.values())
+
+
 def test_probe_without_a_teacher_says_why(tmp_path, tiny_folder, world):
     from genevolve.records.live import read_probe
 
