@@ -286,3 +286,104 @@ def test_program_sufficiency_colour_sentences_need_two_distinct_colours():
     wood = Scene([_shape("center", "square", "red", material="wood")])
     assert JUDGE.program_sufficiency("A red square made of wood.", wood, []) == (0.0, ["square material and shadow"])
     assert JUDGE.program_sufficiency("A red square, casting a soft shadow.", wood, [])[0] == 0.0
+
+
+def _style_oracle(gen, gt):
+    res = []
+    for img in (gen, gt):
+        g = img[:120].astype(np.float64).mean(axis=2)
+        res.append(g - np.array([np.median(g[y, BORDER]) for y in range(120)])[:, None])
+    fg = [np.abs(img[:120].astype(np.float64) - np.array(_bg_rows(img))[:, None, :]).sum(axis=2) > 60 for img in (gen, gt)]
+    bg = ~fg[0] & ~fg[1]
+    a, b = res[0][bg], res[1][bg]
+    corr = float(np.corrcoef(a, b)[0, 1]) if a.std() > 1e-3 and b.std() > 1e-3 else 0.0
+    return _clip01((corr - 0.2) / 0.6)
+
+
+def test_a_half_right_style_scores_between_zero_and_one_and_no_style_scores_zero():
+    scene = Scene([_shape("center", "circle", "teal")], style="watercolor")
+    gt = render(scene)
+    other = render(Scene([_shape("center", "circle", "teal")], style="pixel art"))
+    gen = (gt * 0.5 + other * 0.5).round().astype(np.uint8)  # half the right texture, half another
+    (s,) = JUDGE.judge(gen, scene, gt).checks["creative_drawing"]
+    assert s == pytest.approx(_style_oracle(gen, gt), abs=1e-6) and 0.05 < s < 0.95
+    plain = render(Scene([_shape("center", "circle", "teal")]))  # no texture at all: no correlation
+    assert JUDGE.judge(plain, scene, gt).checks["creative_drawing"] == [0.0]
+
+
+def test_partial_likeness_and_material_from_shifted_pixels(world):
+    r = world.request("Draw the flag of the 2031 Aurora Cup champion above exactly three gold stars")
+    scene = Scene.from_dict(r.scene)
+    scene.objects[1].material = "wood"
+    gt = render(scene)
+    gen = gt.astype(np.int16)
+    y, x = ORIGIN[scene.objects[0].cell]
+    gen[y + 7:y + 33, x + 5:x + 35] += 12  # the emblem 12 levels brighter
+    y2, x2 = ORIGIN[scene.objects[1].cell]
+    gen[y2:y2 + 40, x2:x2 + 40] -= 6  # the stars' cell 6 levels darker
+    gen = gen.clip(0, 255).astype(np.uint8)
+    j = JUDGE.judge(gen, scene, gt)
+    mad = float(np.abs(gen[y + 7:y + 33, x + 5:x + 35].astype(float) - gt[y + 7:y + 33, x + 5:x + 35]).mean())
+    assert j.checks["knowledge"] == [pytest.approx(_clip01(1 - (mad - 4) / 26))] and 0.5 < j.checks["knowledge"][0] < 1
+    mad2 = float(np.abs(gen[y2:y2 + 40, x2:x2 + 40].astype(float) - gt[y2:y2 + 40, x2:x2 + 40]).mean())
+    (m,) = j.checks["physical_material_consistency"]
+    assert m == pytest.approx(_clip01(1 - (mad2 - 2) / 14)) and 0.5 < m < 1
+    assert j.F == pytest.approx((j.checks["knowledge"][0] + 1) / 2)
+
+
+def test_pil_images_in_any_mode_are_read_as_rgb():
+    from PIL import Image
+
+    scene = Scene([_shape("left", "circle", "red"), _shape("right", "star", "blue")], lighting="neon")
+    gen_scene = copy.deepcopy(scene)
+    gen_scene.objects[1].cell = "top"
+    want = _judge(gen_scene, scene)[0]
+    got = JUDGE.judge(Image.fromarray(render(gen_scene)).convert("RGBA"), scene, Image.fromarray(render(scene)).convert("RGBA"))
+    assert (got.F, got.V, got.T, got.A, got.checks, got.rationale) == (want.F, want.V, want.T, want.A, want.checks, want.rationale)
+
+
+def test_missing_entity_and_material_objects_score_zero_and_every_entity_is_counted_once(world):
+    r = world.request("Draw the flag of the 2031 Aurora Cup champion above exactly three gold stars")
+    scene = Scene.from_dict(r.scene)
+    scene.objects[1].material = "wood"
+    scene.objects.append(_shape("bottom-right", "circle", "red"))
+    j, _, _ = _judge(Scene(), scene)
+    assert j.checks["knowledge"] == [0.0] and j.checks["physical_material_consistency"] == [0.0] and j.F == 0.0
+    j, _, _ = _judge(scene, scene)
+    assert j.F == 1.0 and j.checks["knowledge"] == [1.0] and j.checks["quantity_counting"] == [1.0]
+    assert j.rationale == "Everything requested is present and correct."
+
+
+def test_counts_binding_and_labels_per_object():
+    scene = Scene([_shape("left", "circle", "red", count=2), _shape("right", "star", "gold"), _figure("top", "blue")],
+                  lighting="moonlit night")
+    j, _, _ = _judge(scene, scene)
+    assert j.checks["quantity_counting"] == [1.0] and j.checks["attribute_binding"] == [1.0]
+    gen_scene = copy.deepcopy(scene)
+    gen_scene.objects[2].color = "orange"  # only the figure's colour is wrong
+    j, _, _ = _judge(gen_scene, scene)
+    assert j.checks["attribute_binding"] == [0.0] and j.rationale == "The dancer is orange instead of blue."
+    j, _, _ = _judge(Scene(), scene)
+    assert j.checks["aesthetic_drawing"] == [0.0] and j.checks["quantity_counting"] == [0.0]
+    bare = Scene([Obj(kind="shape", cell="center", shape="circle", color="red")])  # no noun: named by its shape
+    assert _judge(Scene(), bare)[0].rationale == "The circle is missing."
+    wrong = copy.deepcopy(bare)
+    wrong.objects[0].color = "blue"
+    assert _judge(wrong, bare)[0].rationale == "Everything requested is present and correct."  # no binding group asked
+
+
+def test_levenshtein_of_an_empty_text():
+    from genevolve.world.judge import _levenshtein
+
+    assert (_levenshtein("", "ab"), _levenshtein("ab", ""), _levenshtein("kitten", "sitting")) == (2, 2, 3)
+
+
+def test_program_sufficiency_small_counts_default_figures_same_colours_and_lighting():
+    pair = Scene([_shape("center", "circle", "red", count=2)])
+    assert JUDGE.program_sufficiency("Two red circles.", pair, []) == (0.0, ["exactly two circle"])
+    odd = Scene([Obj(kind="figure", cell="center", color="red", noun="robot")])  # no figure kind given: a person
+    assert JUDGE.program_sufficiency("A red robot with exactly two arms and two legs.", odd, []) == (1.0, [])
+    same = Scene([_shape("left", "circle", "red"), _shape("right", "star", "red")])
+    assert JUDGE.program_sufficiency("A circle in the left of the image, a star in the right of the image.", same, []) == (1.0, [])
+    lit = Scene([_shape("center", "circle", "red")], lighting="neon")
+    assert JUDGE.program_sufficiency("A red circle.", lit, []) == (0.0, ["neon lighting"])
