@@ -170,6 +170,10 @@ class TRL:
         tok = pol.tokenizer
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
+        if getattr(pol.model, "hf_quantizer", None) is not None:  # GGUF (smollm2): dequantized at load, a marker only
+            pol.model.hf_quantizer = None
+            if not isinstance(getattr(type(pol.model), "is_quantized", None), property):
+                pol.model.is_quantized = False
         torch.manual_seed(0)
         from peft import get_peft_model
 
