@@ -38,8 +38,8 @@ def _imgs(*ids):
     ("<think>only thinking</think>", "no <tool_call> and no <answer>"),
 ])
 def test_strict_errors_name_the_problem(text, error):
-    p = parse_turn(text)
-    assert (p.tool_call, p.answer, p.error) == (None, None, error)
+    p = parse_turn("<think>why</think>" + text)
+    assert (p.think, p.tool_call, p.answer, p.error) == ("why", None, None, error)
 
 
 def test_strict_reads_one_action_with_its_think():
@@ -157,3 +157,40 @@ def test_a_final_step_then_an_answer_round_trips_and_ends_as_an_answer():
     stop = trajectory_from_messages(msgs[:3])
     assert stop.termination == "max_rounds_reached" and stop.program is None
     assert trajectory_from_messages(msgs[:2]).termination == "no_answer"
+
+
+def test_import_defaults_errors_and_a_repeated_guide_header():
+    from genevolve.records.schema import KeptMessage
+
+    sys_msg = {"role": "system", "content": system_prompt("Guide one.\n\n## " + GUIDE_HEADER + "\nGuide two.")}
+    traj = trajectory_from_messages([sys_msg, {"role": "user", "content": "u"}])
+    assert (traj.id, traj.request_id, traj.policy) == ("imported", "imported", "imported")
+    assert traj.system_prompt == SYSTEM_PROMPT and traj.guide == "Guide one.\n\n## " + GUIDE_HEADER + "\nGuide two."
+    with pytest.raises(ValueError, match=r"^an SFT record starts with a system message \(role and text content\)$"):
+        trajectory_from_messages([{"role": "user", "content": "u"}])
+    with pytest.raises(ValueError, match=r"^an SFT record's second message is the user request \(role and text content\)$"):
+        trajectory_from_messages([sys_msg])
+    traj.kept_messages = [KeptMessage(at=3, message={"role": "tool", "content": "b"}),
+                          KeptMessage(at=2, message={"role": "tool", "content": "a"})]
+    assert [m["content"] for m in trajectory_to_messages(traj)[2:]] == ["a", "b"]
+
+
+def test_import_reads_observations_by_tool_and_keeps_a_final_step_with_no_answer_after_it():
+    call = '<think>a</think><tool_call>{"name": "search", "arguments": {"queries": ["q"]}}</tool_call>'
+    msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "u"},
+            {"role": "assistant", "content": call},
+            {"role": "user", "content": "<tool_response>\nIMG_001: title: not an image result\n</tool_response>"},
+            {"role": "assistant", "content": call}, {"role": "user", "content": "<tool_response>\n\n</tool_response>"},
+            {"role": "user", "content": "=== FINAL STEP: OUTPUT ANSWER NOW ===\nnow"}, {"role": "user", "content": "x"}]
+    traj = trajectory_from_messages(msgs)
+    assert traj.images == [] and traj.turns[0].observation.images == []
+    assert traj.turns[1].observation is not None and traj.turns[1].observation.text == ""
+    assert not any(t.forced_final for t in traj.turns) and trajectory_to_messages(traj) == msgs
+
+
+def test_a_fourth_reference_image_is_beyond_two_and_urls_keep_their_colons():
+    prog = normalize_program({"gen_prompt": "the fourth reference image", "reference_images": [{"img_id": "IMG_001"}]},
+                             _imgs("IMG_001"))
+    assert prog.issues == ["gen_prompt mentions the fourth reference image but there are 1 references"]
+    (img,) = images_from_observation("IMG_001: title: t\n  url: http://h:80/a: b")
+    assert img.url == "http://h:80/a: b"
