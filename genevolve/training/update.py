@@ -2,10 +2,13 @@
 
 For each micro-batch of trajectories:
 
-- without gradient: the current weights before the update (pi_old), the reference (adapter
-  disabled; only when GRPO's KL term is on) and the teacher (the same weights reading the student's
-  tokens behind the guide's system block, :func:`genevolve.agent.teacher.teacher_stream`);
-- with gradient: the student;
+- without gradient: the reference (adapter disabled; only when GRPO's KL term is on) and the teacher
+  (the same weights reading the student's tokens behind the guide's system block,
+  :func:`genevolve.agent.teacher.teacher_stream`);
+- with gradient: the student. Its values, detached, are pi_old: the weights before the update are
+  the current ones, as the step makes one optimizer step after all its micro-batches;
+- every forward computes the output layer and the softmax only on the assistant tokens, the only
+  ones a loss reads;
 - the losses of :mod:`.losses`, weighted so that the step's loss is a mean over all its assistant
   tokens (GRPO) and over all its trajectories that have a teacher (VED), then ``backward``.
 
@@ -51,37 +54,94 @@ STAT_KEYS = ("grpo", "ved", "kl", "clip_low", "clip_high", "ved_tokens", "mean_g
              "teacher_seconds", "update_seconds")
 
 
-def token_logprobs(model, seqs: list[list[int]], device, pad_id: int) -> list[torch.Tensor]:
-    """Log-probability of every token given its prefix (position 0 gets 0), one tensor per sequence."""
+def _batch(seqs: list[list[int]], device, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), n), pad_id, dtype=torch.long, device=device)
     attn = torch.zeros((len(seqs), n), dtype=torch.long, device=device)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s, device=device)
         attn[i, : len(s)] = 1
+    return ids, attn
+
+
+def _full_logprobs(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=ids, attention_mask=attn).logits.float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    logp = torch.cat([torch.zeros(len(seqs), 1, device=device), logp], dim=1)
+    return torch.cat([torch.zeros(len(ids), 1, device=ids.device), logp], dim=1)
+
+
+def _decoder_and_head(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: LoRA layers sit inside
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def _split_head_ok(model, device) -> bool:
+    """Whether the model's logits are its output layer applied to its decoder's last hidden state (checked
+    once per model on a few tokens: some models scale or cap logits after the head, then the full forward is used)."""
+    known = getattr(model, "_genevolve_split_head", None)
+    if known is not None:
+        return known
+    ok = False
+    try:
+        dec, head = _decoder_and_head(model)
+        ids = torch.arange(1, 9, device=device)[None] % max(2, model.config.get_text_config().vocab_size)
+        with torch.no_grad():
+            full = model(input_ids=ids).logits.float()
+            split = head(dec(input_ids=ids).last_hidden_state).float()
+        ok = full.shape == split.shape and bool(torch.allclose(full, split, atol=1e-4, rtol=1e-4))
+    except Exception:  # noqa: any failure here only means the full forward is used
+        ok = False
+    object.__setattr__(model, "_genevolve_split_head", ok)
+    return ok
+
+
+def token_logprobs(model, seqs: list[list[int]], device, pad_id: int,
+                   needed: list[list[int]] | None = None) -> list[torch.Tensor]:
+    """Log-probability of every token given its prefix (position 0 gets 0), one tensor per sequence.
+
+    With ``needed`` (a 0/1 list per sequence), only the positions marked 1 are computed and the others
+    are 0: the output layer and the softmax over the vocabulary then run on those positions only, which
+    saves their time and the (rows, tokens, vocabulary) logits' memory. The values computed are the
+    same as without ``needed``.
+    """
+    ids, attn = _batch(seqs, device, pad_id)
+    if needed is None or not _split_head_ok(model, device):
+        logp = _full_logprobs(model, ids, attn)
+    else:
+        want = torch.zeros(ids.shape, dtype=torch.bool, device=device)
+        for i, m in enumerate(needed):
+            want[i, 1 : len(seqs[i])] = torch.tensor(m[1 : len(seqs[i])], device=device).bool()
+        dec, head = _decoder_and_head(model)
+        hidden = dec(input_ids=ids, attention_mask=attn).last_hidden_state
+        b, t = want.nonzero(as_tuple=True)
+        lp = torch.log_softmax(head(hidden[b, t - 1]).float(), dim=-1).gather(-1, ids[b, t, None]).squeeze(-1)
+        logp = torch.zeros(ids.shape, device=device, dtype=lp.dtype).index_put((b, t), lp)
     return [logp[i, : len(s)] for i, s in enumerate(seqs)]
 
 
+def _shifted(mask: list[int], offset: int) -> list[int]:
+    """``mask`` moved ``offset`` positions to the right (left when negative)."""
+    return [0] * offset + mask if offset >= 0 else mask[-offset:]
+
+
 def _frozen_views(model, mb: list[Scored], loss: LossSettings, device, pad_id: int) -> tuple:
-    """pi_old, the reference (or None) and the teacher (per row, or None) of a micro-batch, without gradient."""
-    seqs = [s.ids for s in mb]
+    """The reference (or None) and the teacher (per row, or None) of a micro-batch, without gradient, each
+    on the assistant tokens only."""
+    seqs, masks = [s.ids for s in mb], [s.mask for s in mb]
     with torch.no_grad():
         model.eval()
-        old = token_logprobs(model, seqs, device, pad_id)
         ref = None
         if loss.use_grpo and loss.beta:
             with model.disable_adapter():
-                ref = token_logprobs(model, seqs, device, pad_id)
+                ref = token_logprobs(model, seqs, device, pad_id, masks)
         teach: list[torch.Tensor | None] = [None] * len(mb)
         rows = [i for i, s in enumerate(mb) if s.teacher_ids is not None]
         if loss.use_ved and rows:
-            tl = token_logprobs(model, [mb[i].teacher_ids for i in rows], device, pad_id)
+            shifted = [_shifted(mb[i].mask, mb[i].teacher_offset) for i in rows]  # the student's tokens in the teacher's stream
+            tl = token_logprobs(model, [mb[i].teacher_ids for i in rows], device, pad_id, shifted)
             for i, lp in zip(rows, tl):
                 teach[i] = lp[mb[i].teacher_offset :]  # aligned to the student's positions after the system block
-    return old, ref, teach, rows
+    return ref, teach, rows
 
 
 def _padder(n: int, device):
@@ -98,12 +158,15 @@ def _micro_batch(model, mb: list[Scored], loss: LossSettings, device, pad_id: in
                  stats: dict[str, float]) -> None:
     """One micro-batch: frozen views, the student's forward, both losses, backward; ``stats`` accumulates."""
     t = time.time()
-    old, ref, teach, tmb = _frozen_views(model, mb, loss, device, pad_id)
+    ref, teach, tmb = _frozen_views(model, mb, loss, device, pad_id)
     stats["teacher_seconds"] += time.time() - t
     t = time.time()
     model.train()
     seqs = [s.ids for s in mb]
-    cur = token_logprobs(model, seqs, device, pad_id)
+    cur = token_logprobs(model, seqs, device, pad_id, [s.mask for s in mb])
+    # pi_old: the weights before this step's update are the current ones (one optimizer step per
+    # step; the micro-batches only accumulate gradients), so it is the student's own forward, detached.
+    old = [c.detach() for c in cur]
     pad = _padder(max(len(x) for x in seqs), device)
     logp, logp_old = pad(cur), pad(old)
     mask = pad([s.mask for s in mb])
