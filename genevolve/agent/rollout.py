@@ -21,6 +21,15 @@ from ..policies.base import Completion, ModelCallError, RolloutPolicy, SamplingP
 from ..records.schema import Request, Trajectory
 
 
+def episodes_for(requests: Sequence[Request], policy: RolloutPolicy, tools: Tools, k: int = 1, seed: int = 0,
+                 guides: dict[str, str] | None = None, max_turns: int = MAX_TURNS, suffix: str = "") -> list[Episode]:
+    """The episodes :func:`rollout` runs: ``k`` per request, request-major; trajectory ``i`` of a request
+    has seed ``seed * 1000 + i`` and id ``<request>-s<seed>-k<i><suffix>``."""
+    return [Episode(req, tools, seed=seed * 1000 + i, traj_id=f"{req.id}-s{seed}-k{i}{suffix}",
+                    guide=(guides or {}).get(req.id), policy_name=policy.name, max_turns=max_turns)
+            for req in requests for i in range(k)]
+
+
 def rollout(requests: Sequence[Request], policy: RolloutPolicy, tools: Tools, k: int = 1,
             params: SamplingParams = SamplingParams(), seed: int = 0, guides: dict[str, str] | None = None,
             max_batch: int = 64, on_turn: Callable[[int, int], None] | None = None,
@@ -34,9 +43,14 @@ def rollout(requests: Sequence[Request], policy: RolloutPolicy, tools: Tools, k:
     more trajectories wait for a free row. A turn the policy could not write ends its trajectory with
     termination ``error``.
     """
-    episodes = [Episode(req, tools, seed=seed * 1000 + i, traj_id=f"{req.id}-s{seed}-k{i}",
-                        guide=(guides or {}).get(req.id), policy_name=policy.name, max_turns=max_turns)
-                for req in requests for i in range(k)]
+    eps = episodes_for(requests, policy, tools, k, seed, guides, max_turns)
+    return run_episodes(eps, policy, params, max_batch=max_batch, on_turn=on_turn)
+
+
+def run_episodes(episodes: Sequence[Episode], policy: RolloutPolicy, params: SamplingParams = SamplingParams(),
+                 max_batch: int = 64, on_turn: Callable[[int, int], None] | None = None) -> list[Trajectory]:
+    """Run ``episodes`` together (one batch for a local policy) to their ends; their trajectories, in order.
+    Episodes of different requests, seeds and guides may share the batch (see :func:`rollout`)."""
 
     def next_messages(i: int):
         return None if episodes[i].done else episodes[i].messages

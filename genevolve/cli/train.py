@@ -84,7 +84,7 @@ def evolve(
     max_new_tokens: int = typer.Option(384, min=16, help="Token budget of one assistant turn."),
     train_only: bool = typer.Option(False, "--train-only", help="Train and checkpoint; skip the bench comparison."),
     probe_request: Optional[str] = typer.Option(None, help="Sandbox request id the live student-vs-teacher view follows at every step (default: the first request of step 1 that an experience is mined from, so the view has a teacher early)."),
-    probe: bool = typer.Option(True, "--probe/--no-probe", help="Write each step's live student-vs-teacher probe (two extra rollouts a step)."),
+    probe: bool = typer.Option(True, "--probe/--no-probe", help="Write each step's live student-vs-teacher probe (two extra rows in each step's rollout)."),
     micro_batch: Optional[int] = typer.Option(None, min=1, help="Sequences per forward/backward in the update (fewer: less "
                                               "memory; default 8, fewer for a large vocabulary: SmolLM2 2)."),
     force_new: bool = typer.Option(False, "--force-new", help="Start again in --out even though it holds a run with other "

@@ -7,8 +7,8 @@ retrieve an experience for every trajectory's request (cosine gate) -> score tok
 the system prompt, no gradient) and the reference (adapter disabled, no gradient) -> L = L_GRPO +
 lambda * L_VED -> one AdamW step on the LoRA weights -> metrics JSONL -> atomic checkpoint. For live
 viewers it also writes the mined pairs and a student-vs-teacher probe on one fixed request, the same
-at every step (:mod:`genevolve.records.live`); the probe is rolled out and scored apart from the batch, so it changes
-neither the batch nor the gradients.
+at every step (:mod:`genevolve.records.live`); the probe's conversations ride in the batch rollout as
+extra rows and are scored apart, so it changes neither the batch nor the gradients (:mod:`.probe`).
 
 In training the teacher never rolls out: it re-scores the student's own sampled tokens in its
 privileged context (only the probe shows what the teacher would write). The student never sees the
@@ -67,7 +67,7 @@ class EvolveConfig:
     micro_batch: int = 8  # sequences per forward/backward
     grad_clip: float = 1.0
     seed: int = 0
-    probe: bool = True  # write probe.json each step for live viewers (costs two rollouts per step, main process only)
+    probe: bool = True  # write probe.json each step for live viewers (two extra rows in the batch rollout; main process only)
     probe_request: str | None = None  # sandbox request id the probe follows (default: picked at step 1, see probe.auto_request)
     device: str | None = None
     dtype: str | None = None
@@ -121,8 +121,9 @@ def _loop(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Callabl
         timer = PhaseTimer()
         batch = steps.prompts_for(run, step)
         mine = procs.share(len(batch))  # this process's prompts
+        plan = steps.probe_plan(run, step, batch)  # the live probe's episodes ride in the batch
         with timer("rollout"):
-            trajs = steps.collect_rollouts(run, [batch[i] for i in mine], step)
+            trajs, probe_trajs = steps.collect_rollouts(run, [batch[i] for i in mine], step, plan)
         with timer("render_judge"):
             verdicts = steps.judge(run, [batch[i] for i in mine], trajs)
         trajs, verdicts = procs.gather_groups(mine, len(batch), K, trajs, verdicts)  # the whole step, everywhere
@@ -133,7 +134,7 @@ def _loop(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Callabl
         with timer("retrieve"):
             targets = steps.update_targets(run, batch, groups)
         with timer("probe"):
-            probe = steps.probe(run, step, batch)
+            probe = steps.probe(run, step, batch, trajs, verdicts, plan, probe_trajs)
         stats = steps.update(run, targets, timer)
         row = steps.metrics_row(run, step, trajs, verdicts, mined, targets, stats, timer)
         if procs.main:

@@ -2,14 +2,22 @@
 
 The student writes once on the probe request and, when an experience passes the gate for it, the
 teacher (the same weights with the guide in its system prompt) writes once too. The student's tokens
-are scored by the current weights (pi_old: the probe runs before the update) and by the teacher's
-context. Nothing is shared with the training batch: the probe changes neither the batch nor the
-gradients. The record is a :class:`genevolve.records.live.ProbeRecord`.
+are scored by the current weights (pi_old: the probe is scored before the update) and by the
+teacher's context. The record is a :class:`genevolve.records.live.ProbeRecord`.
+
+The probe costs almost nothing. Its conversations ride in the step's batch rollout as extra rows
+(:func:`plan`, then :func:`finish`): each token depends only on its own conversation's messages and
+seed, so the batch's trajectories are the ones it would have without them, and the probe changes
+neither the batch nor the gradients. When the probe request is itself in the batch, its student is
+the batch's first trajectory of that request (the same seed gives the same tokens). The teacher reads
+the experience the bank holds when the step starts. Only at the first step of a run that picks its
+probe request from what that step mines (:func:`auto_request`) is the teacher rolled out on its own,
+after the mining (:func:`run_probe`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,20 +53,26 @@ def probe_request(world, request_id: str | None, split: str):
     return req
 
 
-def auto_request(out: Path, batch, prompts, bank):
-    """The probe's request when none was given: the one an earlier probe of this run followed (a resumed
-    run keeps it), else the first request of this (the first) step's batch that an experience was just
-    mined from, so the live view has a teacher from the start, else the batch's first request."""
+def earlier_request(out: Path, prompts):
+    """The request an earlier probe of this run followed (a resumed run keeps it), or None."""
     from ..records.live import read_probe
 
     try:
         earlier = read_probe(out)
     except ValueError:
         earlier = None
-    if earlier is not None:
-        known = next((r for r in prompts if r.id == earlier.request_id), None)
-        if known is not None:
-            return known
+    if earlier is None:
+        return None
+    return next((r for r in prompts if r.id == earlier.request_id), None)
+
+
+def auto_request(out: Path, batch, prompts, bank):
+    """The probe's request when none was given: the one an earlier probe of this run followed (a resumed
+    run keeps it), else the first request of this (the first) step's batch that an experience was just
+    mined from, so the live view has a teacher from the start, else the batch's first request."""
+    known = earlier_request(out, prompts)
+    if known is not None:
+        return known
     mined = {e.source_request_id for e in bank.items.values()}
     return next((r for r in batch if r.id in mined), batch[0])
 
@@ -75,33 +89,86 @@ def teacher_experience(bank, req):
     return exp, sim, "nearest" if exp is not None else ""
 
 
-def run_probe(req, pol, tools, scorer, store, bank, sp, seed: int, pad_id: int, use_ved: bool) -> ProbeResult:
-    """The student and (when an experience passes the gate) the teacher once on ``req``, with the student's
-    tokens scored by both; no gradient."""
-    from ..experience.bank import guide_text
-    from ..agent.rollout import rollout
+@dataclass
+class ProbePlan:
+    """The probe's share of a step's rollout: its episodes (the student's unless the batch has it, and the
+    teacher's when an experience passes the gate) and what the teacher reads."""
 
-    student = rollout([req], pol, tools, k=1, params=sp, seed=seed)[0]
-    student.id += "-student"
-    verdict = scorer.score(req, student, store, seed=student.seed)[1]
+    req: Any
+    seed: int
+    experience: Any = None
+    similarity: float = 0.0
+    retrieval: str = ""
+    episodes: list = field(default_factory=list)  # Episode: the student's (when not in the batch), then the teacher's
+    student_in_batch: bool = False
+
+
+def plan(req, pol, tools, bank, seed: int, use_ved: bool, batch_ids: set[str] = frozenset()) -> ProbePlan:
+    """The probe's extra episodes for a step whose batch holds the requests ``batch_ids``."""
+    from ..agent.rollout import episodes_for
+    from ..experience.bank import guide_text
+
     exp, sim, how = teacher_experience(bank, req) if use_ved and len(bank) else (None, 0.0, "")
-    res = ProbeResult(student, verdict, {"p": torch.zeros(len(student.token_ids)), "q": None}, exp, sim, retrieval=how)
+    pl = ProbePlan(req, seed, exp, sim, how, student_in_batch=req.id in batch_ids)
+    if not pl.student_in_batch:
+        pl.episodes += episodes_for([req], pol, tools, 1, seed, suffix="-student")
     if exp is not None:
-        teacher = rollout([req], pol, tools, k=1, params=sp, seed=seed, guides={req.id: guide_text(exp)})[0]
-        teacher.id += "-teacher"
-        res.teacher, res.teacher_verdict = teacher, scorer.score(req, teacher, store, seed=teacher.seed)[1]
-    ids = student.token_ids
-    if ids:
-        with torch.no_grad():
-            res.logprobs["p"] = token_logprobs(pol.model, [ids], pol.device, pad_id)[0].cpu()
-            if exp is not None:
-                try:
-                    t_ids, offset = teacher_stream(pol.tokenizer, guide_text(exp), student.system_prompt, ids)
-                except ValueError:  # a stream re-encoded differently: shown without the teacher's numbers
-                    return res
-                q = token_logprobs(pol.model, [t_ids], pol.device, pad_id)[0]
-                res.logprobs["q"] = q[offset:].cpu()  # aligned to the student's positions
+        pl.episodes += episodes_for([req], pol, tools, 1, seed, guides={req.id: guide_text(exp)}, suffix="-teacher")
+    return pl
+
+
+def _from_batch(req, batch, trajs: list, verdicts: list, k: int):
+    """The batch's first trajectory of ``req`` and its verdict, renamed as the probe's student."""
+    n = next(i for i, r in enumerate(batch) if r.id == req.id) * k
+    student = trajs[n].model_copy(update={"id": trajs[n].id + "-student"})
+    return student, verdicts[n].model_copy(update={"trajectory_id": student.id})
+
+
+def finish(pl: ProbePlan, probe_trajs: list, batch, trajs: list, verdicts: list, k: int, pol, scorer, store,
+           pad_id: int) -> ProbeResult:
+    """The probe's result from its rolled-out episodes (``probe_trajs``, in :attr:`ProbePlan.episodes` order)
+    and, when the student is in the batch, the batch's trajectories and verdicts; scored, no gradient."""
+    probe_trajs = list(probe_trajs)
+    if pl.student_in_batch:
+        student, verdict = _from_batch(pl.req, batch, trajs, verdicts, k)
+    else:
+        student = probe_trajs.pop(0)
+        verdict = scorer.score(pl.req, student, store, seed=student.seed)[1]
+    res = ProbeResult(student, verdict, {"p": torch.zeros(len(student.token_ids)), "q": None}, pl.experience,
+                      pl.similarity, retrieval=pl.retrieval)
+    if pl.experience is not None:
+        res.teacher = probe_trajs.pop(0)
+        res.teacher_verdict = scorer.score(pl.req, res.teacher, store, seed=res.teacher.seed)[1]
+    _score_tokens(res, pol, pad_id)
     return res
+
+
+def run_probe(req, pol, tools, scorer, store, bank, sp, seed: int, pad_id: int, use_ved: bool,
+              batch=(), trajs=(), verdicts=(), k: int = 1) -> ProbeResult:
+    """The probe rolled out on its own (its student taken from the batch when ``batch`` holds ``req``)."""
+    from ..agent.rollout import run_episodes
+
+    pl = plan(req, pol, tools, bank, seed, use_ved, {r.id for r in batch})
+    return finish(pl, run_episodes(pl.episodes, pol, sp) if pl.episodes else [], batch, list(trajs), list(verdicts),
+                  k, pol, scorer, store, pad_id)
+
+
+def _score_tokens(res: ProbeResult, pol, pad_id: int) -> None:
+    """The student's tokens under the current weights (p) and under the teacher's context (q)."""
+    from ..experience.bank import guide_text
+
+    ids = res.student.token_ids
+    if not ids:
+        return
+    with torch.no_grad():
+        res.logprobs["p"] = token_logprobs(pol.model, [ids], pol.device, pad_id)[0].cpu()
+        if res.experience is not None:
+            try:
+                t_ids, offset = teacher_stream(pol.tokenizer, guide_text(res.experience), res.student.system_prompt, ids)
+            except ValueError:  # a stream re-encoded differently: shown without the teacher's numbers
+                return
+            q = token_logprobs(pol.model, [t_ids], pol.device, pad_id)[0]
+            res.logprobs["q"] = q[offset:].cpu()  # aligned to the student's positions
 
 
 def write(out: Path, tok, step: int, request, probe: ProbeResult, use_ved: bool, chosen: str = "") -> None:

@@ -144,6 +144,8 @@ def setup(cfg, world, procs: Processes, log: Callable[[str], None]) -> Run:
         log(f"bank: broken line set aside: {line}")
     prompts = world.split(cfg.split)
     probe_req = probes.probe_request(world, cfg.probe_request, cfg.split)  # checked on every process: a bad id stops all
+    if probe_req is None and cfg.probe:
+        probe_req = probes.earlier_request(out, prompts)  # a resumed run follows the request it followed
     order = list(range(len(prompts)))
     random.Random(cfg.seed).shuffle(order)
     tok = pol.tokenizer
@@ -159,15 +161,22 @@ def prompts_for(run: Run, step: int) -> list:
     return [run.prompts[order[(step * b + i) % len(order)]] for i in range(b)]
 
 
-def collect_rollouts(run: Run, requests: list, step: int) -> list:
-    """K trajectories per request with the student (adapter on, no guide)."""
-    from ..agent.rollout import rollout
+def probe_seed(run: Run, step: int) -> int:
+    return run.cfg.seed * 100_000 + step
+
+
+def collect_rollouts(run: Run, requests: list, step: int, probe_plan=None) -> tuple[list, list]:
+    """K trajectories per request with the student (adapter on, no guide), and in the same batch the
+    probe's episodes when ``probe_plan`` has any; returns (the batch's, the probe's)."""
+    from ..agent.rollout import episodes_for, run_episodes
 
     run.model.eval()
-    if not requests:
-        return []
-    return rollout(requests, run.pol, run.tools, k=run.cfg.rollouts_per_prompt, params=run.sp,
-                   seed=run.cfg.seed * 100_000 + step)
+    extra = list(probe_plan.episodes) if probe_plan is not None else []
+    eps = episodes_for(requests, run.pol, run.tools, k=run.cfg.rollouts_per_prompt, seed=probe_seed(run, step))
+    if not eps and not extra:
+        return [], []
+    trajs = run_episodes(eps + extra, run.pol, run.sp)
+    return trajs[: len(eps)], trajs[len(eps) :]
 
 
 def judge(run: Run, requests: list, trajs: list) -> list:
@@ -258,14 +267,26 @@ def update_targets(run: Run, batch: list, groups: list) -> Targets:
     return Targets(mine, len(scored), n_tokens, hits, errors)
 
 
-def probe(run: Run, step: int, batch: list):
-    """The live probe with this step's weights before the update (main process only), or None."""
+def probe_plan(run: Run, step: int, batch: list):
+    """The probe's episodes for this step's batch rollout (main process, once its request is known), or None."""
+    if not (run.cfg.probe and run.procs.main) or run.probe_req is None:
+        return None
+    return probes.plan(run.probe_req, run.pol, run.tools, run.bank, probe_seed(run, step), run.cfg.use_ved,
+                       {r.id for r in batch})
+
+
+def probe(run: Run, step: int, batch: list, trajs: list, verdicts: list, plan, probe_trajs: list):
+    """The live probe with this step's weights before the update (main process only), or None: finished
+    from its share of the batch rollout, or, when its request is picked from this (the first) step's
+    batch and what it mined, rolled out now (:mod:`.probe`)."""
     if not (run.cfg.probe and run.procs.main):
         return None
-    if run.probe_req is None:  # none given: picked once, from the first step's batch and what it mined
-        run.probe_req = probes.auto_request(run.out, batch, run.prompts, run.bank)
+    k = run.cfg.rollouts_per_prompt
+    if plan is not None:
+        return probes.finish(plan, probe_trajs, batch, trajs, verdicts, k, run.pol, run.scorer, run.store, run.pad_id)
+    run.probe_req = probes.auto_request(run.out, batch, run.prompts, run.bank)
     return probes.run_probe(run.probe_req, run.pol, run.tools, run.scorer, run.store, run.bank, run.sp,
-                            run.cfg.seed * 100_000 + step, run.pad_id, run.cfg.use_ved)
+                            probe_seed(run, step), run.pad_id, run.cfg.use_ved, batch, trajs, verdicts, k)
 
 
 def update(run: Run, targets: Targets, timer: PhaseTimer) -> dict[str, Any]:
