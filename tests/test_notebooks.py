@@ -4,7 +4,9 @@
 Beyond running, the tests check what the notebooks show. A figure cell carries a tag (``trajectory-images``,
 ``learning-curves``, ``token-gap-html``, ``token-gap-figure``, ``probe-images``, ``bench-images``) and must
 display its output; the figures it draws are kept in variables named ``*_fig``, which a cell appended for the
-test (never saved) describes: how many panels hold a picture, what the panels without one say, titles, ticks."""
+test (never saved) describes: how many panels hold a picture, what the panels without one say, titles, ticks.
+The notebooks themselves assert what they show (counts, rewards in [0, 1], one curve point per step, the bars'
+heights), so a notebook whose library computes something wrong fails here with its cell's AssertionError."""
 
 from __future__ import annotations
 
