@@ -1,9 +1,28 @@
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The user's data folder (index caches, editable reference copies) is a temporary one during tests.
+os.environ["GENEVOLVE_DATA"] = tempfile.mkdtemp(prefix="genevolve-test-data-")
+
+from pathlib import Path
 
 import pytest
+
+from _checkout_guard import guard
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_unchanged(tmp_path_factory):
+    """An error at the end of the session naming every file the tests created, changed or deleted in the checkout
+    (see _checkout_guard.py). Not under mutmut, which rewrites its own copy of the checkout while tests run."""
+    if "MUTANT_UNDER_TEST" in os.environ:
+        yield
+        return
+    yield from guard(ROOT, ignore=[tmp_path_factory.getbasetemp()])
 
 
 @pytest.fixture(scope="session")

@@ -226,11 +226,11 @@ def test_two_processes_writing_one_bank_lose_nothing(tmp_path):
     assert ids == {f"{w}-{i}" for w in "ab" for i in range(15)}
 
 
-def test_sandbox_summariser_reads_real_differences(world, tools):
+def test_sandbox_summariser_reads_real_differences(world, tools, tmp_path):
     req = next(r for r in world.split("bench") if r.track == "knowledge" and "quantity_counting" in r.skills)
     good = run_to_end(req, ExpertPolicy(world), tools, seed=0)
     bad = run_to_end(req, ExpertPolicy(world, ExpertNoise(skip_skills=("quantity_counting",), p_distractor=1.0)), tools, seed=0)
-    sc, store = SandboxScorer(world), ImageStore("/tmp/genevolve-test-images")
+    sc, store = SandboxScorer(world), ImageStore(tmp_path / "images")
     gv, bv = sc.score(req, good, store)[1], sc.score(req, bad, store)[1]
     pairs = mine_pairs([[(good, gv), (bad, bv)]])
     assert pairs and pairs[0].best.id == good.id

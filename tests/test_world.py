@@ -248,8 +248,8 @@ def test_program_sufficiency_levels(world, tools):
 # ---------------------------------------------------------------------------
 
 
-def _mean_kscore(world, tools, reqs, policy, seed=0):
-    sc, store = SandboxScorer(world), ImageStore("/tmp/genevolve-test-images")
+def _mean_kscore(world, tools, reqs, policy, store, seed=0):
+    sc = SandboxScorer(world)
     vals = []
     for r in reqs:
         t = raw_trajectory(r, seed) if policy is None else run_to_end(r, policy, tools, seed=seed)
@@ -257,18 +257,20 @@ def _mean_kscore(world, tools, reqs, policy, seed=0):
     return float(np.mean(vals))
 
 
-def test_expert_beats_raw_and_tools_matter(world, tools):
+def test_expert_beats_raw_and_tools_matter(world, tools, tmp_path):
     ka = [r for r in world.split("bench") if r.track == "knowledge"][:12]
-    expert = _mean_kscore(world, tools, ka, ExpertPolicy(world))
-    raw = _mean_kscore(world, tools, ka, None)
-    distract = _mean_kscore(world, tools, ka, ExpertPolicy(world, ExpertNoise(p_distractor=1.0)))
+    store = ImageStore(tmp_path / "images")
+    expert = _mean_kscore(world, tools, ka, ExpertPolicy(world), store)
+    raw = _mean_kscore(world, tools, ka, None, store)
+    distract = _mean_kscore(world, tools, ka, ExpertPolicy(world, ExpertNoise(p_distractor=1.0)), store)
     assert expert >= 0.9 and raw <= 0.4 and expert - distract >= 0.2
 
 
-def test_skipping_a_skill_costs(world, tools):
+def test_skipping_a_skill_costs(world, tools, tmp_path):
     reqs = [r for r in world.split("bench") if "quantity_counting" in r.skills][:8]
-    full = _mean_kscore(world, tools, reqs, ExpertPolicy(world))
-    skip = _mean_kscore(world, tools, reqs, ExpertPolicy(world, ExpertNoise(skip_skills=("quantity_counting",))))
+    store = ImageStore(tmp_path / "images")
+    full = _mean_kscore(world, tools, reqs, ExpertPolicy(world), store)
+    skip = _mean_kscore(world, tools, reqs, ExpertPolicy(world, ExpertNoise(skip_skills=("quantity_counting",))), store)
     assert full - skip >= 0.15
 
 
