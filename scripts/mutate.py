@@ -78,11 +78,21 @@ def ensure_mutmut() -> None:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", *reqs], check=True)
 
 
+def project_files(folders: tuple[str, ...]) -> list[str]:
+    """The files git tracks or would track (not ignored) under ``folders``, as they are in the working tree."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", *folders],
+                         cwd=ROOT, capture_output=True, check=True).stdout.decode("utf-8")
+    return sorted({p for p in out.split("\0") if p and (ROOT / p).is_file()})
+
+
 def prepare_copy(name: str, mod: Module, tmp: Path) -> None:
     """The project's code, tests and world in ``tmp``, with mutmut configured for one module."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "mutants")
-    for d in ("genevolve", "tests", "assets/world"):
-        shutil.copytree(ROOT / d, tmp / d, ignore=ignore)
+    for rel in project_files(("genevolve", "tests", "assets/world")):
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copy2(ROOT / rel, tmp / rel)
+        except FileNotFoundError:  # removed since it was listed (another process's temporary file)
+            continue
     text = (ROOT / "pyproject.toml").read_text("utf-8")
     text = re.sub(r"(?ms)^\[tool\.mutmut\].*?(?=^\[|\Z)", "", text)
     cfg = {
