@@ -177,23 +177,36 @@ def check_prompts(policy, episodes) -> None:
             raise AssertionError("the peer's prompt ids differ from the ones our engine feeds")
 
 
+def _on_cuda(side) -> bool:
+    device = getattr(getattr(side, "p", side), "device", None)
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
 def run_arm(mode, side, reqs, tools, args, params, seed) -> dict:
-    """One timed run of one side in one mode: seconds, tokens, turns, trajectories."""
+    """One timed run of one side in one mode: seconds, tokens, turns, trajectories, and on a GPU the peak
+    memory allocated during the run (what was resident when it started included)."""
     pol = Counting(side)
     peer = isinstance(side, HFContinuousBatching)
+    cuda = _on_cuda(side)
     if peer:
         side.start()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     if mode == "single-turn":
         eps = [Episode(r, tools, seed=seed * 1000 + i, max_turns=args.max_turns) for r in reqs for i in range(args.k)]
         first_turns(pol, eps, params)
     else:
         rollout(reqs, pol, tools, k=args.k, params=params, seed=seed, max_turns=args.max_turns)
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     if peer:
         side.stop()
     return {"seconds": seconds, "generated_tokens": pol.tokens, "turns": pol.turns,
-            "trajectories": len(reqs) * args.k}
+            "trajectories": len(reqs) * args.k, "peak_gib": peak}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -202,14 +215,16 @@ def summarise(runs: list[dict]) -> dict:
     trs = statistics.median(r["trajectories"] / r["seconds"] for r in runs)
     return {"median_seconds": med, "tokens_per_s": tps, "trajectories_per_s": trs,
             "generated_tokens": [r["generated_tokens"] for r in runs], "turns": [r["turns"] for r in runs],
-            "seconds": [r["seconds"] for r in runs]}
+            "seconds": [r["seconds"] for r in runs],
+            "peak_gib": max((r["peak_gib"] for r in runs if r.get("peak_gib") is not None), default=None)}
 
 
-def measure(args) -> dict:
+def measure(args, policy=None) -> dict:
+    """Both sides in each mode of ``args.mode``; ``policy`` (a loaded LocalPolicy) replaces ``args.policy`` when given."""
     world = World()
     tools = Tools.for_world(world)
     reqs = world.split("bench")[: args.requests]
-    policy = resolve_policy(args.policy)
+    policy = policy if policy is not None else resolve_policy(args.policy)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     tools.text_search.search(["warm up"], 1)  # load the embedder outside the timings
     eps = [Episode(r, tools) for r in reqs]

@@ -137,9 +137,10 @@ class Ours:
         self.n_tokens = sum(sum(s.mask) for s in scored)
         self.timers: dict[str, float] = {}
 
-    def step(self, arm: str) -> None:
-        loss = LossSettings(use_grpo=arm != "ved", use_ved=arm != "grpo", beta=0.0 if arm == "grpo+ved" else 1e-3,
-                            micro_batch=MICRO_BATCH)
+    def step(self, arm: str, loss: LossSettings | None = None) -> None:
+        """One update; ``loss`` (when given) replaces the arm's settings."""
+        loss = loss or LossSettings(use_grpo=arm != "ved", use_ved=arm != "grpo",
+                                    beta=0.0 if arm == "grpo+ved" else 1e-3, micro_batch=MICRO_BATCH)
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         stats = accumulate_gradients(self.model, self.scored, loss, self.device, self.pad_id, self.n_tokens,
