@@ -1,9 +1,10 @@
 """CUDA check: rollout and update throughput of a real-size policy in bf16 against transformers, MFU, peak memory, a render.
 
-    python scripts/cuda_check.py --policy random-0.5b --out runs/cuda_check.json   # ~0.5B Qwen2-shaped, random weights
-    python scripts/cuda_check.py --policy smollm2                                  # SmolLM2-135M (installed, offline)
-    python scripts/cuda_check.py --policy random-0.5b --quick                      # small settings: a smoke run
-    python scripts/cuda_check.py --data convs.jsonl   # update on {"student": [...], "teacher": [...]} pairs
+    python scripts/cuda_check.py --out runs/cuda_check.json   # random-0.5b on a GPU, the tiny policy on a CPU
+    python scripts/cuda_check.py --policy smollm2             # SmolLM2-135M-Instruct (installed, offline)
+    python scripts/cuda_check.py --policy random-1.5b --peak-tflops 989
+    python scripts/cuda_check.py --quick                      # the smallest settings: checks that it all runs
+    python scripts/cuda_check.py --data convs.jsonl           # update on {"student": [...], "teacher": [...]} pairs
 
 It prints, and writes as JSON with ``--out``:
 
@@ -261,7 +262,7 @@ def _gib(x: float | None) -> str:
 def markdown_table(fig: dict) -> str:
     """Rows for the README's ``| what | figure | command |`` performance table."""
     cmd = f"`{fig['short_command']}`"
-    where = f"{fig['policy']} ({fig['non_embedding_params_m']:.0f}M non-embedding), {fig['dtype']}, {fig['device']}"
+    where = f"{fig['policy']} ({fig['non_embedding_params_m']:.3g}M non-embedding), {fig['dtype']}, {fig['device']}"
     lines = ["| what | figure | command |", "| --- | --- | --- |"]
     ro = fig["rollout"]
     s = fig["settings"]
@@ -292,13 +293,14 @@ CPU_CAPS = {"requests": 2, "k": 2, "max_new_tokens": 32, "max_turns": 3, "max_co
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--policy", default="tiny", help="tiny, smollm2, random-<size> (" + ", ".join(RANDOM_SHAPES)
-                    + ") or a model folder")
+    ap.add_argument("--policy", help="tiny, smollm2, random-<size> (" + ", ".join(RANDOM_SHAPES)
+                    + ") or a model folder (default: random-0.5b on a GPU, tiny on the CPU)")
     ap.add_argument("--requests", type=int, default=8, help="bench requests per rollout")
     ap.add_argument("-k", type=int, default=4, help="samples per request")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="per turn")
     ap.add_argument("--max-turns", type=int, default=4, help="assistant turns per multi-turn episode")
-    ap.add_argument("--max-context", type=int, default=4096, help="longest conversation the peer's cache is sized for")
+    ap.add_argument("--max-context", type=int, help="longest conversation the peer's cache is sized for "
+                    "(default: 2048 + max-turns x (max-new-tokens + 256))")
     ap.add_argument("--repeats", type=int, default=2, help="timed rollout runs per side and mode (median)")
     ap.add_argument("--data", help="JSONL of {'student', 'teacher'} conversation pairs (default: made by the sandbox expert)")
     ap.add_argument("--pairs", type=int, default=16, help="pairs to make when --data is not given")
@@ -318,6 +320,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", help="write the figures here as JSON")
     ap.add_argument("--save-data", help="write the conversation pairs here (to carry to another machine)")
     args = ap.parse_args(argv)
+    if args.max_context is None:
+        args.max_context = 2048 + args.max_turns * (args.max_new_tokens + 256)  # system block + turns + tool responses
     if args.quick:
         vars(args).update({k: min(v, getattr(args, k)) for k, v in QUICK.items()})
     return args
@@ -350,12 +354,15 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     cuda = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
+    if not cuda and (args.device or "").startswith("cuda"):
+        raise SystemExit(f"--device {args.device}: CUDA is not available here")
     device = (args.device or "cuda") if cuda else (args.device or "cpu")
     dtype = "bfloat16" if cuda else "float32"
     if not cuda:
         print("NOTICE: no CUDA device: running the same steps on the CPU in float32. These are CPU figures, "
               "useful only to check that everything runs; run this on a GPU machine for the real ones.", flush=True)
         vars(args).update({k: min(v, getattr(args, k)) for k, v in CPU_CAPS.items()})
+    args.policy = args.policy or ("random-0.5b" if cuda else "tiny")
     if args.data:
         pairs = [json.loads(line) for line in Path(args.data).read_text("utf-8").splitlines() if line.strip()]
     else:
