@@ -301,9 +301,13 @@ def test_sandbox_scorer_hands_over_prompt_references_and_seed_and_records_all(tm
     assert (v.F, v.V, v.T, v.A, v.kscore, v.r_text, v.alpha) == (0.5, 0.25, 0.75, 1.0, 0.55, 0.25, 0.5)
     assert v.reward == pytest.approx(0.5 * 0.55 + 0.5 * 0.25) and v.failed is None
     assert v.rationale == "Judged. Program misses: a; b. reference IMG_003 has no image."
-    _, v = SandboxScorer(_World(missing=())).score(req, traj.model_copy(update={"images": traj.images[:2], "program": Program(
+    w9 = _World(missing=())
+    _, v = SandboxScorer(w9).score(req, traj.model_copy(update={"images": traj.images[:2], "program": Program(
         gen_prompt="p", reference_images=[ProgramRef(img_id="IMG_001")])}), store, seed=9)
-    assert v.rationale == "Judged." and v.image is not None
+    assert v.rationale == "Judged." and v.image is not None and w9.calls["generate"][2] == 9
+    _, v = SandboxScorer(_World(missing=())).score(req, traj.model_copy(update={"program": Program(
+        gen_prompt="p", reference_images=[ProgramRef(img_id="IMG_003"), ProgramRef(img_id="IMG_004")])}), store)
+    assert v.rationale == "Judged. reference IMG_003 has no image reference IMG_004 has no image."
     outside = Request(id="o", text="x", parse_error="no scene")
     rendered, v = SandboxScorer(_World()).score(outside, traj, store, seed=4)
     assert v.image == rendered.hash and rendered.seed == 4
