@@ -35,6 +35,7 @@ from .sampling import sample_tokens, stream_key, uniform
 __all__ = ["ContinuousBatch", "ModelCallError", "PREFILL_SCORES"]
 
 PREFILL_SCORES = 2**26  # attention scores one prefill call may hold (heads x rows x new tokens x width)
+MIN_SHARED_PREFIX = 16  # a system block shorter than this is prefilled with its row
 
 
 class _RowLayer(CacheLayerMixin):
@@ -157,6 +158,8 @@ class ContinuousBatch:
         self.dev = policy.device
         self.seeds = conversation_seeds(n, params, seeds)
         self.keys: list[int | None] = [None] * n  # each conversation's noise key, set from its first messages
+        self.blocks: list[tuple[int, ...] | None] = [None] * n  # each conversation's rendered system block
+        self.prefix_kv: dict[tuple[int, ...], list[torch.Tensor]] = {}  # a shared system block's keys and values
         n_layers, self.heads, kv, dim = _kv_shape(policy.model.config)
         self.cache_keyword = _cache_keyword(policy.model)
         self.capacity = 0
@@ -192,11 +195,61 @@ class ContinuousBatch:
         i = self.slot[r]
         if self.keys[i] is None:
             self.keys[i] = stream_key(self.seeds[i], msgs)
+            self.blocks[i] = self._system_block(msgs) if len(self.streams) > 1 else None
         st = self.streams[i]
         resets = st.resets
         self.p.extend_stream(st, list(msgs))
         if st.resets != resets:  # re-encoded from scratch: the row's cache no longer matches
             self.lengths[r] = 0
+
+    # -- shared system blocks ----------------------------------------------------
+    def _system_block(self, msgs: Sequence[Message]) -> tuple[int, ...] | None:
+        """Token ids of the conversation's system message as the template renders it alone, or None."""
+        if not msgs or msgs[0].get("role") != "system":
+            return None
+        try:
+            text = self.p.tokenizer.apply_chat_template([dict(msgs[0])], tokenize=False)
+            ids = tuple(self.p.tokenizer(text, add_special_tokens=False)["input_ids"])
+        except Exception:  # noqa: a template that cannot render a lone system message: no sharing
+            return None
+        return ids if len(ids) >= MIN_SHARED_PREFIX else None
+
+    def _share_prefixes(self, lo: int, hi: int) -> None:
+        """Rows [lo, hi) about to be prefilled from scratch whose stream starts with a system block that
+        another row shares get that block's keys and values copied in, computed once (a batch's
+        conversations all start with the same system prompt, so it is prefilled once, not per row)."""
+        fresh: dict[tuple[int, ...], list[int]] = {}
+        for r in range(lo, hi):
+            i = self.slot[r]
+            block = self.blocks[i]
+            ids = self.streams[i].ids
+            if self.lengths[r] == 0 and block is not None and len(ids) > len(block) and tuple(ids[: len(block)]) == block:
+                fresh.setdefault(block, []).append(r)
+        for block, rows in fresh.items():
+            if len(rows) < 2 and block not in self.prefix_kv:
+                continue
+            if block not in self.prefix_kv:
+                self.prefix_kv[block] = self._prefix_kv(block)
+            n = len(block)
+            self._ensure_capacity(n)
+            for r in rows:
+                for buf, kv in zip(self.bufs, self.prefix_kv[block]):
+                    buf[r, :, :n] = kv
+                self.lengths[r] = n
+
+    def _prefix_kv(self, block: tuple[int, ...]) -> list[torch.Tensor]:
+        """Keys and values of ``block`` at positions [0, n), each layer's (kv heads, n, dim)."""
+        n, half = len(block), len(self.bufs) // 2
+        bufs = [torch.zeros(1, b.shape[1], n, b.shape[3], device=self.dev, dtype=b.dtype) for b in self.bufs]
+        cache = _RowCache(bufs[:half], bufs[half:], torch.zeros(1, dtype=torch.long, device=self.dev))
+        mask = cache.prepare(n)
+        x = torch.tensor([block], device=self.dev)
+        try:
+            self.p.model(input_ids=x, position_ids=cache.write_cols, attention_mask=mask, use_cache=True,
+                         logits_to_keep=1, **{self.cache_keyword: cache})
+        except Exception as exc:
+            raise ModelCallError(f"{type(exc).__name__}: {exc}", self.streams) from exc
+        return [b[0] for b in bufs]
 
     def _drop_idle_rows(self) -> None:
         """Free the rows no conversation will use again (idle rows are last; nothing is queued)."""
@@ -258,6 +311,7 @@ class ContinuousBatch:
     def _prefill(self) -> None:
         """Prefill every waiting row's new tokens, in as few calls as the memory bound allows."""
         lo, hi = self.n_decode, self.n_decode + self.n_wait
+        self._share_prefixes(lo, hi)
         news = [self.streams[self.slot[r]].ids[self.lengths[r] :] for r in range(lo, hi)]
         logits, start = [], lo
         while start < hi:  # rows [start, end) in one call, its attention scores within PREFILL_SCORES
