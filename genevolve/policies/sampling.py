@@ -55,7 +55,7 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, u: Sequence[floa
         tok = logits.argmax(dim=-1)
     else:
         probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-        sorted_p, idx = probs.sort(dim=-1, descending=True, stable=True)
+        sorted_p, idx = _sorted_nucleus(probs, params.top_p)
         if params.top_p < 1.0:
             sorted_p = sorted_p * (sorted_p.cumsum(dim=-1) - sorted_p < params.top_p)
         cdf = sorted_p.cumsum(dim=-1)
@@ -65,3 +65,31 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, u: Sequence[floa
         j = torch.minimum(torch.searchsorted(cdf, target, right=True), last)
         tok = idx.gather(-1, j).squeeze(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+NUCLEUS_K = 256  # candidates taken before sorting; a row whose nucleus does not close within them is sorted whole
+
+
+def _sorted_nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probabilities in the order of a stable descending sort and their token ids, as far as the
+    top-p nucleus needs: the first ``NUCLEUS_K`` when the nucleus closes within them (no tie at their
+    edge), else the whole vocabulary. Sampling reads nothing past the nucleus, so the token drawn is the
+    one a sort of the whole vocabulary gives; sorting a few hundred candidates instead of every token
+    is what makes a large vocabulary cheap."""
+    v = probs.shape[-1]
+    if top_p >= 1.0 or v <= 2 * NUCLEUS_K:
+        return probs.sort(dim=-1, descending=True, stable=True)
+    vals, idx = probs.topk(NUCLEUS_K, dim=-1)
+    order = idx.argsort(dim=-1)  # ties in index order, as the stable sort leaves them
+    vals, idx = vals.gather(-1, order), idx.gather(-1, order)
+    vals, o2 = vals.sort(dim=-1, descending=True, stable=True)
+    idx = idx.gather(-1, o2)
+    edge = vals[:, -1:]
+    exact = ((probs >= edge).sum(dim=-1) == NUCLEUS_K) & (vals.cumsum(dim=-1)[:, -1] >= top_p)
+    if bool(exact.all()):
+        return vals, idx
+    full_p, full_i = probs[~exact].sort(dim=-1, descending=True, stable=True)
+    out_p, out_i = torch.zeros_like(probs), torch.zeros(probs.shape, dtype=idx.dtype, device=idx.device)
+    out_p[exact, :NUCLEUS_K], out_i[exact, :NUCLEUS_K] = vals[exact], idx[exact]
+    out_p[~exact], out_i[~exact] = full_p, full_i
+    return out_p, out_i
