@@ -47,7 +47,7 @@ class Module:
 MODULES: dict[str, Module] = {
     "losses": Module("genevolve/training/losses.py", ["tests/test_oracle_losses.py", "tests/test_losses.py"]),
     "bank": Module("genevolve/experience/bank.py", ["tests/test_oracle_bank.py", "tests/test_experience.py"]),
-    "judge": Module("genevolve/world/judge.py", ["tests/test_oracle_judge.py"]),
+    "judge": Module("genevolve/world/judge.py", ["tests/test_oracle_judge.py", "tests/test_oracle_judge_edges.py"]),
     "scoring": Module("genevolve/evaluation/scoring.py", ["tests/test_oracle_scoring.py", "tests/test_judges.py"]),
     "protocol": Module("genevolve/agent/protocol.py", ["tests/test_oracle_protocol.py", "tests/test_protocol.py",
                                                       "tests/test_protocol_records.py"]),
