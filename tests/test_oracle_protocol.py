@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from genevolve.agent.protocol import (
+    FINAL_STEP_MESSAGE,
     GUIDE_HEADER,
     SYSTEM_PROMPT,
     images_from_observation,
@@ -194,3 +195,16 @@ def test_a_fourth_reference_image_is_beyond_two_and_urls_keep_their_colons():
     assert prog.issues == ["gen_prompt mentions the fourth reference image but there are 1 references"]
     (img,) = images_from_observation("IMG_001: title: t\n  url: http://h:80/a: b")
     assert img.url == "http://h:80/a: b"
+
+
+def test_after_our_final_step_another_wording_is_feedback_not_a_second_final_step():
+    other = "=== FINAL STEP: OUTPUT ANSWER NOW ===\nanswer now"
+    answer = '<think>b</think><answer>{"gen_prompt": "a cat"}</answer>'
+    msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "Draw a cat"},
+            {"role": "user", "content": FINAL_STEP_MESSAGE}, {"role": "assistant", "content": "<think>a</think>"},
+            {"role": "user", "content": other}, {"role": "assistant", "content": answer}]
+    traj = trajectory_from_messages(msgs)
+    # one wording per trajectory: ours was seen first, so the other one is the first turn's feedback
+    assert [t.forced_final for t in traj.turns] == [True, False] and traj.final_step_message is None
+    assert traj.turns[0].feedback == other and traj.kept_messages == []
+    assert trajectory_to_messages(traj) == msgs
