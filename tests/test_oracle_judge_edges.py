@@ -261,12 +261,14 @@ def test_style_correlates_only_pixels_that_are_background_in_both():
 
 
 def _std_at_threshold() -> np.float32:
-    """The d for which a +d / -d checkerboard of the 14,400 grid pixels has a float32 std of exactly float32(1e-3)."""
-    d = np.float32(0.0009999999310821295)  # one float32 step below 1e-3
-    texture = _checker(d)
-    assert (texture[:120].mean(axis=2) == texture[:120, :, 0]).all()  # the grey of (d, d, d) is d
-    assert texture[:120, :, 0].ravel().std() == np.float32(1e-3)
-    return d
+    """A d for which a +d / -d checkerboard of the 14,400 grid pixels has a float32 std of exactly float32(1e-3)
+    (with numpy 2.4 on x86-64, one float32 step below 1e-3), found among the float32 values next to 1e-3."""
+    for step in sorted(range(-64, 65), key=abs):
+        d = (np.float32(1e-3).view(np.int32) + np.int32(step)).view(np.float32)
+        grid = _checker(d)[:120]
+        if (grid.mean(axis=2) == grid[:, :, 0]).all() and grid[:, :, 0].ravel().std() == np.float32(1e-3):
+            return d  # the grey of (d, d, d) is d, and so is the residual (every row's border median is 0)
+    pytest.skip("no float32 d near 1e-3 gives a std of exactly float32(1e-3) with this numpy")
 
 
 @pytest.mark.parametrize("gen_d,gt_d,score", [
