@@ -322,8 +322,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler pass")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help=f"sequences per forward/backward on both sides (default {MICRO_BATCH}; SmolLM2's trainer uses 2)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    globals()["MICRO_BATCH"] = args.micro_batch or LossSettings().micro_batch
     res = measure(args)
     res = {"command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["peers_update.py", *argv]),
            "settings": vars(args), "note": NOTE, **res}

@@ -43,7 +43,24 @@ def _rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _reset_peak() -> None:
+    """Start the peak resident set (VmHWM) again from the current one, so a point's peak excludes the
+    work that prepared it (loading, the rollout that makes an update's batch)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass  # not Linux: the peak then includes the preparation
+
+
 def _peak_mb() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -64,6 +81,7 @@ def point_rollout(policy: str, rows: int, max_turns: int, max_new_tokens: int, r
     tools.text_search.search(["warm up"], 1)
     rollout(reqs[:1], pol, tools, k=1, params=SamplingParams(max_new_tokens=8), seed=99, max_turns=1)
     base = _rss_mb()
+    _reset_peak()
     secs, toks, lens = [], [], []
     for r in range(repeats):
         t = time.perf_counter()
@@ -109,6 +127,7 @@ def point_update(policy: str, micro_batch: int, n: int, repeats: int) -> dict:
     n_tok = sum(sum(s.mask) for s in scored)
     settings = LossSettings(micro_batch=micro_batch)
     base = _rss_mb()
+    _reset_peak()
     secs = []
     for _ in range(repeats + 1):  # the first is a warm-up
         model.zero_grad(set_to_none=True)

@@ -119,6 +119,18 @@ def token_logprobs(model, seqs: list[list[int]], device, pad_id: int,
     return [logp[i, : len(s)] for i, s in enumerate(seqs)]
 
 
+def row_logprobs(model, seqs: list[list[int]], device, pad_id: int,
+                 needed: list[list[int]] | None = None) -> list[torch.Tensor]:
+    """:func:`token_logprobs`, on the CPU one sequence per forward: a padded batch costs every row the
+    longest row's length (attention: its square), which made a micro-batch of 8 trajectories of mixed
+    lengths 3.7 times slower per token than single rows (``benchmarks/scaling.py``, update sweep). On a
+    GPU the rows run together."""
+    if len(seqs) == 1 or torch.device(device).type != "cpu":
+        return token_logprobs(model, seqs, device, pad_id, needed)
+    return [token_logprobs(model, [s], device, pad_id, None if needed is None else [needed[i]])[0]
+            for i, s in enumerate(seqs)]
+
+
 def _shifted(mask: list[int], offset: int) -> list[int]:
     """``mask`` moved ``offset`` positions to the right (left when negative)."""
     return [0] * offset + mask if offset >= 0 else mask[-offset:]
@@ -133,12 +145,12 @@ def _frozen_views(model, mb: list[Scored], loss: LossSettings, device, pad_id: i
         ref = None
         if loss.use_grpo and loss.beta:
             with model.disable_adapter():
-                ref = token_logprobs(model, seqs, device, pad_id, masks)
+                ref = row_logprobs(model, seqs, device, pad_id, masks)
         teach: list[torch.Tensor | None] = [None] * len(mb)
         rows = [i for i, s in enumerate(mb) if s.teacher_ids is not None]
         if loss.use_ved and rows:
             shifted = [_shifted(mb[i].mask, mb[i].teacher_offset) for i in rows]  # the student's tokens in the teacher's stream
-            tl = token_logprobs(model, [mb[i].teacher_ids for i in rows], device, pad_id, shifted)
+            tl = row_logprobs(model, [mb[i].teacher_ids for i in rows], device, pad_id, shifted)
             for i, lp in zip(rows, tl):
                 teach[i] = lp[mb[i].teacher_offset :]  # aligned to the student's positions after the system block
     return ref, teach, rows
@@ -163,7 +175,7 @@ def _micro_batch(model, mb: list[Scored], loss: LossSettings, device, pad_id: in
     t = time.time()
     model.train()
     seqs = [s.ids for s in mb]
-    cur = token_logprobs(model, seqs, device, pad_id, [s.mask for s in mb])
+    cur = row_logprobs(model, seqs, device, pad_id, [s.mask for s in mb])
     # pi_old: the weights before this step's update are the current ones (one optimizer step per
     # step; the micro-batches only accumulate gradients), so it is the student's own forward, detached.
     old = [c.detach() for c in cur]
