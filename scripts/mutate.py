@@ -57,7 +57,7 @@ MODULES: dict[str, Module] = {
                      note="aggregation only: plot_curves (plotting), write_examples (example images), write_report, "
                           "teacher_section and ablation_run_record (files and report text) and adapter_distance "
                           "(a diagnostic read from adapter files) are not mutated"),
-    "sampling": Module("genevolve/policies/sampling.py", ["tests/test_oracle_sampling.py"]),
+    "sampling": Module("genevolve/policies/sampling.py", ["tests/test_oracle_sampling.py", "tests/test_sampling_nucleus.py"]),
 }
 # Files near the core that are not mutated, and why.
 NOT_MUTATED = {
