@@ -228,7 +228,7 @@ def run(args) -> dict:
     res: dict = {"policy": args.policy, "repeats": args.repeats, "machine": _machine(),
                  "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:])}
     out_dir = Path(args.out).parent
-    tag = f"scaling_{args.policy}"
+    tag = Path(args.out).stem  # plots are named after the JSON
     if "rows" in args.only:
         pts = [_in_child("rollout", policy=args.policy, rows=r, max_turns=11, max_new_tokens=384, repeats=args.repeats)
                for r in args.rows]
