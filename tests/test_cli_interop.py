@@ -199,7 +199,8 @@ def test_wise_and_index(fake_vlm, tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(out.read_text())["categories"]["cultural"]["wiscore"] == pytest.approx(0.85)
     assert "overall WiScore: 0.850 (partial" in res.output
-    res = runner.invoke(app, ["wise", "--data", str(tmp_path / "nothing"), "--judge", fake_vlm])
+    res = runner.invoke(app, ["wise", "--data", str(tmp_path / "nothing"), "--judge", fake_vlm,
+                              "--judge-cache", str(tmp_path / "c2")])
     assert res.exit_code != 0 and "no WISE prompt files" in res.output
 
     src = tmp_path / "docs"
