@@ -91,7 +91,8 @@ def test_an_out_of_rubric_program_level_is_missing_in_the_table_and_the_note_ali
     out = tmp_path / "bench.json"
     with serve_app(FakeVLM("level_outside").app()) as url:
         res = runner.invoke(app, ["bench", "--data", str(root), "--policy", "expert", "--seeds", "0", "--judge", url + "/v1",
-                                  "--judge-model", "fake", "--missing", policy, "--out", str(out)])
+                                  "--judge-model", "fake", "--missing", policy, "--out", str(out),
+                                  "--judge-cache", str(tmp_path / "cache")])
     assert res.exit_code == 0, res.output
     summary = json.loads(out.read_text())
     m = summary["missing"]["0"] if "0" in summary["missing"] else next(iter(summary["missing"].values()))
