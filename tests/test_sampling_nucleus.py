@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from genevolve.policies.base import SamplingParams
-from genevolve.policies.sampling import NUCLEUS_K, sample_tokens
+from genevolve.policies.sampling import NUCLEUS_K, _sorted_nucleus, sample_tokens
 
 
 def whole_sort(logits: torch.Tensor, params: SamplingParams, u: list[float]) -> torch.Tensor:
@@ -76,3 +76,63 @@ def test_a_flat_row_next_to_a_peaked_one_is_sorted_whole_and_both_are_right():
     assert tok.tolist() == whole_sort(logits, params, u).tolist()
     flat_kept = (torch.softmax(logits[3:] / 0.7, -1).sort(-1, descending=True).values.cumsum(-1) < 0.95).sum(-1)
     assert bool((flat_kept > NUCLEUS_K).all())  # these rows really run past the candidates
+
+
+def test_a_peaked_row_is_sorted_over_the_candidates_only_and_matches_the_whole_sort():
+    """The speed contract: when every row's nucleus closes within the candidates, only NUCLEUS_K are
+    sorted, and they are the head of the whole vocabulary's stable sort, ids and values."""
+    g = torch.Generator().manual_seed(11)
+    v = 4 * NUCLEUS_K + 17
+    probs = torch.softmax(rows("peaked", v, g), dim=-1)
+    vals, idx = _sorted_nucleus(probs, 0.9)
+    assert vals.shape == idx.shape == (6, NUCLEUS_K)
+    want_p, want_i = probs.sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(vals, want_p[:, :NUCLEUS_K]) and torch.equal(idx, want_i[:, :NUCLEUS_K])
+
+
+def test_candidates_in_token_order_are_still_sorted_by_probability():
+    """A row whose probabilities fall with the token id: the candidates' id order is already their
+    probability order, so a sort along the wrong axis would go unnoticed in the values."""
+    v = 4 * NUCLEUS_K + 17
+    logits = -torch.arange(v, dtype=torch.float32)[None, :] * 0.05
+    params = SamplingParams(temperature=1.0, top_p=0.5)
+    for u in (0.0, 0.3, 0.7, 1 - 2**-53):
+        tok, _ = sample_tokens(logits, params, [u])
+        assert tok.tolist() == whole_sort(logits, params, [u]).tolist()
+    assert sample_tokens(logits, params, [0.9])[0].item() > 0  # not the first candidate every time
+
+
+def test_a_batch_of_many_rows_whose_nuclei_run_just_past_the_candidates():
+    """400 rows, each with NUCLEUS_K tokens holding 0.9 of the mass and a long tail: the 0.95 nucleus
+    needs tail tokens, in every row, whatever the batch size."""
+    g = torch.Generator().manual_seed(5)
+    n, v = 400, 4 * NUCLEUS_K
+    head = 0.9 / NUCLEUS_K * (1 + 0.01 * torch.rand(n, NUCLEUS_K, generator=g))
+    tail = 0.1 / (v - NUCLEUS_K) * (1 + 0.01 * torch.rand(n, v - NUCLEUS_K, generator=g))
+    probs = torch.cat([head, tail], dim=-1)
+    perm = torch.stack([torch.randperm(v, generator=g) for _ in range(n)])
+    logits = torch.log(probs.gather(-1, perm))
+    params = SamplingParams(temperature=1.0, top_p=0.95)
+    u = [0.97 + 0.02 * x for x in torch.rand(n, generator=g).tolist()]
+    tok, _ = sample_tokens(logits, params, u)
+    want = [whole_sort(logits[i : i + 1], params, [u[i]]).item() for i in range(0, n, 37)] + [
+        whole_sort(logits[-1:], params, [u[-1]]).item()
+    ]
+    assert tok[::37].tolist() + [tok[-1].item()] == want
+    ranks = torch.softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1) < 0.5 / NUCLEUS_K
+    assert bool(ranks.all())  # every row drew from the tail, past the candidates
+
+
+def test_top_p_one_keeps_a_tail_the_candidates_leave_out():
+    """At top-p 1.0 nothing is cut, however small: a tail of 1e-30 probabilities behind a head whose
+    float32 sum is already 1.0. u just below 1 rounds to 1.0 in float32, and the rule is then the last
+    token with a probability above 0: the tail's smallest, id v - 1 (the float64 loop above cannot
+    see this rounding, so the expected id is written out)."""
+    v = 4 * NUCLEUS_K
+    probs = torch.cat([torch.tensor([1.0]), 1e-30 * torch.arange(v - 1, 0, -1, dtype=torch.float32)])
+    logits = torch.log(probs)[None, :]
+    params = SamplingParams(temperature=1.0, top_p=1.0)
+    tok, _ = sample_tokens(logits, params, [1 - 2**-53])
+    assert tok.item() == v - 1
+    vals, _ = _sorted_nucleus(torch.softmax(logits, -1), 1.0)
+    assert vals.shape[-1] == v
