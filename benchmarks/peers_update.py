@@ -280,14 +280,18 @@ def measure(args) -> dict:
         n_tokens = sum(sum(s.mask) for s in scored)
         res: dict = {"arms": {}}
         for arm in arms:
-            for side in sides.values():
+            for name, side in sides.items():
+                t = time.perf_counter()
                 side.step(arm)  # warm-up
+                print(f"  {arm} {name} warm-up: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
             times: dict[str, list[float]] = {k: [] for k in sides}
-            for _ in range(args.repeats):
+            for rep in range(args.repeats):
                 for name, side in sides.items():
                     t = time.perf_counter()
                     side.step(arm)
                     times[name].append(time.perf_counter() - t)
+                    print(f"  {arm} {name} repeat {rep + 1}/{args.repeats}: {times[name][-1]:.1f} s", file=sys.stderr,
+                          flush=True)
             r = {name: {"median_seconds": statistics.median(v), "seconds": v,
                         "tokens_per_s": n_tokens / statistics.median(v), "timers_seconds": sides[name].timers}
                  for name, v in times.items()}
