@@ -252,12 +252,29 @@ R = TypeVar("R", bound=Record)
 # ---------------------------------------------------------------------------
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()  # read once, at import: os.umask can only be read by setting it
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` with ``data``: a crash leaves the old file or the new one, never a mix."""
+    """Replace ``path`` with ``data``: a crash leaves the old file or the new one, never a mix.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give it: those of the file it
+    replaces, else 0o666 less the umask (a temporary file is created 0o600, unreadable to others)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~_UMASK
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

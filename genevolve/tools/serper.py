@@ -23,6 +23,7 @@ from urllib.parse import unquote_to_bytes
 
 import httpx
 
+from ..records.schema import atomic_write_bytes
 from .base import EMPTY_QUERIES, ImageHit, format_text_results, join_blocks
 
 DEFAULT_BASE_URL = "https://google.serper.dev"
@@ -222,15 +223,7 @@ class SerperImageSearch(_SerperClient):
             return None, "not a readable image"
 
         path = self.download_dir / f"{key}{ext or _PIL_EXT.get(fmt, '.img')}"
-        self.download_dir.mkdir(parents=True, exist_ok=True)
-        fd, part = tempfile.mkstemp(dir=self.download_dir, prefix=f".{key}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(part, path)
-        except BaseException:
-            Path(part).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, data)
         return str(path), ""
 
     def _try_download(self, url: str) -> tuple[str | None, str]:
