@@ -27,7 +27,7 @@ sides alternating. A profile of one step per side (torch.profiler) splits the ti
 backward, log-softmax over the vocabulary, attention and optimizer.
 
     .venv/bin/python benchmarks/peers_update.py [--policy tiny] [--batch 16] [--repeats 3]
-    GENEVOLVE_DTYPE=bfloat16 .venv/bin/python benchmarks/peers_update.py --policy smollm2 --batch 8 --repeats 3
+    GENEVOLVE_DTYPE=bfloat16 .venv/bin/python benchmarks/peers_update.py --policy smollm2 --batch 4 --micro-batch 2 --no-profile
 """
 
 from __future__ import annotations
