@@ -6,6 +6,10 @@ per-trajectory sampling noise the three give the same token ids; what can still 
 near-ties flipped by floating-point differences between batch shapes. Prints and saves the share of
 identical trajectories and, for each difference, where the two streams first part.
 
+In float32 (the CPU default) every trajectory measured so far is identical; in bfloat16 they are not
+(``GENEVOLVE_DTYPE=bfloat16``, the SmolLM2 student: 2 of 6 identical alone vs together, the first
+difference 296 to 1,095 tokens in), since a bf16 product rounds differently in another batch shape.
+
     .venv/bin/python benchmarks/batch_invariance.py [--policy tiny] [--seed 0] [--split bench]
 """
 
@@ -65,6 +69,7 @@ def main() -> int:
     plain = [i for i, r in enumerate(reqs) if r.id not in guides]
     res = {
         "policy": a.policy, "split": a.split, "seed": a.seed, "requests": len(reqs),
+        "dtype": str(getattr(getattr(pol, "model", None), "dtype", "n/a")),  # bf16 is not batch-invariant
         "alone_vs_together": compare(alone, together),
         "alone_vs_next_to_guided_rows": compare([alone[i] for i in plain], [mixed[i] for i in plain]),
         "seconds": time.time() - t0,

@@ -40,7 +40,10 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     On a CPU with AMX (``lscpu`` lists amx_bf16) ``GENEVOLVE_DTYPE=bfloat16`` runs a model's matrix products
     several times faster: 8 bench rollouts of the SmolLM2 student took 54 s instead of 78 s on 2 cores
     (``benchmarks/results/cpu_dtype_smollm2.json``). float32 stays the CPU default so that saved figures keep
-    reproducing.
+    reproducing: in bf16 a trajectory depends on the batch it runs in, a product rounding differently in another
+    batch shape (the SmolLM2 student: 2 of 6 trajectories identical alone vs together in bf16, 6 of 6 in float32,
+    ``benchmarks/results/batch_invariance_smollm2_*.json``). On a GPU the default is bf16, so GPU runs reproduce
+    in distribution, not bit for bit; pass float32 for the latter.
     """
     dtype = dtype or os.environ.get("GENEVOLVE_DTYPE") or None
     if dtype:
