@@ -160,6 +160,7 @@ class ContinuousBatch:
         self.keys: list[int | None] = [None] * n  # each conversation's noise key, set from its first messages
         self.blocks: list[tuple[int, ...] | None] = [None] * n  # each conversation's rendered system block
         self.prefix_kv: dict[tuple[int, ...], list[torch.Tensor]] = {}  # a shared system block's keys and values
+        self._rendered: dict[str, tuple[int, ...] | None] = {}  # system text -> its block, rendered once per batch
         n_layers, self.heads, kv, dim = _kv_shape(policy.model.config)
         self.cache_keyword = _cache_keyword(policy.model)
         self.capacity = 0
@@ -207,8 +208,14 @@ class ContinuousBatch:
         """Token ids of the conversation's system message as the template renders it alone, or None."""
         if not msgs or msgs[0].get("role") != "system":
             return None
+        text = str(msgs[0].get("content"))
+        if text not in self._rendered:
+            self._rendered[text] = self._render_system_block(msgs[0])
+        return self._rendered[text]
+
+    def _render_system_block(self, msg: Message) -> tuple[int, ...] | None:
         try:
-            text = self.p.tokenizer.apply_chat_template([dict(msgs[0])], tokenize=False)
+            text = self.p.tokenizer.apply_chat_template([dict(msg)], tokenize=False)
             ids = tuple(self.p.tokenizer(text, add_special_tokens=False)["input_ids"])
         except Exception:  # noqa: a template that cannot render a lone system message: no sharing
             return None
