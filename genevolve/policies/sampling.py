@@ -89,7 +89,7 @@ def _sorted_nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, to
     if bool(exact.all()):
         return vals, idx
     full_p, full_i = probs[~exact].sort(dim=-1, descending=True, stable=True)
-    out_p, out_i = torch.zeros_like(probs), torch.zeros(probs.shape, dtype=idx.dtype, device=idx.device)
+    out_p, out_i = torch.zeros_like(probs), torch.zeros_like(probs, dtype=idx.dtype)
     out_p[exact, :NUCLEUS_K], out_i[exact, :NUCLEUS_K] = vals[exact], idx[exact]
     out_p[~exact], out_i[~exact] = full_p, full_i
     return out_p, out_i
