@@ -1,21 +1,29 @@
-"""Do experiences transfer to other requests? Leave-own-out retrieval from a bank, and what it is worth on the bench.
+"""Do experiences transfer to requests they were not mined from? The transfer table, leave-own-out, paired by seed.
 
-Given an experience bank (e.g. an evolve run's ``<run>/bank``):
+Given an experience bank (e.g. an evolve run's ``<run>/bank``) and a student:
 
-1. Retrieval, leave-own-out (a request never retrieves an experience mined from itself), on the evolve split
-   and on the bench: the distribution of each request's nearest similarity, and for a grid of gates the hit
-   rate and the share of hits whose experience was mined from a request of the same category.
-2. A chosen gate: ``--gate calibrated`` (default) is the lowest gate, so the most hits, at which at least
-   ``--agreement`` (80 %) of the evolve split's hits share the request's category. It is set on the evolve
-   split only, never on the bench; when no gate qualifies the paper's 0.84 is used and the JSON says so.
-3. At that gate, bench KScore with the retrieved guides minus without, paired by seed (mean ± 95 % CI over
-   seeds), from two ``genevolve bench`` runs (``--seeds``, ``--requests`` keep it small). When no bench
-   request passes the gate the two runs would be the same policy on the same prompts: they are not run.
+1. **Retrieval**, leave-own-out (a request never retrieves an experience mined from itself, alone or merged), on
+   the evolve split and on the bench, once per retrieval key (``situation``: the request's situation, read from
+   its text, against the experiences' triggers; ``request``: raw request texts): for a grid of gates the hit
+   rate, the share of hits whose experience comes from a request of the same category, and the share from a
+   request with the same needs (the same skills, entity and fact lookup). Categories and needs are the
+   sandbox's hidden labels: read here to *measure* retrieval, never by retrieval itself.
+   And the share of hits whose guide *fits* the request: it names exactly the skills the request needs and the
+   search it needs (a fact first, the entity's picture, or none), as the request's oracle guide does.
+2. **The gate**, per key, calibrated on the evolve split only (never on the bench): the lowest gate (the most
+   hits) at which at least ``--agreement`` (80 %) of the evolve split's hits retrieve a guide that fits; with
+   none, the paper's 0.84, and the JSON says so.
+3. **Bench arms**, ``genevolve bench`` over the same requests and seeds: no guide; the retrieved experience
+   (leave-own-out, at the key's calibrated gate; requests below it get no guide), for each key; another
+   request's retrieved experience for every request (``shuffled:<bank>``, the control: it must not help); the
+   oracle guide (the ceiling). Each arm's KScore overall and by track (mean ± 95 % CI over seeds) and its gain
+   over no guide, paired by seed.
 
-Prints and saves ``benchmarks/results/experience_transfer_<policy>.json`` (or ``--out``).
+Prints the tables and saves ``benchmarks/results/experience_transfer_<label>.json``. ``--work DIR`` keeps each
+arm's result and reuses it when rerun with the same arguments: a long measurement resumes arm by arm.
 
     .venv/bin/python benchmarks/experience_transfer.py RUN/bank [--policy tiny --adapter RUN/checkpoint/adapter]
-        [--gate calibrated|0.84] [--seeds 0,1,2] [--requests 120]
+        [--keys situation,request] [--seeds 0,1,2] [--requests 120] [--work DIR] [--label L]
 """
 
 from __future__ import annotations
@@ -26,33 +34,63 @@ import sys
 import tempfile
 from pathlib import Path
 
-from policy_headroom import arm_row, bench, paired_gain, pm, policy_args
+from policy_headroom import arm_row, bench, paired_gain, paired_track_gains, pm, policy_args
 
 from genevolve.records.schema import atomic_write_json
 
-GRID = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.84, 0.85, 0.9, 0.95)
+GRID = (0.5, 0.6, 0.7, 0.75, 0.8, 0.84, 0.88, 0.9, 0.92, 0.95, 0.98, 1.0)
 FALLBACK_GATE = 0.84
 
 
+def needs_of(world, request) -> frozenset:
+    """A sandbox request's hidden needs (for measuring only): its skills, and entity / lookup when it names one."""
+    parsed = world.parse(request.text)
+    return frozenset(request.skills) | ({"entity"} if parsed.mentions else set()) | ({"lookup"} if parsed.hops else set())
+
+
+def guide_fits(exp, world, request) -> bool:
+    """Whether an experience's guide makes the request's right decisions (for measuring only): it names exactly the
+    skills the request needs and the search it needs (a fact first, the entity's picture, or none)."""
+    from genevolve.agent.guides import SLOTS
+    from genevolve.records.schema import SKILLS
+
+    text = " ".join(exp.slots[s] for s in SLOTS).lower()
+    named = {s for s in SKILLS if s in text}
+    search = exp.slots["search_strategy"].lower()
+    kind = "fact" if "search the fact" in search else "image" if "image-search" in search else "none"
+    parsed = world.parse(request.text)
+    want = "fact" if parsed.hops else "image" if parsed.mentions else "none"
+    return named == set(request.skills) and kind == want
+
+
 def retrieval(bank, world, split: str) -> list[dict]:
-    """Each request of a split: its nearest experience from another request, the similarity, and whether
-    that experience's source request has the same category (null when the source is not a sandbox request)."""
+    """Each request of a split: its nearest experience mined from other requests, the similarity, and whether that
+    experience's source requests share its category and its needs (null when a source is not a sandbox request)."""
     reqs = world.split(split)
     by_id = {r.id: r for r in world.requests}
     rows = []
     for r, (e, s) in zip(reqs, bank.nearest([r.text for r in reqs], [r.id for r in reqs])):
-        src = by_id.get(e.source_request_id) if e else None
+        srcs = [by_id.get(x) for x in sorted(e.sources())] if e else []
+        known = [x for x in srcs if x is not None]
+        mine = needs_of(world, r)
         rows.append({"request": r.id, "category": r.category, "experience": e.id if e else None,
-                     "source_request": e.source_request_id if e else None, "similarity": s,
-                     "same_category": None if src is None else src.category == r.category})
+                     "sources": sorted(e.sources()) if e else [], "evidence": e.evidence if e else None, "similarity": s,
+                     "same_category": (sum(x.category == r.category for x in known) / len(known)) if known else None,
+                     "same_needs": (sum(needs_of(world, x) == mine for x in known) / len(known)) if known else None,
+                     "guide_fits": guide_fits(e, world, r) if e else None})
     return rows
 
 
 def at_gate(rows: list[dict], gate: float) -> dict:
-    hits = [x for x in rows if x["similarity"] is not None and x["similarity"] >= gate]
-    judged = [x["same_category"] for x in hits if x["same_category"] is not None]
+    hits = [x for x in rows if x["similarity"] is not None and x["similarity"] >= gate - 1e-6]
+
+    def share(field):
+        judged = [x[field] for x in hits if x[field] is not None]
+        return sum(judged) / len(judged) if judged else None
+
     return {"gate": gate, "hits": len(hits), "hit_rate": len(hits) / len(rows) if rows else None,
-            "category_agreement": sum(judged) / len(judged) if judged else None}
+            "category_agreement": share("same_category"), "needs_agreement": share("same_needs"),
+            "guide_fits": share("guide_fits")}
 
 
 def distribution(rows: list[dict]) -> dict | None:
@@ -65,12 +103,45 @@ def distribution(rows: list[dict]) -> dict | None:
 
 
 def calibrate(rows: list[dict], agreement: float) -> float | None:
-    """The lowest gate (most hits) at which at least ``agreement`` of the hits share the request's category."""
+    """The lowest gate (most hits) at which at least ``agreement`` of the hits retrieve a guide that fits the request."""
     for s in sorted({x["similarity"] for x in rows if x["similarity"] is not None}):
-        a = at_gate(rows, s)["category_agreement"]
+        a = at_gate(rows, s)["guide_fits"]
         if a is not None and a >= agreement:
             return s
     return None
+
+
+def describer_agreement(world, split: str) -> float:
+    """How often the situation read from a request's text names exactly its hidden needs (measuring only)."""
+    from genevolve.experience.situation import request_needs
+
+    reqs = world.split(split)
+    return sum(request_needs(r.text) == needs_of(world, r) for r in reqs) / len(reqs)
+
+
+def print_retrieval(key: str, res: dict) -> None:
+    for split in ("evolve", "bench"):
+        d = res[split]["similarity"]
+        print(f"[{key} key] {split}: nearest similarity (leave-own-out) median {d['median']:.3f}, p90 {d['p90']:.3f}, "
+              f"max {d['max']:.3f}")
+        print(f"  {'gate':>7}{'hits':>6}{'rate':>8}{'same category':>15}{'same needs':>12}{'guide fits':>12}")
+        for g in res[split]["grid"]:
+            c, n, f = (("-" if g[x] is None else f"{g[x]:.3f}") for x in ("category_agreement", "needs_agreement", "guide_fits"))
+            print(f"  {g['gate']:>7.4f}{g['hits']:>6}{g['hit_rate']:>8.3f}{c:>15}{n:>12}{f:>12}")
+
+
+def print_arms(rows: dict, n_requests: int) -> None:
+    tracks = sorted({t for r in rows.values() for t in r["by_track"]})
+    print(f"{'arm':<30}{'guided':>7}{'valid':>8}{'KScore':>17}" + "".join(f"{t:>17}" for t in tracks) + f"{'gain (paired)':>19}")
+    for name, r in rows.items():
+        g = r["gain_over_no_guide"]
+        print(f"{name:<30}{r['n_guided']:>4}/{n_requests:<3}{r['protocol_valid']:>7.3f}{pm(r['kscore'], r['ci95']):>17}"
+              + "".join(f"{pm(r['by_track'].get(t, {}).get('kscore'), r['by_track'].get(t, {}).get('ci95')):>17}" for t in tracks)
+              + f"{'' if g is None else pm(g['mean'], g['ci95'], sign=True):>19}")
+    for name, r in rows.items():
+        if r["gain_by_track"]:
+            print(f"{name}: gain by track (paired) " + ", ".join(
+                f"{t} {pm(g['mean'], g['ci95'], sign=True)}" for t, g in r["gain_by_track"].items()))
 
 
 def main() -> int:
@@ -78,75 +149,85 @@ def main() -> int:
     ap.add_argument("bank", help="experience bank folder (e.g. an evolve run's bank)")
     ap.add_argument("--policy", default="tiny", help="tiny, smollm2 or a model folder")
     ap.add_argument("--adapter", default=None, help="LoRA adapter folder (e.g. the run's checkpoint/adapter)")
-    ap.add_argument("--gate", default="calibrated", help="'calibrated' (on the evolve split) or a cosine gate")
-    ap.add_argument("--agreement", type=float, default=0.8, help="least share of same-category hits for the calibrated gate")
+    ap.add_argument("--keys", default="situation,request", help="retrieval keys to compare: situation, request")
+    ap.add_argument("--agreement", type=float, default=0.8, help="least share of hits whose guide fits, for the calibrated gate")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--requests", type=int, default=120, help="the first N bench requests for the KScore runs")
+    ap.add_argument("--requests", type=int, default=120, help="the first N bench requests for the KScore arms")
+    ap.add_argument("--no-arms", action="store_true", help="retrieval only: no bench runs")
+    ap.add_argument("--work", default=None, help="keep each arm's bench result here and reuse it when rerun with the same "
+                    "arguments (default: a temporary folder)")
+    ap.add_argument("--label", default=None, help="results file suffix (default: the policy's folder name)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    keys = [k.strip() for k in a.keys.split(",") if k.strip()]
+    if not keys or set(keys) - {"situation", "request"}:
+        ap.error(f"--keys is a comma-separated subset of situation, request, not {a.keys!r}")
     if not (Path(a.bank) / "experiences.jsonl").is_file():
         ap.error(f"{a.bank!r} holds no experience bank (no experiences.jsonl)")
-    if a.gate != "calibrated":
-        try:
-            float(a.gate)
-        except ValueError:
-            ap.error(f"--gate is 'calibrated' or a number in [-1, 1], not {a.gate!r}")
 
     from genevolve.experience.bank import ExperienceBank
     from genevolve.world import World
 
-    world, bank = World(), ExperienceBank(a.bank)
-    if not len(bank):
-        ap.error(f"the experience bank {a.bank!r} is empty")
-    splits = {s: retrieval(bank, world, s) for s in ("evolve", "bench")}
-    calibrated = calibrate(splits["evolve"], a.agreement)
-    notes = []
-    if a.gate == "calibrated":
+    world = World()
+    summary: dict = {"bank": a.bank, "policy": a.policy, "adapter": a.adapter, "leave_own_out": True, "agreement": a.agreement,
+                     "world": str(world.root), "seeds": a.seeds, "requests": a.requests, "keys": {}, "notes": [],
+                     "describer_agreement": {s: describer_agreement(world, s) for s in ("evolve", "bench")}}
+    for key in keys:
+        bank = ExperienceBank(a.bank, key=key)
+        if not len(bank):
+            ap.error(f"the experience bank {a.bank!r} is empty")
+        summary["bank_size"] = len(bank)
+        splits = {s: retrieval(bank, world, s) for s in ("evolve", "bench")}
+        calibrated = calibrate(splits["evolve"], a.agreement)
         gate = calibrated if calibrated is not None else FALLBACK_GATE
         if calibrated is None:
-            notes.append(f"no gate keeps {a.agreement:.0%} of the evolve split's hits in the request's category: "
-                         f"used {FALLBACK_GATE}")
-    else:
-        gate = float(a.gate)
-    grid = sorted(set(GRID) | {gate})
-    summary = {"bank": a.bank, "bank_size": len(bank), "policy": a.policy, "adapter": a.adapter, "leave_own_out": True,
-               "agreement": a.agreement, "calibrated_gate": calibrated, "gate": gate, "gate_from": a.gate,
-               "retrieval": {s: {"similarity": distribution(rows), "grid": [at_gate(rows, g) for g in grid], "per_request": rows}
-                             for s, rows in splits.items()},
-               "notes": notes}
-    for s in ("evolve", "bench"):
-        d = summary["retrieval"][s]["similarity"]
-        print(f"{s}: nearest similarity (leave-own-out) median {d['median']:.3f}, p90 {d['p90']:.3f}, max {d['max']:.3f}")
-        print(f"  {'gate':>6}{'hits':>6}{'rate':>8}{'same category':>15}")
-        for g in summary["retrieval"][s]["grid"]:
-            agree = "-" if g["category_agreement"] is None else f"{g['category_agreement']:.3f}"
-            print(f"  {g['gate']:>6.4f}{g['hits']:>6}{g['hit_rate']:>8.3f}{agree:>15}")
-    print(f"calibrated gate (evolve split, >= {a.agreement:.0%} same category): "
-          + ("none" if calibrated is None else f"{calibrated:.4f}") + f"; chosen gate {gate:.4f}")
+            summary["notes"].append(f"{key} key: no gate keeps {a.agreement:.0%} of the evolve split's hits with a guide "
+                                    f"that fits: used {FALLBACK_GATE}")
+        grid = sorted(set(GRID) | {gate})
+        summary["keys"][key] = {"calibrated_gate": calibrated, "gate": gate, **{
+            s: {"similarity": distribution(rows), "grid": [at_gate(rows, g) for g in grid], "at_gate": at_gate(rows, gate),
+                "per_request": rows} for s, rows in splits.items()}}
+        print_retrieval(key, summary["keys"][key])
+        print(f"[{key} key] calibrated gate (evolve split, >= {a.agreement:.0%} of hits with a guide that fits): "
+              + ("none" if calibrated is None else f"{calibrated:.4f}") + f"; used {gate:.4f}\n")
+    print("situation read from the text = hidden needs: " + ", ".join(
+        f"{s} {v:.3f}" for s, v in summary["describer_agreement"].items()))
 
-    n_seeds = len([s for s in a.seeds.split(",") if s.strip()])
-    bench_hits = at_gate(splits["bench"][: a.requests], gate)["hits"]
-    if bench_hits == 0:
-        summary["kscore"] = None
-        notes.append(f"no bench request among the first {a.requests} passes gate {gate:.4f}: with and without retrieved "
-                     "guides would be the same runs, so the gain is 0 by construction and was not measured")
-    else:
+    if not a.no_arms:
+        n_seeds = len([s for s in a.seeds.split(",") if s.strip()])
         common = [*policy_args(a.policy, a.adapter), "--seeds", a.seeds, "--limit", str(a.requests), "--split", "bench"]
+        arms = {"no guide": []}
+        for key in keys:
+            arms[f"retrieved ({key} key)"] = ["--guide", f"bank:{a.bank}", "--leave-own-out", "--retrieval-key", key,
+                                             "--gate", repr(summary["keys"][key]["gate"])]
+        arms[f"shuffled ({keys[0]} key)"] = ["--guide", f"shuffled:{a.bank}", "--retrieval-key", keys[0]]
+        arms["oracle guide"] = ["--guide", "oracle"]
+        res = {}
         with tempfile.TemporaryDirectory() as tmp:
-            print("running bench without guides ...", flush=True)
-            base = bench(common, Path(tmp) / "base.json")
-            print(f"running bench with retrieved guides (gate {gate:.4f}, {bench_hits} hits) ...", flush=True)
-            guided = bench([*common, "--guide", f"bank:{a.bank}", "--leave-own-out", "--gate", repr(gate)], Path(tmp) / "guided.json")
-        b, g = arm_row(base), arm_row(guided)
-        gain = paired_gain(g, b, n_seeds)
-        summary["kscore"] = {"no guide": b, "retrieved": g, "gain": gain, "hits": guided["guide_info"]["hits"],
-                             "n_requests": guided["n_requests"], "seeds": a.seeds, "full": {"no guide": base, "retrieved": guided}}
-        print(f"bench KScore: no guide {pm(b['kscore'], b['ci95'])}, retrieved {pm(g['kscore'], g['ci95'])} "
-              f"({guided['guide_info']['hits']}/{guided['n_requests']} guided); gain {pm(gain['mean'], gain['ci95'], sign=True)} (paired by seed)")
-    for note in notes:
-        print("note:", note)
-    out = a.out or str(Path(__file__).parent / "results" / f"experience_transfer_{Path(a.policy).name}.json")
+            work = Path(a.work) if a.work else Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            for name, extra in arms.items():
+                print(f"running {name} ...", flush=True)
+                slug = "".join(c if c.isalnum() else "_" for c in name)
+                res[name] = bench([*common, *extra], work / f"{slug}.json", reuse=a.work is not None)
+        rows = {}
+        for name, r in res.items():
+            row = arm_row(r)
+            info = r.get("guide_info") or {}
+            row |= {"guide": r["guide"], "seconds": r.get("seconds"), "n_guided": info.get("n_guided", 0),
+                    "gate": info.get("gate"), "key": info.get("key")}
+            row["gain_over_no_guide"] = None if name == "no guide" else paired_gain(row, arm_row(res["no guide"]), n_seeds)
+            row["gain_by_track"] = None if name == "no guide" else paired_track_gains(r, res["no guide"])
+            rows[name] = row
+        n = res["no guide"]["n_requests"]
+        summary["arms"] = rows
+        summary["full"] = res
+        print()
+        print_arms(rows, n)
+    out = a.out or str(Path(__file__).parent / "results" / f"experience_transfer_{a.label or Path(a.policy).name}.json")
     atomic_write_json(out, summary)
+    for note in summary["notes"]:
+        print("note:", note)
     print(f"saved {out}")
     return 0
 

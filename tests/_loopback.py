@@ -81,7 +81,9 @@ class FakeVLM:
                                "skill_activation": "Query the skills the request needs.",
                                "reference_selection": "Keep the official picture.",
                                "prompt_construction": "State counts and positions explicitly.",
-                               "failure_avoidance": "Never leave a count implicit."})
+                               "failure_avoidance": "Never leave a count implicit.",
+                               "trigger": "Situation: a group of objects with an exact count.",
+                               "source_prompt_summary": "Draw <name> above three stars"})
         if "prompt-reference program" in system:
             prog = json.loads(texts[0].split("Program:\n", 1)[1])
             if self.mode == "level_outside":

@@ -185,8 +185,9 @@ def test_llm_summariser_on_a_local_model():
 
     t = Trajectory(id="t", request_id="r", request_text="x")
     pair = Pair("r", "x", t, t, Verdict(trajectory_id="t", request_id="r", reward=0.9), Verdict(trajectory_id="t", request_id="r"))
-    slots = LLMSummariser(Local()).summarise(pair)
-    assert slots["prompt_construction"] == "State counts and positions explicitly."
+    summary = LLMSummariser(Local()).summarise(pair)
+    assert summary.slots["prompt_construction"] == "State counts and positions explicitly."
+    assert summary.key.trigger == "Situation: a group of objects with an exact count."
 
 
 def test_wise_and_index(fake_vlm, tmp_path):

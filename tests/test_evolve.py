@@ -133,9 +133,11 @@ def test_live_files_probe_pairs_and_lock(tmp_path, tiny_folder, world, monkeypat
     assert len(trained) == 2 * 2 * 2 and probe.student.trajectory.id not in trained  # the probe is not trained on
     pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 2 and pairs[0]["step"] == 1 and pairs[0]["best"].endswith("-k0")
-    assert pairs[0]["experience"] in ExperienceBank(out / "bank").items or pairs[0]["error"]
-    made = {p["experience"]: p["step"] for p in pairs if p["experience"]}  # steps count from 1 everywhere
-    assert all(ExperienceBank(out / "bank").get(e).step == step for e, step in made.items())
+    final = ExperienceBank(out / "bank")
+    assert final.locate(pairs[0]["experience"]) is not None or pairs[0]["error"]
+    for p in pairs:  # steps count from 1 everywhere; a pair's experience is there, or merged into one that is
+        exp, folded = final.locate(p["experience"])
+        assert p["step"] in {exp.step} | {m.step for m in exp.merged_from}
     assert read_metrics(out / "metrics.jsonl")[0].get("t_probe") > 0
     assert not is_running(out)
     import subprocess
@@ -171,7 +173,9 @@ def test_the_default_probe_follows_a_request_with_its_own_experience(tmp_path, t
     probe = read_probe(out)
     mined = json.loads((out / "pairs.jsonl").read_text().splitlines()[0])
     assert probe.request_id == second == mined["request_id"] and mined["experience"]
-    assert probe.retrieval == "own" and probe.experience_id == mined["experience"] and probe.similarity > 0.99
+    assert probe.retrieval == "own" and probe.experience_id == mined["experience"]
+    bank = ExperienceBank(out / "bank")  # the probe's teacher reads what the update's reads: the nearest, at its similarity
+    assert bank.retrieve(probe.request)[1] == pytest.approx(probe.similarity, abs=1e-6)
     assert probe.teacher is not None and any(t.q is not None for t in probe.tokens)
     evolve(_cfg(out, tiny_folder, steps=2), world=world, log=lambda _: None)  # resumed: the same probe request
     assert read_probe(out).step == 2 and read_probe(out).request_id == second

@@ -123,11 +123,11 @@ def test_the_sandbox_lesson_follows_the_grounded_best_and_names_the_guess():
                              ("image_search", "official flag of Divia", "IMG_001: Official flag of Divia", ["Official flag of Divia"])])
     guess = traced("guess", [("image_search", "official flag of Brezia", "IMG_001: Official flag of Brezia", ["Official flag of Brezia"])])
     world = type("W", (), {"refs": {}})()
-    slots = SandboxSummariser(world).summarise(Pair("r", REQ, sound, guess, v("sound", 0.9), v("guess", 0.1)))
+    slots = SandboxSummariser(world).summarise(Pair("r", REQ, sound, guess, v("sound", 0.9), v("guess", 0.1))).slots
     assert slots["search_strategy"].startswith("Search the fact that names the entity first")
     assert slots["failure_avoidance"].startswith("Never image-search a name that neither the request nor a search result gave.")
     plain = traced("plain", [("image_search", "flag of the Granite Shield winner", "IMG_001: x", ["x"])])
-    slots = SandboxSummariser(world).summarise(Pair("r", REQ, plain, sound, v("plain", 0.9), v("sound", 0.1)))
+    slots = SandboxSummariser(world).summarise(Pair("r", REQ, plain, sound, v("plain", 0.9), v("sound", 0.1))).slots
     assert slots["search_strategy"] == "Image-search the entity by its exact name; no text search is needed."
     assert "Never image-search" not in slots["failure_avoidance"]
 
@@ -234,13 +234,16 @@ def test_sandbox_summariser_reads_real_differences(world, tools, tmp_path):
     gv, bv = sc.score(req, good, store)[1], sc.score(req, bad, store)[1]
     pairs = mine_pairs([[(good, gv), (bad, bv)]])
     assert pairs and pairs[0].best.id == good.id
-    slots = SandboxSummariser(world).summarise(pairs[0])
+    summary = SandboxSummariser(world).summarise(pairs[0])
+    slots = summary.slots
     assert "quantity_counting" in slots["skill_activation"]
     assert "Official" in slots["reference_selection"]
     assert "exactly" in slots["prompt_construction"]
-    for entity in req.entities:  # entity-free
+    assert "a group of objects with an exact count" in summary.key.trigger  # the situation the best handled
+    assert "find its official reference image" in summary.key.trigger
+    for entity in req.entities:  # entity-free, the retrieval key included
         name = world.data.entities[entity].name
-        assert all(name not in s for s in slots.values())
+        assert all(name not in s for s in [*slots.values(), summary.key.trigger, summary.key.source_prompt_summary])
 
 
 class FakeChat:
@@ -254,9 +257,10 @@ class FakeChat:
 
 
 def test_llm_summariser_validates_json():
-    pair = type("P", (), {})()
-    good = json.dumps(SLOTS_OK)
-    assert parse_summary(f"Here you go:\n{good}\nThanks") == validate_slots(SLOTS_OK)
+    pair = type("P", (), {"request_text": "Draw the flag of Divia above three stars"})()
+    good = json.dumps(SLOTS_OK | {"trigger": "Situation: a group of objects with an exact count.",
+                                  "source_prompt_summary": "Draw <name> above three stars"})
+    assert parse_summary(f"Here you go:\n{good}\nThanks").slots == validate_slots(SLOTS_OK)
     with pytest.raises(SummaryError, match="no JSON"):
         parse_summary("I cannot help with that")
     with pytest.raises(SummaryError, match="not valid JSON"):
@@ -269,11 +273,11 @@ def test_llm_summariser_validates_json():
         s.summarise(pair)
     s2 = LLMSummariser(FakeChat(good))
     s2.prompt = lambda p: "prompt"
-    assert s2.summarise(pair)["skill_activation"] == SLOTS_OK["skill_activation"]
+    assert s2.summarise(pair).slots["skill_activation"] == SLOTS_OK["skill_activation"]
 
 
 def test_nearest_has_no_gate_and_leaves_the_own_request_out(tmp_path):
-    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(128))
+    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(128), key="request")
     own1 = bank.add("r1", "Draw three gold stars above a red circle", SLOTS_OK, reward_gap=0.5)
     own2 = bank.add("r1", "Draw three gold stars above a red circle", SLOTS_OK, reward_gap=0.4)  # mined again later
     other = bank.add("r2", "Draw four gold stars below a blue square", SLOTS_OK)
@@ -284,6 +288,6 @@ def test_nearest_has_no_gate_and_leaves_the_own_request_out(tmp_path):
     assert e.id == other.id and s < 1.0  # both of r1's experiences are skipped, whatever the gate
     assert e2 is not None and s2 < bank.gate  # no gate: the nearest is returned with its similarity
     assert bank.nearest([text], ["r1"])[0][1] == pytest.approx(bank.search(text, 3)[2][0], abs=1e-6)
-    assert ExperienceBank(tmp_path / "empty", embedder=HashEmbedder(128)).nearest([text]) == [(None, None)]
+    assert ExperienceBank(tmp_path / "empty", embedder=HashEmbedder(128), key="request").nearest([text]) == [(None, None)]
     with pytest.raises(ValueError, match="one entry per text"):
         bank.nearest([text], [])

@@ -72,16 +72,17 @@ def test_derangement_never_gives_an_item_its_own():
 
 
 def test_bank_guides_respect_the_gate_and_record_each_request(tmp_path, monkeypatch, world, bank_dir):
-    data, guides, output = _bench(tmp_path, monkeypatch, "--split", "evolve", "--limit", "8", "--guide", f"bank:{bank_dir}")
+    data, guides, output = _bench(tmp_path, monkeypatch, "--split", "evolve", "--limit", "8", "--guide", f"bank:{bank_dir}",
+                                  "--retrieval-key", "request")
     info = data["guide_info"]
     assert data["guide"] == f"bank:{bank_dir}" and info["kind"] == "bank" and info["gate"] == 0.84
-    assert info["hits"] == 8 and info["hit_rate"] == 1.0 and "retrieved: 8/8" in output
+    assert info["hits"] == 8 and info["hit_rate"] == 1.0 and "retrieved (request key): 8/8" in output
     for row in info["per_request"]:  # without leave-own-out each request finds its own experience
         assert row["source_request"] == row["request"] and row["similarity"] == pytest.approx(1.0, abs=1e-3)
     assert guides.keys() == {r["request"] for r in info["per_request"]}
 
     data, guides, _ = _bench(tmp_path, monkeypatch, "--split", "evolve", "--limit", "8", "--guide", f"bank:{bank_dir}",
-                             "--leave-own-out", "--gate", "0.6")
+                             "--leave-own-out", "--gate", "0.6", "--retrieval-key", "request")
     info = data["guide_info"]
     assert info["leave_own_out"] is True and info["gate"] == 0.6
     assert all(r["source_request"] != r["request"] for r in info["per_request"])
@@ -93,19 +94,20 @@ def test_bank_guides_respect_the_gate_and_record_each_request(tmp_path, monkeypa
 
 
 def test_a_gate_nothing_passes_gives_no_guide(tmp_path, monkeypatch, bank_dir):
-    data, guides, output = _bench(tmp_path, monkeypatch, "--limit", "3", "--guide", f"bank:{bank_dir}", "--gate", "0.999")
+    data, guides, output = _bench(tmp_path, monkeypatch, "--limit", "3", "--guide", f"bank:{bank_dir}", "--gate", "0.999",
+                                  "--retrieval-key", "request")
     assert data["guide_info"]["hits"] == 0 and data["guide_info"]["hit_rate"] == 0.0 and not guides
-    assert "retrieved: 0/3" in output
+    assert "retrieved (request key): 0/3" in output
 
 
 def test_shuffled_guides_come_from_other_requests(tmp_path, monkeypatch, world, bank_dir):
     data, guides, _ = _bench(tmp_path, monkeypatch, "--split", "evolve", "--limit", "8", "--guide", f"shuffled:{bank_dir}",
-                             "--guide-seed", "3")
+                             "--guide-seed", "3", "--retrieval-key", "request")
     info = data["guide_info"]
     assert info["kind"] == "shuffled" and info["gate"] is None and info["seed"] == 3 and len(guides) == 8
     for row in info["per_request"]:
         assert row["guide_of"] != row["request"] and row["source_request"] != row["request"]
-    bank = ExperienceBank(bank_dir)
+    bank = ExperienceBank(bank_dir, key="request")
     for r in world.split("evolve")[:8]:  # never the guide the request would retrieve itself
         own, _ = bank.retrieve(r.text)
         assert own.source_request_id == r.id and guides[r.id] != guide_text(own)
@@ -206,13 +208,14 @@ def test_evolve_report_has_no_teacher_row_that_copies_the_student(tmp_path, worl
     out = tmp_path / "run"
     first = world.split("evolve")[0]
     ExperienceBank(out / "bank").add(first.id, first.text, {s: "Query quantity_counting and write exact counts." for s in SLOTS})
-    res = runner.invoke(app, ["evolve", "--out", str(out), "--eval-requests", "3", "--eval-seeds", "0,1", "--gate", "0.99"])
+    res = runner.invoke(app, ["evolve", "--out", str(out), "--eval-requests", "3", "--eval-seeds", "0,1", "--gate", "0.99",
+                              "--retrieval-key", "request"])
     assert res.exit_code == 0, res.output
     report = (out / "report" / "report.md").read_text()
     teacher = json.loads((out / "report" / "teacher.json").read_text())
-    assert teacher["train"] == {"n": 1, "requests": [first.id], "result": teacher["train"]["result"]}
+    assert teacher["train"] == {"n": 1, "own": 1, "requests": [first.id], "result": teacher["train"]["result"]}
     assert teacher["bench"]["hits"] == 0 and len(teacher["bench"]["per_request"]) == 3
-    assert "No bench request passes the gate" in report and "(n = 1)" in report
+    assert "No bench request passes the gate" in report and "(n = 1, 1 of them one mined from themselves)" in report
     main, section = report.split("## Learning curves")[0].split("## Teacher")
     assert "| teacher |" not in main
     assert set(json.loads((out / "report" / "results.json").read_text())) == {"student (before)", "student (after)"}

@@ -166,7 +166,7 @@ def _evict_oracle(gaps: list[float], capacity: int) -> list[int]:
 @pytest.mark.parametrize("capacity,gaps", [(3, [0.5, 0.4, 0.9, 0.1, 0.3, 0.2]),
                                            (8, [0.9, 0.8, 0.1, 0.7, 0.6, 0.5, 0.4, 0.35, 0.3, 0.2, 0.05, 0.15])])
 def test_capacity_evicts_the_smallest_gap_among_the_oldest_quarter(tmp_path, capacity, gaps):
-    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(32), capacity=capacity)
+    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(32), capacity=capacity, key="request")
     made = [bank.add(f"r{i}", f"request {i}", SLOTS_OK, reward_gap=g) for i, g in enumerate(gaps)]
     assert list(bank.items) == [made[i].id for i in _evict_oracle(gaps, capacity)]
     assert made[-1].reward_gap == gaps[-1] and isinstance(made[-1].reward_gap, float)
@@ -174,20 +174,20 @@ def test_capacity_evicts_the_smallest_gap_among_the_oldest_quarter(tmp_path, cap
 
 def test_retrieve_applies_the_gate_inclusively(tmp_path):
     emb = HashEmbedder(64)
-    bank = ExperienceBank(tmp_path, embedder=emb)
+    bank = ExperienceBank(tmp_path, embedder=emb, key="request")
     assert bank.retrieve("anything") == (None, 0.0) and bank.search("anything") == []
     exp = bank.add("r1", "three gold stars above a red circle", SLOTS_OK)
     score = bank.search("three gold stars above a blue circle", 1)[0][0]
     assert 0 < score < 1
     for gate, hit in ((score - 1e-6, True), (score, True), (score + 1e-6, False)):
-        got, s = ExperienceBank(tmp_path, embedder=emb, gate=gate).retrieve("three gold stars above a blue circle")
+        got, s = ExperienceBank(tmp_path, embedder=emb, gate=gate, key="request").retrieve("three gold stars above a blue circle")
         assert (got is not None and got.id == exp.id) == hit and s == pytest.approx(score)
-    assert ExperienceBank(tmp_path, embedder=emb).gate == 0.84 and bank.capacity == 500
+    assert ExperienceBank(tmp_path, embedder=emb, key="request").gate == 0.84 and bank.capacity == 500
 
 
 def test_search_ranks_by_cosine_and_nearest_skips_the_own_request(tmp_path):
     emb = HashEmbedder(64)
-    bank = ExperienceBank(tmp_path, embedder=emb)
+    bank = ExperienceBank(tmp_path, embedder=emb, key="request")
     texts = ["a red circle", "a red circle and a blue square", "a green horse at night"]
     exps = [bank.add(f"r{i}", t, SLOTS_OK) for i, t in enumerate(texts)]
     bank.add("r0", "a red circle", SLOTS_OK)  # the same request mined again
@@ -200,13 +200,13 @@ def test_search_ranks_by_cosine_and_nearest_skips_the_own_request(tmp_path):
     assert bank.nearest([]) == []
     with pytest.raises(ValueError, match="one entry per text"):
         bank.nearest(["a", "b"], exclude_sources=["r0"])
-    only = ExperienceBank(tmp_path / "one", embedder=emb)
+    only = ExperienceBank(tmp_path / "one", embedder=emb, key="request")
     only.add("r0", "a red circle", SLOTS_OK)
     assert only.nearest(["a red circle"], exclude_sources=["r0"]) == [(None, None)]
 
 
 def test_edit_makes_one_version_per_change_and_delete_removes(tmp_path):
-    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(32))
+    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(32), key="request")
     exp = bank.add("r1", "one", SLOTS_OK, reward_gap=0.4, run_id="run-1", step=3)
     assert (exp.version, exp.run_id, exp.step, exp.source_request_id) == (1, "run-1", 3, "r1")
     same = bank.edit(exp.id, {"search_strategy": SLOTS_OK["search_strategy"] + "  "})
@@ -218,7 +218,7 @@ def test_edit_makes_one_version_per_change_and_delete_removes(tmp_path):
     with pytest.raises(ExperienceError):
         bank.edit(exp.id, {"bogus": "x"})
     bank.delete(exp.id)
-    assert len(bank) == 0 and len(ExperienceBank(tmp_path, embedder=HashEmbedder(32))) == 0
+    assert len(bank) == 0 and len(ExperienceBank(tmp_path, embedder=HashEmbedder(32), key="request")) == 0
     with pytest.raises(KeyError):
         bank.get(exp.id)
 
@@ -273,7 +273,7 @@ def test_the_bank_uses_its_embedder_and_stamps_new_experiences(tmp_path):
     import re
 
     emb = HashEmbedder(32)
-    bank = ExperienceBank(tmp_path, embedder=emb)
+    bank = ExperienceBank(tmp_path, embedder=emb, key="request")
     assert bank.embedder is emb and bank.load_errors == []
     exp = bank.add("r1", "one", SLOTS_OK)
     assert re.fullmatch(r"exp-[0-9a-f]{10}", exp.id) and exp.reward_gap == 0.0
@@ -286,19 +286,19 @@ def test_the_index_file_is_written_by_changes_only_and_names_its_embedder(tmp_pa
     from genevolve.tools.faiss_store import VectorIndex
 
     emb = HashEmbedder(32)
-    bank = ExperienceBank(tmp_path, embedder=emb)
+    bank = ExperienceBank(tmp_path, embedder=emb, key="request")
     bank.add("r1", "one", SLOTS_OK)
     bank.add("r2", "two", SLOTS_OK)
     index = VectorIndex.load(tmp_path / "experiences.faiss")
     assert len(index) == 2 and index.embedder == "hash-32"
     (tmp_path / "experiences.faiss").unlink()
-    assert ExperienceBank(tmp_path, embedder=emb).search("one", 1)[0][1].source_request_id == "r1"
+    assert ExperienceBank(tmp_path, embedder=emb, key="request").search("one", 1)[0][1].source_request_id == "r1"
     assert not (tmp_path / "experiences.faiss").exists()  # a reader writes nothing
 
 
 def test_a_reader_sees_what_another_bank_object_wrote_since(tmp_path):
     emb = HashEmbedder(32)
-    writer, reader = ExperienceBank(tmp_path, embedder=emb), ExperienceBank(tmp_path, embedder=emb)
+    writer, reader = ExperienceBank(tmp_path, embedder=emb, key="request"), ExperienceBank(tmp_path, embedder=emb, key="request")
     writer.add("r1", "three gold stars", SLOTS_OK)
     assert [e.source_request_id for _, e in reader.search("three gold stars", 5)] == ["r1"]
     writer.add("r2", "a teal horse at dusk", SLOTS_OK)
@@ -308,22 +308,22 @@ def test_a_reader_sees_what_another_bank_object_wrote_since(tmp_path):
 
 def test_an_edit_compares_with_the_latest_slots_on_disk(tmp_path):
     emb = HashEmbedder(32)
-    a = ExperienceBank(tmp_path, embedder=emb)
+    a = ExperienceBank(tmp_path, embedder=emb, key="request")
     exp = a.add("r1", "one", SLOTS_OK)
-    b = ExperienceBank(tmp_path, embedder=emb)
+    b = ExperienceBank(tmp_path, embedder=emb, key="request")
     b.edit(exp.id, {"search_strategy": "Search twice."})
     back = a.edit(exp.id, {"search_strategy": SLOTS_OK["search_strategy"]}, note="undo")  # equal to a's stale copy
     assert back.version == 3 and back.note == "undo"
-    assert ExperienceBank(tmp_path, embedder=emb).get(exp.id).slots["search_strategy"] == SLOTS_OK["search_strategy"]
+    assert ExperienceBank(tmp_path, embedder=emb, key="request").get(exp.id).slots["search_strategy"] == SLOTS_OK["search_strategy"]
 
 
 def test_loading_skips_blank_lines_sets_broken_ones_aside_and_keeps_reading(tmp_path):
     emb = HashEmbedder(32)
-    bank = ExperienceBank(tmp_path, embedder=emb)
+    bank = ExperienceBank(tmp_path, embedder=emb, key="request")
     first, second = bank.add("r1", "one", SLOTS_OK), bank.add("r2", "two", SLOTS_OK)
     lines = bank.jsonl.read_text("utf-8").splitlines()
     bank.jsonl.write_text(lines[0] + "\n\n{broken\n" + lines[1] + "\n", "utf-8")
-    again = ExperienceBank(tmp_path, embedder=emb)
+    again = ExperienceBank(tmp_path, embedder=emb, key="request")
     assert list(again.items) == [first.id, second.id]
     assert again.load_errors == [f"{again.jsonl}:3: 1 validation error for Experience"]
     again.add("r3", "three", SLOTS_OK)
@@ -331,7 +331,7 @@ def test_loading_skips_blank_lines_sets_broken_ones_aside_and_keeps_reading(tmp_
 
 
 def test_search_returns_five_by_default_and_nearest_can_return_the_first_experience(tmp_path):
-    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(32))
+    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(32), key="request")
     made = [bank.add(f"r{i}", f"request number {i} with words", SLOTS_OK) for i in range(7)]
     assert len(bank.search("request number 3 with words")) == 5
     (e, s), = bank.nearest([made[0].source_request])
@@ -342,14 +342,14 @@ def test_search_returns_five_by_default_and_nearest_can_return_the_first_experie
 
 def test_the_oldest_quarter_grows_with_the_bank(tmp_path):
     gaps = [0.9, 0.8, 0.1, 0.2] + [0.5] * 9  # capacity 12: the 13th addition weighs the 3 oldest (13 // 4)
-    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(16), capacity=12)
+    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(16), capacity=12, key="request")
     made = [bank.add(f"r{i}", f"request {i}", SLOTS_OK, reward_gap=g) for i, g in enumerate(gaps)]
     assert made[2].id not in bank.items and made[3].id in bank.items and len(bank) == 12
     assert list(bank.items) == [made[i].id for i in _evict_oracle(gaps, 12)]
 
 
 def test_ids_differ_for_different_slots_added_in_the_same_second_at_capacity(tmp_path):
-    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(16), capacity=2)
+    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(16), capacity=2, key="request")
     ids = [bank.add("r1", "one", {**SLOTS_OK, "search_strategy": f"Search {i}."}).id for i in range(4)]
     assert len(set(ids)) == 4
 
@@ -363,7 +363,7 @@ def test_an_embedder_without_a_name_leaves_the_index_unnamed(tmp_path):
         def encode(self, texts):
             return HashEmbedder(16).encode(texts)
 
-    bank = ExperienceBank(tmp_path, embedder=Nameless())
+    bank = ExperienceBank(tmp_path, embedder=Nameless(), key="request")
     bank.add("r1", "one", SLOTS_OK)
     assert VectorIndex.load(tmp_path / "experiences.faiss").embedder == ""
     assert bank.search("one", 1)[0][1].source_request_id == "r1"

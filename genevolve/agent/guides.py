@@ -109,14 +109,14 @@ def _similarity_summary(sims: list[float]) -> dict | None:
     return {"n": len(sims)} | {k: round(v, 4) for k, v in stats.items()}
 
 
-def _open_bank(folder: str):
+def _open_bank(folder: str, key: str = "situation", describer=None):
     from pathlib import Path
 
     from ..experience.bank import ExperienceBank
 
     if not (Path(folder) / "experiences.jsonl").is_file():
         raise ValueError(f"{folder!r} holds no experience bank (no experiences.jsonl)")
-    bank = ExperienceBank(folder)
+    bank = ExperienceBank(folder, key=key, describer=describer)
     for line in bank.load_errors:
         print(f"warning: broken bank line skipped: {line}", file=sys.stderr)
     if not len(bank):
@@ -125,20 +125,23 @@ def _open_bank(folder: str):
 
 
 def request_guides(spec: str, world, requests, gate: float | None = None, leave_own_out: bool = False,
-                   seed: int = 0) -> tuple[dict[str, str], dict]:
+                   seed: int = 0, key: str = "situation", describer=None) -> tuple[dict[str, str], dict]:
     """Decision guides for ``requests`` from a ``--guide`` value, and a JSON-ready account of what was given.
 
     - ``oracle``: each request's correct guide.
     - ``bank:<folder>``: each request's nearest experience in that bank if its cosine similarity reaches
-      ``gate`` (default 0.84); requests below the gate get no guide.
+      ``gate`` (default: the key's, 0.90 for situations, 0.84 for raw texts); requests below it get no guide.
     - ``shuffled``: the oracle guide of another request, never one equal to the request's own.
     - ``shuffled:<folder>``: the nearest bank experience of another request (no gate: every request gets
       one), never one mined from the request itself nor one worded as the experience it would retrieve.
 
-    ``leave_own_out`` (bank kinds only) never retrieves an experience mined from the request itself, so
-    what is measured is transfer to other requests. Shuffles are seeded derangements.
+    ``leave_own_out`` (bank kinds only) never retrieves an experience mined from the request itself (alone or
+    merged with others), so what is measured is transfer to other requests. ``key`` is what retrieval compares:
+    the request's situation (read from its text by ``describer``, by default the offline cue reader) with the
+    experiences' triggers, or raw request texts. Retrieval reads each request's text and id only. Shuffles are
+    seeded derangements.
     """
-    from ..experience.bank import GATE, guide_text
+    from ..experience.bank import default_gate, guide_text
 
     kind, _, folder = spec.partition(":")
     if kind not in ("oracle", "bank", "shuffled") or (kind == "oracle" and folder) or (kind == "bank" and not folder):
@@ -155,12 +158,14 @@ def request_guides(spec: str, world, requests, gate: float | None = None, leave_
         return ({r.id: texts[p[i]] for i, r in enumerate(requests)},
                 {"kind": "shuffled", "source": "oracle guides of other requests", "seed": seed, "n_guided": len(requests),
                  "per_request": [{"request": r.id, "guide_of": requests[p[i]].id} for i, r in enumerate(requests)]})
-    bank = _open_bank(folder)
+    bank = _open_bank(folder, key, describer)
     near = bank.nearest([r.text for r in requests], [r.id for r in requests] if leave_own_out else None)
-    base = {"bank": folder, "bank_size": len(bank), "leave_own_out": leave_own_out}
+    base = {"bank": folder, "bank_size": len(bank), "leave_own_out": leave_own_out, "key": key,
+            "describer": bank.describer.name if key == "situation" else None}
     if kind == "bank":
-        gate = GATE if gate is None else gate
+        gate = default_gate(key) if gate is None else gate
         per = [{"request": r.id, "experience": e.id if e else None, "source_request": e.source_request_id if e else None,
+                "sources": sorted(e.sources()) if e else [], "evidence": e.evidence if e else None,
                 "similarity": None if s is None else round(s, 4), "hit": s is not None and s >= gate} for r, (e, s) in zip(requests, near)]
         hits = sum(x["hit"] for x in per)
         guides = {r.id: guide_text(e) for r, (e, s), x in zip(requests, near, per) if x["hit"]}
@@ -171,7 +176,7 @@ def request_guides(spec: str, world, requests, gate: float | None = None, leave_
     texts = [guide_text(e) if e else None for e, _ in near]
 
     def allowed(i: int, j: int) -> bool:  # another request's experience, and not the same words as the own one
-        return texts[j] is not None and texts[j] != texts[i] and near[j][0].source_request_id != requests[i].id
+        return texts[j] is not None and texts[j] != texts[i] and requests[i].id not in near[j][0].sources()
 
     p = derangement(len(requests), allowed, seed)
     per = [{"request": r.id, "guide_of": requests[p[i]].id, "experience": near[p[i]][0].id,

@@ -106,6 +106,8 @@ def experiences_summarise(
     model: str = typer.Option("default", help="Model name on an OpenAI-compatible server."),
     delta_min: float = typer.Option(0.20, min=0.0, max=1.0, help="Smallest best-vs-worst reward gap."),
     max_pairs: int = typer.Option(8, min=1, help="At most this many pairs."),
+    consolidate: bool = typer.Option(True, "--consolidate/--no-consolidate",
+                                     help="Then merge the experiences that share a trigger (see `experiences consolidate`)."),
     world: Optional[Path] = WORLD_OPT,
 ):
     """Mine best-vs-worst pairs from a run and summarise them into visual experiences (sandbox or LLM summariser)."""
@@ -138,16 +140,37 @@ def experiences_summarise(
     added, errors = 0, []
     for pair in mine_pairs(list(groups.values()), delta_min, max_pairs):
         try:
-            slots = summ.summarise(pair)
+            summary = summ.summarise(pair)
         except SummaryError as exc:
             errors.append(f"{pair.request_id}: {exc}")
             continue
-        b.add(pair.request_id, pair.request_text, slots, reward_gap=pair.gap, run_id=r.info.id,
-              best_trajectory=pair.best.id, worst_trajectory=pair.worst.id, summariser=summ.name)
+        b.add(pair.request_id, pair.request_text, summary.slots, reward_gap=pair.gap, retrieval_key=summary.key,
+              run_id=r.info.id, best_trajectory=pair.best.id, worst_trajectory=pair.worst.id, summariser=summ.name)
         added += 1
     for e in errors:
         typer.echo(f"not summarised: {e}")
-    typer.echo(json.dumps({"pairs": added + len(errors), "added": added, "errors": len(errors), "bank_size": len(b)}))
+    merged = b.consolidate() if consolidate else []
+    typer.echo(json.dumps({"pairs": added + len(errors), "added": added, "errors": len(errors), "merged": len(merged),
+                           "bank_size": len(b)}))
+
+
+def experiences_consolidate(
+    bank: Path = typer.Argument(..., help="Experience bank folder."),
+):
+    """Merge every group of experiences that share a trigger into one general experience (a new version that keeps
+    the group's provenance and evidence; lessons contradicted by better-supported ones are dropped and named)."""
+    from ..experience.bank import ExperienceBank
+
+    if not (bank / "experiences.jsonl").is_file():
+        raise typer.BadParameter(f"{bank} holds no experience bank (no experiences.jsonl)", param_hint="BANK")
+    b = ExperienceBank(bank)
+    for line in b.load_errors:
+        typer.echo(f"warning: broken bank line set aside: {line}", err=True)
+    before = len(b)
+    merged = b.consolidate()
+    for e in merged:
+        typer.echo(f"{e.id} v{e.version}: evidence {e.evidence}, from {len(e.sources())} request(s); {e.note}")
+    typer.echo(json.dumps({"before": before, "after": len(b), "merged": len(merged)}))
 
 
 def register(app: typer.Typer) -> None:
@@ -158,4 +181,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
     exp_app = typer.Typer(help="Visual experiences from run folders.", no_args_is_help=True)
     exp_app.command("summarise")(experiences_summarise)
+    exp_app.command("consolidate")(experiences_consolidate)
     app.add_typer(exp_app, name="experiences")

@@ -74,7 +74,12 @@ def evolve(
     lora_rank: int = typer.Option(16, min=1, help="LoRA rank of the student's adapter."),
     lr: float = typer.Option(1e-3, help="Learning rate of the LoRA weights."),
     delta_min: float = typer.Option(0.20, min=0.0, max=1.0, help="Smallest best-vs-worst reward gap that makes an experience."),
-    gate: float = typer.Option(0.84, min=-1.0, max=1.0, help="Cosine gate for retrieving an experience."),
+    gate: Optional[float] = typer.Option(None, min=-1.0, max=1.0, help="Cosine gate for retrieving an experience "
+                                         "(default: 0.90 with the situation key, 0.84 with the request key)."),
+    retrieval_key: str = typer.Option("situation", help="What retrieval compares: 'situation' (a request's situation, "
+                                      "read from its text, with the experiences' triggers) or 'request' (raw texts)."),
+    consolidate: bool = typer.Option(True, "--consolidate/--no-consolidate", help="After each step's mining, merge the "
+                                     "experiences that share a trigger into one general experience."),
     no_grpo: bool = typer.Option(False, "--no-grpo", help="Drop the GRPO term (VED only)."),
     no_ved: bool = typer.Option(False, "--no-ved", help="Drop the VED term (GRPO only)."),
     seed: int = typer.Option(0, help="Seed for prompt order, sampling and initialisation."),
@@ -105,7 +110,7 @@ def evolve(
     cfg = evolve_cfg(out, policy, estimates.default("evolve", "steps", quick, steps), estimates.default("evolve", "prompts", quick, prompts),
                      estimates.default("evolve", "rollouts", quick, rollouts),
                      lambda_ved, lora_rank, lr, delta_min, gate, seed, not no_grpo, not no_ved, max_new_tokens, probe_request,
-                     probe, micro_batch)
+                     probe, micro_batch, retrieval_key, consolidate)
     w = World()
     check_probe_request(w, probe_request)
     with holding(out, force_new):
@@ -192,7 +197,7 @@ def ablate(
                 "max_new_tokens": max_new_tokens, "probe_request": probe_request} | ({"micro_batch": micro_batch} if micro_batch != 8 else {})
 
     def make_cfg(arm: str, seed: int, run_dir: Path):
-        return evolve_cfg(run_dir, policy, n_steps, b, k, lambda_ved, lora_rank, lr, 0.20, 0.84, seed, "grpo" in arm,
+        return evolve_cfg(run_dir, policy, n_steps, b, k, lambda_ved, lora_rank, lr, 0.20, None, seed, "grpo" in arm,
                           "ved" in arm, max_new_tokens, probe_request, probe, micro_batch)
 
     announce_estimate(out, policy, estimates.plan_ablate(arm_list, len(seed_list), n_steps, b, k, probe, len(reqs), eval_samples,

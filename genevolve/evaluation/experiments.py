@@ -25,6 +25,13 @@ class SettingsMismatch(ValueError):
     """An ablation folder holds results made with other settings."""
 
 
+def gate_of(cfg) -> float:
+    """A training config's retrieval gate (its key's default when it names none)."""
+    from ..experience.bank import default_gate
+
+    return default_gate(cfg.retrieval_key) if cfg.gate is None else cfg.gate
+
+
 def bench_requests(world, quick: bool, n: int | None) -> list:
     """The bench requests of a comparison: all of them, ``n`` spread evenly, or 24 for a quick run."""
     from .estimate import default
@@ -50,7 +57,8 @@ def compare_after_training(cfg, world, requests: list, seeds: list[int], samples
         pol.name = name
         store = ImageStore(out / "report" / "images" / name.split()[0])
         results[name] = evaluate(world, pol, requests, seeds, store=store, progress=log, samples=samples) | {"store": store}
-    teacher_md, teacher = teacher_section(world, after, out / "bank", requests, seeds, cfg.gate, samples, log)
+    teacher_md, teacher = teacher_section(world, after, out / "bank", requests, seeds, gate_of(cfg), samples, log,
+                                          key=cfg.retrieval_key)
     extra = teacher_md + f"\n\nTraining took {seconds_training:.0f} s; total {seconds_training + time.time() - t0:.0f} s."
     report = write_report(out / "report", f"Distill and compare: {cfg.policy}, {cfg.arm}", results, world,
                           {cfg.arm: [out / "metrics.jsonl"]}, extra,
@@ -211,7 +219,9 @@ def ablation_teacher(ab: Ablation, world, runs_made: list[dict], log) -> tuple[s
     run_dir = ab.out / f"{arm}-s{seed}"
     pol = resolve_policy(ab.policy, adapter=str(run_dir / "checkpoint" / "adapter"))
     pol.name = arm
-    md, data = teacher_section(world, pol, run_dir / "bank", ab.requests, [seed], 0.84, ab.samples, log)
+    cfg = ab.make_cfg(arm, seed, run_dir)
+    md, data = teacher_section(world, pol, run_dir / "bank", ab.requests, [seed], gate_of(cfg), ab.samples, log,
+                               key=cfg.retrieval_key)
     md = md.replace("## Teacher\n", f"## Teacher ({arm}, seed {seed})\n", 1)
     data |= {"arm": arm, "seed": seed, "adapter_sha256": sha}
     atomic_write_json(tdir / "teacher.json", data)

@@ -244,32 +244,37 @@ def _student_vs_teacher(world, student, requests, guides, seeds, samples, progre
 
 
 def teacher_section(world, student, bank_dir: Path, bench_requests, seeds, gate: float, samples: int = 1,
-                    progress: Callable[[str], None] | None = None) -> tuple[str, dict]:
+                    progress: Callable[[str], None] | None = None, key: str = "situation") -> tuple[str, dict]:
     """The teacher (the trained student with its nearest experience as the decision guide), measured only
-    where it gets a guide, next to the student on the same requests: (a) the training requests whose own
-    experience the gate retrieves, (b) the bench requests whose nearest experience passes the gate. Where
-    no request gets one, a sentence says so instead of a row that would copy the student's."""
+    where it gets a guide, next to the student on the same requests: (a) the training requests experiences
+    were mined from that retrieve one past the gate (their own, or another whose trigger is nearer), (b) the
+    bench requests whose nearest experience passes the gate (never mined from: every one is a transfer).
+    Where no request gets one, a sentence says so instead of a row that would copy the student's."""
     from ..experience.bank import ExperienceBank, guide_text
     from ..agent.guides import request_guides
 
-    md = ["## Teacher", "", f"The teacher is the trained student with the nearest bank experience (cosine >= {gate}) in its "
-          "system prompt; it is only measured on requests that retrieve one, next to the student on the same requests.", ""]
-    bank = ExperienceBank(bank_dir)
+    md = ["## Teacher", "", f"The teacher is the trained student with the nearest bank experience (cosine >= {gate}, "
+          f"{key} key) in its system prompt; it is only measured on requests that retrieve one, next to the student on "
+          "the same requests.", ""]
+    bank = ExperienceBank(bank_dir, key=key)
     if not len(bank):
         return "\n".join(md + ["The experience bank is empty: there is no teacher to measure."]), {"gate": gate, "bank_size": 0}
-    sources = {e.source_request_id for e in bank.items.values()}
+    sources = set().union(*(e.sources() for e in bank.items.values()))
     train = [r for r in world.requests if r.id in sources]
     near = bank.nearest([r.text for r in train])
-    own = [(r, e) for r, (e, s) in zip(train, near) if e is not None and e.source_request_id == r.id and s >= gate]
-    data: dict[str, Any] = {"gate": gate, "bank_size": len(bank), "train": {"n": len(own), "requests": [r.id for r, _ in own]}}
-    md += [f"### Training requests with their own experience (n = {len(own)})", ""]
-    if own:
-        lines, data["train"]["result"] = _student_vs_teacher(world, student, [r for r, _ in own],
-                                                              {r.id: guide_text(e) for r, e in own}, seeds, samples, progress)
+    hit = [(r, e) for r, (e, s) in zip(train, near) if e is not None and s >= gate]
+    n_own = sum(r.id in e.sources() for r, e in hit)
+    data: dict[str, Any] = {"gate": gate, "key": key, "bank_size": len(bank),
+                            "train": {"n": len(hit), "own": n_own, "requests": [r.id for r, _ in hit]}}
+    md += [f"### Training requests that retrieve an experience (n = {len(hit)}, {n_own} of them one mined from "
+           "themselves)", ""]
+    if hit:
+        lines, data["train"]["result"] = _student_vs_teacher(world, student, [r for r, _ in hit],
+                                                              {r.id: guide_text(e) for r, e in hit}, seeds, samples, progress)
         md += lines
     else:
-        md += ["No training request retrieves its own experience at this gate."]
-    guides, info = request_guides(f"bank:{bank_dir}", world, bench_requests, gate)
+        md += ["No training request retrieves an experience at this gate."]
+    guides, info = request_guides(f"bank:{bank_dir}", world, bench_requests, gate, key=key)
     sim = info["similarity"]
     data["bench"] = {k: info[k] for k in ("hits", "hit_rate", "similarity", "per_request")} | {"n": len(bench_requests)}
     md += ["", f"### Bench requests that retrieve an experience ({info['hits']} of {len(bench_requests)})", "",

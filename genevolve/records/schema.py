@@ -205,22 +205,55 @@ class Verdict(Record):
     failed: str | None = None  # set when nothing could be judged (no program, generator error)
 
 
+class RetrievalKey(Record):
+    """What an experience is retrieved by (the paper's ``retrieval_key``): ``trigger``, the situation in which
+    its lesson applies, in action-space words with no entity names; ``source_prompt_summary``, its source
+    request with every name, year and quoted text taken out."""
+
+    trigger: str
+    source_prompt_summary: str = ""
+
+
+class MergedSource(Record):
+    """An experience that a consolidation folded into another, as it was then (its provenance)."""
+
+    id: str
+    version: int
+    source_request_id: str
+    source_request: str
+    slots: dict[str, str]
+    evidence: int = 1
+    reward_gap: float = 0.0
+    run_id: str = ""
+    step: int = 0
+
+
 class ExperienceVersion(Record):
-    """A past state of an experience's slots (kept on every edit)."""
+    """A past state of an experience (kept on every edit and every consolidation)."""
 
     version: int
     slots: dict[str, str]
     saved: str  # ISO time the version was replaced
     note: str = ""  # the note saved with this version when it was made
+    retrieval_key: RetrievalKey | None = None
+    evidence: int = 1
 
 
 class Experience(Record):
-    """A visual experience: the best-vs-worst difference of a group, as five imperative, entity-free slots."""
+    """A visual experience: the best-vs-worst difference of a group, as five imperative, entity-free slots.
+
+    ``evidence`` counts the mined pairs behind it: 1 for a pair's own experience, the sum of the merged ones'
+    after a consolidation, whose folded experiences ``merged_from`` keeps (ids, versions, source requests,
+    slots). :meth:`sources` is every request it was mined from: leave-own-out retrieval skips them all."""
 
     id: str
     source_request_id: str
-    source_request: str  # the request text its key embedding is made from
+    source_request: str  # the request text (the raw-text key embeds it)
     slots: dict[str, str]  # search_strategy, skill_activation, reference_selection, prompt_construction, failure_avoidance
+    retrieval_key: RetrievalKey | None = None  # None: an experience from before retrieval keys (its situation is read
+    # from source_request when a situation key is asked for)
+    evidence: int = 1
+    merged_from: list[MergedSource] = Field(default_factory=list)
     reward_gap: float = 0.0
     run_id: str = ""
     step: int = 0  # the training step that mined it, counted from 1 as in metrics.jsonl (0: not from training)
@@ -231,6 +264,10 @@ class Experience(Record):
     version: int = 1
     note: str = ""  # the note saved with the current version (its edit's reason)
     history: list[ExperienceVersion] = Field(default_factory=list)
+
+    def sources(self) -> set[str]:
+        """Every request this experience was mined from (its own and those of the experiences merged into it)."""
+        return {self.source_request_id} | {m.source_request_id for m in self.merged_from}
 
 
 class RunInfo(Record):

@@ -1,8 +1,9 @@
 """Self-evolution: GRPO + Visual Experience Distillation with a LoRA student, one readable loop.
 
 Each step: sample B prompts -> roll out K trajectories each with the student (batched engine) ->
-render and judge -> mine best-vs-worst pairs -> summarise them into experiences -> bank ->
-retrieve an experience for every trajectory's request (cosine gate) -> score tokens: the student
+render and judge -> mine best-vs-worst pairs -> summarise them into experiences -> bank (merging the
+experiences that share a trigger) -> retrieve an experience for every trajectory's request (cosine gate
+between the request's situation and the experiences' triggers) -> score tokens: the student
 (with gradient), the same weights before the update (pi_old), the teacher (same weights, the guide in
 the system prompt, no gradient) and the reference (adapter disabled, no gradient) -> L = L_GRPO +
 lambda * L_VED -> one AdamW step on the LoRA weights -> metrics JSONL -> atomic checkpoint. For live
@@ -58,7 +59,9 @@ class EvolveConfig:
     lambda_ved: float = 2.0
     delta_min: float = 0.20
     max_pairs: int = 8
-    gate: float = 0.84
+    gate: float | None = None  # cosine gate of retrieval; None: the key's (0.90 for situations, 0.84 for raw texts)
+    retrieval_key: str = "situation"  # what retrieval compares: 'situation' (triggers) or 'request' (raw texts)
+    consolidate: bool = True  # merge the experiences that share a trigger after each step's mining
     capacity: int = 500
     top_frac: float = 0.10
     clip_low: float = 0.20
@@ -80,8 +83,10 @@ class EvolveConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.rollouts_per_prompt < 2:
             raise ValueError("rollouts_per_prompt (K) must be >= 2: GRPO and pair mining compare within a group")
-        if not 0 <= self.delta_min <= 1 or not -1 <= self.gate <= 1:
+        if not 0 <= self.delta_min <= 1 or not (self.gate is None or -1 <= self.gate <= 1):
             raise ValueError("delta_min is in [0, 1] and gate in [-1, 1]")
+        if self.retrieval_key not in ("situation", "request"):
+            raise ValueError(f"retrieval_key is 'situation' or 'request', not {self.retrieval_key!r}")
         if self.lambda_ved < 0:
             raise ValueError("lambda_ved must be >= 0")
         if self.probe_request is not None and not self.probe_request.strip():

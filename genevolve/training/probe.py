@@ -73,20 +73,19 @@ def auto_request(out: Path, batch, prompts, bank):
     known = earlier_request(out, prompts)
     if known is not None:
         return known
-    mined = {e.source_request_id for e in bank.items.values()}
+    mined = set().union(*(e.sources() for e in bank.items.values()))
     return next((r for r in batch if r.id in mined), batch[0])
 
 
 def teacher_experience(bank, req):
-    """The experience the probe's teacher reads, its similarity to the request and how it was found: the
-    newest one mined from this very request ("own"), else the nearest one above the gate ("nearest")."""
-    own = [e for e in bank.items.values() if e.source_request_id == req.id]
-    if own:
-        exp = max(own, key=lambda e: (e.step, e.created or ""))
-        hits = [s for s, e in bank.search(req.text, k=len(bank)) if e.id == exp.id]
-        return exp, (hits[0] if hits else 1.0), "own"
+    """The experience the probe's teacher reads, its similarity to the request and how it was found: what the
+    update's teacher reads for this request (``bank.retrieve``: the nearest above the gate, one rule for both),
+    labelled "own" when it was mined from this very request (alone or among others merged into it), else
+    "nearest"."""
     exp, sim = bank.retrieve(req.text)
-    return exp, sim, "nearest" if exp is not None else ""
+    if exp is None:
+        return None, sim, ""
+    return exp, sim, "own" if req.id in exp.sources() else "nearest"
 
 
 @dataclass

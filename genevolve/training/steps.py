@@ -63,6 +63,7 @@ class Mined:
     experiences: list = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     pair_rows: list = field(default_factory=list)  # PairRecord
+    merged: list = field(default_factory=list)  # experiences a consolidation made (or grew) this step
 
 
 @dataclass
@@ -107,7 +108,7 @@ def _bank(cfg, out: Path, procs: Processes):
         shutil.rmtree(bank_dir, ignore_errors=True)
         if (out / "bank").exists():
             shutil.copytree(out / "bank", bank_dir)
-    return ExperienceBank(bank_dir, capacity=cfg.capacity, gate=cfg.gate)
+    return ExperienceBank(bank_dir, capacity=cfg.capacity, gate=cfg.gate, key=cfg.retrieval_key)
 
 
 def setup(cfg, world, procs: Processes, log: Callable[[str], None]) -> Run:
@@ -217,16 +218,23 @@ def mine_and_summarise(run: Run, groups: list, step: int) -> Mined:
                              worst_reward=pair.worst_verdict.reward, gap=pair.gap, passed_over=pair.passed_over)
             mined.pair_rows.append(row)
             try:
-                slots = run.summariser.summarise(pair)
+                summary = run.summariser.summarise(pair)
             except SummaryError as exc:
                 mined.errors.append(str(exc))
                 row.error = str(exc)
                 continue
-            exp = run.bank.add(pair.request_id, pair.request_text, slots, reward_gap=pair.gap, run_id=run.out.name,
-                               step=step + 1, best_trajectory=pair.best.id, worst_trajectory=pair.worst.id,
+            exp = run.bank.add(pair.request_id, pair.request_text, summary.slots, reward_gap=pair.gap,
+                               retrieval_key=summary.key, run_id=run.out.name, step=step + 1,
+                               best_trajectory=pair.best.id, worst_trajectory=pair.worst.id,
                                summariser=run.summariser.name)
             mined.experiences.append(exp)
             row.experience = exp.id
+        if cfg.consolidate and mined.experiences:
+            mined.merged = run.bank.consolidate()
+            into = {m.id: e.id for e in mined.merged for m in e.merged_from}
+            for row in mined.pair_rows:  # a pair's experience may now live inside a merged one
+                if row.experience in into:
+                    row.experience = into[row.experience]
     if run.procs.main:
         append_pairs(run.out / "pairs.jsonl", mined.pair_rows)
     return mined
@@ -335,7 +343,8 @@ def metrics_row(run: Run, step: int, trajs: list, verdicts: list, mined: Mined, 
         "grpo_loss": stats["grpo"], "ved_loss": stats["ved"], "kl_ref": stats["kl"], "clip_low_frac": stats["clip_low"],
         "clip_high_frac": stats["clip_high"], "ved_tokens": stats["ved_tokens"], "teacher_student_gap": stats["mean_gap"],
         "retrieval_hit_rate": targets.hits / max(targets.n_scored, 1), "bank_size": len(run.bank),
-        "new_experiences": len(mined.experiences), "summary_errors": len(mined.errors),
+        "new_experiences": len(mined.experiences), "experiences_merged": len(mined.merged),
+        "summary_errors": len(mined.errors),
         "guesses_passed_over": sum(r.passed_over for r in mined.pair_rows), "teacher_errors": len(targets.teacher_errors),
         "grad_norm": finite(stats["grad_norm"]),
         "logp_grad_norm_grpo": stats["g2_grpo"] ** 0.5, "logp_grad_norm_ved": stats["g2_ved"] ** 0.5,
