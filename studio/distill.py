@@ -26,7 +26,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 
 def distill_args(mode: str, out: Path, policy: str = "tiny", arms: list[str] | tuple[str, ...] = ("grpo", "ved"),
                  quick: bool = True, steps: int | None = None, b: int | None = None, k: int | None = None,
-                 lora_rank: int = 16, lambda_ved: float = 2.0, delta_min: float = 0.20, gate: float = 0.84, seed: int = 0,
+                 lora_rank: int = 16, lambda_ved: float = 2.0, delta_min: float = 0.20, gate: float = 0.90, seed: int = 0,
                  max_new_tokens: int = 384, eval_requests: int | None = None, probe_request: str | None = None) -> list[str]:
     """The command-line arguments for the form's values, checked with messages a person can act on."""
     def positive(name, v, low=1):

@@ -51,7 +51,6 @@ class Services:
     _banks: dict[str, Any] = field(default_factory=dict)
     _policies: dict[str, Any] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)
-    _request_vecs: Any = None
 
     @classmethod
     def create(cls, world_dir: str | Path | None = None, runs_dir: str | Path = "runs", embedder=None,
@@ -238,26 +237,33 @@ class Services:
             self._banks[key] = (bank, _file_sig(bank.jsonl))
             return bank
 
+    def retrieval_of(self, bank, exp_id: str, splits: tuple[str, ...] = ("evolve", "bench"), limit: int = 20
+                     ) -> list[tuple[float, Request, str]]:
+        """The sandbox requests nearest to this experience, by similarity, each with what it gets: this experience
+        (it is their nearest and passes the gate), another one that is nearer, or nothing (below the gate)."""
+        exp = bank.get(exp_id)
+        reqs = [r for s in splits for r in self.world.split(s)]
+        rows = []
+        for r, ranked in zip(reqs, bank.ranked([r.text for r in reqs])):
+            sim = next((s for s, e in ranked if e.id == exp.id), None)
+            if sim is None:
+                continue
+            top_s, top = ranked[0]
+            if top.id != exp.id:
+                why = f"another experience is nearer: {top.id} ({top_s:.3f})"
+            elif sim < bank.gate:
+                why = f"nothing: below the gate {bank.gate:.2f}"
+            else:
+                why = "this experience" + (" (mined from it)" if r.id in exp.sources() else "")
+            rows.append((sim, r, why))
+        rows.sort(key=lambda x: -x[0])
+        return rows[:limit]
+
     def retrieving_requests(self, bank, exp_id: str, splits: tuple[str, ...] = ("evolve", "bench"), limit: int = 20
                             ) -> list[tuple[float, Request]]:
         """Sandbox requests that retrieve this experience (it is their nearest and passes the gate), by similarity."""
-        import numpy as np
-
-        exp = bank.get(exp_id)
-        reqs = [r for s in splits for r in self.world.split(s)]
-        with self._lock:
-            if self._request_vecs is None or len(self._request_vecs[0]) != len(reqs):
-                self._request_vecs = (reqs, self.embedder.encode([r.text for r in reqs]))
-            reqs, vecs = self._request_vecs
-        sims = vecs @ self.embedder.encode([exp.source_request])[0]
-        out = []
-        for i in np.argsort(-sims):
-            if sims[i] < bank.gate or len(out) >= limit:
-                break
-            nearest, score = bank.retrieve(reqs[i].text)
-            if nearest is not None and nearest.id == exp.id:
-                out.append((float(score), reqs[i]))
-        return out
+        return [(s, r) for s, r, why in self.retrieval_of(bank, exp_id, splits, limit=10_000)
+                if why.startswith("this experience")][:limit]
 
     def try_guide(self, bank, exp_id: str, policy_name: str, seed: int) -> tuple[Request, list[Trajectory], dict[str, Verdict], ImageStore]:
         """The student and the teacher (the student with this experience as its guide) on the experience's source request."""

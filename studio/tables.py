@@ -10,8 +10,8 @@ from genevolve.records.schema import Experience
 
 from . import StudioError
 
-EXP_HEADERS = ["id", "similarity", "source request", "gap", "run", "step", "version", "search strategy"]
-EXP_WIDE = {"id": 150, "source request": 340, "run": 110, "search strategy": 260}
+EXP_HEADERS = ["id", "similarity", "trigger", "evidence", "source request", "gap", "run", "step", "version"]
+EXP_WIDE = {"id": 150, "trigger": 340, "source request": 300, "run": 110}
 
 
 def column_widths(headers: Sequence[str], wide: dict[str, int] | None = None) -> list[str]:
@@ -35,9 +35,17 @@ def _short(text: str, n: int = 90) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def trigger_of(e: Experience) -> str:
+    """An experience's trigger without its "Situation:" label, or a dash for one made before retrieval keys."""
+    if e.retrieval_key is None:
+        return "— (no key: its source request's situation is used)"
+    t = e.retrieval_key.trigger
+    return t.split(":", 1)[1].strip() if t.lower().startswith("situation:") else t
+
+
 def experience_rows(hits: Sequence[tuple[float | None, Experience]]) -> list[list[Any]]:
-    return [[e.id, "" if s is None else round(s, 3), _short(e.source_request), round(e.reward_gap, 3), e.run_id or "—", e.step,
-             e.version, _short(e.slots.get("search_strategy", ""), 60)] for s, e in hits]
+    return [[e.id, "" if s is None else round(s, 3), _short(trigger_of(e), 120), e.evidence, _short(e.source_request),
+             round(e.reward_gap, 3), e.run_id or "—", e.step, e.version] for s, e in hits]
 
 
 def filter_experiences(hits: Sequence[tuple[float | None, Experience]], slot_text: str = "", min_gap: float | None = None,
@@ -69,21 +77,48 @@ def form_slots(values: Sequence[str]) -> dict[str, str]:
         raise StudioError(msg) from None
 
 
+def _md(text: str) -> str:
+    """Model or user text made inert in Markdown: no HTML, no links, no emphasis."""
+    import html
+
+    return html.escape(" ".join(str(text).split())).replace("*", "&#42;").replace("_", "&#95;").replace("[", "&#91;") \
+        .replace("`", "&#96;")
+
+
 def provenance_md(e: Experience) -> str:
-    lines = [f"**{e.id}** · version {e.version} · created {e.created or '?'}",
-             f"- source request: `{e.source_request_id}` {e.source_request}",
+    lines = [f"**{e.id}** · version {e.version} · created {e.created or '?'} · evidence {e.evidence} "
+             f"(mined pair{'s' if e.evidence != 1 else ''} behind it)",
+             f"- trigger: {_md(trigger_of(e))}",
+             f"- source prompt summary: {_md(e.retrieval_key.source_prompt_summary) if e.retrieval_key else '—'}",
+             f"- source request: `{e.source_request_id}` {_md(e.source_request)}",
              f"- reward gap {e.reward_gap:.3f} · run `{e.run_id or '—'}` step {e.step} · summariser `{e.summariser or '—'}`"]
     if e.best_trajectory or e.worst_trajectory:
         lines.append(f"- best `{e.best_trajectory or '—'}` vs worst `{e.worst_trajectory or '—'}`")
+    if e.merged_from:
+        lines.append(f"- merged from {len(e.merged_from)} experience(s), {len(e.sources())} source request(s):")
+        lines += [f"  - `{m.id}` v{m.version} · `{m.source_request_id}` {_md(m.source_request)} · evidence {m.evidence} · "
+                  f"gap {m.reward_gap:.3f} · run `{m.run_id or '—'}` step {m.step}" for m in e.merged_from]
     return "\n".join(lines)
 
 
-HISTORY_HEADERS = ["version", "replaced", "note"] + [SLOT_TITLES[s] for s in SLOTS]
+HISTORY_HEADERS = ["version", "replaced", "note", "evidence", "trigger"] + [SLOT_TITLES[s] for s in SLOTS]
 
 
 def history_rows(e: Experience) -> list[list[Any]]:
-    rows = [[h.version, h.saved, h.note] + [_short(h.slots.get(s, ""), 80) for s in SLOTS] for h in reversed(e.history)]
-    return [[e.version, "(current)", e.note] + [_short(e.slots[s], 80) for s in SLOTS]] + rows
+    def trig(k) -> str:
+        return _short(k.trigger, 80) if k is not None else "—"
+
+    rows = [[h.version, h.saved, h.note, h.evidence, trig(h.retrieval_key)] + [_short(h.slots.get(s, ""), 80) for s in SLOTS]
+            for h in reversed(e.history)]
+    return [[e.version, "(current)", e.note, e.evidence, trig(e.retrieval_key)] + [_short(e.slots[s], 80) for s in SLOTS]] + rows
+
+
+RETRIEVAL_HEADERS = ["similarity", "request", "text", "gets"]
+
+
+def retrieval_rows(rows: Sequence[tuple[float, Any, str]]) -> list[list[Any]]:
+    """(similarity, request, what it gets) as table rows."""
+    return [[round(s, 3), r.id, _short(r.text, 120), why] for s, r, why in rows]
 
 
 REF_HEADERS = ["id", "caption", "entity", "variant"]

@@ -252,6 +252,40 @@ def test_edit_an_experience_reload_and_find_it_by_semantic_search(studio, page):
     page.screenshot(path=str(studio["shots"] / "experiences.png"), full_page=True)
 
 
+def test_consolidate_a_bank_and_see_the_key_the_merge_and_who_retrieves_it(studio, page, world):
+    """Two experiences with one trigger: Consolidate merges them; the merged one shows its retrieval key, the merged
+    experience as provenance, a version, and the sandbox requests nearest to it with what each one gets."""
+    from genevolve.experience.bank import ExperienceBank
+    from genevolve.experience.situation import CueDescriber
+    from genevolve.agent.guides import oracle_slots
+
+    reqs = [r for r in world.split("evolve") if set(r.skills) == {"quantity_counting"} and r.track == "quality"][:2]
+    trigger = CueDescriber().describe(reqs[0].text)
+    bank = ExperienceBank(studio["runs"] / "transfer-bank")
+    for r in reqs:
+        bank.add(r.id, r.text, oracle_slots(["quantity_counting"], False, 0), reward_gap=0.5,
+                 retrieval_key={"trigger": trigger, "source_prompt_summary": r.text})
+    page.get_by_role("tab", name="Experiences").click()
+    page.locator("#exp-bank input").click()
+    page.locator("#exp-bank").get_by_role("option", name="transfer-bank", exact=True).click()
+    page.locator("#exp-status").get_by_text("2 of 2 experiences").wait_for()
+    page.locator("#exp-consolidate").click()
+    page.locator("#exp-status").get_by_text("merged 2 experiences into 1").wait_for()
+    (merged,) = ExperienceBank(studio["runs"] / "transfer-bank").items.values()
+    _fill(page, "#exp-id input", merged.id)
+    page.locator("#exp-open").click()
+    page.wait_for_function("document.querySelector('#exp-trigger textarea').value.length > 0")
+    assert page.locator("#exp-trigger textarea").input_value() == trigger
+    prov = page.locator("#exp-provenance").inner_text()
+    assert "evidence 2" in prov and "merged from 1 experience(s), 2 source request(s)" in prov
+    assert [r.id for r in reqs if r.id in prov] == [r.id for r in reqs]
+    page.wait_for_function("document.querySelector('#exp-retrieving').innerText.includes('this experience (mined from it)')")
+    table = page.locator("#exp-retrieving").inner_text()
+    assert "1.0" in table and "this experience" in table
+    assert "consolidated 2 experiences" in page.locator("#exp-history").inner_text()
+    page.screenshot(path=str(studio["shots"] / "experiences-merged.png"), full_page=True)
+
+
 def test_upload_a_reference_and_retrieve_it(studio, page, tmp_path):
     from PIL import Image
 

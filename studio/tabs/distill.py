@@ -43,7 +43,7 @@ def _layout(s: Services) -> SimpleNamespace:
         rank = gr.Number(16, precision=0, label="LoRA rank")
         lam = gr.Number(2.0, label="λ_VED")
         dmin = gr.Number(0.20, label="δ_min")
-        gate = gr.Number(0.84, label="gate", elem_id="distill-gate")
+        gate = gr.Number(0.90, label="gate (situation key)", elem_id="distill-gate")
         seed = gr.Number(0, precision=0, label="seed")
         mnt = gr.Number(384, precision=0, label="max new tokens", elem_id="distill-mnt")
         evr = gr.Textbox("", placeholder="default", label="eval requests", elem_id="distill-evr")

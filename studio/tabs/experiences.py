@@ -11,15 +11,17 @@ from genevolve.agent.guides import SLOT_TITLES, SLOTS
 
 from ..html import columns_html, message
 from ..services import EXPERT_NOISY, STUDIO_BANK
-from ..tables import (EXP_HEADERS, EXP_WIDE, HISTORY_HEADERS, broken_note, column_widths, experience_rows, filter_experiences, form_slots, history_rows,
-                      provenance_md)
+from ..tables import (EXP_HEADERS, EXP_WIDE, HISTORY_HEADERS, RETRIEVAL_HEADERS, broken_note, column_widths, experience_rows,
+                      filter_experiences, form_slots, history_rows, provenance_md, retrieval_rows)
 from . import Refresh, StudioError, opt_number, pick, safe
 
 
 def _layout(s: Services) -> SimpleNamespace:
     """The bank picker, search and filters, the table, the slot editor and the try-the-guide panel."""
-    gr.Markdown("The experience bank: search it by request (FAISS over source requests), filter, open one to edit its five "
-                "slots. Every change is saved through the library and is retrievable at once.")
+    gr.Markdown("The experience bank: search it by request (FAISS: a request's situation, read from its text, against each "
+                "experience's trigger), filter, open one to edit its five slots and its retrieval key. **Consolidate** merges "
+                "the experiences that share a trigger into one general experience (a new version, with the merged ones as "
+                "its provenance). Every change is saved through the library and is retrievable at once.")
     with gr.Row():
         bank_dd = gr.Dropdown(s.bank_choices(), value=STUDIO_BANK, label="Bank", scale=3, elem_id="exp-bank")
         refresh = gr.Button("Refresh banks", size="sm")
@@ -29,6 +31,7 @@ def _layout(s: Services) -> SimpleNamespace:
         min_gap = gr.Textbox("", placeholder="any", label="Min reward gap", elem_id="exp-gap")
         run_filter = gr.Dropdown(["(any)"], value="(any)", label="Source run", elem_id="exp-run")
         search_btn = gr.Button("Search", variant="primary", elem_id="exp-search")
+        consolidate_btn = gr.Button("Consolidate", elem_id="exp-consolidate")
     table = gr.Dataframe(headers=EXP_HEADERS, interactive=False, wrap=True, max_height=320, elem_id="exp-table",
                          column_widths=column_widths(EXP_HEADERS, EXP_WIDE))
     status = gr.HTML(elem_id="exp-status")
@@ -39,6 +42,10 @@ def _layout(s: Services) -> SimpleNamespace:
         with gr.Column(scale=3):
             source = gr.Textbox(label="Source request (for a new experience: a request id or text)", elem_id="exp-source")
             boxes = [gr.Textbox(label=SLOT_TITLES[sl], lines=2, elem_id=f"exp-slot-{sl}") for sl in SLOTS]
+            with gr.Row():
+                trigger = gr.Textbox(label="Retrieval key: trigger (the situation it applies to, no entity names)", lines=2,
+                                     scale=3, elem_id="exp-trigger")
+                summary = gr.Textbox(label="Retrieval key: source prompt summary", lines=2, scale=2, elem_id="exp-summary")
             note = gr.Textbox(label="Edit note (kept in the version history)", elem_id="exp-note")
             with gr.Row():
                 save_btn = gr.Button("Save", variant="primary", elem_id="exp-save")
@@ -50,9 +57,10 @@ def _layout(s: Services) -> SimpleNamespace:
             history = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, wrap=True, max_height=240, label="Versions",
                                    column_widths=column_widths(HISTORY_HEADERS, {h: 220 for h in HISTORY_HEADERS[2:]}),
                                    elem_id="exp-history")
-            retrieving = gr.Dataframe(headers=["similarity", "request", "text"], interactive=False, wrap=True, max_height=240,
-                                      column_widths=column_widths(["similarity", "request", "text"], {"request": 120, "text": 300}),
-                                      label="Requests that retrieve it (nearest experience, above the gate)")
+            retrieving = gr.Dataframe(headers=RETRIEVAL_HEADERS, interactive=False, wrap=True, max_height=280,
+                                      column_widths=column_widths(RETRIEVAL_HEADERS, {"request": 110, "text": 260, "gets": 220}),
+                                      label="Sandbox requests nearest to it, and what each gets: this experience, a nearer "
+                                            "one, or nothing (below the gate)", elem_id="exp-retrieving")
     with gr.Accordion("Try the guide: student vs teacher (student + this experience) on its source request", open=False):
         with gr.Row():
             try_pol = gr.Dropdown(s.policy_choices(), value=EXPERT_NOISY, label="Student policy", allow_custom_value=True)
@@ -66,7 +74,7 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
     table, status = pick(ui, 'table status')
     run_filter, exp_id = pick(ui, 'run_filter exp_id')
     try_html, source, boxes, prov, history, retrieving = pick(ui, 'try_html source boxes prov history retrieving')
-    confirm, = pick(ui, 'confirm')
+    confirm, trigger, summary = pick(ui, 'confirm trigger summary')
 
     def listing(bank_name, q, slot_text, gap, run):
         bank = s.bank(bank_name)
@@ -80,9 +88,10 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
     def detail(bank_name, eid) -> dict:
         bank = s.bank(bank_name)
         e = bank.get((eid or "").strip())
-        ret = [[round(sim, 3), r.id, r.text] for sim, r in s.retrieving_requests(bank, e.id)]
+        key = e.retrieval_key
         return {**{b: e.slots[sl] for b, sl in zip(boxes, SLOTS)}, source: f"{e.source_request_id} · {e.source_request}",
-                prov: provenance_md(e), history: history_rows(e), retrieving: ret}
+                trigger: key.trigger if key else "", summary: key.source_prompt_summary if key else "",
+                prov: provenance_md(e), history: history_rows(e), retrieving: retrieval_rows(s.retrieval_of(bank, e.id))}
 
     search = safe(status)(listing)
 
@@ -97,12 +106,25 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
         eid = evt.row_value[0] if evt.row_value else None
         return {exp_id: eid, **detail(bank_name, eid), status: message("ok", f"opened {eid}")}
 
+    def form_key(trigger_text, summary_text):
+        from genevolve.experience.bank import ExperienceError, validate_key
+
+        if not (trigger_text or "").strip():
+            if (summary_text or "").strip():
+                raise StudioError("a retrieval key needs its trigger: write the situation it applies to")
+            return None
+        try:
+            return validate_key({"trigger": trigger_text, "source_prompt_summary": summary_text or ""})
+        except ExperienceError as exc:
+            raise StudioError(str(exc)) from None
+
     @safe(status)
-    def save(bank_name, q, slot_text, gap, run, eid, note_text, *values):
+    def save(bank_name, q, slot_text, gap, run, eid, note_text, trigger_text, summary_text, *values):
         if not (eid or "").strip():
             raise StudioError("open an experience before saving (or use Create new)")
         before = s.bank(bank_name).get(eid.strip()).version
-        e = s.bank(bank_name).edit(eid.strip(), form_slots(values), note=note_text or "edited in the studio")
+        e = s.bank(bank_name).edit(eid.strip(), form_slots(values), note=note_text or "edited in the studio",
+                                   retrieval_key=form_key(trigger_text, summary_text))
         if e.version == before:
             return {**detail(bank_name, e.id), status: message("info", f"nothing changed in {e.id}: no new version saved")}
         listed = listing(bank_name, q, slot_text, gap, run)  # the list shows the version just saved
@@ -110,14 +132,26 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
         return {**listed, **detail(bank_name, e.id), status: message("ok", f"saved {e.id} as version {e.version}")}
 
     @safe(status)
-    def create(bank_name, source_text, *values):
+    def create(bank_name, source_text, trigger_text, summary_text, *values):
         slots = form_slots(values)
         text = (source_text or "").split(" · ", 1)
         req = s.resolve_request(text[0] if len(text) == 2 and text[0].split("-")[0] in ("sft", "evolve", "bench") else source_text)
-        e = s.bank(bank_name).add(req.id, req.text, slots, reward_gap=0.0, run_id="studio", summariser="hand-written")
+        e = s.bank(bank_name).add(req.id, req.text, slots, reward_gap=0.0, run_id="studio", summariser="hand-written",
+                                  retrieval_key=form_key(trigger_text, summary_text))
         out = listing(bank_name, "", "", "", "(any)")
         return {**out, **detail(bank_name, e.id), exp_id: gr.update(choices=out[exp_id]["choices"], value=e.id),
                 status: message("ok", f"created {e.id}")}
+
+    @safe(status)
+    def consolidate(bank_name, q, slot_text, gap, run):
+        bank = s.bank(bank_name)
+        before = len(bank)
+        merged = bank.consolidate()
+        out = listing(bank_name, q, slot_text, gap, run)
+        if not merged:
+            return {**out, status: message("info", "no two experiences share a trigger: nothing to merge")}
+        return {**out, status: message("ok", f"merged {before - len(bank) + len(merged)} experiences into {len(merged)}: "
+                                             + ", ".join(f"{e.id} (evidence {e.evidence})" for e in merged))}
 
     @safe(status)
     def delete(bank_name, eid, yes):
@@ -139,7 +173,8 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
                                        mark=False),
                 status: message("ok", f"teacher reward {verdicts['teacher'].reward:.3f} vs student {verdicts['student'].reward:.3f}")}
 
-    return SimpleNamespace(listing=listing, detail=detail, search=search, open_exp=open_exp, pick_row=pick_row, save=save, create=create, delete=delete, try_guide=try_guide)
+    return SimpleNamespace(listing=listing, detail=detail, search=search, open_exp=open_exp, pick_row=pick_row, save=save,
+                           create=create, delete=delete, try_guide=try_guide, consolidate=consolidate)
 
 
 def tab(s: Services) -> list[Refresh]:
@@ -149,10 +184,10 @@ def tab(s: Services) -> list[Refresh]:
     min_gap, run_filter, search_btn, exp_id, open_btn = pick(ui, 'min_gap run_filter search_btn exp_id open_btn')
     try_html, source, boxes, note, prov, history, retrieving = pick(ui, 'try_html source boxes note prov history retrieving')
     try_pol, try_seed, try_btn, save_btn, create_btn = pick(ui, 'try_pol try_seed try_btn save_btn create_btn')
-    confirm, delete_btn = pick(ui, 'confirm delete_btn')
+    confirm, delete_btn, trigger, summary, consolidate_btn = pick(ui, 'confirm delete_btn trigger summary consolidate_btn')
     search, open_exp, pick_row, save = pick(h, 'search open_exp pick_row save')
-    create, delete, try_guide = pick(h, 'create delete try_guide')
-    detail_outputs = [*boxes, source, prov, history, retrieving]
+    create, delete, try_guide, consolidate = pick(h, 'create delete try_guide consolidate')
+    detail_outputs = [*boxes, source, trigger, summary, prov, history, retrieving]
     list_outputs = [table, exp_id, run_filter, status]
     search_btn.click(search, [bank_dd, query, slot_filter, min_gap, run_filter], list_outputs)
     query.submit(search, [bank_dd, query, slot_filter, min_gap, run_filter], list_outputs)
@@ -160,9 +195,10 @@ def tab(s: Services) -> list[Refresh]:
     refresh.click(lambda: gr.update(choices=s.bank_choices()), None, [bank_dd])
     open_btn.click(open_exp, [bank_dd, exp_id], detail_outputs + [status])
     table.select(pick_row, [bank_dd], detail_outputs + [exp_id, status])
-    save_btn.click(save, [bank_dd, query, slot_filter, min_gap, run_filter, exp_id, note, *boxes],
+    save_btn.click(save, [bank_dd, query, slot_filter, min_gap, run_filter, exp_id, note, trigger, summary, *boxes],
                    detail_outputs + [table, run_filter, status])
-    create_btn.click(create, [bank_dd, source, *boxes], detail_outputs + list_outputs)
+    create_btn.click(create, [bank_dd, source, trigger, summary, *boxes], detail_outputs + list_outputs)
+    consolidate_btn.click(consolidate, [bank_dd, query, slot_filter, min_gap, run_filter], list_outputs)
     delete_btn.click(delete, [bank_dd, exp_id, confirm], list_outputs + [confirm])
     try_btn.click(try_guide, [bank_dd, exp_id, try_pol, try_seed], [try_html, status])
     return [Refresh(lambda: (gr.update(choices=s.bank_choices()), gr.update(choices=s.policy_choices())), [bank_dd, try_pol])]
