@@ -33,6 +33,20 @@ def test_rollout_writes_a_complete_run_folder(tmp_path):
     assert [t.turns[-1].raw for t in load_run(out2).trajectories] == [t.turns[-1].raw for t in run.trajectories]
 
 
+def test_rollout_keeps_every_request_it_is_given(tmp_path):
+    """-r repeated: every request is rolled out K times into the one run folder (it once kept only the last)."""
+    out = tmp_path / "run"
+    ids = ["bench-1000", "bench-1001", "bench-1002"]
+    res = runner.invoke(app, ["rollout", *[x for i in ids for x in ("-r", i)], "-k", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    run = load_run(out)
+    assert [r.id for r in run.requests] == ids == run.info.requests
+    assert sorted(t.request_id for t in run.trajectories) == sorted(ids * 2) and len({t.id for t in run.trajectories}) == 6
+    assert json.loads((out / "summary.json").read_text())["overall"]["all"]["n"] == 6
+    res = runner.invoke(app, ["rollout", "-r", "bench-1000", "-r", "bench-1000", "--out", str(tmp_path / "twice")])
+    assert res.exit_code != 0 and "given twice" in " ".join(res.output.replace("│", " ").split())
+
+
 def test_rollout_refuses_to_overwrite_a_run(tmp_path):
     out = tmp_path / "run"
     assert runner.invoke(app, ["rollout", "-r", "bench-1000", "-k", "1", "--out", str(out)]).exit_code == 0

@@ -10,8 +10,9 @@ import typer
 from .common import POLICY_HELP, SAMPLING, SEARCH_OPT, WORLD_OPT, Bars, fmt, make_policy, make_tools, sampling_params, table
 
 def rollout(
-    request: str = typer.Option(..., "--request", "-r", help="A sandbox request id (e.g. bench-0001), its text, or any free text."),
-    k: int = typer.Option(4, "-k", min=1, max=64, help="Number of trajectories to sample for the request."),
+    request: list[str] = typer.Option(..., "--request", "-r", help="A sandbox request id (e.g. bench-0001), its text, or any "
+                                      "free text; repeat it for several requests in one run folder."),
+    k: int = typer.Option(4, "-k", min=1, max=64, help="Number of trajectories to sample for each request."),
     seed: int = typer.Option(0, help="Seed: trajectory i uses seed*1000+i for the policy and the generator."),
     out: Optional[Path] = typer.Option(None, help="Run folder to write (default: runs/<new run id>)."),
     policy: str = typer.Option("expert", help=POLICY_HELP),
@@ -28,7 +29,7 @@ def rollout(
     search: str = SEARCH_OPT,
     world: Optional[Path] = WORLD_OPT,
 ):
-    """Run K trajectories for one request, render and judge them, and write a run folder."""
+    """Run K trajectories for each request, render and judge them, and write a run folder."""
     from ..evaluation.bench import SandboxScorer, evaluate
     from ..agent.guides import oracle_guide
     from ..records.schema import RunInfo
@@ -37,27 +38,35 @@ def rollout(
 
     w = World(world)
     pol = make_policy(w, policy, noise, skip_skill, p_distractor, model, adapter)
-    try:
-        req = w.request(request)
-    except KeyError as exc:
-        raise typer.BadParameter(exc.args[0], param_hint="--request") from exc
-    if req.parse_error:
-        from ..world.requests import outside_world_note
+    reqs = []
+    for one in request:
+        try:
+            req = w.request(one)
+        except KeyError as exc:
+            raise typer.BadParameter(exc.args[0], param_hint="--request") from exc
+        if req.parse_error:
+            from ..world.requests import outside_world_note
 
-        typer.echo("note: " + outside_world_note(req.parse_error))
+            typer.echo(f"note ({req.id}): " + outside_world_note(req.parse_error))
+        if req.id in {r.id for r in reqs}:
+            raise typer.BadParameter(f"{one!r} is given twice: each request once (-k sets how many trajectories)",
+                                     param_hint="--request")
+        reqs.append(req)
     guides = None
     if guide:
-        guides = {req.id: oracle_guide(w, req) if guide == "oracle" and req.scene else guide}
+        guides = {r.id: oracle_guide(w, r) if guide == "oracle" and r.scene else guide for r in reqs}
     run_id = new_run_id("rollout")
     out = out or Path("runs") / run_id
     writer = RunWriter(out, RunInfo(id=run_id, created=now_iso(), command="rollout", policy=pol.name if pol else "raw",
-                                     k=k, seed=seed, requests=[req.id],
+                                     k=k, seed=seed, requests=[r.id for r in reqs],
                                      config={"noise": noise, "skip_skill": skip_skill, "guide": guide, "temperature": temperature,
                                              "top_p": top_p, "max_new_tokens": max_new_tokens}))
-    writer.add_request(req, w.gt_image(req) if req.scene else None)
+    for req in reqs:
+        writer.add_request(req, w.gt_image(req) if req.scene else None)
     tools, scorer = make_tools(w, search), SandboxScorer(w)
-    with Bars(f"rollouts ({req.id}) seed") as bars:
-        ev = evaluate([req], pol, tools, scorer, writer.images, [seed], samples=k,
+    label = reqs[0].id if len(reqs) == 1 else f"{len(reqs)} requests"
+    with Bars(f"rollouts ({label}) seed") as bars:
+        ev = evaluate(reqs, pol, tools, scorer, writer.images, [seed], samples=k,
                       params=sampling_params(temperature, top_p, max_new_tokens), guides=guides, on_turn=bars.update,
                       on_case=lambda c: writer.add(c.trajectory, c.rendered, c.verdict))
     rows = [[c.trajectory.id, c.trajectory.termination, c.trajectory.n_tool_calls, *(fmt(getattr(c.verdict, d)) for d in
