@@ -1,5 +1,5 @@
-"""Bench view: a bench summary (mean and 95 % CI by track, category, difficulty) as a table and
-bar chart, the missing cases of a bench scored by a VLM judge, and two runs paged through request by request."""
+"""Bench view: bench summaries (mean and 95 % interval by track, category, difficulty) as a bar chart, and the
+missing cases of a bench scored by a VLM judge. The group x run table and run comparisons: :mod:`studio.compare`."""
 
 from __future__ import annotations
 
@@ -33,23 +33,14 @@ def load_summary(path: Path) -> dict[str, Any]:
     raise StudioError(f"{f} is not a bench summary")
 
 
-def _cell(m: dict[str, Any] | None) -> str:
-    if not m or m.get("mean") is None or m["mean"] != m["mean"]:
-        return "–"
-    ci = m.get("ci95")
-    return f"{m['mean']:.3f}" + (f" ± {ci:.3f}" if ci is not None and ci == ci else "")
+def _half_width(m: dict[str, Any] | None) -> float:
+    """A bar's 95 % half-width, or 0 when there is none to draw (fewer than 3 seeds: see :mod:`studio.compare`)."""
+    from .compare import MIN_N
 
-
-SUMMARY_HEADERS = ["by", "group", "n", "KScore", "F", "V", "T", "A", "reward", "failed", "missing"]
-
-
-def summary_rows(summary: dict[str, Any]) -> list[list[Any]]:
-    rows = []
-    for level in LEVELS:
-        for key, row in summary["by"].get(level, {}).items():
-            rows.append([level, key, row.get("n"), _cell(row["kscore"]), _cell(row["F"]), _cell(row["V"]), _cell(row["T"]),
-                         _cell(row["A"]), _cell(row["reward"]), row.get("failed", 0), row.get("missing", 0)])
-    return rows
+    if not m or m.get("ci95") is None or m["ci95"] != m["ci95"]:
+        return 0.0
+    seeds = len([x for x in m.get("per_seed") or [] if x is not None])
+    return float(m["ci95"]) if seeds >= MIN_N else 0.0
 
 
 def summary_figure(summaries: dict[str, dict[str, Any]]):
@@ -69,9 +60,10 @@ def summary_figure(summaries: dict[str, dict[str, Any]]):
         for i, (name, s) in enumerate(summaries.items()):
             groups = s["by"].get(level, {})
             means = [groups[k]["kscore"]["mean"] if k in groups and groups[k]["kscore"]["mean"] is not None else 0 for k in keys]
-            cis = [groups[k]["kscore"].get("ci95") or 0 if k in groups else 0 for k in keys]
-            cis = [0 if c != c else c for c in cis]
-            ax.bar(x + (i - (n - 1) / 2) * 0.8 / n, means, 0.8 / n, yerr=cis, label=name, capsize=2)
+            cis = [_half_width(groups.get(k, {}).get("kscore")) for k in keys]
+            # Error bars only where there is an interval (3 seeds or more), and never past 0 or 1.
+            err = [[min(c, m) for c, m in zip(cis, means)], [min(c, 1 - m) for c, m in zip(cis, means)]]
+            ax.bar(x + (i - (n - 1) / 2) * 0.8 / n, means, 0.8 / n, yerr=err, label=name, capsize=2)
         ax.set_xticks(x, keys, rotation=30 if level == "category" else 0, ha="right" if level == "category" else "center", fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title(f"KScore by {level}", fontsize=10)
@@ -122,35 +114,3 @@ def bench_problem(summary: dict[str, Any]) -> str | None:
             "no ground truth": "the folder's ground-truth pictures are missing"}
     return (f"every case is missing ({', '.join(reasons)}): " + " ".join(hint.get(r, "") for r in reasons).strip()
             + (f" First error: {first}" if first else ""))
-
-
-def common_requests(run_a, run_b) -> list[str]:
-    """Request ids that both runs answered, in run A's order."""
-    have_b = {t.request_id for t in run_b.trajectories}
-    seen, out = set(), []
-    for t in run_a.trajectories:
-        if t.request_id in have_b and t.request_id not in seen:
-            seen.add(t.request_id)
-            out.append(t.request_id)
-    return out
-
-
-def page_html(run_a, run_b, request_id: str, name_a: str, name_b: str) -> str:
-    """One request, the first trajectory of each run side by side."""
-    from .html import columns_html, message, store_src
-
-    ta = next((t for t in run_a.trajectories if t.request_id == request_id), None)
-    tb = next((t for t in run_b.trajectories if t.request_id == request_id), None)
-    if ta is None or tb is None:
-        return message("err", f"{request_id} is not in both runs")
-    req = next((r for r in run_a.requests if r.id == request_id), None)
-    va, vb = run_a.verdict(ta.id), run_b.verdict(tb.id)
-    src_a, src_b = store_src(run_a.images), store_src(run_b.images)
-
-    def src(h):
-        return src_a(h) or src_b(h)
-
-    # The two runs may name trajectories alike: key them apart for the columns.
-    ta2, tb2 = ta.model_copy(update={"id": "A"}), tb.model_copy(update={"id": "B"})
-    verdicts = {k: v.model_copy(update={"trajectory_id": k}) for k, v in (("A", va), ("B", vb)) if v is not None}
-    return columns_html(req, [ta2, tb2], verdicts, src, titles={"A": f"A · {name_a}", "B": f"B · {name_b}"})

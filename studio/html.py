@@ -13,6 +13,7 @@ import difflib
 import html
 import json
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -142,17 +143,42 @@ def verdict_html(v: Verdict | None) -> str:
     return f'<div class="ge-scores">{scores}</div><div class="ge-rationale">{esc(v.rationale)}</div>'
 
 
-def best_and_worst(trajs: Sequence[Trajectory], verdicts: dict[str, Verdict]) -> tuple[str | None, str | None]:
-    """Ids of the highest- and lowest-reward trajectories (none when fewer than two are scored or all tie)."""
+SMALL_GAP = 0.20  # a best-vs-worst gap below the miner's delta_min is flagged as small
+
+
+@dataclass(frozen=True)
+class Marks:
+    """Which trajectories of a group are best and which worst: every one tied at the top or bottom reward (none when
+    fewer than two are scored or all tie), the gap between them, and whether it is below :data:`SMALL_GAP`."""
+
+    best: tuple[str, ...] = ()
+    worst: tuple[str, ...] = ()
+    gap: float | None = None
+
+    @property
+    def small(self) -> bool:
+        return self.gap is not None and self.gap < SMALL_GAP
+
+    def of(self, tid: str) -> str | None:
+        return "best" if tid in self.best else "worst" if tid in self.worst else None
+
+    def label(self, mark: str) -> str:
+        """The badge: BEST / WORST, with how many share it and a small gap said so."""
+        n = len(self.best if mark == "best" else self.worst)
+        text = mark.upper() + (f" (tied, {n})" if n > 1 else "")
+        return text + (f" · small gap {self.gap:.3f}" if self.small else "")
+
+
+def best_and_worst(trajs: Sequence[Trajectory], verdicts: dict[str, Verdict]) -> Marks:
+    """The best- and worst-reward trajectories of a group, ties included (see :class:`Marks`)."""
     scored = [(verdicts[t.id].reward if t.id in verdicts else 0.0, t.id) for t in trajs]
     scored = [s for s in scored if s[0] is not None]  # an unjudged case (null reward) is neither best nor worst
     if len(scored) < 2:
-        return None, None
-    best = max(scored, key=lambda x: x[0])
-    worst = min(scored, key=lambda x: x[0])
-    if best[0] == worst[0]:
-        return None, None
-    return best[1], worst[1]
+        return Marks()
+    hi, lo = max(r for r, _ in scored), min(r for r, _ in scored)
+    if hi == lo:
+        return Marks()
+    return Marks(tuple(t for r, t in scored if r == hi), tuple(t for r, t in scored if r == lo), hi - lo)
 
 
 def _args(tc) -> str:
@@ -177,10 +203,11 @@ def _observation(turn, ref_src: Callable[[Any], str | None]) -> str:
 
 
 def trajectory_column(traj: Trajectory, verdict: Verdict | None, src: Src, gt: str | None = None, mark: str | None = None,
-                      title: str | None = None, ref_src: Callable[[Any], str | None] | None = None) -> str:
+                      title: str | None = None, ref_src: Callable[[Any], str | None] | None = None,
+                      badge: str | None = None) -> str:
     """One trajectory as a column: header, rendered image next to ground truth, verdict, program, turns."""
     ref_src = ref_src or (lambda im: file_src(im.local_path))
-    tag = f'<span class="ge-tag {mark}">{mark.upper()}</span>' if mark else ""
+    tag = f'<span class="ge-tag {mark}">{esc(badge or mark.upper())}</span>' if mark else ""
     head = f'<div class="ge-head"><span>{esc(title or traj.id)}</span>{tag}</div>'
     pics = (f'<div class="ge-pics"><figure>{_img(src(verdict.image if verdict else None), "rendered", why=rendered_missing(traj, verdict))}'
             f'<figcaption>rendered</figcaption></figure><figure>{_img(src(gt), "ground truth", why=gt_missing(gt))}'
@@ -227,10 +254,10 @@ def columns_html(request: Request | None, trajs: Sequence[Trajectory], verdicts:
     """K trajectories side by side, best and worst marked."""
     if not trajs:
         return message("info", "no trajectories")
-    best, worst = best_and_worst(trajs, verdicts) if mark else (None, None)
+    marks = best_and_worst(trajs, verdicts) if mark else Marks()
     gt = request.gt_image if request is not None else None
-    cols = [trajectory_column(t, verdicts.get(t.id), src, gt, "best" if t.id == best else "worst" if t.id == worst else None,
-                              (titles or {}).get(t.id)) for t in trajs]
+    cols = [trajectory_column(t, verdicts.get(t.id), src, gt, marks.of(t.id), (titles or {}).get(t.id),
+                              badge=marks.label(marks.of(t.id)) if marks.of(t.id) else None) for t in trajs]
     head = f"<p><b>{esc(request.id)}</b>: {esc(request.text)}</p>" if request is not None else ""
     return head + f'<div class="ge-cols" data-columns="{len(cols)}">' + "".join(cols) + "</div>"
 
@@ -381,12 +408,15 @@ def run_view(run, request_id: str | None = None) -> tuple[str, str, str]:
     trajs = [t for t in run.trajectories if t.request_id == rid]
     req = next((r for r in run.requests if r.id == rid), None)
     verdicts = {v.trajectory_id: v for v in run.verdicts if v.request_id == rid}
-    best, worst = best_and_worst(trajs, verdicts)
+    marks = best_and_worst(trajs, verdicts)
     where = f" · request {ids.index(rid) + 1} of {len(ids)}" if len(ids) > 1 else ""
-    head = message("ok", f"{run.dir.name}: {len(trajs)} trajectories by {run.info.policy}{where}")
+    small = (f" · best and worst differ by only {marks.gap:.3f} (below {SMALL_GAP:.2f}, the gap that makes an experience)"
+             if marks.small else "")
+    head = message("ok", f"{run.dir.name}: {len(trajs)} trajectories by {run.info.policy}{where}{small}")
     diff = ""
-    if best and worst:
+    if marks.best and marks.worst:
         by_id = {t.id: t for t in trajs}
+        best, worst = marks.best[0], marks.worst[0]
         diff = diff_html(by_id[best], by_id[worst], verdicts.get(best), verdicts.get(worst))
     elif len(trajs) > 1:
         diff = message("info", "all trajectories have the same reward: no best and worst to compare")

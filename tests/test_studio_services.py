@@ -89,11 +89,12 @@ def test_uploaded_reference_is_found_by_the_agents_image_search(services):
 
 def test_bench_run_has_a_summary_by_track_category_difficulty(services):
     path = services.run_bench(RAW, "bench", 4, [0, 1])
-    from studio.bench import load_summary, summary_rows
+    from studio.bench import load_summary
+    from studio.compare import pivot
 
     s = load_summary(path)
     assert s["by"]["overall"]["all"]["n"] == 4 and len(s["by"]["overall"]["all"]["kscore"]["per_seed"]) == 2
-    assert summary_rows(s) and str(path.relative_to(services.runs_dir)) in services.list_bench()
+    assert pivot({"x": s})[1] and str(path.relative_to(services.runs_dir)) in services.list_bench()
     assert len(load_run(path).trajectories) == 8
 
 
@@ -113,7 +114,8 @@ def _bench_folder(root, world, pictures: bool = True):
 
 def test_bench_on_a_local_official_folder_with_a_vlm_judge(services, world, tmp_path, monkeypatch):
     from _loopback import FakeVLM, free_port_url, serve_app
-    from studio.bench import bench_problem, load_summary, missing_lines, summary_rows
+    from studio.bench import bench_problem, load_summary, missing_lines
+    from studio.compare import pivot
 
     root = _bench_folder(tmp_path / "GenEvolve-Bench", world)
     with serve_app(FakeVLM().app()) as url:
@@ -121,7 +123,7 @@ def test_bench_on_a_local_official_folder_with_a_vlm_judge(services, world, tmp_
         s = load_summary(path)
         assert s["by"]["overall"]["all"]["n"] == 2 and len(s["by"]["overall"]["all"]["kscore"]["per_seed"]) == 2
         assert s["by"]["overall"]["all"]["kscore"]["mean"] > 0 and s["judge"].endswith("fake-vlm")
-        assert {r[0] for r in summary_rows(s)} == {"overall", "track", "category", "difficulty"}
+        assert {r[0] for r in pivot({"x": s})[1]} == {"overall", "track", "category", "difficulty"}
         assert missing_lines(s) == ["seed 0: no missing cases of 2", "seed 1: no missing cases of 2"]
         assert str(path.relative_to(services.runs_dir)) in services.list_bench()
         run = load_run(path)

@@ -12,8 +12,8 @@ from genevolve.agent.guides import SLOTS
 from genevolve.records.schema import (Experience, ImageRef, Observation, Program, ProgramRef, Request, ToolCall, Trajectory, Turn,
                                Verdict)
 from studio import StudioError
-from studio.bench import (bench_problem, common_requests, load_summary, missing_html, missing_lines,
-                          summary_figure, summary_rows)
+from studio.bench import bench_problem, load_summary, missing_html, missing_lines, summary_figure
+from studio.compare import pivot
 from studio.distill import (curves_figure, distill_args, latest_pairs, new_experiences, probe_request_id, read_live,
                             report_parts, status_text)
 from studio.html import (FOLD_CHARS, best_and_worst, columns_html, diff_rows, first_divergence, gap_colour, token_gap_html,
@@ -54,7 +54,21 @@ def test_columns_mark_best_and_worst_and_fold_long_observations():
     assert 'ge-col ge-best" data-traj="a"' in html and 'ge-col ge-worst" data-traj="b"' in html
     assert f"observation ({FOLD_CHARS + 1} characters)" in html  # long observation folded
     assert "IMG_001" in html and 'data-missing="reference file not found"' in html  # the slot says why it is empty
-    assert best_and_worst([a, b], {"a": verdict("a", 0.5), "b": verdict("b", 0.5)}) == (None, None)  # a tie marks nothing
+    marks = best_and_worst([a, b], {"a": verdict("a", 0.5), "b": verdict("b", 0.5)})
+    assert (marks.best, marks.worst, marks.gap) == ((), (), None)  # all tied: nothing is marked
+
+
+def test_every_trajectory_tied_at_the_top_is_best_and_a_small_gap_says_so():
+    trajs = [traj(x) for x in "abcd"]
+    v = {"a": verdict("a", 1.0), "b": verdict("b", 1.0), "c": verdict("c", 1.0), "d": verdict("d", 0.912)}
+    marks = best_and_worst(trajs, v)
+    assert marks.best == ("a", "b", "c") and marks.worst == ("d",) and marks.gap == pytest.approx(0.088) and marks.small
+    html = columns_html(REQ, trajs, v, no_src)
+    assert html.count("ge-col ge-best") == 3 and html.count("BEST (tied, 3) · small gap 0.088") == 3
+    assert "WORST · small gap 0.088" in html
+    wide = best_and_worst(trajs[:2] + trajs[3:], {**v, "b": verdict("b", 0.1)})
+    assert wide.best == ("a",) and wide.worst == ("b",) and not wide.small
+    assert "small gap" not in columns_html(REQ, trajs[:2], {"a": verdict("a", 1.0), "b": verdict("b", 0.1)}, no_src)
 
 
 def test_column_escapes_model_text():
@@ -207,24 +221,34 @@ def test_bench_summary_table_chart_and_both_file_shapes(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "summary.json").write_text(json.dumps({"policy": "raw", "by": by}))
     summary = load_summary(tmp_path / "run")
-    rows = summary_rows(summary)
-    assert rows[0][:3] == ["overall", "all", 2] and rows[0][3].startswith("0.500 ± ")
+    heads, rows = pivot({"raw": summary})
+    assert heads == ["by", "group", "raw"] and rows[0] == ["overall", "all", "0.500 (n=2: too small for an interval)"]
     assert {r[0] for r in rows} == {"overall", "track", "category", "difficulty"}
-    # KScore per group, mean over the two seeds; CI = t(0.975, 1 df) 12.706 × sd 0.1414 / √2 = 1.2706
-    ci = pytest.approx(12.706 * 0.1, abs=1e-3)
+    # Two seeds: the t interval (12.706 × sd 0.1414 / √2 = ± 1.27) is drawn nowhere, neither in the table nor as bars.
+    assert "1.27" not in json.dumps(rows)
     assert _bars(summary_figure({"raw": summary})) == {
-        "KScore by track": {"raw": [("knowledge", pytest.approx(0.7), ci), ("quality", pytest.approx(0.3), ci)]},
-        "KScore by category": {"raw": [("flag", pytest.approx(0.7), ci), ("scene", pytest.approx(0.3), ci)]},
-        "KScore by difficulty": {"raw": [("1", pytest.approx(0.3), ci), ("2", pytest.approx(0.7), ci)]}}
+        "KScore by track": {"raw": [("knowledge", pytest.approx(0.7), 0), ("quality", pytest.approx(0.3), 0)]},
+        "KScore by category": {"raw": [("flag", pytest.approx(0.7), 0), ("scene", pytest.approx(0.3), 0)]},
+        "KScore by difficulty": {"raw": [("1", pytest.approx(0.3), 0), ("2", pytest.approx(0.7), 0)]}}
+    three = bench_summary(reqs, {0: [verdict("a", 0.9), verdict("b", 0.4)], 1: [verdict("a", 1.0), verdict("b", 0.2)],
+                                 2: [verdict("a", 0.95), verdict("b", 0.3)]})
+    heads, rows = pivot({"raw": {"by": three}, "other": {"by": by}})
+    ka = next(r for r in rows if r[1] == "knowledge")
+    assert heads[-1] == "Δ" and ka[2].startswith("0.950 [") and ka[2].endswith(", 1.000]")  # clipped at 1
+    assert ka[4] == f"{0.7 - 0.95:+.3f}"
+    ax = summary_figure({"raw": {"by": three}}).axes[0]
+    bars = next(c for c in ax.containers if hasattr(c, "patches"))
+    lo, hi = bars.errorbar.lines[2][0].get_segments()[0][:, 1]
+    half = 4.303 * 0.05 / 3 ** 0.5  # t(0.975, 2 df) x sd / sqrt(3) of 0.9, 1.0, 0.95
+    assert lo == pytest.approx(0.95 - half, abs=1e-3) and hi == pytest.approx(1.0)  # the upper error stops at 1
     (tmp_path / "agg.json").write_text(json.dumps({"overall": {"all": {"n": 1, "failed": 0, "kscore": 0.3, "F": 1, "V": 0.2,
                                                                        "T": None, "A": 0.4, "r_text": 0, "reward": 0.3}}}))
-    assert summary_rows(load_summary(tmp_path / "agg.json"))[0][3] == "0.300"
+    assert pivot({"x": load_summary(tmp_path / "agg.json")})[1][0][2] == "0.300"
     # A case that could not be judged is counted as missing and left out of the mean, never scored 0.
     unjudged = Verdict(trajectory_id="c", request_id="bench-2", F=None, V=None, A=None, kscore=None, r_text=None, reward=None,
                        failed="no ground truth")
     by = bench_summary(reqs, {0: [verdict("a", 0.8), unjudged]})
     assert by["overall"]["all"]["kscore"]["mean"] == pytest.approx(0.8) and by["overall"]["all"]["missing"] == 1
-    assert summary_rows({"by": by})[0][-1] == 1
     with pytest.raises(StudioError, match="no bench summary"):
         load_summary(tmp_path / "missing")
 
@@ -250,14 +274,6 @@ def test_missing_cases_are_counted_and_a_dead_judge_is_named(tmp_path):
     assert problem.startswith("every case is missing (judge failed): is the judge running")
     assert "First error: judge failed: HTTP 503 overloaded" in problem
     assert bench_problem({"by": {}}) is None
-
-
-def test_common_requests_keep_run_a_order():
-    class R:
-        def __init__(self, ids):
-            self.trajectories = [traj("t").model_copy(update={"request_id": i}) for i in ids]
-
-    assert common_requests(R(["b", "a", "c", "a"]), R(["a", "b"])) == ["b", "a"]
 
 
 def test_experience_form_validation_and_tables():

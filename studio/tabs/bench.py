@@ -1,4 +1,5 @@
-"""Bench: a policy evaluated on a sandbox split or an official bench folder, results compared, two runs paged side by side."""
+"""Bench: a policy evaluated on a sandbox split or an official bench folder, results compared group by group, and
+runs compared request by request (every sample, paired differences)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from types import SimpleNamespace
 import gradio as gr
 
 from ..services import Services
-from ..bench import (GENERATORS, SUMMARY_HEADERS, bench_problem, common_requests, load_summary, missing_html, page_html,
-                     summary_figure, summary_rows)
+from ..bench import GENERATORS, bench_problem, load_summary, missing_html, summary_figure
+from ..compare import compare_runs, headers, overall_text, pivot, request_sets, samples_html, sort_rows
 from ..html import message
 from ..tables import column_widths
 from ..services import RAW
@@ -18,13 +19,13 @@ from . import Refresh, StudioError, pick, safe
 def _layout(s: Services) -> SimpleNamespace:
     """The evaluate form, the results table and chart, and two runs side by side."""
     gr.Markdown("Evaluate a policy or a trained checkpoint on a sandbox split, or on a local GenEvolve-Bench folder scored "
-                "by a VLM judge (KScore by track, category and difficulty, mean ± 95 % CI over seeds), then compare two runs "
-                "request by request.")
+                "by a VLM judge (KScore by track, category and difficulty: the mean over seeds, and its 95 % interval clipped "
+                "to [0, 1] from 3 seeds on), then compare runs request by request.")
     status = gr.HTML(elem_id="bench-status")
     with gr.Row():
         pol = gr.Dropdown(s.policy_choices(), value=RAW, allow_custom_value=True, label="Policy or checkpoint", elem_id="bench-policy")
         split = gr.Dropdown(["bench", "evolve", "sft"], value="bench", label="Sandbox split")
-        limit = gr.Number(24, precision=0, minimum=1, label="Requests (first N)", elem_id="bench-limit")
+        limit = gr.Number(24, precision=0, minimum=1, label="Requests (N spread over the split)", elem_id="bench-limit")
         seeds = gr.Textbox("0", label="Seeds (comma-separated)", elem_id="bench-seeds")
         eval_btn = gr.Button("Evaluate", variant="primary", elem_id="bench-eval")
     with gr.Accordion("A local GenEvolve-Bench folder (used instead of the sandbox split when given)", open=False):
@@ -46,16 +47,24 @@ def _layout(s: Services) -> SimpleNamespace:
                               elem_id="bench-results")
         show_btn = gr.Button("Show", elem_id="bench-show")
         refresh = gr.Button("Refresh lists", size="sm")
-    table = gr.Dataframe(headers=["run"] + SUMMARY_HEADERS, interactive=False, wrap=True, max_height=360, elem_id="bench-table",
-                         column_widths=column_widths(["run"] + SUMMARY_HEADERS, {"run": 220, "group": 160}))
+    table = gr.Dataframe(headers=["by", "group", "KScore"], interactive=False, wrap=True, max_height=360, elem_id="bench-table")
     missing_box = gr.HTML(elem_id="bench-missing")
     chart = gr.Plot(label="KScore by track, category, difficulty", elem_id="bench-chart")
-    gr.Markdown("### Two runs side by side")
+    gr.Markdown("### Compare runs request by request\nEach run's mean over every sample and seed of a request, and the "
+                "last run minus the first, paired by trajectory seed. Pick a request (or a row) to see every sample of "
+                "every run side by side.")
     with gr.Row():
-        run_a = gr.Dropdown(s.list_runs(), label="Run A", elem_id="bench-run-a")
-        run_b = gr.Dropdown(s.list_runs(), label="Run B", elem_id="bench-run-b")
-        idx = gr.Number(1, precision=0, minimum=1, label="Request #", elem_id="bench-idx")
-        prev_btn = gr.Button("◀ Previous")
+        runs_pick = gr.Dropdown(s.list_runs(), value=None, multiselect=True, label="Runs (two or more)", scale=4,
+                                elem_id="bench-compare-runs")
+        metric = gr.Radio(["reward", "kscore"], value="reward", label="Score", elem_id="bench-compare-metric")
+        sort = gr.Dropdown(["Δ (largest first)", "Δ (smallest first)", "request"], value="Δ (largest first)", label="Sort",
+                           elem_id="bench-compare-sort")
+        compare_btn = gr.Button("Compare", elem_id="bench-compare")
+    compare_note = gr.HTML(elem_id="bench-compare-note")
+    compare_table = gr.Dataframe(headers=["request"], interactive=False, wrap=True, max_height=360, elem_id="bench-compare-table")
+    with gr.Row():
+        idx = gr.Dropdown([], value=None, label="Request", scale=4, elem_id="bench-idx")
+        prev_btn = gr.Button("◀ Previous", elem_id="bench-prev")
         next_btn = gr.Button("Next ▶", elem_id="bench-next")
     page = gr.HTML(elem_id="bench-page")
     return SimpleNamespace(**{k: v for k, v in locals().items() if k != "s"})
@@ -63,17 +72,59 @@ def _layout(s: Services) -> SimpleNamespace:
 
 def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
     status, table, missing_box, chart, page = pick(ui, 'status table missing_box chart page')
-    results, = pick(ui, 'results')
-    run_a, run_b, idx = pick(ui, 'run_a run_b idx')
+    results, runs_pick, compare_note, compare_table, idx = pick(ui, 'results runs_pick compare_note compare_table idx')
 
     def show_many(names):
         if not names:
             raise StudioError("pick one or more results")
         summaries = {n: load_summary(s.run_path(n)) for n in names}
-        rows = [[n] + r for n, sm in summaries.items() for r in summary_rows(sm)]
+        heads, rows = pivot(summaries)
         problems = [f"{n}: {p}" for n, sm in summaries.items() if (p := bench_problem(sm))]
-        shown = message("err", " · ".join(problems)) if problems else message("ok", f"showing {', '.join(names)}")
-        return {table: rows, chart: summary_figure(summaries), missing_box: missing_html(summaries), status: shown}
+        warning = request_sets(summaries)
+        shown = message("err", " · ".join(problems)) if problems else \
+            message("warn", warning) if warning else message("ok", f"showing {', '.join(names)}")
+        return {table: gr.update(value={"headers": heads, "data": rows}), chart: summary_figure(summaries),
+                missing_box: missing_html(summaries), status: shown}
+
+    def _runs(names):
+        from genevolve.records.runs import load_run
+
+        if not names or len(names) < 2:
+            raise StudioError("pick two or more runs to compare")
+        try:
+            return {n: load_run(s.run_path(n)) for n in names}
+        except FileNotFoundError as exc:
+            raise StudioError(f"{exc} (deleted while open?)") from None
+
+    @safe(status)
+    def compare(names, metric_, sort_):
+        runs = _runs(names)
+        c = compare_runs(runs, metric_ or "reward")
+        col = {"Δ (largest first)": (len(c.names) + 2, True), "Δ (smallest first)": (len(c.names) + 2, False)}.get(sort_)
+        rows = sort_rows(c.rows, *col) if col else c.rows
+        note = (message("warn", c.warning) if c.warning else "") + message("info", overall_text(c, metric_ or "reward"))
+        ids = [r[0] for r in rows]
+        first = ids[0] if ids else None
+        return {compare_table: gr.update(value={"headers": headers(c.names), "data": rows}), compare_note: note,
+                idx: gr.update(choices=ids, value=first), page: samples_html(runs, first) if first else "",
+                status: message("ok", f"compared {len(c.names)} runs on {len(c.requests)} requests")}
+
+    @safe(status)
+    def show_request(names, rid, step=0, choices=None):
+        runs = _runs(names)
+        ids = list(dict.fromkeys(t.request_id for t in next(iter(runs.values())).trajectories))
+        ids = [i for i in ids if all(any(t.request_id == i for t in r.trajectories) for r in runs.values())]
+        if not ids:
+            raise StudioError("the runs share no request")
+        i = ids.index(rid) if rid in ids else 0
+        i = min(max(i + step, 0), len(ids) - 1)
+        return {page: samples_html(runs, ids[i]), idx: gr.update(value=ids[i]),
+                status: message("info", f"request {i + 1} of {len(ids)} in every run: {ids[i]}")}
+
+    @safe(status)
+    def pick_row(names, evt: gr.SelectData):
+        rid = evt.row_value[0] if evt.row_value else None
+        return show_request(names, rid)
 
     @safe(status)
     def evaluate(policy, split_, limit_, seeds_, data_, generator_, allow_missing_, judge_url_, judge_model_, api_key_,
@@ -91,27 +142,11 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
         name = str(path.relative_to(s.runs_dir))
         out = show_many([name])
         out[results] = gr.update(choices=s.list_bench(), value=[name])
-        out[run_a] = out[run_b] = gr.update(choices=s.list_runs())
+        out[runs_pick] = gr.update(choices=s.list_runs())
         return out
 
-    @safe(status)
-    def compare(a, b_, i):
-        from genevolve.records.runs import load_run
-
-        if not a or not b_:
-            raise StudioError("pick two runs")
-        try:
-            ra, rb = load_run(s.run_path(a)), load_run(s.run_path(b_))
-        except FileNotFoundError as exc:
-            raise StudioError(f"{exc} (deleted while open?)") from None
-        ids = common_requests(ra, rb)
-        if not ids:
-            raise StudioError("the two runs share no request")
-        i = min(max(int(i or 1), 1), len(ids))
-        return {page: page_html(ra, rb, ids[i - 1], a, b_), idx: i,
-                status: message("info", f"request {i} of {len(ids)} in both runs: {ids[i - 1]}")}
-
-    return SimpleNamespace(show_many=show_many, evaluate=evaluate, compare=compare)
+    return SimpleNamespace(show_many=show_many, evaluate=evaluate, compare=compare, show_request=show_request,
+                           pick_row=pick_row)
 
 
 def tab(s: Services) -> list[Refresh]:
@@ -119,15 +154,23 @@ def tab(s: Services) -> list[Refresh]:
     h = _handlers(s, ui)
     status, table, missing_box, chart, page, pol, split = pick(ui, 'status table missing_box chart page pol split')
     limit, seeds, eval_btn, results, show_btn, refresh = pick(ui, 'limit seeds eval_btn results show_btn refresh')
-    run_a, run_b, idx, prev_btn, next_btn, data, generator = pick(ui, 'run_a run_b idx prev_btn next_btn data generator')
+    runs_pick, metric, sort, compare_btn, compare_note, compare_table = pick(
+        ui, 'runs_pick metric sort compare_btn compare_note compare_table')
+    idx, prev_btn, next_btn, data, generator = pick(ui, 'idx prev_btn next_btn data generator')
     allow_missing, judge_url, judge_model, api_key = pick(ui, 'allow_missing judge_url judge_model api_key')
-    show_many, evaluate, compare = pick(h, 'show_many evaluate compare')
+    show_many, evaluate, compare, show_request, pick_row = pick(h, 'show_many evaluate compare show_request pick_row')
     eval_btn.click(evaluate, [pol, split, limit, seeds, data, generator, allow_missing, judge_url, judge_model, api_key],
-                   [table, chart, missing_box, status, results, run_a, run_b])
+                   [table, chart, missing_box, status, results, runs_pick])
     show_btn.click(safe(status)(show_many), [results], [table, chart, missing_box, status])
-    lists = Refresh(lambda: (gr.update(choices=s.list_bench()), gr.update(choices=s.list_runs()), gr.update(choices=s.list_runs()),
-                             gr.update(choices=s.policy_choices())), [results, run_a, run_b, pol])
+    compare_outputs = [compare_table, compare_note, idx, page, status]
+    compare_btn.click(compare, [runs_pick, metric, sort], compare_outputs)
+    sort.input(compare, [runs_pick, metric, sort], compare_outputs)
+    metric.input(compare, [runs_pick, metric, sort], compare_outputs)
+    compare_table.select(pick_row, [runs_pick], [page, idx, status])
+    idx.input(lambda names, rid: show_request(names, rid), [runs_pick, idx], [page, idx, status])
+    prev_btn.click(lambda names, rid: show_request(names, rid, -1), [runs_pick, idx], [page, idx, status])
+    next_btn.click(lambda names, rid: show_request(names, rid, 1), [runs_pick, idx], [page, idx, status])
+    lists = Refresh(lambda: (gr.update(choices=s.list_bench()), gr.update(choices=s.list_runs()),
+                             gr.update(choices=s.policy_choices())), [results, runs_pick, pol])
     refresh.click(lists.fn, None, lists.outputs)
-    for trigger, delta in ((idx.submit, 0), (prev_btn.click, -1), (next_btn.click, 1), (run_a.change, 0), (run_b.change, 0)):
-        trigger(lambda a, b_, i, d=delta: compare(a, b_, (int(i or 1)) + d), [run_a, run_b, idx], [page, idx, status])
     return [lists]
