@@ -5,7 +5,7 @@ GE := $(VENV)/bin/genevolve
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup studio lab chromium demo test test-slow bench mutate world tiny-policy smollm2-policy cuda-check clean
+.PHONY: setup studio lab notebooks chromium demo test test-slow bench mutate world tiny-policy smollm2-policy cuda-check clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ studio: setup
 # JupyterLab on notebooks/ with this venv's kernel, offline (settings: notebooks/jupyter_lab_config.py).
 lab: setup
 	cd notebooks && ../$(VENV)/bin/jupyter lab --config=jupyter_lab_config.py $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+# Run the notebooks and store them with their outputs, as JupyterLab saves them (after editing one).
+notebooks: setup
+	$(PY) scripts/notebook_outputs.py
 
 # The browser tests drive Debian's Chromium; install it only when it is missing.
 chromium:

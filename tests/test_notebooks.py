@@ -133,6 +133,100 @@ def test_distill_notebook_shows_curves_token_gap_and_pictures(executed):
     assert any(t.startswith("before") for t in bench_titles) and any(t.startswith("after") for t in bench_titles)
 
 
+def figure_kinds(nb) -> list[set[str]]:
+    """Per code cell, what it shows besides text: the mime types of its displayed outputs."""
+    return [{m for o in c.get("outputs", []) if o.get("output_type") in ("display_data", "execute_result")
+             for m in o.get("data", {}) if m != "text/plain"} for c in nb.cells if c.cell_type == "code"]
+
+
+@pytest.mark.parametrize("name", [p.name for p in sorted(NOTEBOOKS.glob("*.ipynb"))])
+def test_stored_outputs_show_what_a_fresh_run_shows(name, executed):
+    """The notebooks are shipped with their outputs (a reader sees the pictures before running anything): the same
+    cells hold the same kinds of figure as a fresh run's, and nothing of a library's stderr noise is kept."""
+    stored = nbformat.read(NOTEBOOKS / name, as_version=4)
+    fresh, _ = executed(name)
+    assert figure_kinds(stored) == figure_kinds(fresh) and any(figure_kinds(stored))
+    code = [c for c in stored.cells if c.cell_type == "code"]
+    assert all(c.get("outputs") for c in code if set(c.metadata.get("tags", [])) - {"parameters"}), \
+        "a tagged figure cell was stored without output"
+    assert not any(o.get("name") == "stderr" for c in code for o in c.get("outputs", []))
+    kernel = stored.metadata["kernelspec"]  # what JupyterLab writes when its kernel starts, so opening changes nothing
+    assert kernel["display_name"] == "Python 3 (ipykernel)" and stored.metadata["language_info"]["name"] == "python"
+    assert "version" in stored.metadata["language_info"]
+
+
+def _lab(folder: Path, data: Path):
+    """JupyterLab as `make lab` starts it, in ``folder``, with its user data in ``data``; yields its base URL."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    jupyter = Path(sys.executable).with_name("jupyter")
+    cmd = [str(jupyter), "lab", "--config=jupyter_lab_config.py", f"--ServerApp.port={port}",
+           "--IdentityProvider.token=t", "--allow-root"]
+    proc = subprocess.Popen(cmd, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ | {"HF_HUB_OFFLINE": "1", "GENEVOLVE_DATA": str(data)})
+    base, deadline, up = f"http://127.0.0.1:{port}", time.time() + 90, False
+    while time.time() < deadline and not up:
+        try:
+            up = httpx.get(f"{base}/api/contents", params={"token": "t"}, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    return proc, base, up
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs Debian's chromium (`make test` installs it)")
+def test_opening_and_saving_a_notebook_in_the_lab_changes_no_byte_and_asks_nothing(tmp_path):
+    """`make lab` in a real browser, on a copy of notebooks/: a notebook opened, its kernel started and saved comes out
+    byte for byte as shipped; no news question; the workspace and checkpoints go to the data folder, not beside the
+    notebooks."""
+    import shutil
+    import time
+
+    from playwright.sync_api import sync_playwright
+
+    folder = tmp_path / "notebooks"
+    shutil.copytree(NOTEBOOKS, folder)
+    before = {p.name: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    name = "01_world_and_stores.ipynb"
+    proc, base, up = _lab(folder, tmp_path / "data")
+    try:
+        assert up, "JupyterLab did not answer"
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(120_000)
+            page.goto(f"{base}/lab/tree/{name}?token=t")
+            page.wait_for_selector(".jp-Notebook")
+            page.get_by_text("Python 3 (ipykernel) | Idle").wait_for()  # the kernel is up: its metadata has arrived
+            time.sleep(2)
+            assert "news" not in page.inner_text("body").lower()
+            page.locator(".jp-Notebook").click()
+            page.keyboard.press("Control+s")
+            deadline = time.time() + 30
+            while time.time() < deadline and not list((tmp_path / "data").rglob("*checkpoint*.ipynb")):
+                time.sleep(0.5)  # the save writes its checkpoint first
+            time.sleep(2)
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    after = {p.name: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert after == before  # nothing rewritten, nothing added (no .ipynb_checkpoints/)
+    assert list((tmp_path / "data" / "jupyter" / "checkpoints").glob("01_world_and_stores-checkpoint.ipynb"))
+    assert list((tmp_path / "data" / "jupyter" / "workspaces").glob("*.jupyterlab-workspace"))
+
+
 def test_jupyterlab_serves_the_notebooks_offline():
     """What `make lab` starts (JupyterLab in notebooks/ with notebooks/jupyter_lab_config.py): the notebooks
     listed, no news feed, no extension index lookups."""
@@ -150,8 +244,11 @@ def test_jupyterlab_serves_the_notebooks_offline():
     jupyter = Path(sys.executable).with_name("jupyter")
     cmd = [str(jupyter), "lab", "--config=jupyter_lab_config.py", f"--ServerApp.port={port}",
            "--IdentityProvider.token=t", "--allow-root"]
+    import tempfile
+
+    data = tempfile.mkdtemp()  # the lab's workspace and settings go to the data folder: a temporary one here
     proc = subprocess.Popen(cmd, cwd=NOTEBOOKS, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=os.environ | {"HF_HUB_OFFLINE": "1"})
+                            env=os.environ | {"HF_HUB_OFFLINE": "1", "GENEVOLVE_DATA": data})
     try:
         base, deadline, listed = f"http://127.0.0.1:{port}", time.time() + 90, None
         while time.time() < deadline and listed is None:
