@@ -39,6 +39,14 @@ def device_label() -> str:
     return f"CPU ({torch.get_num_threads()} threads of {os.cpu_count()} cores)"
 
 
+def spread(items: list, n: int | None) -> list:
+    """``n`` items spread evenly over the list, in order (a split is sorted by track: its first N would hold one track)."""
+    if not n or int(n) >= len(items):
+        return list(items)
+    n = int(n)
+    return [items[i * len(items) // n] for i in range(n)]
+
+
 @dataclass
 class Services:
     world: Any
@@ -308,7 +316,7 @@ class Services:
             reqs = self.world.split(split)
         except KeyError as exc:
             raise StudioError(exc.args[0]) from None
-        reqs = reqs[: int(limit)] if limit else reqs
+        reqs = spread(reqs, limit)
         pol = self.policy(policy_name)
         name = pol.name if pol else RAW
         run_id = new_run_id("bench-" + re.sub(r"[^A-Za-z0-9]+", "-", policy_name).strip("-"))

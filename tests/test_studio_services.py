@@ -96,6 +96,8 @@ def test_bench_run_has_a_summary_by_track_category_difficulty(services):
     assert s["by"]["overall"]["all"]["n"] == 4 and len(s["by"]["overall"]["all"]["kscore"]["per_seed"]) == 2
     assert pivot({"x": s})[1] and str(path.relative_to(services.runs_dir)) in services.list_bench()
     assert len(load_run(path).trajectories) == 8
+    run = load_run(path)  # spread over the split, not its first 4 (the split is sorted by track: those are all knowledge)
+    assert {r.track for r in run.requests} == {"knowledge", "quality"}
 
 
 def _bench_folder(root, world, pictures: bool = True):
