@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection
 
-from genevolve.records.live import MetricsRow, PairRecord, ProbeRecord, is_running, read_jsonl_rows, read_metrics, read_pairs, read_probe
+from genevolve.records.live import (MetricsRow, PairRecord, ProbeRecord, is_running, read_jsonl_rows, read_metrics, read_pairs,
+                                   read_probe, read_progress)
 
 from . import StudioError
 
@@ -104,6 +105,7 @@ class Live:
     probe_dir: Path | None = None
     report: Path | None = None
     steps_planned: int | None = None
+    progress: Any = None  # Progress of the latest training folder (records.live)
     error: str | None = None
 
     @property
@@ -144,6 +146,7 @@ def read_live(out: Path) -> Live:
             live.steps_planned = json.loads((latest / "config.json").read_text("utf-8")).get("steps")
         except (OSError, ValueError):
             pass
+        live.progress = read_progress(latest)
     if (out / "report" / "report.md").exists():
         live.report = out / "report" / "report.md"
     return live
@@ -199,8 +202,9 @@ def form_estimate(world, runs_dir: Path, mode: str, policy: str, arms, quick: bo
     return est.estimate(policy, plan, runs_dir)
 
 
-def eta_text(live: Live) -> str:
-    """"ETA …" for a running run: from its logged step times, before the first step from the start's estimate."""
+def eta_text(live: Live, now: float | None = None) -> str:
+    """"ETA …" for a running run: from its logged step times and its progress inside the current step (before the
+    first step from that step's own pace, or the start's estimate), and how far it is behind the estimate."""
     import time
 
     from genevolve.evaluation import estimate as est
@@ -208,17 +212,39 @@ def eta_text(live: Live) -> str:
     plan = est.load(live.out)
     if plan is None:
         return ""
+    now = time.time() if now is None else now
     seconds = [r.seconds for rows in live.metrics.values() for r in rows if r.get("seconds")]
     try:
-        elapsed = time.time() - (live.out / est.ESTIMATE_FILE).stat().st_mtime
+        elapsed = now - (live.out / est.ESTIMATE_FILE).stat().st_mtime
     except OSError:
         elapsed = None
-    logs = [*live.out.glob("metrics.jsonl"), *live.out.glob("*/metrics.jsonl")]
-    last = max((p.stat().st_mtime for p in logs if p.exists()), default=None)
-    left = est.eta(plan, seconds, elapsed, time.time() - last if last else 0.0)
-    if left is None:
+    p = live.progress
+    if p is None:
+        logs = [*live.out.glob("metrics.jsonl"), *live.out.glob("*/metrics.jsonl")]
+        last = max((x.stat().st_mtime for x in logs if x.exists()), default=None)
+        left = est.eta(plan, seconds, elapsed, now - last if last else 0.0)
+        return "" if left is None else f"ETA {est.minutes(left)}" + ("" if seconds else " (estimated before the first step)")
+    e = est.eta_progress(plan, seconds, p.phase, p.done, p.total, now - p.step_started, now - p.updated
+                         if p.phase == "comparison" else 0.0, elapsed)
+    if e is None:
         return ""
-    return f"ETA {est.minutes(left)}" + ("" if seconds else " (estimated before the first step)")
+    text = f"ETA {est.minutes(e.seconds)}"
+    if e.behind is not None:
+        text += f" (behind the start's estimate by {est.minutes(e.behind)})"
+    return text
+
+
+def phase_text(p) -> str:
+    """"step 1/2: rollouts 31/48" from a run's progress record."""
+    if p is None:
+        return ""
+    if p.phase == "comparison":
+        return "training done: comparing before / after on the bench"
+    if p.phase == "done":
+        return "done"
+    count = f" {p.done}/{p.total}" if p.total else ""
+    label = {"update": "teacher scoring and update", "mining": "mining pairs", "loading": "loading"}.get(p.phase, p.phase)
+    return f"step {p.step}/{p.steps}: {label}{count}"
 
 
 def status_text(live: Live, job: dict[str, Any] | None = None) -> str:
@@ -230,6 +256,8 @@ def status_text(live: Live, job: dict[str, Any] | None = None) -> str:
     steps = max((len(r) for r in live.metrics.values()), default=0)
     last = next((rows[-1] for rows in live.metrics.values() if rows), None)
     parts = [f"{live.out.name}: {state}", f"steps logged {steps}" + (f"/{live.steps_planned}" if live.steps_planned else "")]
+    if state in ("running", "stopping") and (phase := phase_text(live.progress)):
+        parts.append(phase)
     if last:
         reward = "-" if last.reward_mean is None else format(last.reward_mean, ".3f")
         parts.append(f"reward {reward} · VED {last.ved_loss:.4f} · GRPO {last.grpo_loss:+.4f} · "
@@ -241,6 +269,16 @@ def status_text(live: Live, job: dict[str, Any] | None = None) -> str:
     if live.error:
         parts.append(live.error)
     return " · ".join(parts)
+
+
+_NOISE = re.compile(r"Loading weights|Warning|warnings\.warn|^\s*$|it/s\]|s/it\]|^\s*\^|^\s*(File|Traceback)")
+
+
+def log_lines(text: str, n: int = 8) -> str:
+    """The run's own progress lines of a log (step lines, the estimate, the comparison), without library warnings
+    and progress bars; a line a progress bar rewrote with carriage returns counts as its last state."""
+    lines = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
+    return "\n".join([line for line in lines if not _NOISE.search(line)][-n:])
 
 
 def curves_figure(metrics: dict[str, list[MetricsRow]]):

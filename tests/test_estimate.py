@@ -47,3 +47,27 @@ def test_eta_uses_the_runs_own_steps(tmp_path):
     assert est.eta(loaded, [36.0, 36.0], since_last_step=10) == pytest.approx(2 * 36 + est.EVAL_SHARE * 2 * 30 - 10)
     assert est.eta(None, [1.0]) is None and est.load(tmp_path / "nothing") is None
     assert est.minutes(125) == "2 min 05 s" and est.minutes(42) == "42 s"
+
+
+def test_the_eta_moves_inside_a_step_and_says_when_the_run_is_behind():
+    """The quick distill once read "0 s (estimated before the first step)" for five minutes: inside a step the ETA now
+    follows the rollouts done of B x K, then judging, then the update, and says when the run is behind its estimate."""
+    plan = est.plan_evolve(2, 4, 4, True, 24)  # 18 rollouts a step (16 + the probe's 2), 72 comparison rollouts
+    e = est.Estimate(100.0, 1.0, "test", plan)
+    assert est.step_fraction("rollouts", 9, 18, 0, 18) == pytest.approx(0.275)
+    assert est.step_fraction("judging", 18, 18, 0, 18) == pytest.approx(0.60)
+    assert est.step_fraction("update", 0, 0, 50.0, 100.0) == pytest.approx(0.62)  # time-based, kept in the phase's span
+    assert est.step_fraction("update", 0, 0, 90.0, 100.0) == pytest.approx(0.90)
+    early = est.eta_progress(e, [], "rollouts", 0, 18, in_step=1.0, elapsed=5.0)
+    half = est.eta_progress(e, [], "rollouts", 9, 18, in_step=40.0, elapsed=45.0)
+    # before any logged step: the current step's own pace (40 s for 27.5 %: 145 s a step) once a tenth is done
+    per = 40.0 / 0.275
+    assert early.seconds == pytest.approx(2 * 18 + est.EVAL_SHARE * 18 / 18 * 72)  # the start's estimate: 18 s a step
+    assert half.seconds == pytest.approx((2 - 0.275) * per + est.EVAL_SHARE * per / 18 * 72)
+    assert half.behind == pytest.approx(45.0 - (10 + 0.275 * 18)) and early.behind is None
+    logged = est.eta_progress(e, [20.0], "judging", 9, 18, in_step=12.0, elapsed=35.0)
+    assert logged.seconds == pytest.approx((2 - 1 - 0.575) * 20 + est.EVAL_SHARE * 20 / 18 * 72) and logged.behind is None
+    comparing = est.eta_progress(e, [20.0, 20.0], "comparison", in_phase=10.0)
+    assert comparing.seconds == pytest.approx(est.EVAL_SHARE * 20 / 18 * 72 - 10)
+    assert est.eta_progress(None, [], "rollouts") is None
+    assert est.eta_progress(e, [20.0, 20.0], "done").seconds == pytest.approx(est.EVAL_SHARE * 20 / 18 * 72)

@@ -347,3 +347,31 @@ def test_adapter_distance_and_identical_arms(tmp_path):
             {"arm": "grpo", "seed": 0, "adapter": str(tmp_path / "b"), "policy_sha256": "z" * 64, "eval_fingerprint": "g"}]
     assert identical_arms(runs) == [{"seed": 0, "arms": ["ved", "grpo+ved"], "sha256": ["x" * 64, "y" * 64],
                                      "relative_distance": pytest.approx(0.1)}]
+
+
+def test_a_step_writes_its_progress_phase_by_phase(tmp_path, tiny_folder, world, monkeypatch):
+    """progress.json follows the step: rollouts done of B x K (+ the probe's), judging, mining, the update, the
+    checkpoint; a viewer's status and ETA move inside a step, not only when it ends."""
+    from genevolve.records import live
+
+    seen = []
+    real = live.ProgressWriter.__call__
+
+    def spy(self, step, phase, done=0, total=0):
+        seen.append((step, phase, done, total))
+        return real(self, step, phase, done, total)
+
+    monkeypatch.setattr(live.ProgressWriter, "__call__", spy)
+    out = tmp_path / "run"
+    evolve(_cfg(out, tiny_folder, steps=2), world=world, log=lambda _: None)
+    for step in (1, 2):
+        phases = [p for s, p, _, _ in seen if s == step]
+        assert list(dict.fromkeys(phases)) == ["rollouts", "judging", "mining", "update", "checkpoint"], phases
+        rollouts = [(d, t) for s, p, d, t in seen if s == step and p == "rollouts"]
+        total = rollouts[0][1]
+        assert rollouts[0][0] == 0 and 4 <= total <= 6 and rollouts[-1] == (total, total)  # B x K = 4, and the probe's rows
+        assert [d for d, _ in rollouts] == sorted(d for d, _ in rollouts)
+        judged = [(d, t) for s, p, d, t in seen if s == step and p == "judging"]
+        assert judged == [(i, 4) for i in range(4)]
+    final = live.read_progress(out)
+    assert (final.step, final.steps, final.phase) == (2, 2, "checkpoint") and final.updated >= final.step_started > 0

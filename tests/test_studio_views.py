@@ -192,6 +192,34 @@ def test_read_live_tolerates_a_run_in_progress_and_a_deleted_folder(tmp_path):
     assert not gone.exists and "does not exist" in status_text(gone)
 
 
+def test_status_names_the_phase_inside_a_step_and_the_log_keeps_the_runs_own_lines(tmp_path):
+    """The quick distill once said "0/2 steps" while step-1 pairs were on screen, and its log showed only weight
+    loading bars and a FutureWarning."""
+    import time
+
+    from genevolve.evaluation import estimate as est
+    from genevolve.records.live import ProgressWriter
+    from studio.distill import eta_text, log_lines
+
+    out = tmp_path / "run"
+    _write_run(out, steps=0)
+    est.save(out, est.Estimate(60.0, 1.0, "test", est.plan_evolve(2, 4, 4, True, 24)))
+    ProgressWriter(out, 2)(1, "rollouts", 31, 48)
+    job = {"state": "running", "out": str(out)}
+    text = status_text(read_live(out), job)
+    assert "step 1/2: rollouts 31/48" in text and "estimated before the first step" not in text and "ETA" in text
+    ProgressWriter(out, 2)(1, "update")
+    assert "step 1/2: teacher scoring and update" in status_text(read_live(out), job)
+    late = read_live(out)
+    assert "behind the start's estimate" in eta_text(late, now=time.time() + 600)
+    ProgressWriter(out, 2)(2, "comparison")
+    assert "comparing before / after on the bench" in status_text(read_live(out), job)
+    log = ("Loading weights:   0%|          | 0/103 [00:00<?, ?it/s]\rLoading weights: 100%|##| 103/103 [00:00<00:00, 1it/s]\n"
+           "/x/modeling_utils.py:3314: FutureWarning: `is_gradient_checkpointing` is deprecated\n  warnings.warn(\n"
+           "expected time: about 1 min\nstep 1/2 [grpo+ved] reward 0.4 kscore 0.5\n")
+    assert log_lines(log) == "expected time: about 1 min\nstep 1/2 [grpo+ved] reward 0.4 kscore 0.5"
+
+
 def test_read_live_of_an_ablation_has_one_curve_per_arm(tmp_path):
     _write_run(tmp_path / "abl" / "grpo-s0")
     _write_run(tmp_path / "abl" / "ved-s0", steps=1)

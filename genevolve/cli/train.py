@@ -137,8 +137,13 @@ def _train_and_compare(cfg, w, quick: bool, eval_requests, eval_seeds: str, eval
     if train_only or int(os.environ.get("RANK", "0")) > 0:
         typer.echo(f"trained in {t_train:.0f} s; checkpoint: {out / 'checkpoint'}")
         return
+    from ..records.live import ProgressWriter
+
     seeds = [int(x) for x in eval_seeds.split(",") if x.strip()]
+    progress = ProgressWriter(out, cfg.steps)
+    progress(cfg.steps, "comparison")
     report = compare_after_training(cfg, w, bench_requests(w, quick, eval_requests), seeds, eval_samples, t_train, typer.echo)
+    progress(cfg.steps, "done")
     typer.echo(report.read_text("utf-8").split("## Learning curves")[0])
     typer.echo(f"report: {report}  ({time.time() - t0:.0f} s in all)")
 

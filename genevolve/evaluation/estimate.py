@@ -151,3 +151,58 @@ def eta(est: Estimate | None, step_seconds: list[float], elapsed: float | None =
     per = mean / max(plan.rollouts_per_step, 1)
     left = max(plan.steps - len(step_seconds), 0)
     return max(left * mean + EVAL_SHARE * per * plan.eval_rollouts - since_last_step, 0.0)
+
+
+# Where a step's time goes, as a share of the step at the start of each phase (the tiny student on 2 cores: rollouts
+# about 55 %, judging 5 %, the teacher's scoring and the update the rest): a step's progress from its phase.
+PHASE_SPAN = {"loading": (0.0, 0.0), "rollouts": (0.0, 0.55), "judging": (0.55, 0.60), "mining": (0.60, 0.62),
+              "update": (0.62, 0.98), "checkpoint": (0.98, 1.0)}
+
+
+@dataclass
+class Eta:
+    seconds: float  # left
+    behind: float | None  # seconds behind the start's estimate at this point, when more than a quarter late
+
+
+def step_fraction(phase: str, done: int, total: int, in_step: float, step_seconds: float) -> float:
+    """How much of the current step is done: counted where the phase counts (rollouts, judged trajectories), else
+    the time spent in the step against a step's expected time, kept inside the phase's span."""
+    lo, hi = PHASE_SPAN.get(phase, (0.0, 1.0))
+    if total > 0:
+        return lo + (hi - lo) * min(done / total, 1.0)
+    return min(max(in_step / step_seconds if step_seconds > 0 else lo, lo), hi)
+
+
+def eta_progress(est: Estimate | None, step_seconds: list[float], phase: str | None, done: int = 0, total: int = 0,
+                 in_step: float = 0.0, in_phase: float = 0.0, elapsed: float | None = None) -> Eta | None:
+    """Seconds left, moved by the progress inside the current step (``phase``, ``done`` of ``total``, ``in_step``
+    seconds since the step began): the steps still to come at the run's own mean step time (before any step is
+    logged: the current step's pace once a tenth of it is done, else the start's estimate), the current step's rest,
+    then the comparison at the same per-rollout cost, less the time already spent in it. ``behind``: how far the run
+    is behind the start's estimate (``elapsed`` since it began), when by more than a quarter."""
+    if est is None:
+        return None
+    plan = est.plan
+    per_est = est.seconds_per_rollout * plan.rollouts_per_step
+    if phase in (None, "done"):
+        left = eta(est, step_seconds, elapsed)
+        return None if left is None else Eta(left, None)
+    if phase == "comparison":
+        per = statistics.fmean(step_seconds) / max(plan.rollouts_per_step, 1) if step_seconds else est.seconds_per_rollout
+        return Eta(max(EVAL_SHARE * per * plan.eval_rollouts - in_phase, 0.0), None)
+    frac = step_fraction(phase, done, total, in_step, statistics.fmean(step_seconds) if step_seconds else per_est)
+    if step_seconds:
+        per_step = statistics.fmean(step_seconds)
+    elif frac >= 0.1 and in_step > 0:
+        per_step = in_step / frac
+    else:
+        per_step = per_est
+    steps_left = max(plan.steps - len(step_seconds) - frac, 0.0)
+    left = steps_left * per_step + EVAL_SHARE * per_step / max(plan.rollouts_per_step, 1) * plan.eval_rollouts
+    behind = None
+    if elapsed is not None:
+        expected = 10 + (len(step_seconds) + frac) * per_est  # where the start's estimate expected the run to be
+        late = elapsed - expected
+        behind = late if late > 0.25 * expected and late > 20 else None
+    return Eta(left, behind)

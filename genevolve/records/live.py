@@ -8,6 +8,9 @@ Besides its checkpoint and bank, a training run folder holds:
 - ``probe.json``: the latest :class:`ProbeRecord`, rewritten atomically every step: the student's rollout
   on the fixed probe request with the student's and the teacher's log-probability of every token after
   the system block, the teacher's own trajectory on the same request, both verdicts;
+- ``progress.json``: where the run is inside its current step (:class:`Progress`: the phase and, for rollouts
+  and judging, how many of how many), rewritten atomically as it moves, so a viewer's status and ETA move
+  within a step and not only when a step ends;
 - ``.lock``: held (``flock``) while a trainer works in the folder, so a second trainer refuses to start
   there and viewers can tell a live run from a finished or stopped one.
 
@@ -31,6 +34,8 @@ from .schema import Trajectory, Verdict, append_bytes, atomic_write_json
 METRICS_VERSION = 1
 PAIRS_VERSION = 1
 PROBE_VERSION = 1
+PROGRESS_VERSION = 1
+PHASES = ("loading", "rollouts", "judging", "mining", "update", "checkpoint", "comparison", "done")
 
 
 class MetricsRow(BaseModel):
@@ -102,6 +107,54 @@ class ProbeRecord(BaseModel):
     @field_serializer("tokens")
     def _tokens(self, tokens: list[TokenRow]) -> list[dict[str, Any]]:
         return [t.model_dump(exclude_none=True) for t in tokens]
+
+
+class Progress(BaseModel):
+    """Where a run is: ``step`` (from 1) of ``steps``, in ``phase`` (one of :data:`PHASES`), ``done`` of ``total`` items
+    where the phase counts them (rollouts, judged trajectories), since ``step_started`` (Unix time)."""
+
+    v: int = PROGRESS_VERSION
+    step: int
+    steps: int
+    phase: str
+    done: int = 0
+    total: int = 0
+    step_started: float = 0.0
+    updated: float = 0.0
+
+
+class ProgressWriter:
+    """Writes ``progress.json`` on every phase change and, within a phase, at most every ``every`` seconds."""
+
+    def __init__(self, out: str | Path, steps: int, every: float = 0.5, clock=None):
+        import time
+
+        self.path, self.steps, self.every, self.clock = Path(out) / "progress.json", steps, every, clock or time.time
+        self._last: tuple[int, str] | None = None
+        self._written = 0.0
+        self._started = self.clock()
+
+    def __call__(self, step: int, phase: str, done: int = 0, total: int = 0) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)}")
+        now = self.clock()
+        if (step, phase) != self._last:
+            if self._last is None or step != self._last[0]:
+                self._started = now
+        elif now - self._written < self.every and done < total:
+            return
+        self._last, self._written = (step, phase), now
+        atomic_write_json(self.path, Progress(step=step, steps=self.steps, phase=phase, done=done, total=total,
+                                              step_started=self._started, updated=now).model_dump())
+
+
+def read_progress(out: str | Path) -> Progress | None:
+    """The run's progress, or None when it wrote none (an older run, or not started) or it is unreadable."""
+    try:
+        data = json.loads((Path(out) / "progress.json").read_text("utf-8"))
+        return Progress.model_validate(data) if data.get("v") == PROGRESS_VERSION else None
+    except (OSError, ValueError):
+        return None
 
 
 class RunLockedError(RuntimeError):

@@ -130,12 +130,14 @@ def _loop(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Callabl
         with timer("rollout"):
             trajs, probe_trajs = steps.collect_rollouts(run, [batch[i] for i in mine], step, plan)
         with timer("render_judge"):
-            verdicts = steps.judge(run, [batch[i] for i in mine], trajs)
+            verdicts = steps.judge(run, [batch[i] for i in mine], trajs, step)
         trajs, verdicts = procs.gather_groups(mine, len(batch), K, trajs, verdicts)  # the whole step, everywhere
         steps.record_cases(run, trajs, verdicts)
         groups = steps.groups_of(trajs, verdicts, len(batch), K)
+        run.progress(step + 1, "mining")
         with timer("mine_summarise"):
             mined = steps.mine_and_summarise(run, groups, step)
+        run.progress(step + 1, "update")  # the teacher's scoring, the probe and the update
         with timer("retrieve"):
             targets = steps.update_targets(run, batch, groups)
         with timer("probe"):

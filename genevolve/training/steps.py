@@ -47,6 +47,7 @@ class Run:
     probe_req: Any
     sp: Any
     pad_id: int
+    progress: Callable[..., None] = lambda *a, **k: None  # (step, phase, done, total) -> progress.json (main process)
 
     @property
     def model(self):
@@ -150,10 +151,15 @@ def setup(cfg, world, procs: Processes, log: Callable[[str], None]) -> Run:
     order = list(range(len(prompts)))
     random.Random(cfg.seed).shuffle(order)
     tok = pol.tokenizer
-    return Run(cfg, out, procs, log, pol, opt, params, step0, bank, Tools.for_world(world), SandboxScorer(world),
-               SandboxSummariser(world), ImageStore(out / "images"), prompts, order, probe_req,
-               SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens),
-               tok.pad_token_id if tok.pad_token_id is not None else 0)
+    run = Run(cfg, out, procs, log, pol, opt, params, step0, bank, Tools.for_world(world), SandboxScorer(world),
+              SandboxSummariser(world), ImageStore(out / "images"), prompts, order, probe_req,
+              SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens),
+              tok.pad_token_id if tok.pad_token_id is not None else 0)
+    if procs.main:
+        from ..records.live import ProgressWriter
+
+        run.progress = ProgressWriter(out, cfg.steps)
+    return run
 
 
 def prompts_for(run: Run, step: int) -> list:
@@ -176,14 +182,19 @@ def collect_rollouts(run: Run, requests: list, step: int, probe_plan=None) -> tu
     eps = episodes_for(requests, run.pol, run.tools, k=run.cfg.rollouts_per_prompt, seed=probe_seed(run, step))
     if not eps and not extra:
         return [], []
-    trajs = run_episodes(eps + extra, run.pol, run.sp)
+    total = len(eps) + len(extra)
+    run.progress(step + 1, "rollouts", 0, total)
+    trajs = run_episodes(eps + extra, run.pol, run.sp, on_turn=lambda done, n: run.progress(step + 1, "rollouts", done, n))
     return trajs[: len(eps)], trajs[len(eps) :]
 
 
-def judge(run: Run, requests: list, trajs: list) -> list:
+def judge(run: Run, requests: list, trajs: list, step: int = 0) -> list:
     """Render and judge each trajectory (the scorer does both)."""
-    k = run.cfg.rollouts_per_prompt
-    return [run.scorer.score(requests[n // k], tr, run.store, seed=tr.seed)[1] for n, tr in enumerate(trajs)]
+    k, out = run.cfg.rollouts_per_prompt, []
+    for n, tr in enumerate(trajs):
+        run.progress(step + 1, "judging", n, len(trajs))
+        out.append(run.scorer.score(requests[n // k], tr, run.store, seed=tr.seed)[1])
+    return out
 
 
 def record_cases(run: Run, trajs: list, verdicts: list) -> None:
@@ -358,6 +369,7 @@ def metrics_row(run: Run, step: int, trajs: list, verdicts: list, mined: Mined, 
 
 def record_step(run: Run, step: int, row: MetricsRow, probe_result) -> None:
     """Main process: the metrics row, the probe record, then the atomic checkpoint."""
+    run.progress(step + 1, "checkpoint")
     append_metrics(run.out / "metrics.jsonl", row)
     if probe_result is not None:
         probes.write(run.out, run.pol.tokenizer, step + 1, run.probe_req, probe_result, run.cfg.use_ved,

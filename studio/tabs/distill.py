@@ -10,8 +10,8 @@ from typing import Any
 import gradio as gr
 
 from ..distill import (ARMS_ABLATE, ARMS_EVOLVE, LONG_RUN_S, PAIR_HEADERS, check_run_name, curves_figure, distill_args,
-                      form_estimate, latest_pairs, new_experiences, probe_request_id, read_live, report_file, report_parts,
-                      status_text)
+                      form_estimate, latest_pairs, log_lines, new_experiences, probe_request_id, read_live, report_file,
+                      report_parts, status_text)
 from ..html import columns_html, esc, message, token_gap_html
 from ..services import TINY, Services
 from ..tables import EXP_HEADERS, EXP_WIDE, column_widths, experience_rows
@@ -30,7 +30,8 @@ def _layout(s: Services) -> SimpleNamespace:
         name = gr.Textbox(value="", label="Run name (folder under the runs folder; blank: a new one)", elem_id="distill-name")
     with gr.Row():
         arms_e = gr.CheckboxGroup(list(ARMS_EVOLVE), value=list(ARMS_EVOLVE), label="evolve: losses", elem_id="distill-arms")
-        arms_a = gr.CheckboxGroup(list(ARMS_ABLATE), value=list(ARMS_ABLATE), label="ablate: arms")
+        arms_a = gr.CheckboxGroup(list(ARMS_ABLATE), value=list(ARMS_ABLATE), label="ablate: arms", visible=False,
+                                  elem_id="distill-arms-ablate")
         seed_bank = gr.Dropdown(["(none)"] + s.bank_choices(), value="(none)", label="Start from a bank (evolve)",
                                 elem_id="distill-seed-bank")
         probe_req = gr.Dropdown(s.request_choices("evolve"), value=None, allow_custom_value=True, filterable=True, scale=2,
@@ -42,7 +43,7 @@ def _layout(s: Services) -> SimpleNamespace:
         k = gr.Textbox("", placeholder="default", label="K rollouts", elem_id="distill-k")
         rank = gr.Number(16, precision=0, label="LoRA rank")
         lam = gr.Number(2.0, label="λ_VED")
-        dmin = gr.Number(0.20, label="δ_min")
+        dmin = gr.Number(0.20, label="δ_min", elem_id="distill-dmin")
         gate = gr.Number(0.90, label="gate (situation key)", elem_id="distill-gate")
         seed = gr.Number(0, precision=0, label="seed")
         mnt = gr.Number(384, precision=0, label="max new tokens", elem_id="distill-mnt")
@@ -99,9 +100,12 @@ def _live_view(s: Services, ui: SimpleNamespace):
         state = job["state"] if ours else ("running" if live.running else "idle")
         head = (f'<div class="ge-msg {"err" if live.error else "info"}" data-points="{live.points}" data-state="{state}">'
                 f'{esc(status_text(live, job if ours else None))}</div>')
+        # The watched folder is polled whatever its last state: a run resumed elsewhere (a terminal, another tab)
+        # shows up here. An idle folder is only re-read when its files change (the signature), every few seconds.
+        poll = gr.Timer(2.0 if going else 5.0, active=True)
         if sig == last:
-            return {status: head, timer: gr.Timer(active=going)}
-        out_: dict[Any, Any] = {status: head, seen: sig, timer: gr.Timer(active=going), curves: curves_figure(live.metrics)}
+            return {status: head, timer: poll}
+        out_: dict[Any, Any] = {status: head, seen: sig, timer: poll, curves: curves_figure(live.metrics)}
         out_[pairs] = latest_pairs(live.pairs)
         if live.probe_dir is not None:
             out_[new_exps] = experience_rows([(None, e) for e in new_experiences(live.probe_dir, live.pairs)])
@@ -131,7 +135,7 @@ def _live_view(s: Services, ui: SimpleNamespace):
                                             mark=False)
         log_path = live.out / "studio.log"
         if log_path.exists():
-            out_[logtail] = "\n".join(log_path.read_text("utf-8", errors="replace").splitlines()[-8:])
+            out_[logtail] = log_lines(log_path.read_text("utf-8", errors="replace"))
         if live.report:
             body, imgs = report_parts(live.report)
             out_[report_md] = body
@@ -216,6 +220,10 @@ def tab(s: Services) -> list[Refresh]:
     watch, watch_btn = pick(ui, 'watch watch_btn')
     tick, start, stop, kill, resume, watch_run = pick(h, 'tick start stop kill resume watch_run')
     confirmed, = pick(ui, 'confirmed')
+    # The form shows only the fields of the chosen mode: an ablation trains every arm from the SFT student with the
+    # default mining and gate, so its losses, bank, δ_min and gate fields go away.
+    mode.change(lambda m: [gr.update(visible=m == "evolve")] * 4 + [gr.update(visible=m == "ablate")], [mode],
+                [arms_e, seed_bank, dmin, gate, arms_a])
     start_btn.click(start, [mode, policy, quick, name, arms_e, arms_a, seed_bank, probe_req, steps, b, k, rank, lam, dmin, gate, seed,
                             mnt, evr, confirmed],
                     [msg, watched, seen, timer, watch, confirmed])
