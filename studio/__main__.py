@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 
-def serve(host: str = "127.0.0.1", port: int = 7860, password: str | None = None, runs_dir: str | Path = "runs",
+def serve(host: str = "127.0.0.1", port: int = 7860, password: str | None = None, runs_dir: str | Path | None = None,
           data_dir: str | Path | None = None, world_dir: str | Path | None = None, echo=print,
-          insecure_no_password: bool = False) -> None:
+          insecure_no_password: bool = False, demo: bool = True) -> None:
     """Open the world, the runs folder and the data folder, and serve the studio until interrupted (a
     non-loopback ``host`` needs a password, or ``insecure_no_password``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,7 +17,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, password: str | None = None
     check_exposure(host, password, insecure_no_password)  # before the world and the models load
     from .services import Services
 
-    services = Services.create(world_dir=world_dir, runs_dir=runs_dir, data_dir=data_dir)
+    services = Services.create(world_dir=world_dir, runs_dir=runs_dir, data_dir=data_dir, demo=demo)
     echo(f"GenEvolve Studio on http://{host}:{port}  (world: {services.world.root}, runs: {services.runs_dir}, "
          f"data: {services.data_dir}, device: {services.device})")
     launch(services, host=host, port=port, password=password, insecure_no_password=insecure_no_password)

@@ -40,14 +40,15 @@ def bench(
     max_new_tokens: int = SAMPLING["max_new_tokens"],
     limit: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N requests (smoke runs)."),
     search: str = SEARCH_OPT,
-    out: Optional[Path] = typer.Option(None, help="JSON file for the results (default: runs/bench-<policy>-<checksum>-<split>.json)."),
+    out: Optional[Path] = typer.Option(None, help="JSON file for the results (default: bench-<policy>-<checksum>-<split>.json in the runs folder)."),
     world: Optional[Path] = WORLD_OPT,
     data: Optional[Path] = typer.Option(None, help="Official GenEvolve-Data-Bench folder: bench its rows with --generator and the VLM --judge."),
     generator: str = typer.Option("sandbox", help="With --data: 'sandbox', 'tiny', 't2i:<model>', 'img2img:<model>', 'qwen-edit:<model>' or render-service URLs."),
     judge: Optional[str] = typer.Option(None, help="With --data: OpenAI-compatible VLM judge URL ($OPENAI_API_KEY)."),
     judge_model: str = typer.Option("gpt-4o", help="With --data: judge model name."),
     judge_api_key: Optional[str] = typer.Option(None, help="With --data: judge API key (default: $OPENAI_API_KEY)."),
-    judge_cache: Optional[Path] = typer.Option(Path("runs/judge-cache"), help="With --data: judge answers cached by content hash."),
+    judge_cache: Optional[Path] = typer.Option(None, help="With --data: judge answers cached by content hash (default: "
+                                               "judge-cache/ in the runs folder)."),
     rpm: float = typer.Option(0.0, min=0.0, help="With --data: judge requests per minute at most (0: no limit)."),
     text_policy: str = typer.Option("renormalise", help="With --data: no-text requests: 'renormalise' (F,V,A) or 'half' (T = 0.5)."),
     missing: str = typer.Option("exclude", help="With --data: failed renders/judgements 'exclude'd from means (reported) or counted as 'zero'."),
@@ -97,7 +98,9 @@ def bench(
                      "protocol_valid": ev.protocol_valid, "by": ev.by}
     if out is None:  # named by policy and checksum, so runs of different policies never overwrite each other
         label = re.sub(r"[^A-Za-z0-9._+-]+", "-", summary["policy"]).strip("-") or "policy"
-        out = Path("runs") / f"bench-{label}-{checksum[:8]}-{split}.json"
+        from ..records.paths import runs_dir
+
+        out = runs_dir() / f"bench-{label}-{checksum[:8]}-{split}.json"
     atomic_write_json(out, summary)
     _print_summary(summary, len(reqs), leave_own_out)
     typer.echo(f"saved: {out}")
@@ -147,7 +150,9 @@ def bench_official(data: Path, policy: str, seeds: str, generator: str, judge: O
     if missing not in MISSING_POLICIES:
         raise typer.BadParameter(f"--missing is one of {', '.join(MISSING_POLICIES)}", param_hint="--missing")
     w = World(world)
-    vlm, pj = open_judges(judge, judge_model, judge_api_key, text_policy, judge_cache, rpm)
+    from ..records.paths import runs_dir
+
+    vlm, pj = open_judges(judge, judge_model, judge_api_key, text_policy, judge_cache or runs_dir() / "judge-cache", rpm)
     gen = open_generator(generator, device, None, world=w)
     pol = make_policy(w, policy, "none", [], None, model, adapter)
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -162,7 +167,9 @@ def bench_official(data: Path, policy: str, seeds: str, generator: str, judge: O
                         sampling_params(temperature, top_p, max_new_tokens), missing, progress=typer.echo)
     summary = {"policy": pol.name if pol else "raw", "data": str(data), "generator": gen.name, "judge": vlm.name,
                "text_policy": text_policy, **res["summary"]}
-    out = out or Path("runs") / f"bench-official-{Path(policy).name or 'remote'}.json"
+    from ..records.paths import runs_dir
+
+    out = out or runs_dir() / f"bench-official-{Path(policy).name or 'remote'}.json"
     atomic_write_json(out, summary)
     rows = score_rows(summary)
     typer.echo(f"policy: {summary['policy']}  data: {data}  generator: {gen.name}  judge: {vlm.name}  text policy: {text_policy}")

@@ -14,7 +14,7 @@ def rollout(
                                       "free text; repeat it for several requests in one run folder."),
     k: int = typer.Option(4, "-k", min=1, max=64, help="Number of trajectories to sample for each request."),
     seed: int = typer.Option(0, help="Seed: trajectory i uses seed*1000+i for the policy and the generator."),
-    out: Optional[Path] = typer.Option(None, help="Run folder to write (default: runs/<new run id>)."),
+    out: Optional[Path] = typer.Option(None, help="Run folder to write (default: a new run id in the runs folder: $GENEVOLVE_RUNS, else runs/ in the data folder)."),
     policy: str = typer.Option("expert", help=POLICY_HELP),
     noise: str = typer.Option("cold-start", help="Expert noise: 'none' (perfect), 'cold-start' (imperfect, varied) or "
                               "'blind-spots' (cold-start, plus three skills mostly skipped without a guide)."),
@@ -56,7 +56,9 @@ def rollout(
     if guide:
         guides = {r.id: oracle_guide(w, r) if guide == "oracle" and r.scene else guide for r in reqs}
     run_id = new_run_id("rollout")
-    out = out or Path("runs") / run_id
+    from ..records.paths import runs_dir
+
+    out = out or runs_dir() / run_id
     writer = RunWriter(out, RunInfo(id=run_id, created=now_iso(), command="rollout", policy=pol.name if pol else "raw",
                                      k=k, seed=seed, requests=[r.id for r in reqs],
                                      config={"noise": noise, "skip_skill": skip_skill, "guide": guide, "temperature": temperature,

@@ -15,10 +15,14 @@ def studio(
     port: int = typer.Option(7860, min=1, max=65535, help="Port to listen on."),
     password_env: str = typer.Option("GENEVOLVE_STUDIO_PASSWORD", help="Environment variable holding a password; "
                                      "when it is set, the studio asks for it (any user name)."),
-    runs: Path = typer.Option(Path("runs"), help="Folder of run folders the studio opens and writes."),
+    runs: Optional[Path] = typer.Option(None, help="Folder of run folders the studio opens and writes (default: "
+                                        "$GENEVOLVE_RUNS, else runs/ in the data folder, where the other commands write)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder for your reference uploads and edits "
                                             "(default: $GENEVOLVE_DATA, else ~/.local/share/genevolve); the shipped world is never written."),
     world: Optional[Path] = WORLD_OPT,
+    demo: bool = typer.Option(True, "--demo/--no-demo", help="Make the first screen's demo in the runs folder on first start "
+                              "(a K=4 rollout, a quick self-evolution run with its report and bank; about a minute, in "
+                              "the background)."),
     insecure_no_password: bool = typer.Option(False, "--insecure-no-password", rich_help_panel="Network",
                                               help="Serve a non-loopback address without a password: anyone who "
                                               "can reach it can use the studio and its runs."),
@@ -42,8 +46,11 @@ def studio(
                    "run `make studio`, or `pip install -e .` in the project folder", err=True)
         raise typer.Exit(2)
     serve = next(iter(found)).load()
+    from ..records.paths import data_dir as default_data, runs_dir
+
+    runs = runs or (default_data(data_dir) / "runs" if data_dir else runs_dir())
     serve(host=host, port=port, password=password, runs_dir=runs, data_dir=data_dir, world_dir=world, echo=typer.echo,
-          insecure_no_password=insecure_no_password)
+          insecure_no_password=insecure_no_password, demo=demo)
 
 
 def register(app: typer.Typer) -> None:

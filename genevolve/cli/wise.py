@@ -14,7 +14,8 @@ def wise(
     judge: str = typer.Option(..., help=JUDGE_HELP),
     judge_model: str = typer.Option("gpt-4o", help="Judge model name."),
     judge_api_key: Optional[str] = typer.Option(None, help="API key of the judge (default: $OPENAI_API_KEY)."),
-    judge_cache: Optional[Path] = typer.Option(Path("runs/judge-cache"), help="Cache of judge answers by content hash."),
+    judge_cache: Optional[Path] = typer.Option(None, help="Cache of judge answers by content hash (default: judge-cache/ "
+                                               "in the runs folder)."),
     rpm: float = typer.Option(0.0, min=0.0, help="At most this many judge requests per minute (0: no limit)."),
     generator: str = typer.Option("sandbox", help=GENERATOR_HELP),
     policy: str = typer.Option("raw", help=POLICY_HELP),
@@ -23,14 +24,16 @@ def wise(
     seed: int = typer.Option(0),
     device: Optional[str] = typer.Option(None, help="Torch device for diffusers generators."),
     search: str = SEARCH_OPT,
-    out: Optional[Path] = typer.Option(None, help="JSON results (default: runs/wise-<policy>.json)."),
+    out: Optional[Path] = typer.Option(None, help="JSON results (default: wise-<policy>.json in the runs folder)."),
     world: Optional[Path] = WORLD_OPT,
 ):
     """WISE: generate for every prompt (raw or through a policy), judge, and report WiScore by category and overall."""
+    from ..records.paths import runs_dir
     from ..records.schema import ImageStore, atomic_write_json
     from ..evaluation.wise import WiseJudge, load_wise, run_wise
     from ..world import World
 
+    judge_cache = judge_cache or runs_dir() / "judge-cache"
     try:
         items = load_wise(data, limit)
         wj = WiseJudge(judge, judge_model, api_key=judge_api_key, cache_dir=judge_cache, rpm=rpm)
@@ -39,7 +42,7 @@ def wise(
     w = World(world)
     gen = open_generator(generator, device, None, world=w)
     pol = make_policy(w, policy, "none", [], None, model)
-    out = out or Path("runs") / f"wise-{Path(policy).name or 'remote'}.json"
+    out = out or runs_dir() / f"wise-{Path(policy).name or 'remote'}.json"
     res = run_wise(items, gen, wj, ImageStore(out.with_suffix("") / "images"), policy=pol,
                    tools=make_tools(w, search) if pol is not None else None, seed=seed, progress=typer.echo)
     atomic_write_json(out, {"generator": gen.name, "judge": wj.name, "policy": pol.name if pol else "raw", **res["summary"],

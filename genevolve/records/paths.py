@@ -19,6 +19,16 @@ def data_dir(given: str | os.PathLike | None = None) -> Path:
     return Path(base).expanduser() / "genevolve"
 
 
+def runs_dir(given: str | os.PathLike | None = None) -> Path:
+    """Where run folders go when no ``--out`` is given, and what the studio opens: ``given``, else ``$GENEVOLVE_RUNS``,
+    else ``runs/`` in the data folder (never the checkout, wherever a command is started from)."""
+    if given:
+        return Path(given).expanduser()
+    if os.environ.get("GENEVOLVE_RUNS"):
+        return Path(os.environ["GENEVOLVE_RUNS"]).expanduser()
+    return data_dir() / "runs"
+
+
 SHIPPED = Path(__file__).resolve().parents[2] / "assets"  # the shipped sandbox data and policy: read-only at run time
 
 
