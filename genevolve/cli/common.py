@@ -178,13 +178,14 @@ def micro_batch_for(policy: str, given: Optional[int]) -> int:
 def evolve_cfg(out: Path, policy: str, steps: int, b: int, k: int, lambda_ved: float, lora_rank: int, lr: float,
                 delta_min: float, gate: float, seed: int, use_grpo: bool, use_ved: bool, max_new_tokens: int,
                 probe_request: Optional[str] = None, probe: bool = True, micro_batch: int = 8,
-                retrieval_key: str = "situation", consolidate: bool = True):
+                retrieval_key: str = "situation", consolidate: bool = True, report_to: str = "none"):
     from ..training.evolve import EvolveConfig
 
     cfg = EvolveConfig(out=str(out), policy=policy, steps=steps, prompts_per_step=b, rollouts_per_prompt=k,
                        lambda_ved=lambda_ved, lora_rank=lora_rank, lr=lr, delta_min=delta_min, gate=gate, seed=seed,
                        use_grpo=use_grpo, use_ved=use_ved, max_new_tokens=max_new_tokens, probe_request=probe_request,
-                       probe=probe, micro_batch=micro_batch, retrieval_key=retrieval_key, consolidate=consolidate)
+                       probe=probe, micro_batch=micro_batch, retrieval_key=retrieval_key, consolidate=consolidate,
+                       report_to=report_to)
     try:
         cfg.validate()
     except ValueError as exc:

@@ -12,6 +12,33 @@ import typer
 from ..evaluation import estimate as estimates
 from .common import check_probe_request, evolve_cfg, holding, micro_batch_for, stop_on_sigterm, train
 
+REPORT_TO = typer.Option("none", "--report-to", help="Also log the run's config, every step's metrics and the final "
+                         "table to 'tensorboard' (<run>/tensorboard) or 'trackio' ($TRACKIO_DIR, project genevolve); "
+                         "offline either way.")
+
+
+def log_table(report_to: str, out: Path, title: str, headers, rows, config: dict) -> None:
+    """The final table of a run, to its tracker (reopened: a resumed trackio run, another event file)."""
+    from ..training.tracking import open_tracker
+
+    if report_to == "none":
+        return
+    tracker = open_tracker(report_to, out, config, warn=typer.echo)
+    tracker.table(title, headers, rows)
+    tracker.finish()
+
+
+def report_rows(results_json: Path) -> list[list]:
+    """The report's KScore table (policy, track, mean, 95 % half-width) from its results.json."""
+    data = json.loads(results_json.read_text("utf-8"))
+    rows = []
+    for policy, summary in data.items():
+        for level in ("overall", "track"):
+            for group, row in summary.get(level, {}).items():
+                k = row.get("kscore") or {}
+                rows.append([policy, group, k.get("mean"), k.get("ci95")])
+    return rows
+
 def announce_estimate(out: Path, policy: str, plan) -> None:
     """Print the expected wall time and keep it in the run folder, where the studio's ETA reads it."""
     est = estimates.estimate(policy, plan, runs_dir=out.resolve().parent)
@@ -42,6 +69,7 @@ def sft(
                                   "into the saved model (0: full fine-tuning)."),
     seed: int = typer.Option(0, help="Seed for data, initialisation and batching."),
     device: Optional[str] = typer.Option(None, help="Torch device (default: cuda if available, else cpu)."),
+    report_to: str = REPORT_TO,
 ):
     """Supervised fine-tuning with an assistant-only loss; resumes from its last checkpoint if interrupted."""
     from ..records.live import RunLockedError
@@ -50,7 +78,7 @@ def sft(
     cfg = SFTConfig(out=str(out), recipe=recipe, model=model, data=str(data) if data else None, epochs=epochs, lr=lr,
                     pretrain_epochs=pretrain_epochs, guided_fraction=guided_fraction, noise=noise, extra_requests=extra_requests,
                     batch_tokens=batch_tokens, max_len=max_len, warmup_steps=warmup_steps, save_every=save_every,
-                    lora_rank=lora_rank, seed=seed, device=device)
+                    lora_rank=lora_rank, seed=seed, device=device, report_to=report_to)
     try:
         cfg.validate()
     except ValueError as exc:
@@ -65,7 +93,8 @@ def sft(
 
 def evolve(
     quick: bool = typer.Option(False, "--quick", help="A few minutes: 2 steps of 4 prompts x 4 rollouts, 24 bench requests."),
-    out: Optional[Path] = typer.Option(None, help="Run folder (default: runs/evolve-<time>); an existing one is resumed."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default: evolve-<time> in the runs folder, $GENEVOLVE_RUNS "
+                                       "or runs/ in the data folder); an existing one is resumed."),
     policy: str = typer.Option("tiny", help="The SFT student: 'tiny' or a model folder."),
     steps: Optional[int] = typer.Option(None, min=1, help="Self-evolution steps (default 5; quick 2)."),
     prompts: Optional[int] = typer.Option(None, "-B", min=1, help="Prompts per step (default 8; quick 4)."),
@@ -94,6 +123,7 @@ def evolve(
                                               "memory; default 8, fewer for a large vocabulary: SmolLM2 2)."),
     force_new: bool = typer.Option(False, "--force-new", help="Start again in --out even though it holds a run with other "
                                    "settings (the earlier run is moved aside, not deleted)."),
+    report_to: str = REPORT_TO,
 ):
     """One-click distill-and-compare: GRPO + VED from the SFT student, then before / after on the bench and the
     teacher where it retrieves an experience (training requests and bench hits).
@@ -105,12 +135,14 @@ def evolve(
 
     from ..world import World
 
-    out = out or Path("runs") / f"evolve-{time.strftime('%Y%m%d-%H%M%S')}"
+    from ..records.paths import runs_dir
+
+    out = out or runs_dir() / f"evolve-{time.strftime('%Y%m%d-%H%M%S')}"
     micro_batch = micro_batch_for(policy, micro_batch)
     cfg = evolve_cfg(out, policy, estimates.default("evolve", "steps", quick, steps), estimates.default("evolve", "prompts", quick, prompts),
                      estimates.default("evolve", "rollouts", quick, rollouts),
                      lambda_ved, lora_rank, lr, delta_min, gate, seed, not no_grpo, not no_ved, max_new_tokens, probe_request,
-                     probe, micro_batch, retrieval_key, consolidate)
+                     probe, micro_batch, retrieval_key, consolidate, report_to)
     w = World()
     check_probe_request(w, probe_request)
     with holding(out, force_new):
@@ -144,13 +176,17 @@ def _train_and_compare(cfg, w, quick: bool, eval_requests, eval_seeds: str, eval
     progress(cfg.steps, "comparison")
     report = compare_after_training(cfg, w, bench_requests(w, quick, eval_requests), seeds, eval_samples, t_train, typer.echo)
     progress(cfg.steps, "done")
+    from dataclasses import asdict
+
+    log_table(cfg.report_to, out, "report: bench KScore", ["policy", "group", "KScore", "ci95"],
+              report_rows(report.parent / "results.json"), asdict(cfg))
     typer.echo(report.read_text("utf-8").split("## Learning curves")[0])
     typer.echo(f"report: {report}  ({time.time() - t0:.0f} s in all)")
 
 
 def ablate(
     quick: bool = typer.Option(False, "--quick", help="A few minutes: 1 step of 4 prompts x 4 rollouts per arm, 1 seed, 24 requests."),
-    out: Optional[Path] = typer.Option(None, help="Folder for every arm's run and the report (default: runs/ablate-<time>); "
+    out: Optional[Path] = typer.Option(None, help="Folder for every arm's run and the report (default: ablate-<time> in the runs folder); "
                                        "an existing one is resumed: finished arms and seeds are loaded, not run again."),
     policy: str = typer.Option("tiny", help="The SFT student: 'tiny' or a model folder."),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (default 0,1,2; quick 0)."),
@@ -172,6 +208,7 @@ def ablate(
     micro_batch: Optional[int] = typer.Option(None, min=1, help="Sequences per forward/backward in the update (default 8, fewer for a "
                                               "large vocabulary: SmolLM2 2; fewer: less memory; a "
                                     "49k-token vocabulary over 8 long rollouts needs tens of GB)."),
+    report_to: str = REPORT_TO,
 ):
     """The ablation: SFT-only, +GRPO, +VED, +GRPO+VED at the same number of rollouts, several seeds, mean ± 95% CI."""
     import time
@@ -186,7 +223,9 @@ def ablate(
     if bad:
         raise typer.BadParameter(f"unknown arms {bad}", param_hint="--arms")
     seed_list = [int(x) for x in estimates.default("ablate", "seeds", quick, seeds).split(",") if x.strip()]
-    out = out or Path("runs") / f"ablate-{time.strftime('%Y%m%d-%H%M%S')}"
+    from ..records.paths import runs_dir
+
+    out = out or runs_dir() / f"ablate-{time.strftime('%Y%m%d-%H%M%S')}"
     micro_batch = micro_batch_for(policy, micro_batch)
     w = World()
     check_probe_request(w, probe_request)
@@ -203,7 +242,7 @@ def ablate(
 
     def make_cfg(arm: str, seed: int, run_dir: Path):
         return evolve_cfg(run_dir, policy, n_steps, b, k, lambda_ved, lora_rank, lr, 0.20, None, seed, "grpo" in arm,
-                          "ved" in arm, max_new_tokens, probe_request, probe, micro_batch)
+                          "ved" in arm, max_new_tokens, probe_request, probe, micro_batch, report_to=report_to)
 
     announce_estimate(out, policy, estimates.plan_ablate(arm_list, len(seed_list), n_steps, b, k, probe, len(reqs), eval_samples,
                                                         teacher))
@@ -219,6 +258,8 @@ def ablate(
         raise typer.Exit(2) from None
     typer.echo("\n".join(lines))
     typer.echo(f"report: {report}  ({time.time() - t0:.0f} s in all)")
+    log_table(report_to, out, "ablation: bench KScore", ["arm", "group", "KScore", "ci95"],
+              report_rows(report.parent / "results.json"), settings)
 
 
 def report(

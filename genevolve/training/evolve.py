@@ -74,8 +74,12 @@ class EvolveConfig:
     probe_request: str | None = None  # sandbox request id the probe follows (default: picked at step 1, see probe.auto_request)
     device: str | None = None
     dtype: str | None = None
+    report_to: str = "none"  # also log metrics to 'tensorboard' or 'trackio' (see .tracking)
 
     def validate(self) -> None:
+        from .tracking import check
+
+        check(self.report_to)
         if not (self.use_grpo or self.use_ved):
             raise ValueError("at least one of use_grpo and use_ved must be on (SFT-only needs no training)")
         for name in ("steps", "prompts_per_step", "micro_batch", "lora_rank"):
@@ -117,7 +121,19 @@ def evolve(cfg: EvolveConfig, world=None, log: Callable[[str], None] = print,
 def _loop(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Callable[[MetricsRow], None] | None,
           stop: Callable[[], bool] | None, procs: Processes) -> MetricsRow | None:
     """The algorithm, one step per iteration; each line is a named step of :mod:`.steps`."""
+    from dataclasses import asdict
+
+    from .tracking import Tracker, open_tracker
+
     run = steps.setup(cfg, world, procs, log)
+    tracker = open_tracker(cfg.report_to, cfg.out, asdict(cfg), warn=log) if procs.main else Tracker()
+    try:
+        return _steps(cfg, run, procs, log, on_step, stop, tracker)
+    finally:
+        tracker.finish()
+
+
+def _steps(cfg: EvolveConfig, run, procs: Processes, log, on_step, stop, tracker) -> MetricsRow | None:
     K, row = cfg.rollouts_per_prompt, None
     for step in range(run.step0, cfg.steps):
         if any(procs.gather(bool(stop and stop()))):  # every process stops at the same step
@@ -143,9 +159,10 @@ def _loop(cfg: EvolveConfig, world, log: Callable[[str], None], on_step: Callabl
         with timer("probe"):
             probe = steps.probe(run, step, batch, trajs, verdicts, plan, probe_trajs)
         stats = steps.update(run, targets, timer)
-        row = steps.metrics_row(run, step, trajs, verdicts, mined, targets, stats, timer)
+        row = steps.metrics_row(run, step, trajs, verdicts, mined, targets, stats, timer, probe)
         if procs.main:
             steps.record_step(run, step, row, probe)
+            tracker.log(row.model_dump(), step + 1)
         procs.barrier()  # the other processes wait for the main one's checkpoint
         if procs.main:
             log(steps.summary_line(cfg, row))

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..agent.teacher import student_block_len, teacher_stream
+from ..records.schema import finite
 from .update import token_logprobs
 
 
@@ -68,13 +69,15 @@ def earlier_request(out: Path, prompts):
 
 def auto_request(out: Path, batch, prompts, bank):
     """The probe's request when none was given: the one an earlier probe of this run followed (a resumed
-    run keeps it), else the first request of this (the first) step's batch that an experience was just
-    mined from, so the live view has a teacher from the start, else the batch's first request."""
+    run keeps it), else the first request of this (the first) step's batch that retrieves an experience mined
+    from itself, else the first that retrieves any (so the live view has a teacher from the start), else the
+    batch's first request."""
     known = earlier_request(out, prompts)
     if known is not None:
         return known
-    mined = set().union(*(e.sources() for e in bank.items.values()))
-    return next((r for r in batch if r.id in mined), batch[0])
+    got = {r.id: bank.retrieve(r.text)[0] for r in batch} if len(bank) else {}
+    return next((r for r in batch if got.get(r.id) is not None and r.id in got[r.id].sources()),
+                next((r for r in batch if got.get(r.id) is not None), batch[0]))
 
 
 def teacher_experience(bank, req):
@@ -168,6 +171,16 @@ def _score_tokens(res: ProbeResult, pol, pad_id: int) -> None:
                 return
             q = token_logprobs(pol.model, [t_ids], pol.device, pad_id)[0]
             res.logprobs["q"] = q[offset:].cpu()  # aligned to the student's positions
+
+
+def mean_gap(res: ProbeResult) -> float | None:
+    """The probe's mean |log q - log p| over the student's sampled tokens the teacher scored (None without a teacher)."""
+    q = res.logprobs.get("q")
+    if q is None or not res.student.token_ids:
+        return None
+    mask = torch.tensor(res.student.assistant_mask[: len(q)], dtype=torch.bool)
+    gaps = (q[: len(mask)] - res.logprobs["p"][: len(mask)]).abs()[mask]
+    return finite(float(gaps.mean())) if gaps.numel() else None
 
 
 def write(out: Path, tok, step: int, request, probe: ProbeResult, use_ved: bool, chosen: str = "") -> None:

@@ -93,8 +93,12 @@ class SFTConfig:
     vocab_size: int = 6000  # tiny recipe only (upper bound; BPE stops earlier on small data)
     device: str | None = None
     dtype: str | None = None
+    report_to: str = "none"  # also log every step to 'tensorboard' or 'trackio' (see .tracking)
 
     def validate(self) -> None:
+        from .tracking import check
+
+        check(self.report_to)
         if self.recipe not in ("tiny", "model"):
             raise ValueError("recipe is 'tiny' or 'model'")
         if self.recipe == "model" and not self.model:
@@ -246,9 +250,10 @@ def _open_work(cfg: SFTConfig, work: Path) -> None:
     """The scratch folder of a run; one that holds a run with other settings or other data raises (resuming
     would mix them)."""
     work.mkdir(parents=True, exist_ok=True)
-    same = {k: v for k, v in asdict(cfg).items() if k != "device"} | {"data_sha256": _data_digest(cfg)}
+    free = ("device", "report_to")  # may change on a resume
+    same = {k: v for k, v in asdict(cfg).items() if k not in free} | {"data_sha256": _data_digest(cfg)}
     if (work / "config.json").exists():
-        old = {k: v for k, v in json.loads((work / "config.json").read_text()).items() if k != "device"}
+        old = {k: v for k, v in json.loads((work / "config.json").read_text()).items() if k not in free}
         if old != same:
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in same.items() if old.get(k) != v)
             raise ValueError(f"{work} holds a run with other settings ({diff}); run with the same settings to "
@@ -345,6 +350,8 @@ def _finish(cfg: SFTConfig, out: Path, work: Path, model, tok, result: dict) -> 
     atomic_write_json(final_tmp / "sft_config.json", asdict(cfg))
     shutil.copy(work / "metrics.jsonl", final_tmp / "metrics.jsonl")
     plot_curve(work / "metrics.jsonl", final_tmp / "loss_curve.png")
+    if (work / "tensorboard").is_dir():  # --report-to tensorboard: the event files stay with the model
+        shutil.copytree(work / "tensorboard", final_tmp / "tensorboard")
     atomic_write_json(final_tmp / "sft_result.json", result)
     replace_dir(final_tmp, out)
     shutil.rmtree(work)
@@ -397,6 +404,11 @@ def _train_sft_locked(cfg: SFTConfig, world, log: Callable[[str], None], progres
     bar = tqdm(total=total, initial=step, desc="sft", unit="step", disable=not progress)
     flat = [(e, b) for e, batches in enumerate(epochs_batches) for b in batches]
     t_last, loss_val = time.time(), float("nan")
+    from dataclasses import asdict
+
+    from .tracking import open_tracker
+
+    tracker = open_tracker(cfg.report_to, work, asdict(cfg), warn=log)
     for e, idx in flat[step:]:
         ids, mask, attn = _collate(examples, idx, pad_id, device)
         phase = "pretrain" if e < pre else "sft"
@@ -414,11 +426,13 @@ def _train_sft_locked(cfg: SFTConfig, world, log: Callable[[str], None], progres
         t_last = now
         with metrics_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, allow_nan=False) + "\n")
+        tracker.log(row, step)
         bar.set_postfix(loss=f"{loss_val:.3f}", epoch=e, phase=phase)
         bar.update(1)
         if step % cfg.save_every == 0 and step < total:
             _save_checkpoint(ckpt, model, opt, sched, step, e, cfg)
     bar.close()
+    tracker.finish()
     result = {"steps": step, "final_loss": finite(loss_val), "conversations": len(examples), "tokens": n_tokens}
     _finish(cfg, out, work, model, tok, result)
     log(f"saved {out} (final loss {loss_val:.3f}); curve: {out / 'loss_curve.png'}")

@@ -78,7 +78,7 @@ class Targets:
     teacher_errors: list[str]
 
 
-RESUME_FREE = ("out", "device", "dtype", "micro_batch", "probe", "probe_request", "steps")  # may change on a resume
+RESUME_FREE = ("out", "device", "dtype", "micro_batch", "probe", "probe_request", "steps", "report_to")  # may change on a resume
 
 
 def check_same_config(out: Path, cfg) -> None:
@@ -342,7 +342,7 @@ def _std(xs: list) -> float | None:
 
 
 def metrics_row(run: Run, step: int, trajs: list, verdicts: list, mined: Mined, targets: Targets,
-                stats: dict[str, Any], timer: PhaseTimer) -> MetricsRow:
+                stats: dict[str, Any], timer: PhaseTimer, probe_result=None) -> MetricsRow:
     """The step's row of ``metrics.jsonl``."""
     rewards = [v.reward for v in verdicts]
     gen_tokens = sum(sum(tr.assistant_mask) for tr in trajs)
@@ -362,6 +362,8 @@ def metrics_row(run: Run, step: int, trajs: list, verdicts: list, mined: Mined, 
         "tokens_per_s": (gen_tokens + targets.n_tokens) / max(timer.elapsed(), 1e-9),
         "seconds": timer.elapsed(), **timer.columns(),
     }
+    if probe_result is not None:  # the live probe's mean |log q - log p| over the student's sampled tokens
+        row["probe_gap"] = probes.mean_gap(probe_result)
     if run.procs.world > 1:
         row["processes"], row["replica_checksums"] = run.procs.world, stats["replicas"]
     return MetricsRow(**row)
