@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the studio runs offline
 
 import hmac
+import json
 import math
 import time
 from collections import deque
@@ -20,24 +21,115 @@ from genevolve.serving.guard import is_loopback
 
 from .html import CSS
 from .services import Services
-from .tabs import bench, distill, experiences, references, trajectories
+from .tabs import Link, bench, distill, experiences, references, start, trajectories
+
+VIEWS = (("Start", start), ("Trajectories", trajectories), ("Experiences", experiences), ("References", references),
+         ("Distill", distill), ("Bench", bench))
+
+# Keyboard: ←/→ page a run's requests, j/k walk its trajectories (not while typing); the URL follows the view.
+KEYS_JS = """
+<script>
+window.geMarkTrajectory = function (id) {
+  const cols = [...document.querySelectorAll('#traj-columns .ge-col')];
+  cols.forEach(c => c.classList.toggle('ge-focus', !!id && c.dataset.traj === id));
+  const hit = cols.find(c => c.dataset.traj === id);
+  if (hit) hit.scrollIntoView({block: 'nearest', inline: 'nearest'});
+};
+document.addEventListener('keydown', function (e) {
+  if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest('input, textarea, select, [contenteditable="true"]')) return;
+  const shown = sel => { const el = document.querySelector(sel); return el && el.offsetParent !== null ? el : null; };
+  if (!shown('#traj-columns')) return;
+  if (e.key === 'ArrowLeft' || e.key === 'ArrowRight') {
+    const btn = shown(e.key === 'ArrowLeft' ? '#traj-prev' : '#traj-next');
+    if (btn) { e.preventDefault(); btn.click(); }
+  } else if (e.key === 'j' || e.key === 'k') {
+    const cols = [...document.querySelectorAll('#traj-columns .ge-col')];
+    if (!cols.length) return;
+    const at = cols.findIndex(c => c.classList.contains('ge-focus'));
+    const next = cols[Math.min(Math.max(at + (e.key === 'j' ? 1 : -1), 0), cols.length - 1)] || cols[0];
+    const u = new URL(window.location);
+    u.searchParams.set('traj', next.dataset.traj);
+    history.replaceState(null, '', u);
+    window.geMarkTrajectory(next.dataset.traj);
+  }
+});
+</script>
+"""
+
+TAB_URL = """() => {
+  if (!window.geLoaded) return;  // the page is still opening what its address names: keep that address
+  const u = new URL(window.location);
+  const v = '%s';
+  if (u.searchParams.get('view') !== v) {
+    for (const k of [...u.searchParams.keys()]) u.searchParams.delete(k);
+    u.searchParams.set('view', v);
+    history.replaceState(null, '', u);
+  }
+}"""
+
+
+# On page load: the view the address names. While the page mounts (longer on a busy machine), Tabs may fall back to
+# its first view (Start) more than once, so the choice is made again until the user picks a tab themselves.
+SELECT_VIEW = """() => {
+  const titles = %s;
+  const v = new URL(window.location).searchParams.get('view');
+  if (!titles[v] || v === 'start') return;
+  let chose = false;
+  document.addEventListener('click', e => { if (e.isTrusted && e.target.closest('button[role=tab]')) chose = true; }, true);
+  const started = Date.now();
+  const pick = () => {
+    if (chose || window.geLoaded || Date.now() - started > 20000) return clearInterval(timer);
+    const tabs = [...document.querySelectorAll('button[role=tab]')];
+    const on = tabs.find(b => b.getAttribute('aria-selected') === 'true');
+    const btn = tabs.find(b => b.textContent.trim() === titles[v]);
+    if (btn && btn !== on) btn.click();
+  };
+  const timer = setInterval(pick, 250);
+  pick();
+}"""
 
 
 def build_app(services: Services) -> gr.Blocks:
-    """The whole studio over one set of services."""
-    views = (("Trajectories", trajectories), ("Experiences", experiences), ("References", references), ("Distill", distill),
-             ("Bench", bench))
+    """The whole studio over one set of services. The page address opens a view and what it names (see each view's
+    :class:`~studio.tabs.Link`); the studio opens on Start."""
+    links: list[Link] = []
     with gr.Blocks(title="GenEvolve Studio", analytics_enabled=False) as app:
         gr.Markdown(f"# GenEvolve Studio\nWorld `{services.world.root}` · runs `{services.runs_dir}` · "
                     f"your references `{services.world.refs_root}` · device {services.device}")
-        with gr.Tabs():
-            for title, view in views:
+        with gr.Tabs(selected="start") as tabs:
+            for title, view in VIEWS:
                 with gr.Tab(title, id=title.lower()) as tab:
-                    refreshes = view.tab(services) or []
-                for r in refreshes:  # lists re-read from disk: a run made in a terminal appears without a restart
+                    made = view.tab(services) or []
+                tab.select(None, None, None, js=TAB_URL % title.lower())
+                for r in made:
+                    if isinstance(r, Link):
+                        links.append(r)
+                        continue
+                    # lists re-read from disk: a run made in a terminal appears without a restart
                     app.load(r.fn, None, r.outputs, show_progress="hidden")
                     if r.on_open:
                         tab.select(r.fn, None, r.outputs, show_progress="hidden")
+
+        def open_address(request: gr.Request):
+            params = dict(request.query_params) if request is not None else {}
+            view = params.get("view")
+            out = {tabs: gr.Tabs(selected=view) if view in titles else gr.skip()}
+            for link in links:
+                if link.view == params.get("view"):
+                    out.update(link.fn(params) or {})
+            return out
+
+        # The view is selected in the page (a click on its tab), not through the Tabs component: an output of the
+        # load event, Tabs would fall back to Start on every page load, even over a tab the user has just opened.
+        titles = {title.lower(): title for title, _ in VIEWS}
+        event = app.load(None, None, None, js=SELECT_VIEW % json.dumps(titles))
+        outputs = [tabs] + [o for link in links for o in link.outputs]
+        event = event.then(open_address, None, list(dict.fromkeys(outputs)), show_progress="hidden")
+        for link in links:
+            if link.then:
+                event = event.then(**link.then)
+        # The page has opened what its address names: from here on only the user moves between views.
+        event.then(None, None, None, js="() => { window.geLoaded = true; document.body.dataset.studioReady = '1'; }")
     return app
 
 
@@ -153,7 +245,9 @@ def launch(services: Services, host: str = "127.0.0.1", port: int = 7860, passwo
     app.queue(default_concurrency_limit=2)
     auth = (lambda _user, pw: hmac.compare_digest(pw.encode(), password.encode())) if password else None
     app.launch(server_name=host, server_port=port, auth=auth, auth_message=LOGIN_HINT if password else None, css=CSS,
+               head=KEYS_JS,
                prevent_thread_lock=not block, quiet=True, ssr_mode=False, footer_links=[], max_file_size="32mb",
-               allowed_paths=[str(services.world.root), str(services.world.refs_root), str(services.runs_dir)],
+               allowed_paths=[str(services.world.root), str(services.world.refs_root), str(services.runs_dir),
+                              str(start.DOCS)],
                app_kwargs={"middleware": [Middleware(BlankUserName), Middleware(LoginThrottle)]})
     return app

@@ -30,6 +30,10 @@ CSS = """
 .ge-col {min-width:0; max-width:560px; border:1px solid #d0d4da; border-radius:8px; padding:8px; background:#fff;
          font-size:13px; color:#1f2328; overflow-wrap:anywhere}
 .ge-col.ge-best {border:2px solid #1a7f37} .ge-col.ge-worst {border:2px solid #cf222e}
+.ge-col.ge-focus {box-shadow:0 0 0 3px #0969da}
+.ge-run h4 {margin:10px 0 6px} .ge-demo ul {margin:4px 0 0 18px} .ge-demo a {font-weight:600}
+.ge-turn-diff {margin-top:8px; font-size:12px} .ge-turn-diff tr.differ td {background:#fff8c5}
+.ge-turn-diff tr.first td {background:#ffebe9}
 .ge-head {display:flex; justify-content:space-between; font-weight:600; margin-bottom:6px}
 .ge-tag {border-radius:4px; padding:0 6px; color:#fff; font-size:11px}
 .ge-tag.best {background:#1a7f37} .ge-tag.worst {background:#cf222e}
@@ -320,11 +324,15 @@ def diff_rows(best: Trajectory, worst: Trajectory) -> list[dict[str, Any]]:
     return [{"aspect": k, "best": a[k], "worst": b[k], "same": a[k] == b[k]} for k in a]
 
 
-def diff_html(best: Trajectory, worst: Trajectory, best_v: Verdict | None = None, worst_v: Verdict | None = None) -> str:
+def diff_html(best: Trajectory, worst: Trajectory, best_v: Verdict | None = None, worst_v: Verdict | None = None,
+              labels: tuple[str, str] = ("best", "worst"), turns: bool = False) -> str:
+    """Two trajectories aspect by aspect (tools, queries, skills, references, prompt), where they part ways, and with
+    ``turns`` every turn side by side; ``labels`` name the two (best and worst, or any two picked)."""
     rows = diff_rows(best, worst)
     div = first_divergence(best, worst)
     where = "they take the same actions" if div is None else f"they part ways at turn {div + 1}"
-    gap = f" · reward gap {best_v.reward - worst_v.reward:.3f}" if best_v and worst_v else ""
+    gap = (f" · reward {labels[0]} − {labels[1]} {best_v.reward - worst_v.reward:+.3f}"
+           if best_v and worst_v and best_v.reward is not None and worst_v.reward is not None else "")
     body = []
     for r in rows:
         if r["aspect"] == "prompt":
@@ -332,8 +340,39 @@ def diff_html(best: Trajectory, worst: Trajectory, best_v: Verdict | None = None
         else:
             x, y = esc(" → ".join(r["best"]) or "—"), esc(" → ".join(r["worst"]) or "—")
         body.append(f'<tr class="{"same" if r["same"] else "differ"}"><td>{esc(r["aspect"])}</td><td>{x}</td><td>{y}</td></tr>')
-    return (f'<div class="ge-diff"><p><b>Best {esc(best.id)}</b> vs <b>worst {esc(worst.id)}</b>: {where}{gap}.</p>'
-            f'<table><tr><th>aspect</th><th>best</th><th>worst</th></tr>{"".join(body)}</table></div>')
+    a, b = (esc(x) for x in labels)
+    out = (f'<div class="ge-diff"><p><b>{a.capitalize()} {esc(best.id)}</b> vs <b>{b} {esc(worst.id)}</b>: {where}{gap}.</p>'
+           f'<table><tr><th>aspect</th><th>{a}</th><th>{b}</th></tr>{"".join(body)}</table>')
+    if turns:
+        out += turns_table(best, worst, labels, div)
+    return out + "</div>"
+
+
+def _turn_text(t) -> str:
+    if t is None:
+        return "—"
+    if t.tool_call is not None:
+        obs = f" → {t.observation.text[:160]}" if t.observation is not None and t.observation.text else ""
+        return f"{t.tool_call.name}({_args(t.tool_call)}){obs}"
+    if t.answer is not None:
+        return f"answer: {t.answer.gen_prompt}"
+    return f"(no action) {t.raw[:160]}"
+
+
+def turns_table(a: Trajectory, b: Trajectory, labels: tuple[str, str] = ("A", "B"), div: int | None = None) -> str:
+    """Every turn of two trajectories side by side: the action (and the start of its observation); the turn where they
+    part ways is marked."""
+    n = max(len(a.turns), len(b.turns))
+    rows = []
+    for i in range(n):
+        x = a.turns[i] if i < len(a.turns) else None
+        y = b.turns[i] if i < len(b.turns) else None
+        same = x is not None and y is not None and _turn_text(x) == _turn_text(y)
+        cls = "same" if same else "differ" + (" first" if i == div else "")
+        rows.append(f'<tr class="{cls}"><td>{i + 1}{" ◀ part ways" if i == div else ""}</td>'
+                    f'<td>{esc(_turn_text(x))}</td><td>{esc(_turn_text(y))}</td></tr>')
+    return (f'<table class="ge-turn-diff"><tr><th>turn</th><th>{esc(labels[0])}</th><th>{esc(labels[1])}</th></tr>'
+            + "".join(rows) + "</table>")
 
 
 # ---------------------------------------------------------------------------

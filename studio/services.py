@@ -56,15 +56,19 @@ class Services:
     jobs: DistillJobs
     device: str
     data_dir: Path | None = None
+    demo: Any = None  # studio.demo.Demo, or None when the first screen's demo is turned off
     _banks: dict[str, Any] = field(default_factory=dict)
     _policies: dict[str, Any] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
     @classmethod
-    def create(cls, world_dir: str | Path | None = None, runs_dir: str | Path = "runs", embedder=None,
-               data_dir: str | Path | None = None) -> "Services":
+    def create(cls, world_dir: str | Path | None = None, runs_dir: str | Path | None = None, embedder=None,
+               data_dir: str | Path | None = None, demo: bool = False) -> "Services":
+        """The studio's services. ``runs_dir`` defaults to the runs folder the commands write to (``$GENEVOLVE_RUNS``,
+        else runs/ in the data folder); with ``demo`` the first screen's demo is made there on first start."""
         from genevolve.tools.embed import default_embedder
         from genevolve.records.paths import data_dir as default_data_dir
+        from genevolve.records.paths import runs_dir as default_runs_dir
         from genevolve.records.paths import user_references
         from genevolve.tools.refstore import ReferenceStore
         from genevolve.world import World
@@ -73,10 +77,16 @@ class Services:
         data = default_data_dir(data_dir).resolve()
         world = World(world_dir, embedder=embedder)
         world.refs_root = user_references(world.root, data)
-        runs = Path(runs_dir).resolve()
+        runs = default_runs_dir(runs_dir).resolve()
         runs.mkdir(parents=True, exist_ok=True)
+        made = None
+        if demo:
+            from .demo import Demo
+
+            made = Demo(runs, world.root)
+            made.ensure()
         return cls(world=world, runs_dir=runs, embedder=embedder, refs=ReferenceStore(world.refs_root, embedder),
-                   jobs=DistillJobs(runs, world.root), device=device_label(), data_dir=data)
+                   jobs=DistillJobs(runs, world.root), device=device_label(), data_dir=data, demo=made)
 
     # -- requests ----------------------------------------------------------------
     def request_choices(self, split: str = "bench") -> list[str]:

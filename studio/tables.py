@@ -131,3 +131,41 @@ def ref_rows(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
 def gallery_items(hits: Sequence[tuple[float, dict[str, Any]]]) -> list[tuple[str, str]]:
     """(image path, caption) pairs for a gallery: id, similarity and caption."""
     return [(str(r["local_path"]), f"{r['id']} · {s:.2f} · {r.get('title', '')}") for s, r in hits]
+
+
+def _fields(slots: dict[str, str], key, evidence: int) -> list[tuple[str, str]]:
+    return ([(SLOT_TITLES[s], slots.get(s, "")) for s in SLOTS]
+            + [("Trigger", key.trigger if key is not None else "—"),
+               ("Source prompt summary", key.source_prompt_summary if key is not None else "—"),
+               ("Evidence", str(evidence))])
+
+
+def _side_by_side(title_a: str, title_b: str, a: list[tuple[str, str]], b: list[tuple[str, str]]) -> str:
+    """Two records field by field, words that differ marked (green: only in the left one, red: only in the right)."""
+    from .html import _word_diff, esc
+
+    rows = []
+    for (name, x), (_, y) in zip(a, b):
+        if x == y:
+            rows.append(f'<tr class="same"><td>{esc(name)}</td><td>{esc(x)}</td><td>{esc(y)}</td></tr>')
+        else:
+            dx, dy = _word_diff(x, y)
+            rows.append(f'<tr class="differ"><td>{esc(name)}</td><td>{dx}</td><td>{dy}</td></tr>')
+    changed = sum(1 for (_, x), (_, y) in zip(a, b) if x != y)
+    return (f'<div class="ge-diff"><p>{changed} of {len(a)} fields differ.</p><table><tr><th>field</th>'
+            f'<th>{esc(title_a)}</th><th>{esc(title_b)}</th></tr>{"".join(rows)}</table></div>')
+
+
+def version_diff_html(e: Experience, version: int) -> str:
+    """An earlier version of an experience next to the current one, slot by slot (and its key and evidence)."""
+    old = next((h for h in e.history if h.version == version), None)
+    if old is None:
+        raise StudioError(f"{e.id} has no earlier version {version} (the current one is {e.version})")
+    return _side_by_side(f"version {version} ({old.note or 'no note'})", f"version {e.version}, current",
+                         _fields(old.slots, old.retrieval_key, old.evidence), _fields(e.slots, e.retrieval_key, e.evidence))
+
+
+def compare_experiences_html(a: Experience, b: Experience) -> str:
+    """Two experiences side by side, slot by slot."""
+    return _side_by_side(f"{a.id} (from {a.source_request_id})", f"{b.id} (from {b.source_request_id})",
+                         _fields(a.slots, a.retrieval_key, a.evidence), _fields(b.slots, b.retrieval_key, b.evidence))

@@ -272,3 +272,18 @@ def test_an_llm_describer_asks_a_versioned_prompt_and_keeps_one_situation_line(t
     bank = ExperienceBank(tmp_path, embedder=HashEmbedder(256), describer=LLMDescriber(Chat("Situation: a lighting mood")))
     lit = bank.add("r1", "Paint a dog at dusk", SLOTS_OK, retrieval_key=key("Situation: a lighting mood"))
     assert bank.retrieve("anything at all") == (lit, pytest.approx(1.0, abs=1e-5))
+
+
+def test_an_earlier_version_is_restored_as_a_new_one(tmp_path):
+    bank = ExperienceBank(tmp_path, embedder=HashEmbedder(64))
+    e = bank.add("r1", "x", SLOTS_OK, retrieval_key=key(COUNT))
+    bank.edit(e.id, {"skill_activation": "Query nothing."}, note="narrowed", retrieval_key=key(COUNT_TEXT))
+    back = bank.restore(e.id, 1)
+    assert back.version == 3 and back.slots == SLOTS_OK and back.retrieval_key.trigger == COUNT
+    assert back.note == "restored version 1" and [h.version for h in back.history] == [1, 2]
+    assert bank.restore(e.id, 3).version == 3 and bank.restore(e.id, 1).version == 3  # already current: no version
+    with pytest.raises(KeyError, match="no version 9"):
+        bank.restore(e.id, 9)
+    legacy = bank.add("r2", "y", SLOTS_OK)  # made before keys: restoring its first version takes the key away again
+    bank.edit(legacy.id, {}, retrieval_key=key(COUNT))
+    assert bank.restore(legacy.id, 1).retrieval_key is None

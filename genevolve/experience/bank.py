@@ -424,6 +424,30 @@ class ExperienceBank:
                 exp.slots, exp.retrieval_key = new
         return exp
 
+    def restore(self, exp_id: str, version: int, note: str = "") -> Experience:
+        """A new version whose slots and retrieval key are those of an earlier ``version`` (the current one goes to
+        the history, as with any edit); restoring what is already current changes nothing."""
+        def earlier(exp):
+            old = next((h for h in exp.history if h.version == version), None)
+            if old is None and version != exp.version:
+                raise KeyError(f"{exp_id} has no version {version} (versions: "
+                               f"{', '.join(str(h.version) for h in exp.history)}, {exp.version} current)")
+            same = old is None or (dict(old.slots) == exp.slots and old.retrieval_key == exp.retrieval_key)
+            return None if same else old
+
+        with self._lock:
+            if self._file_sig() != self._sig:
+                self._load()
+            if earlier(self.get(exp_id)) is None:
+                return self.get(exp_id)
+        with self._writing():
+            exp = self.get(exp_id)
+            old = earlier(exp)
+            if old is not None:
+                self._new_version(exp, note or f"restored version {version}")
+                exp.slots, exp.retrieval_key = dict(old.slots), old.retrieval_key
+        return exp
+
     def consolidate(self, min_group: int = 2) -> list[Experience]:
         """Merge every group of at least ``min_group`` experiences that share a trigger (compared with case and
         spacing ignored) into one general experience; returns the merged experiences (none: nothing changed).

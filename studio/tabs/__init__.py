@@ -37,6 +37,17 @@ class Refresh:
     on_open: bool = True  # False: only when the page loads (e.g. reconnecting to the running job)
 
 
+@dataclass
+class Link:
+    """What a view opens from the page address (``?view=<view>&…``): ``fn(params)`` returns updates for some of
+    ``outputs``; ``then`` (keyword arguments of an event's ``.then``) runs after, e.g. to mark a trajectory."""
+
+    view: str
+    fn: Callable[[dict[str, str]], dict]
+    outputs: list
+    then: dict | None = None
+
+
 def safe(status: gr.components.Component) -> Callable:
     """Turn expected errors into a red status line (and log unexpected ones) instead of a broken view."""
     def wrap(fn):

@@ -13,7 +13,7 @@ from ..compare import compare_runs, headers, overall_text, pivot, request_sets, 
 from ..html import message
 from ..tables import column_widths
 from ..services import RAW
-from . import Refresh, StudioError, pick, safe
+from . import Link, Refresh, StudioError, pick, safe
 
 
 def _layout(s: Services) -> SimpleNamespace:
@@ -76,6 +76,9 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
 
     def show_many(names):
         if not names:
+            if not s.list_bench():
+                raise StudioError("No bench results yet: Evaluate a policy above, or in a terminal `genevolve bench "
+                                  f"--policy tiny --seeds 0,1,2 --out {s.runs_dir}/bench-tiny.json`.")
             raise StudioError("pick one or more results")
         summaries = {n: load_summary(s.run_path(n)) for n in names}
         heads, rows = pivot(summaries)
@@ -145,8 +148,19 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
         out[runs_pick] = gr.update(choices=s.list_runs())
         return out
 
+    def open_link(params: dict[str, str]) -> dict:
+        out = {}
+        shown = [x for x in (params.get("results") or "").split(",") if x]
+        if shown:
+            out |= safe(status)(show_many)(shown) | {results: gr.update(choices=s.list_bench(), value=shown)}
+        compared = [x for x in (params.get("runs") or "").split(",") if x]
+        if compared:
+            out |= compare(compared, params.get("metric") or "reward", "Δ (largest first)")
+            out[runs_pick] = gr.update(choices=s.list_runs(), value=compared)
+        return out
+
     return SimpleNamespace(show_many=show_many, evaluate=evaluate, compare=compare, show_request=show_request,
-                           pick_row=pick_row)
+                           pick_row=pick_row, open_link=open_link)
 
 
 def tab(s: Services) -> list[Refresh]:
@@ -173,4 +187,4 @@ def tab(s: Services) -> list[Refresh]:
     lists = Refresh(lambda: (gr.update(choices=s.list_bench()), gr.update(choices=s.list_runs()),
                              gr.update(choices=s.policy_choices())), [results, runs_pick, pol])
     refresh.click(lists.fn, None, lists.outputs)
-    return [lists]
+    return [lists, Link("bench", h.open_link, [table, chart, missing_box, status, results, runs_pick, *compare_outputs])]

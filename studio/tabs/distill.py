@@ -15,7 +15,7 @@ from ..distill import (ARMS_ABLATE, ARMS_EVOLVE, LONG_RUN_S, PAIR_HEADERS, check
 from ..html import columns_html, esc, message, token_gap_html
 from ..services import TINY, Services
 from ..tables import EXP_HEADERS, EXP_WIDE, column_widths, experience_rows
-from . import Refresh, StudioError, opt_number, pick, safe, signature
+from . import Link, Refresh, StudioError, opt_number, pick, safe, signature
 
 
 def _layout(s: Services) -> SimpleNamespace:
@@ -192,21 +192,34 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
     @safe(msg)
     def watch_run(name_):
         out = s.run_path(name_)
+        if not out.is_dir():
+            raise StudioError(f"there is no run folder {name_} in {s.runs_dir}")
         return {watched: str(out), seen: None, timer: gr.Timer(active=True), msg: message("info", f"watching {name_}")}
 
     def lists():
         return gr.update(choices=s.list_runs_training()), gr.update(choices=["(none)"] + s.bank_choices())
 
-    def reconnect():
-        """On page load (a reload, a second browser tab): watch the run that is training, if any."""
+    def reconnect(request: gr.Request = None):
+        """On page load (a reload, a second browser tab): watch the run that is training, if any (unless the page
+        address names the run to watch)."""
+        params = dict(request.query_params) if request is not None else {}
+        if params.get("view") == "distill" and params.get("run"):
+            return {}
         name = s.running_run()
         if name is None:
             return {watch: lists()[0]}
         return {watch: gr.update(choices=s.list_runs_training(), value=name), watched: str(s.runs_dir / name), seen: None,
                 timer: gr.Timer(active=True), msg: message("info", f"reconnected to the running run {name}")}
 
+    def open_link(params: dict[str, str]) -> dict:
+        name = params.get("run")
+        if not name:
+            return {}
+        out = watch_run(name)
+        return out | ({watch: gr.update(choices=s.list_runs_training(), value=name)} if watched in out else {})
+
     return SimpleNamespace(tick=_live_view(s, ui), start=start, stop=stop, kill=kill, resume=resume, watch_run=watch_run,
-                           lists=lists, reconnect=reconnect)
+                           lists=lists, reconnect=reconnect, open_link=open_link)
 
 
 def tab(s: Services) -> list[Refresh]:
@@ -232,4 +245,5 @@ def tab(s: Services) -> list[Refresh]:
     resume_btn.click(resume, [watch], [msg, watched, seen, timer])
     watch_btn.click(watch_run, [watch], [watched, seen, timer, msg])
     timer.tick(tick, [watched, seen], live_outputs)
-    return [Refresh(h.lists, [watch, seed_bank]), Refresh(h.reconnect, [watch, watched, seen, timer, msg], on_open=False)]
+    return [Refresh(h.lists, [watch, seed_bank]), Refresh(h.reconnect, [watch, watched, seen, timer, msg], on_open=False),
+            Link("distill", h.open_link, [watched, seen, timer, msg, watch])]

@@ -11,9 +11,10 @@ from genevolve.agent.guides import SLOT_TITLES, SLOTS
 
 from ..html import columns_html, message
 from ..services import EXPERT_NOISY, STUDIO_BANK
-from ..tables import (EXP_HEADERS, EXP_WIDE, HISTORY_HEADERS, RETRIEVAL_HEADERS, broken_note, column_widths, experience_rows,
-                      filter_experiences, form_slots, history_rows, provenance_md, retrieval_rows)
-from . import Refresh, StudioError, opt_number, pick, safe
+from ..tables import (EXP_HEADERS, EXP_WIDE, HISTORY_HEADERS, RETRIEVAL_HEADERS, broken_note, column_widths,
+                      compare_experiences_html, experience_rows, filter_experiences, form_slots, history_rows, provenance_md,
+                      retrieval_rows, version_diff_html)
+from . import Link, Refresh, StudioError, opt_number, pick, safe
 
 
 def _layout(s: Services) -> SimpleNamespace:
@@ -54,13 +55,25 @@ def _layout(s: Services) -> SimpleNamespace:
                 delete_btn = gr.Button("Delete", variant="stop", elem_id="exp-delete")
         with gr.Column(scale=2):
             prov = gr.Markdown(elem_id="exp-provenance")
-            history = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, wrap=True, max_height=240, label="Versions",
+            history = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, wrap=True, max_height=240,
+                                   label="Versions (click one: its differences from the current version)",
                                    column_widths=column_widths(HISTORY_HEADERS, {h: 220 for h in HISTORY_HEADERS[2:]}),
                                    elem_id="exp-history")
+            with gr.Row():
+                version = gr.Dropdown([], value=None, label="Earlier version", elem_id="exp-version")
+                version_diff_btn = gr.Button("Diff with current", elem_id="exp-version-diff-btn")
+                restore_btn = gr.Button("Restore it", elem_id="exp-restore")
+            version_diff = gr.HTML(elem_id="exp-version-diff")
             retrieving = gr.Dataframe(headers=RETRIEVAL_HEADERS, interactive=False, wrap=True, max_height=280,
                                       column_widths=column_widths(RETRIEVAL_HEADERS, {"request": 110, "text": 260, "gets": 220}),
                                       label="Sandbox requests nearest to it, and what each gets: this experience, a nearer "
                                             "one, or nothing (below the gate)", elem_id="exp-retrieving")
+    with gr.Accordion("Compare two experiences side by side", open=False):
+        with gr.Row():
+            cmp_a = gr.Dropdown([], value=None, allow_custom_value=True, label="Experience A", elem_id="exp-cmp-a")
+            cmp_b = gr.Dropdown([], value=None, allow_custom_value=True, label="Experience B", elem_id="exp-cmp-b")
+            cmp_btn = gr.Button("Compare", elem_id="exp-cmp-btn")
+        cmp_html = gr.HTML(elem_id="exp-cmp")
     with gr.Accordion("Try the guide: student vs teacher (student + this experience) on its source request", open=False):
         with gr.Row():
             try_pol = gr.Dropdown(s.policy_choices(), value=EXPERT_NOISY, label="Student policy", allow_custom_value=True)
@@ -75,23 +88,30 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
     run_filter, exp_id = pick(ui, 'run_filter exp_id')
     try_html, source, boxes, prov, history, retrieving = pick(ui, 'try_html source boxes prov history retrieving')
     confirm, trigger, summary = pick(ui, 'confirm trigger summary')
+    version, version_diff, cmp_a, cmp_b, cmp_html, bank_dd = pick(ui, 'version version_diff cmp_a cmp_b cmp_html bank_dd')
 
     def listing(bank_name, q, slot_text, gap, run):
         bank = s.bank(bank_name)
         hits = bank.search(q, k=len(bank)) if (q or "").strip() and len(bank) else [(None, e) for e in reversed(list(bank.items.values()))]
         hits = filter_experiences(hits, slot_text, opt_number(gap, "the minimum gap", float), run)
         runs = ["(any)"] + sorted({e.run_id for e in bank.items.values() if e.run_id})
-        return {table: experience_rows(hits), exp_id: gr.update(choices=[e.id for _, e in hits]),
-                run_filter: gr.update(choices=runs), status: message("info", f"{len(hits)} of {len(bank)} experiences"
-                                                                      + broken_note(bank.load_errors))}
+        ids = [e.id for _, e in hits]
+        text = (f"{len(hits)} of {len(bank)} experiences" if len(bank) else
+                f"The bank {bank_name or STUDIO_BANK} is empty: run a distill (the Distill view), or mine a rollout run in a "
+                "terminal with `genevolve experiences summarise RUN --bank BANK`, or write one here (Create new).")
+        return {table: experience_rows(hits), exp_id: gr.update(choices=ids), cmp_a: gr.update(choices=ids),
+                cmp_b: gr.update(choices=ids), run_filter: gr.update(choices=runs),
+                status: message("info", text + broken_note(bank.load_errors))}
 
     def detail(bank_name, eid) -> dict:
         bank = s.bank(bank_name)
         e = bank.get((eid or "").strip())
         key = e.retrieval_key
+        earlier = [h.version for h in reversed(e.history)]
         return {**{b: e.slots[sl] for b, sl in zip(boxes, SLOTS)}, source: f"{e.source_request_id} · {e.source_request}",
                 trigger: key.trigger if key else "", summary: key.source_prompt_summary if key else "",
-                prov: provenance_md(e), history: history_rows(e), retrieving: retrieval_rows(s.retrieval_of(bank, e.id))}
+                prov: provenance_md(e), history: history_rows(e), retrieving: retrieval_rows(s.retrieval_of(bank, e.id)),
+                version: gr.update(choices=earlier, value=earlier[0] if earlier else None), version_diff: ""}
 
     search = safe(status)(listing)
 
@@ -143,6 +163,45 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
                 status: message("ok", f"created {e.id}")}
 
     @safe(status)
+    def diff_version(bank_name, eid, v):
+        if not (eid or "").strip() or v in (None, ""):
+            raise StudioError("open an experience with an earlier version, and pick the version")
+        return {version_diff: version_diff_html(s.bank(bank_name).get(eid.strip()), int(v))}
+
+    @safe(status)
+    def pick_version(bank_name, eid, evt: gr.SelectData):
+        v = evt.row_value[0] if evt.row_value else None
+        e = s.bank(bank_name).get((eid or "").strip())
+        if v is None or int(v) == e.version:
+            return {version_diff: message("info", "that is the current version: pick an earlier one")}
+        return {version: gr.update(value=int(v)), version_diff: version_diff_html(e, int(v))}
+
+    @safe(status)
+    def restore(bank_name, q, slot_text, gap, run, eid, v):
+        if not (eid or "").strip() or v in (None, ""):
+            raise StudioError("open an experience and pick the version to restore")
+        e = s.bank(bank_name).restore(eid.strip(), int(v))
+        listed = listing(bank_name, q, slot_text, gap, run)
+        del listed[exp_id], listed[status]
+        return {**listed, **detail(bank_name, e.id), status: message("ok", f"restored version {v} of {e.id} as version {e.version}")}
+
+    @safe(status)
+    def compare(bank_name, a, b):
+        if not (a or "").strip() or not (b or "").strip():
+            raise StudioError("pick two experiences to compare")
+        bank = s.bank(bank_name)
+        return {cmp_html: compare_experiences_html(bank.get(a.strip()), bank.get(b.strip()))}
+
+    def open_link(params: dict[str, str]) -> dict:
+        name = params.get("bank") or STUDIO_BANK
+        out = safe(status)(listing)(name, "", "", "", "(any)")
+        out[bank_dd] = gr.update(choices=s.bank_choices(), value=name)
+        if params.get("exp"):
+            out |= safe(status)(open_exp)(name, params["exp"])
+            out[exp_id] = gr.update(value=params["exp"])
+        return out
+
+    @safe(status)
     def consolidate(bank_name, q, slot_text, gap, run):
         bank = s.bank(bank_name)
         before = len(bank)
@@ -174,7 +233,9 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
                 status: message("ok", f"teacher reward {verdicts['teacher'].reward:.3f} vs student {verdicts['student'].reward:.3f}")}
 
     return SimpleNamespace(listing=listing, detail=detail, search=search, open_exp=open_exp, pick_row=pick_row, save=save,
-                           create=create, delete=delete, try_guide=try_guide, consolidate=consolidate)
+                           create=create, delete=delete, try_guide=try_guide, consolidate=consolidate,
+                           diff_version=diff_version, pick_version=pick_version, restore=restore, compare=compare,
+                           open_link=open_link)
 
 
 def tab(s: Services) -> list[Refresh]:
@@ -185,10 +246,11 @@ def tab(s: Services) -> list[Refresh]:
     try_html, source, boxes, note, prov, history, retrieving = pick(ui, 'try_html source boxes note prov history retrieving')
     try_pol, try_seed, try_btn, save_btn, create_btn = pick(ui, 'try_pol try_seed try_btn save_btn create_btn')
     confirm, delete_btn, trigger, summary, consolidate_btn = pick(ui, 'confirm delete_btn trigger summary consolidate_btn')
+    version, version_diff, cmp_a, cmp_b, cmp_html = pick(ui, 'version version_diff cmp_a cmp_b cmp_html')
     search, open_exp, pick_row, save = pick(h, 'search open_exp pick_row save')
     create, delete, try_guide, consolidate = pick(h, 'create delete try_guide consolidate')
-    detail_outputs = [*boxes, source, trigger, summary, prov, history, retrieving]
-    list_outputs = [table, exp_id, run_filter, status]
+    detail_outputs = [*boxes, source, trigger, summary, prov, history, retrieving, version, version_diff]
+    list_outputs = [table, exp_id, cmp_a, cmp_b, run_filter, status]
     search_btn.click(search, [bank_dd, query, slot_filter, min_gap, run_filter], list_outputs)
     query.submit(search, [bank_dd, query, slot_filter, min_gap, run_filter], list_outputs)
     bank_dd.change(search, [bank_dd, query, slot_filter, min_gap, run_filter], list_outputs)
@@ -196,9 +258,16 @@ def tab(s: Services) -> list[Refresh]:
     open_btn.click(open_exp, [bank_dd, exp_id], detail_outputs + [status])
     table.select(pick_row, [bank_dd], detail_outputs + [exp_id, status])
     save_btn.click(save, [bank_dd, query, slot_filter, min_gap, run_filter, exp_id, note, trigger, summary, *boxes],
-                   detail_outputs + [table, run_filter, status])
+                   detail_outputs + [table, cmp_a, cmp_b, run_filter, status])
     create_btn.click(create, [bank_dd, source, trigger, summary, *boxes], detail_outputs + list_outputs)
     consolidate_btn.click(consolidate, [bank_dd, query, slot_filter, min_gap, run_filter], list_outputs)
+    version_diff_btn, restore_btn, cmp_btn = pick(ui, 'version_diff_btn restore_btn cmp_btn')
+    version_diff_btn.click(h.diff_version, [bank_dd, exp_id, version], [version_diff, status])
+    history.select(h.pick_version, [bank_dd, exp_id], [version, version_diff, status])
+    restore_btn.click(h.restore, [bank_dd, query, slot_filter, min_gap, run_filter, exp_id, version],
+                      detail_outputs + [table, cmp_a, cmp_b, run_filter, status])
+    cmp_btn.click(h.compare, [bank_dd, cmp_a, cmp_b], [cmp_html, status])
     delete_btn.click(delete, [bank_dd, exp_id, confirm], list_outputs + [confirm])
     try_btn.click(try_guide, [bank_dd, exp_id, try_pol, try_seed], [try_html, status])
-    return [Refresh(lambda: (gr.update(choices=s.bank_choices()), gr.update(choices=s.policy_choices())), [bank_dd, try_pol])]
+    return [Refresh(lambda: (gr.update(choices=s.bank_choices()), gr.update(choices=s.policy_choices())), [bank_dd, try_pol]),
+            Link("experiences", h.open_link, list(dict.fromkeys([bank_dd, *list_outputs, *detail_outputs, exp_id])))]

@@ -1,20 +1,49 @@
-"""Trajectories: K rollouts of one request, or a saved run, side by side with best and worst marked; a run
-with several requests is paged request by request."""
+"""Trajectories: the run browser, K rollouts of one request side by side (best and worst marked), a run paged
+request by request, its cases filtered and sorted, its largest best-worst gaps, and any two trajectories diffed
+turn by turn. The URL names the run, the request and the trajectory (``?view=trajectories&run=…&request=…&traj=…``),
+so a reload or a shared link opens the same place; ←/→ page the requests, j/k walk the trajectories."""
 
 from __future__ import annotations
 
 import gradio as gr
 
-from ..html import message, run_requests, run_view
+from ..compare import CASE_HEADERS, GAP_HEADERS, SORTS, case_rows, largest_gaps
+from ..html import diff_html, message, run_requests, run_view
+from ..runs import HEADERS as RUN_HEADERS
+from ..runs import SORTS as RUN_SORTS
+from ..runs import filter_rows, run_rows
 from ..services import EXPERT_NOISY, Services
-from . import Refresh, StudioError, safe
+from ..tables import column_widths
+from . import Link, Refresh, StudioError, safe
+
+# After a run's page is drawn: the URL names it, and the trajectory the link named (or j/k picked) is marked.
+SYNC_URL = """(run, req) => {
+  const u = new URL(window.location);
+  if (run) { u.searchParams.set('view', 'trajectories'); u.searchParams.set('run', run); }
+  if (req) u.searchParams.set('request', req); else u.searchParams.delete('request');
+  history.replaceState(null, '', u);
+  setTimeout(() => window.geMarkTrajectory && window.geMarkTrajectory(u.searchParams.get('traj')), 50);
+  return [run, req];
+}"""
 
 
-def tab(s: Services) -> list[Refresh]:
+def tab(s: Services) -> list:
     from genevolve.records.runs import load_run
 
-    gr.Markdown("Run K rollouts of one request, or open a saved run: the trajectories stand side by side, best and worst "
-                "marked. A run over several requests is paged request by request.")
+    gr.Markdown("Every run folder in the runs folder, a click away; K rollouts of one request side by side, best and worst "
+                "marked (ties all marked, a small gap said so). A run over several requests is paged request by request "
+                "(←/→; j/k walk its trajectories). The address bar names the run, request and trajectory: reload it or "
+                "share it to come back here.")
+    with gr.Accordion("Runs", open=True):
+        with gr.Row():
+            run_filter = gr.Textbox(label="Filter (name, policy, adapter)", scale=3, elem_id="runs-filter")
+            run_kind = gr.Dropdown(["(any)", "rollout", "bench", "evolve", "ablate", "sft", "data import"], value="(any)",
+                                   label="Kind", elem_id="runs-kind")
+            run_sort = gr.Dropdown(list(RUN_SORTS), value="newest first", label="Sort", elem_id="runs-sort")
+            relist = gr.Button("Refresh", size="sm", elem_id="runs-refresh")
+        runs_table = gr.Dataframe(headers=RUN_HEADERS, interactive=False, wrap=True, max_height=260, elem_id="runs-table",
+                                  column_widths=column_widths(RUN_HEADERS, {"run": 240, "policy": 170, "adapter": 150}))
+        runs_note = gr.HTML(elem_id="runs-note")
     choices = s.request_choices()
     with gr.Row():
         req = gr.Dropdown(choices, value=choices[0] if choices else None, allow_custom_value=True, filterable=True, scale=4,
@@ -24,22 +53,53 @@ def tab(s: Services) -> list[Refresh]:
         seed = gr.Number(0, precision=0, label="Seed", elem_id="traj-seed")
         run_btn = gr.Button("Run K rollouts", variant="primary", elem_id="traj-run")
     with gr.Row():
-        saved = gr.Dropdown(s.list_runs(), value=None, label="…or open a saved run", scale=4, elem_id="traj-saved")
+        saved = gr.Dropdown(s.list_runs(), value=None, allow_custom_value=True, filterable=True, scale=4,
+                            label="…or open a saved run (pick it above, or type its name)", elem_id="traj-saved")
         open_btn = gr.Button("Open", elem_id="traj-open")
     with gr.Row():
         page_req = gr.Dropdown([], value=None, label="Request in this run", scale=4, elem_id="traj-page-request")
-        prev_btn = gr.Button("◀ Previous request", elem_id="traj-prev")
-        next_btn = gr.Button("Next request ▶", elem_id="traj-next")
+        prev_btn = gr.Button("◀ Previous request (←)", elem_id="traj-prev")
+        next_btn = gr.Button("Next request (→) ▶", elem_id="traj-next")
     status = gr.HTML(elem_id="traj-status")
     cols = gr.HTML(elem_id="traj-columns")
     with gr.Accordion("Best vs worst: where they part ways", open=True):
         diff = gr.HTML(elem_id="traj-diff")
+    with gr.Accordion("Diff any two trajectories, turn by turn", open=False):
+        with gr.Row():
+            diff_a = gr.Dropdown([], label="Trajectory A", scale=2, elem_id="traj-diff-a")
+            diff_b = gr.Dropdown([], label="Trajectory B", scale=2, elem_id="traj-diff-b")
+            diff_btn = gr.Button("Diff", elem_id="traj-diff-btn")
+        any_diff = gr.HTML(elem_id="traj-any-diff")
+    with gr.Accordion("This run's cases: filter and sort, and its largest best–worst gaps", open=False):
+        with gr.Row():
+            f_cat = gr.Textbox(label="Category contains", elem_id="cases-category")
+            f_term = gr.Dropdown(["", "answer", "max_rounds_reached", "no_answer", "error"], value="", label="Termination",
+                                 elem_id="cases-termination")
+            f_fail = gr.Textbox(label="Failure reason contains", elem_id="cases-failure")
+            f_sort = gr.Dropdown([""] + list(SORTS), value="reward (low first)", label="Sort", elem_id="cases-sort")
+            cases_btn = gr.Button("Show cases", elem_id="cases-show")
+        cases = gr.Dataframe(headers=CASE_HEADERS, interactive=False, wrap=True, max_height=300, elem_id="cases-table")
+        gaps = gr.Dataframe(headers=GAP_HEADERS, interactive=False, wrap=True, max_height=240, elem_id="cases-gaps",
+                            label="Largest best–worst gaps (the pairs an experience would come from)")
+    nav = gr.State([None, None])  # what the URL should say: [run, request]
+
+    def listing(text="", kind="(any)", sort="newest first"):
+        rows = run_rows(s.runs_dir)
+        shown = filter_rows(rows, text, kind, sort)
+        note = "" if rows else message("info", "No runs yet: run K rollouts above, or in a terminal "
+                                               "`genevolve rollout -r bench-1000 -k 4` (the studio's runs folder is "
+                                               f"{s.runs_dir}).")
+        return {runs_table: shown, runs_note: note if rows or not shown else "",
+                saved: gr.update(choices=s.list_runs() + [r[0] for r in rows if r[1] in ("evolve", "ablate", "sft")])}
 
     def show(name: str, request_id: str | None = None, step: int = 0) -> dict:
         """The run's page for ``request_id`` moved by ``step`` requests (the first request by default)."""
         if not (name or "").strip():
             raise StudioError("pick a saved run first")
         path = s.run_path(name)
+        if not (path / "run.json").exists() and path.is_dir():
+            raise StudioError(f"{name} is a training run, not a rollout: watch it in the Distill view "
+                              f"(?view=distill&run={name})")
         try:
             run = load_run(path)
         except FileNotFoundError:
@@ -50,9 +110,12 @@ def tab(s: Services) -> list[Refresh]:
         rid = ids[i] if ids else None
         head, html_cols, html_diff = run_view(run, rid)
         texts = {r.id: r.text for r in run.requests}
-        return {status: head, cols: html_cols, diff: html_diff,
+        tids = [t.id for t in run.trajectories if t.request_id == rid]
+        return {status: head, cols: html_cols, diff: html_diff, saved: gr.update(value=name),
                 page_req: gr.update(choices=[(f"{j + 1}. {x} · {texts.get(x, '')}"[:140], x) for j, x in enumerate(ids)],
-                                    value=rid)}
+                                    value=rid),
+                diff_a: gr.update(choices=tids, value=tids[0] if tids else None),
+                diff_b: gr.update(choices=tids, value=tids[-1] if tids else None), any_diff: "", nav: [name, rid]}
 
     @safe(status)
     def run(value, policy, k_, seed_, progress=gr.Progress()):
@@ -62,7 +125,7 @@ def tab(s: Services) -> list[Refresh]:
                               progress=lambda done, total: progress((done, total), desc="trajectories finished"))
         name = str(path.relative_to(s.runs_dir))
         note = message("info", s.request_note(request)) if s.request_note(request) else ""
-        out = show(name)
+        out = {**listing(), **show(name)}
         out[status] = note + out[status]
         out[saved] = gr.update(choices=s.list_runs(), value=name)
         return out
@@ -75,11 +138,56 @@ def tab(s: Services) -> list[Refresh]:
         note = s.request_note(s.resolve_request(value))
         return {status: message("info", note) if note else ""}
 
-    page_outputs = [status, cols, diff, page_req]
+    @safe(status)
+    def pick_run(evt: gr.SelectData):
+        name = evt.row_value[0] if evt.row_value else None
+        return show(name)
+
+    @safe(status)
+    def any_two(name, a, b):
+        if not a or not b:
+            raise StudioError("pick two trajectories of this request")
+        run_ = load_run(s.run_path(name))
+        by = {t.id: t for t in run_.trajectories}
+        if a not in by or b not in by:
+            raise StudioError("those trajectories are not in this run (reopen it)")
+        return {any_diff: diff_html(by[a], by[b], run_.verdict(a), run_.verdict(b), labels=("A", "B"), turns=True)}
+
+    @safe(status)
+    def show_cases(name, cat, term, fail, sort):
+        if not (name or "").strip():
+            raise StudioError("open a run first")
+        run_ = load_run(s.run_path(name))
+        rows = case_rows(run_, cat, term, fail, sort)
+        return {cases: rows, gaps: largest_gaps(run_),
+                status: message("info", f"{len(rows)} of {len(run_.trajectories)} trajectories match")}
+
+    @safe(status)
+    def pick_case(name, evt: gr.SelectData):
+        rid = evt.row_value[1] if evt.row_value else None
+        return show(name, rid)
+
+    page_outputs = [status, cols, diff, page_req, saved, diff_a, diff_b, any_diff, nav]
+    list_outputs = [runs_table, runs_note, saved]
+    sync = {"fn": None, "inputs": [nav], "outputs": [nav], "js": SYNC_URL}
     req.change(label, [req], [status])
-    run_btn.click(run, [req, pol, k, seed], page_outputs + [saved])
-    open_btn.click(safe(status)(show), [saved], page_outputs)
-    page_req.input(safe(status)(show), [saved, page_req], page_outputs)
-    prev_btn.click(safe(status)(lambda name, rid: show(name, rid, -1)), [saved, page_req], page_outputs)
-    next_btn.click(safe(status)(lambda name, rid: show(name, rid, 1)), [saved, page_req], page_outputs)
-    return [Refresh(lambda: (gr.update(choices=s.list_runs()), gr.update(choices=s.policy_choices())), [saved, pol])]
+    run_btn.click(run, [req, pol, k, seed], page_outputs + list_outputs).then(**sync)
+    open_btn.click(safe(status)(show), [saved], page_outputs).then(**sync)
+    page_req.input(safe(status)(show), [saved, page_req], page_outputs).then(**sync)
+    prev_btn.click(safe(status)(lambda name, rid: show(name, rid, -1)), [saved, page_req], page_outputs).then(**sync)
+    next_btn.click(safe(status)(lambda name, rid: show(name, rid, 1)), [saved, page_req], page_outputs).then(**sync)
+    runs_table.select(pick_run, None, page_outputs).then(**sync)
+    for trigger in (relist.click, run_filter.submit, run_kind.input, run_sort.input):
+        trigger(safe(runs_note)(listing), [run_filter, run_kind, run_sort], list_outputs)
+    diff_btn.click(any_two, [saved, diff_a, diff_b], [any_diff, status])
+    cases_btn.click(show_cases, [saved, f_cat, f_term, f_fail, f_sort], [cases, gaps, status])
+    cases.select(pick_case, [saved], page_outputs).then(**sync)
+    gaps.select(pick_case, [saved], page_outputs).then(**sync)
+
+    def open_link(params: dict[str, str]) -> dict:
+        if not params.get("run"):
+            return {}
+        return safe(status)(show)(params["run"], params.get("request"))
+
+    return [Refresh(lambda: tuple(listing().values()) + (gr.update(choices=s.policy_choices()),), list_outputs + [pol]),
+            Link("trajectories", open_link, page_outputs, then=sync)]
