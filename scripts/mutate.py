@@ -46,7 +46,9 @@ class Module:
 
 MODULES: dict[str, Module] = {
     "losses": Module("genevolve/training/losses.py", ["tests/test_oracle_losses.py", "tests/test_losses.py"]),
-    "bank": Module("genevolve/experience/bank.py", ["tests/test_oracle_bank.py", "tests/test_experience.py"]),
+    "bank": Module("genevolve/experience/bank.py", ["tests/test_oracle_bank.py", "tests/test_experience.py",
+                                                   "tests/test_transfer.py"]),
+    "mining": Module("genevolve/experience/mining.py", ["tests/test_oracle_bank.py", "tests/test_experience.py"]),
     "judge": Module("genevolve/world/judge.py", ["tests/test_oracle_judge.py", "tests/test_oracle_judge_edges.py"]),
     "scoring": Module("genevolve/evaluation/scoring.py", ["tests/test_oracle_scoring.py", "tests/test_judges.py"]),
     "protocol": Module("genevolve/agent/protocol.py", ["tests/test_oracle_protocol.py", "tests/test_protocol.py",
@@ -62,7 +64,7 @@ MODULES: dict[str, Module] = {
 # Files near the core that are not mutated, and why.
 NOT_MUTATED = {
     "genevolve/experience/summarise.py": "it writes an experience's text from a mined pair; the mining itself "
-                                         "(mine_pairs, evidence) is in bank.py",
+                                         "(mine_pairs, evidence) is in mining.py",
 }
 KILLED = {"killed", "timeout", "segfault"}
 SURVIVED = {"survived", "no tests", "suspicious"}
