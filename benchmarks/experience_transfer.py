@@ -144,6 +144,64 @@ def print_arms(rows: dict, n_requests: int) -> None:
                 f"{t} {pm(g['mean'], g['ci95'], sign=True)}" for t, g in r["gain_by_track"].items()))
 
 
+def key_retrieval(bank, world, key: str, agreement: float, notes: list[str]) -> dict:
+    """One key's retrieval on both splits, its gate calibrated on the evolve split, printed."""
+    splits = {s: retrieval(bank, world, s) for s in ("evolve", "bench")}
+    calibrated = calibrate(splits["evolve"], agreement)
+    gate = calibrated if calibrated is not None else FALLBACK_GATE
+    if calibrated is None:
+        notes.append(f"{key} key: no gate keeps {agreement:.0%} of the evolve split's hits with a guide that fits: "
+                     f"used {FALLBACK_GATE}")
+    grid = sorted(set(GRID) | {gate})
+    res = {"calibrated_gate": calibrated, "gate": gate, **{
+        s: {"similarity": distribution(rows), "grid": [at_gate(rows, g) for g in grid], "at_gate": at_gate(rows, gate),
+            "per_request": rows} for s, rows in splits.items()}}
+    print_retrieval(key, res)
+    print(f"[{key} key] calibrated gate (evolve split, >= {agreement:.0%} of hits with a guide that fits): "
+          + ("none" if calibrated is None else f"{calibrated:.4f}") + f"; used {gate:.4f}\n")
+    return res
+
+
+def run_arms(a, keys: list[str], summary: dict) -> int:
+    """The bench arms (no guide, retrieved per key, shuffled, oracle), their rows and paired gains into ``summary``;
+    1 when the no-guide arm failed (nothing to compare with)."""
+    n_seeds = len([s for s in a.seeds.split(",") if s.strip()])
+    common = [*policy_args(a.policy, a.adapter), "--seeds", a.seeds, "--limit", str(a.requests), "--split", "bench"]
+    arms = {"no guide": []}
+    for key in keys:
+        arms[f"retrieved ({key} key)"] = ["--guide", f"bank:{a.bank}", "--leave-own-out", "--retrieval-key", key,
+                                         "--gate", repr(summary["keys"][key]["gate"])]
+    arms[f"shuffled ({keys[0]} key)"] = ["--guide", f"shuffled:{a.bank}", "--retrieval-key", keys[0]]
+    arms["oracle guide"] = ["--guide", "oracle"]
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(a.work) if a.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for name, extra in arms.items():
+            print(f"running {name} ...", flush=True)
+            slug = "".join(c if c.isalnum() else "_" for c in name)
+            try:
+                res[name] = bench([*common, *extra], work / f"{slug}.json", reuse=a.work is not None)
+            except Exception as exc:  # e.g. too few distinct experiences to shuffle: say so, keep the other arms
+                summary["notes"].append(f"{name}: genevolve bench failed ({exc}); see its error above")
+    if "no guide" not in res:
+        print("the no-guide arm failed: nothing to compare with", file=sys.stderr)
+        return 1
+    rows = {}
+    for name, r in res.items():
+        row = arm_row(r)
+        info = r.get("guide_info") or {}
+        row |= {"guide": r["guide"], "seconds": r.get("seconds"), "n_guided": info.get("n_guided", 0),
+                "gate": info.get("gate"), "key": info.get("key")}
+        row["gain_over_no_guide"] = None if name == "no guide" else paired_gain(row, arm_row(res["no guide"]), n_seeds)
+        row["gain_by_track"] = None if name == "no guide" else paired_track_gains(r, res["no guide"])
+        rows[name] = row
+    summary["arms"], summary["full"] = rows, res
+    print()
+    print_arms(rows, res["no guide"]["n_requests"])
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bank", help="experience bank folder (e.g. an evolve run's bank)")
@@ -177,53 +235,12 @@ def main() -> int:
         if not len(bank):
             ap.error(f"the experience bank {a.bank!r} is empty")
         summary["bank_size"] = len(bank)
-        splits = {s: retrieval(bank, world, s) for s in ("evolve", "bench")}
-        calibrated = calibrate(splits["evolve"], a.agreement)
-        gate = calibrated if calibrated is not None else FALLBACK_GATE
-        if calibrated is None:
-            summary["notes"].append(f"{key} key: no gate keeps {a.agreement:.0%} of the evolve split's hits with a guide "
-                                    f"that fits: used {FALLBACK_GATE}")
-        grid = sorted(set(GRID) | {gate})
-        summary["keys"][key] = {"calibrated_gate": calibrated, "gate": gate, **{
-            s: {"similarity": distribution(rows), "grid": [at_gate(rows, g) for g in grid], "at_gate": at_gate(rows, gate),
-                "per_request": rows} for s, rows in splits.items()}}
-        print_retrieval(key, summary["keys"][key])
-        print(f"[{key} key] calibrated gate (evolve split, >= {a.agreement:.0%} of hits with a guide that fits): "
-              + ("none" if calibrated is None else f"{calibrated:.4f}") + f"; used {gate:.4f}\n")
+        summary["keys"][key] = key_retrieval(bank, world, key, a.agreement, summary["notes"])
     print("situation read from the text = hidden needs: " + ", ".join(
         f"{s} {v:.3f}" for s, v in summary["describer_agreement"].items()))
 
-    if not a.no_arms:
-        n_seeds = len([s for s in a.seeds.split(",") if s.strip()])
-        common = [*policy_args(a.policy, a.adapter), "--seeds", a.seeds, "--limit", str(a.requests), "--split", "bench"]
-        arms = {"no guide": []}
-        for key in keys:
-            arms[f"retrieved ({key} key)"] = ["--guide", f"bank:{a.bank}", "--leave-own-out", "--retrieval-key", key,
-                                             "--gate", repr(summary["keys"][key]["gate"])]
-        arms[f"shuffled ({keys[0]} key)"] = ["--guide", f"shuffled:{a.bank}", "--retrieval-key", keys[0]]
-        arms["oracle guide"] = ["--guide", "oracle"]
-        res = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            work = Path(a.work) if a.work else Path(tmp)
-            work.mkdir(parents=True, exist_ok=True)
-            for name, extra in arms.items():
-                print(f"running {name} ...", flush=True)
-                slug = "".join(c if c.isalnum() else "_" for c in name)
-                res[name] = bench([*common, *extra], work / f"{slug}.json", reuse=a.work is not None)
-        rows = {}
-        for name, r in res.items():
-            row = arm_row(r)
-            info = r.get("guide_info") or {}
-            row |= {"guide": r["guide"], "seconds": r.get("seconds"), "n_guided": info.get("n_guided", 0),
-                    "gate": info.get("gate"), "key": info.get("key")}
-            row["gain_over_no_guide"] = None if name == "no guide" else paired_gain(row, arm_row(res["no guide"]), n_seeds)
-            row["gain_by_track"] = None if name == "no guide" else paired_track_gains(r, res["no guide"])
-            rows[name] = row
-        n = res["no guide"]["n_requests"]
-        summary["arms"] = rows
-        summary["full"] = res
-        print()
-        print_arms(rows, n)
+    if not a.no_arms and run_arms(a, keys, summary):
+        return 1
     out = a.out or str(Path(__file__).parent / "results" / f"experience_transfer_{a.label or Path(a.policy).name}.json")
     atomic_write_json(out, summary)
     for note in summary["notes"]:

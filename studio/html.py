@@ -302,7 +302,7 @@ def first_divergence(a: Trajectory, b: Trajectory) -> int | None:
     return None if len(a.turns) == len(b.turns) else min(len(a.turns), len(b.turns))
 
 
-def _word_diff(a: str, b: str) -> tuple[str, str]:
+def word_diff(a: str, b: str) -> tuple[str, str]:
     wa, wb = a.split(), b.split()
     out_a, out_b = [], []
     for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=wa, b=wb, autojunk=False).get_opcodes():
@@ -336,7 +336,7 @@ def diff_html(best: Trajectory, worst: Trajectory, best_v: Verdict | None = None
     body = []
     for r in rows:
         if r["aspect"] == "prompt":
-            x, y = _word_diff(" ".join(r["best"]), " ".join(r["worst"]))
+            x, y = word_diff(" ".join(r["best"]), " ".join(r["worst"]))
         else:
             x, y = esc(" → ".join(r["best"]) or "—"), esc(" → ".join(r["worst"]) or "—")
         body.append(f'<tr class="{"same" if r["same"] else "differ"}"><td>{esc(r["aspect"])}</td><td>{x}</td><td>{y}</td></tr>')

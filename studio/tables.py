@@ -142,14 +142,14 @@ def _fields(slots: dict[str, str], key, evidence: int) -> list[tuple[str, str]]:
 
 def _side_by_side(title_a: str, title_b: str, a: list[tuple[str, str]], b: list[tuple[str, str]]) -> str:
     """Two records field by field, words that differ marked (green: only in the left one, red: only in the right)."""
-    from .html import _word_diff, esc
+    from .html import word_diff, esc
 
     rows = []
     for (name, x), (_, y) in zip(a, b):
         if x == y:
             rows.append(f'<tr class="same"><td>{esc(name)}</td><td>{esc(x)}</td><td>{esc(y)}</td></tr>')
         else:
-            dx, dy = _word_diff(x, y)
+            dx, dy = word_diff(x, y)
             rows.append(f'<tr class="differ"><td>{esc(name)}</td><td>{dx}</td><td>{dy}</td></tr>')
     changed = sum(1 for (_, x), (_, y) in zip(a, b) if x != y)
     return (f'<div class="ge-diff"><p>{changed} of {len(a)} fields differ.</p><table><tr><th>field</th>'

@@ -118,7 +118,8 @@ def test_bench_with_one_seed_writes_null_not_nan(tmp_path):
 
 
 def test_bench_records_what_it_ran_under_a_name_of_its_own(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path / "..")  # wherever a command starts, its default output goes to the runs folder
+    monkeypatch.setenv("GENEVOLVE_RUNS", str(tmp_path / "runs"))
     names = []
     for noise in ("none", "cold-start"):
         res = runner.invoke(app, ["bench", "--policy", "expert", "--noise", noise, "--seeds", "0", "--limit", "2"])

@@ -206,6 +206,6 @@ def test_studio_command_defaults_to_loopback():
 
     from genevolve.cli import app
 
-    res = CliRunner().invoke(app, ["studio", "--help"])
+    res = CliRunner().invoke(app, ["studio", "--help"], env={"COLUMNS": "200"})  # no default cut short by the width
     assert res.exit_code == 0
     assert "127.0.0.1" in res.output and "7860" in res.output and "GENEVOLVE_STUDIO_PASSWORD" in res.output

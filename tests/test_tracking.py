@@ -66,7 +66,9 @@ def test_evolve_and_its_final_table_reach_trackio_offline(tmp_path, tiny_folder,
     out = tmp_path / "runs" / "run"
     cfg = _cfg(out, tiny_folder, report_to="trackio")
     evolve(cfg, world=world, log=lambda _: None)
-    log_table("trackio", out, "report: bench KScore", ["policy", "group", "KScore", "ci95"], [["tiny", "all", 0.5, None]],
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"student (after)": {"overall": {"all": {"kscore": {"mean": 0.5, "ci95": None}}}}}))
+    log_table("trackio", out, "report: bench KScore", ["policy", "group", "KScore", "ci95"], results,
               asdict(cfg))  # as `genevolve evolve` does after its comparison
     db = sqlite3.connect(tmp_path / "trackio" / "genevolve.db")
     logged = [(step, json.loads(m)) for name, step, m in db.execute("select run_name, step, metrics from metrics")

@@ -56,54 +56,67 @@ def bench(
     device: Optional[str] = typer.Option(None, help="With --data: torch device for diffusers generators."),
 ):
     """Run a policy over a split, print KScore by track and category, and save JSON (mean and 95% CI over seeds)."""
-    import tempfile
-
     if data is not None:
         return bench_official(data, policy, seeds, generator, judge, judge_model, judge_api_key, text_policy, missing,
                               allow_missing, limit, out, search, model, adapter, temperature, top_p, max_new_tokens, device,
                               judge_cache, rpm, world)
 
-    import re
-
-    from ..evaluation.bench import SandboxScorer, evaluate
-    from ..agent.guides import request_guides
-    from ..records.schema import ImageStore, atomic_write_json
-    from ..records.runs import policy_checksum
     from ..world import World
 
-    if retrieval_key not in ("situation", "request"):
-        raise typer.BadParameter(f"--retrieval-key is 'situation' or 'request', not {retrieval_key!r}", param_hint="--retrieval-key")
-    if guide is None and (gate is not None or leave_own_out):
-        raise typer.BadParameter("--gate and --leave-own-out need --guide bank:<folder> (or shuffled:<folder>)", param_hint="--guide")
     w = World(world)
     pol = make_policy(w, policy, noise, skip_skill, p_distractor, model, adapter)
-    checksum = policy_checksum(policy, adapter, pol.name if pol else "raw", model)
     reqs = w.split(split)[:limit]
-    seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    tools, scorer = make_tools(w, search), SandboxScorer(w)
-    guides, guide_info = None, None
-    if guide is not None:
-        try:
-            guides, guide_info = request_guides(guide, w, reqs, gate, leave_own_out, guide_seed, retrieval_key,
-                                                _describer(describer, model))
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--guide") from exc
-    with tempfile.TemporaryDirectory() as tmp, Bars("bench seed") as bars:
-        ev = evaluate(reqs, pol, tools, scorer, ImageStore(tmp), seed_list, params=sampling_params(temperature, top_p, max_new_tokens),
-                      guides=guides, on_turn=bars.update)
-    summary: dict = {"policy": pol.name if pol else "raw", "policy_sha256": checksum, "adapter": adapter, "model": model,
-                     "noise": noise if policy == "expert" else None, "world": str(w.root),
-                     "split": split, "seeds": seed_list, "n_requests": len(reqs), "guide": guide, "guide_info": guide_info,
-                     "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens},
-                     "protocol_valid": ev.protocol_valid, "by": ev.by}
+    guides, guide_info = _guides(w, reqs, guide, gate, leave_own_out, guide_seed, retrieval_key, describer, model)
+    summary = _sandbox_bench(w, pol, reqs, seeds, search, sampling_params(temperature, top_p, max_new_tokens), guides) | {
+        "adapter": adapter, "model": model, "noise": noise if policy == "expert" else None, "split": split,
+        "guide": guide, "guide_info": guide_info}
+    from ..records.runs import policy_checksum
+    from ..records.schema import atomic_write_json
+
+    summary["policy_sha256"] = checksum = policy_checksum(policy, adapter, pol.name if pol else "raw", model)
     if out is None:  # named by policy and checksum, so runs of different policies never overwrite each other
-        label = re.sub(r"[^A-Za-z0-9._+-]+", "-", summary["policy"]).strip("-") or "policy"
+        import re
+
         from ..records.paths import runs_dir
 
+        label = re.sub(r"[^A-Za-z0-9._+-]+", "-", summary["policy"]).strip("-") or "policy"
         out = runs_dir() / f"bench-{label}-{checksum[:8]}-{split}.json"
     atomic_write_json(out, summary)
     _print_summary(summary, len(reqs), leave_own_out)
     typer.echo(f"saved: {out}")
+
+
+def _guides(w, reqs, guide, gate, leave_own_out: bool, guide_seed: int, retrieval_key: str, describer: str, model: str):
+    """``--guide`` and its options as each request's guide and an account of what was given (None, None: no guide)."""
+    if retrieval_key not in ("situation", "request"):
+        raise typer.BadParameter(f"--retrieval-key is 'situation' or 'request', not {retrieval_key!r}", param_hint="--retrieval-key")
+    if guide is None:
+        if gate is not None or leave_own_out:
+            raise typer.BadParameter("--gate and --leave-own-out need --guide bank:<folder> (or shuffled:<folder>)",
+                                     param_hint="--guide")
+        return None, None
+    from ..agent.guides import request_guides
+
+    try:
+        return request_guides(guide, w, reqs, gate, leave_own_out, guide_seed, retrieval_key, _describer(describer, model))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--guide") from exc
+
+
+def _sandbox_bench(w, pol, reqs, seeds: str, search: str, params, guides) -> dict:
+    """The evaluation of ``genevolve bench`` on a sandbox split: its results, ready to be saved."""
+    import tempfile
+
+    from ..evaluation.bench import SandboxScorer, evaluate
+    from ..records.schema import ImageStore
+
+    seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    with tempfile.TemporaryDirectory() as tmp, Bars("bench seed") as bars:
+        ev = evaluate(reqs, pol, make_tools(w, search), SandboxScorer(w), ImageStore(tmp), seed_list, params=params,
+                      guides=guides, on_turn=bars.update)
+    return {"policy": pol.name if pol else "raw", "world": str(w.root), "seeds": seed_list, "n_requests": len(reqs),
+            "sampling": {"temperature": params.temperature, "top_p": params.top_p, "max_new_tokens": params.max_new_tokens},
+            "protocol_valid": ev.protocol_valid, "by": ev.by}
 
 
 def _describer(spec: str, model: str):

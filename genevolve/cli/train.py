@@ -17,14 +17,18 @@ REPORT_TO = typer.Option("none", "--report-to", help="Also log the run's config,
                          "offline either way.")
 
 
-def log_table(report_to: str, out: Path, title: str, headers, rows, config: dict) -> None:
-    """The final table of a run, to its tracker (reopened: a resumed trackio run, another event file)."""
+def log_table(report_to: str, out: Path, title: str, headers, results_json: Path, config: dict) -> None:
+    """The final table of a run (its report's results.json), to its tracker (reopened: a resumed trackio run, another
+    event file)."""
     from ..training.tracking import open_tracker
 
     if report_to == "none":
         return
     tracker = open_tracker(report_to, out, config, warn=typer.echo)
-    tracker.table(title, headers, rows)
+    try:
+        tracker.table(title, headers, report_rows(results_json))
+    except (OSError, ValueError) as exc:
+        typer.echo(f"warning: no final table for --report-to {report_to}: {exc}", err=True)
     tracker.finish()
 
 
@@ -179,7 +183,7 @@ def _train_and_compare(cfg, w, quick: bool, eval_requests, eval_seeds: str, eval
     from dataclasses import asdict
 
     log_table(cfg.report_to, out, "report: bench KScore", ["policy", "group", "KScore", "ci95"],
-              report_rows(report.parent / "results.json"), asdict(cfg))
+              report.parent / "results.json", asdict(cfg))
     typer.echo(report.read_text("utf-8").split("## Learning curves")[0])
     typer.echo(f"report: {report}  ({time.time() - t0:.0f} s in all)")
 
@@ -259,7 +263,7 @@ def ablate(
     typer.echo("\n".join(lines))
     typer.echo(f"report: {report}  ({time.time() - t0:.0f} s in all)")
     log_table(report_to, out, "ablation: bench KScore", ["arm", "group", "KScore", "ci95"],
-              report_rows(report.parent / "results.json"), settings)
+              report.parent / "results.json", settings)
 
 
 def report(

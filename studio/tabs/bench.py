@@ -11,7 +11,6 @@ from ..services import Services
 from ..bench import GENERATORS, bench_problem, load_summary, missing_html, summary_figure
 from ..compare import compare_runs, headers, overall_text, pivot, request_sets, samples_html, sort_rows
 from ..html import message
-from ..tables import column_widths
 from ..services import RAW
 from . import Link, Refresh, StudioError, pick, safe
 
@@ -71,8 +70,8 @@ def _layout(s: Services) -> SimpleNamespace:
 
 
 def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
-    status, table, missing_box, chart, page = pick(ui, 'status table missing_box chart page')
-    results, runs_pick, compare_note, compare_table, idx = pick(ui, 'results runs_pick compare_note compare_table idx')
+    status, table, missing_box, chart = pick(ui, 'status table missing_box chart')
+    results, runs_pick = pick(ui, 'results runs_pick')
 
     def show_many(names):
         if not names:
@@ -88,6 +87,46 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
             message("warn", warning) if warning else message("ok", f"showing {', '.join(names)}")
         return {table: gr.update(value={"headers": heads, "data": rows}), chart: summary_figure(summaries),
                 missing_box: missing_html(summaries), status: shown}
+
+    @safe(status)
+    def evaluate(policy, split_, limit_, seeds_, data_, generator_, allow_missing_, judge_url_, judge_model_, api_key_,
+                 progress=gr.Progress()):
+        try:
+            seed_list = [int(x) for x in (seeds_ or "").split(",") if x.strip()]
+        except ValueError:
+            raise StudioError("seeds are whole numbers separated by commas, e.g. 0,1,2") from None
+        limit_ = int(limit_) if limit_ else None
+        if (data_ or "").strip():
+            path = s.run_bench_official(data_, policy, generator_, judge_url_, judge_model_, api_key_, limit_, seed_list,
+                                        bool(allow_missing_), progress=lambda text: progress(0, desc=text))
+        else:
+            path = s.run_bench(policy, split_, limit_, seed_list, progress=lambda text: progress(0, desc=text))
+        name = str(path.relative_to(s.runs_dir))
+        out = show_many([name])
+        out[results] = gr.update(choices=s.list_bench(), value=[name])
+        out[runs_pick] = gr.update(choices=s.list_runs())
+        return out
+
+    c = _compare_handlers(s, ui)
+
+    def open_link(params: dict[str, str]) -> dict:
+        out = {}
+        shown = [x for x in (params.get("results") or "").split(",") if x]
+        if shown:
+            out |= safe(status)(show_many)(shown) | {results: gr.update(choices=s.list_bench(), value=shown)}
+        compared = [x for x in (params.get("runs") or "").split(",") if x]
+        if compared:
+            out |= c.compare(compared, params.get("metric") or "reward", "Δ (largest first)")
+            out[runs_pick] = gr.update(choices=s.list_runs(), value=compared)
+        return out
+
+    return SimpleNamespace(show_many=show_many, evaluate=evaluate, compare=c.compare, show_request=c.show_request,
+                           pick_row=c.pick_row, open_link=open_link)
+
+
+def _compare_handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
+    """Runs compared request by request: the per-request table and every sample of one request."""
+    status, page, compare_note, compare_table, idx = pick(ui, 'status page compare_note compare_table idx')
 
     def _runs(names):
         from genevolve.records.runs import load_run
@@ -129,38 +168,7 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
         rid = evt.row_value[0] if evt.row_value else None
         return show_request(names, rid)
 
-    @safe(status)
-    def evaluate(policy, split_, limit_, seeds_, data_, generator_, allow_missing_, judge_url_, judge_model_, api_key_,
-                 progress=gr.Progress()):
-        try:
-            seed_list = [int(x) for x in (seeds_ or "").split(",") if x.strip()]
-        except ValueError:
-            raise StudioError("seeds are whole numbers separated by commas, e.g. 0,1,2") from None
-        limit_ = int(limit_) if limit_ else None
-        if (data_ or "").strip():
-            path = s.run_bench_official(data_, policy, generator_, judge_url_, judge_model_, api_key_, limit_, seed_list,
-                                        bool(allow_missing_), progress=lambda text: progress(0, desc=text))
-        else:
-            path = s.run_bench(policy, split_, limit_, seed_list, progress=lambda text: progress(0, desc=text))
-        name = str(path.relative_to(s.runs_dir))
-        out = show_many([name])
-        out[results] = gr.update(choices=s.list_bench(), value=[name])
-        out[runs_pick] = gr.update(choices=s.list_runs())
-        return out
-
-    def open_link(params: dict[str, str]) -> dict:
-        out = {}
-        shown = [x for x in (params.get("results") or "").split(",") if x]
-        if shown:
-            out |= safe(status)(show_many)(shown) | {results: gr.update(choices=s.list_bench(), value=shown)}
-        compared = [x for x in (params.get("runs") or "").split(",") if x]
-        if compared:
-            out |= compare(compared, params.get("metric") or "reward", "Δ (largest first)")
-            out[runs_pick] = gr.update(choices=s.list_runs(), value=compared)
-        return out
-
-    return SimpleNamespace(show_many=show_many, evaluate=evaluate, compare=compare, show_request=show_request,
-                           pick_row=pick_row, open_link=open_link)
+    return SimpleNamespace(compare=compare, show_request=show_request, pick_row=pick_row)
 
 
 def tab(s: Services) -> list[Refresh]:

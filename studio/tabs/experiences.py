@@ -126,6 +126,42 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
         eid = evt.row_value[0] if evt.row_value else None
         return {exp_id: eid, **detail(bank_name, eid), status: message("ok", f"opened {eid}")}
 
+    @safe(status)
+    def compare(bank_name, a, b):
+        if not (a or "").strip() or not (b or "").strip():
+            raise StudioError("pick two experiences to compare")
+        bank = s.bank(bank_name)
+        return {cmp_html: compare_experiences_html(bank.get(a.strip()), bank.get(b.strip()))}
+
+    def open_link(params: dict[str, str]) -> dict:
+        name = params.get("bank") or STUDIO_BANK
+        out = safe(status)(listing)(name, "", "", "", "(any)")
+        out[bank_dd] = gr.update(choices=s.bank_choices(), value=name)
+        if params.get("exp"):
+            out |= safe(status)(open_exp)(name, params["exp"])
+            out[exp_id] = gr.update(value=params["exp"])
+        return out
+
+    @safe(status)
+    def try_guide(bank_name, eid, policy, seed_, progress=gr.Progress()):
+        progress(0, desc="student and teacher rolling out")
+        req, trajs, verdicts, store = s.try_guide(s.bank(bank_name), (eid or "").strip(), policy, int(seed_ or 0))
+        from ..html import store_src
+
+        return {try_html: columns_html(req, trajs, verdicts, store_src(store), titles={"student": "student",
+                                                                                     "teacher": "teacher (student + guide)"},
+                                       mark=False),
+                status: message("ok", f"teacher reward {verdicts['teacher'].reward:.3f} vs student {verdicts['student'].reward:.3f}")}
+
+    return SimpleNamespace(listing=listing, detail=detail, search=search, open_exp=open_exp, pick_row=pick_row,
+                           try_guide=try_guide, compare=compare, open_link=open_link)
+
+
+def _edit_handlers(s: Services, ui: SimpleNamespace, h: SimpleNamespace) -> SimpleNamespace:
+    """Saving, creating, restoring, consolidating and deleting: each a new state of the bank, shown at once."""
+    status, exp_id, confirm = pick(ui, 'status exp_id confirm')
+    listing, detail = h.listing, h.detail
+
     def form_key(trigger_text, summary_text):
         from genevolve.experience.bank import ExperienceError, validate_key
 
@@ -163,6 +199,34 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
                 status: message("ok", f"created {e.id}")}
 
     @safe(status)
+    def consolidate(bank_name, q, slot_text, gap, run):
+        bank = s.bank(bank_name)
+        before = len(bank)
+        merged = bank.consolidate()
+        out = listing(bank_name, q, slot_text, gap, run)
+        if not merged:
+            return {**out, status: message("info", "no two experiences share a trigger: nothing to merge")}
+        return {**out, status: message("ok", f"merged {before - len(bank) + len(merged)} experiences into {len(merged)}: "
+                                             + ", ".join(f"{e.id} (evidence {e.evidence})" for e in merged))}
+
+    @safe(status)
+    def delete(bank_name, eid, yes):
+        if not yes:
+            raise StudioError("tick 'Yes, delete it' first: deleting cannot be undone")
+        s.bank(bank_name).delete((eid or "").strip())
+        out = listing(bank_name, "", "", "", "(any)")
+        return {**out, exp_id: gr.update(choices=out[exp_id]["choices"], value=None), confirm: False,
+                status: message("ok", f"deleted {eid}")}
+
+    return SimpleNamespace(save=save, create=create, delete=delete, consolidate=consolidate)
+
+
+def _version_handlers(s: Services, ui: SimpleNamespace, h: SimpleNamespace) -> SimpleNamespace:
+    """An earlier version diffed slot by slot with the current one, and restored as a new version."""
+    status, exp_id, version, version_diff = pick(ui, 'status exp_id version version_diff')
+    listing, detail = h.listing, h.detail
+
+    @safe(status)
     def diff_version(bank_name, eid, v):
         if not (eid or "").strip() or v in (None, ""):
             raise StudioError("open an experience with an earlier version, and pick the version")
@@ -185,62 +249,13 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
         del listed[exp_id], listed[status]
         return {**listed, **detail(bank_name, e.id), status: message("ok", f"restored version {v} of {e.id} as version {e.version}")}
 
-    @safe(status)
-    def compare(bank_name, a, b):
-        if not (a or "").strip() or not (b or "").strip():
-            raise StudioError("pick two experiences to compare")
-        bank = s.bank(bank_name)
-        return {cmp_html: compare_experiences_html(bank.get(a.strip()), bank.get(b.strip()))}
-
-    def open_link(params: dict[str, str]) -> dict:
-        name = params.get("bank") or STUDIO_BANK
-        out = safe(status)(listing)(name, "", "", "", "(any)")
-        out[bank_dd] = gr.update(choices=s.bank_choices(), value=name)
-        if params.get("exp"):
-            out |= safe(status)(open_exp)(name, params["exp"])
-            out[exp_id] = gr.update(value=params["exp"])
-        return out
-
-    @safe(status)
-    def consolidate(bank_name, q, slot_text, gap, run):
-        bank = s.bank(bank_name)
-        before = len(bank)
-        merged = bank.consolidate()
-        out = listing(bank_name, q, slot_text, gap, run)
-        if not merged:
-            return {**out, status: message("info", "no two experiences share a trigger: nothing to merge")}
-        return {**out, status: message("ok", f"merged {before - len(bank) + len(merged)} experiences into {len(merged)}: "
-                                             + ", ".join(f"{e.id} (evidence {e.evidence})" for e in merged))}
-
-    @safe(status)
-    def delete(bank_name, eid, yes):
-        if not yes:
-            raise StudioError("tick 'Yes, delete it' first: deleting cannot be undone")
-        s.bank(bank_name).delete((eid or "").strip())
-        out = listing(bank_name, "", "", "", "(any)")
-        return {**out, exp_id: gr.update(choices=out[exp_id]["choices"], value=None), confirm: False,
-                status: message("ok", f"deleted {eid}")}
-
-    @safe(status)
-    def try_guide(bank_name, eid, policy, seed_, progress=gr.Progress()):
-        progress(0, desc="student and teacher rolling out")
-        req, trajs, verdicts, store = s.try_guide(s.bank(bank_name), (eid or "").strip(), policy, int(seed_ or 0))
-        from ..html import store_src
-
-        return {try_html: columns_html(req, trajs, verdicts, store_src(store), titles={"student": "student",
-                                                                                     "teacher": "teacher (student + guide)"},
-                                       mark=False),
-                status: message("ok", f"teacher reward {verdicts['teacher'].reward:.3f} vs student {verdicts['student'].reward:.3f}")}
-
-    return SimpleNamespace(listing=listing, detail=detail, search=search, open_exp=open_exp, pick_row=pick_row, save=save,
-                           create=create, delete=delete, try_guide=try_guide, consolidate=consolidate,
-                           diff_version=diff_version, pick_version=pick_version, restore=restore, compare=compare,
-                           open_link=open_link)
+    return SimpleNamespace(diff_version=diff_version, pick_version=pick_version, restore=restore)
 
 
 def tab(s: Services) -> list[Refresh]:
     ui = _layout(s)
     h = _handlers(s, ui)
+    h.__dict__.update(vars(_edit_handlers(s, ui, h)) | vars(_version_handlers(s, ui, h)))
     table, status, bank_dd, refresh, query, slot_filter = pick(ui, 'table status bank_dd refresh query slot_filter')
     min_gap, run_filter, search_btn, exp_id, open_btn = pick(ui, 'min_gap run_filter search_btn exp_id open_btn')
     try_html, source, boxes, note, prov, history, retrieving = pick(ui, 'try_html source boxes note prov history retrieving')

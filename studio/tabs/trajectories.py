@@ -5,6 +5,8 @@ so a reload or a shared link opens the same place; ←/→ page the requests, j/
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import gradio as gr
 
 from ..compare import CASE_HEADERS, GAP_HEADERS, SORTS, case_rows, largest_gaps
@@ -14,7 +16,7 @@ from ..runs import SORTS as RUN_SORTS
 from ..runs import filter_rows, run_rows
 from ..services import EXPERT_NOISY, Services
 from ..tables import column_widths
-from . import Link, Refresh, StudioError, safe
+from . import Link, Refresh, StudioError, pick, safe
 
 # After a run's page is drawn: the URL names it, and the trajectory the link named (or j/k picked) is marked.
 SYNC_URL = """(run, req) => {
@@ -27,9 +29,8 @@ SYNC_URL = """(run, req) => {
 }"""
 
 
-def tab(s: Services) -> list:
-    from genevolve.records.runs import load_run
-
+def _layout(s: Services) -> SimpleNamespace:
+    """The run browser, the rollout form, a run's page and its accordions (diffs, cases)."""
     gr.Markdown("Every run folder in the runs folder, a click away; K rollouts of one request side by side, best and worst "
                 "marked (ties all marked, a small gap said so). A run over several requests is paged request by request "
                 "(←/→; j/k walk its trajectories). The address bar names the run, request and trajectory: reload it or "
@@ -82,6 +83,15 @@ def tab(s: Services) -> list:
         gaps = gr.Dataframe(headers=GAP_HEADERS, interactive=False, wrap=True, max_height=240, elem_id="cases-gaps",
                             label="Largest best–worst gaps (the pairs an experience would come from)")
     nav = gr.State([None, None])  # what the URL should say: [run, request]
+    return SimpleNamespace(**{k: v for k, v in locals().items() if k != "s"})
+
+
+def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
+    from genevolve.records.runs import load_run
+
+    runs_table, runs_note, req, pol, saved, page_req = pick(ui, 'runs_table runs_note req pol saved page_req')
+    status, cols, diff, diff_a, diff_b, any_diff = pick(ui, 'status cols diff diff_a diff_b any_diff')
+    nav, = pick(ui, 'nav')
 
     def listing(text="", kind="(any)", sort="newest first"):
         rows = run_rows(s.runs_dir)
@@ -143,6 +153,15 @@ def tab(s: Services) -> list:
         name = evt.row_value[0] if evt.row_value else None
         return show(name)
 
+    return SimpleNamespace(listing=listing, show=show, run=run, label=label, pick_run=pick_run)
+
+
+def _run_handlers(s: Services, ui: SimpleNamespace, show) -> SimpleNamespace:
+    """A run's two trajectories diffed, and its cases filtered, sorted and opened."""
+    from genevolve.records.runs import load_run
+
+    status, any_diff, cases, gaps = pick(ui, 'status any_diff cases gaps')
+
     @safe(status)
     def any_two(name, a, b):
         if not a or not b:
@@ -167,6 +186,20 @@ def tab(s: Services) -> list:
         rid = evt.row_value[1] if evt.row_value else None
         return show(name, rid)
 
+    return SimpleNamespace(any_two=any_two, show_cases=show_cases, pick_case=pick_case)
+
+
+def tab(s: Services) -> list:
+    ui = _layout(s)
+    h = _handlers(s, ui)
+    h.__dict__.update(vars(_run_handlers(s, ui, h.show)))
+    runs_table, runs_note, req, pol, k, seed, run_btn = pick(ui, 'runs_table runs_note req pol k seed run_btn')
+    saved, open_btn, page_req, prev_btn, next_btn = pick(ui, 'saved open_btn page_req prev_btn next_btn')
+    status, cols, diff, diff_a, diff_b, diff_btn, any_diff = pick(ui, 'status cols diff diff_a diff_b diff_btn any_diff')
+    run_filter, run_kind, run_sort, relist = pick(ui, 'run_filter run_kind run_sort relist')
+    f_cat, f_term, f_fail, f_sort, cases_btn, cases, gaps, nav = pick(ui, 'f_cat f_term f_fail f_sort cases_btn cases gaps nav')
+    listing, show, run, label, pick_run = h.listing, h.show, h.run, h.label, h.pick_run
+    any_two, show_cases, pick_case = h.any_two, h.show_cases, h.pick_case
     page_outputs = [status, cols, diff, page_req, saved, diff_a, diff_b, any_diff, nav]
     list_outputs = [runs_table, runs_note, saved]
     sync = {"fn": None, "inputs": [nav], "outputs": [nav], "js": SYNC_URL}
