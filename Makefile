@@ -34,6 +34,7 @@ notebooks: setup
 chromium:
 	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
+# Into the runs folder the studio opens by default ($GENEVOLVE_RUNS, else runs/ in the data folder): never the checkout.
 demo: setup
 	$(GE) rollout --request "Draw the flag of the 2031 Aurora Cup champion above exactly three gold stars" -k 4
 

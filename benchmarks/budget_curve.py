@@ -12,6 +12,10 @@ are copied aside, and measured on the first ``--requests`` bench requests (``--e
 - the teacher-minus-student gap on those requests: the trained student with the retrieved experience as its guide,
   minus the trained student alone, paired by evaluation seed.
 
+A run is trained in chunks of ``--chunk`` steps; one that has collapsed (its last three steps all under 10 %
+protocol-valid rollouts: the student no longer answers in the protocol) is measured where it collapsed and not
+trained further (its steps by then write maximal-length turns and take minutes each).
+
 Everything is resumable: runs resume, copies and measured points are kept in ``--work`` and reused. Prints a table
 and saves ``benchmarks/results/budget_curve_<policy>.json`` and a plot beside it.
 
@@ -30,6 +34,17 @@ import time
 from pathlib import Path
 
 from genevolve.records.schema import atomic_write_json
+
+
+def collapsed(run: Path, window: int = 3, floor: float = 0.1) -> int | None:
+    """The step at which a run has collapsed: its last ``window`` steps all below ``floor`` protocol-valid rollouts
+    (the student no longer answers in the protocol); None while it has not."""
+    path = run / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    last = rows[-window:]
+    if len(last) == window and all((r.get("protocol_valid") or 0) < floor for r in last):
+        return last[-1]["step"]
+    return None
 
 
 def train_to(work: Path, policy: str, seed: int, steps: int) -> Path:
@@ -114,6 +129,7 @@ def main() -> int:
     ap.add_argument("--seeds", default="0,1", help="training seeds")
     ap.add_argument("--eval-seeds", default="0,1,2")
     ap.add_argument("--requests", type=int, default=120)
+    ap.add_argument("--chunk", type=int, default=5, help="steps between checks for a collapse")
     ap.add_argument("--work", required=True, help="runs, copies and measured points (reused on a rerun)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -125,23 +141,41 @@ def main() -> int:
     points, t0 = [], time.time()
     for seed in seeds:
         for steps in budgets:
-            snap = work / f"s{seed}-{steps}"
-            done = snap / "point.json"
-            if done.exists():
-                points.append(json.loads(done.read_text()))
-                print(f"seed {seed}, {steps} steps: done earlier", flush=True)
+            done = next((p / "point.json" for p in (work / f"s{seed}-{steps}", *work.glob(f"s{seed}-*c"))
+                         if (p / "point.json").exists() and (p.name.endswith("c") or p.name == f"s{seed}-{steps}")), None)
+            if done is not None:
+                row = json.loads(done.read_text())
+                if row not in points:
+                    points.append(row)
+                print(f"seed {seed}, {row['steps']} steps: done earlier", flush=True)
+                if row.get("collapsed"):
+                    break
                 continue
-            if not snap.exists():
-                snapshot(train_to(work, a.policy, seed, steps), snap)
-            print(f"  measuring seed {seed} at {steps} steps ...", flush=True)
-            row = {"seed": seed, "steps": steps} | measure(snap, a.policy, a.requests, eval_seeds)
-            atomic_write_json(done, row)
+            run = work / f"evolve-s{seed}"
+            at = collapsed(run)
+            # In chunks of --chunk steps: a run that has collapsed is measured where it collapsed, not trained on.
+            while at is None:
+                now = len((run / "metrics.jsonl").read_text().splitlines()) if (run / "metrics.jsonl").exists() else 0
+                if now >= steps:
+                    break
+                train_to(work, a.policy, seed, min(steps, now + a.chunk))
+                at = collapsed(run)
+            snap = work / (f"s{seed}-{at}c" if at is not None else f"s{seed}-{steps}")
+            snapshot(run, snap)
+            print(f"  measuring seed {seed} at {at or steps} steps ...", flush=True)
+            row = {"seed": seed, "steps": at or steps, "collapsed": at is not None} | measure(snap, a.policy, a.requests,
+                                                                                               eval_seeds)
+            atomic_write_json(snap / "point.json", row)
             points.append(row)
+            if at is not None:
+                print(f"seed {seed} collapsed at step {at} (3 steps with under 10 % protocol-valid rollouts): no longer "
+                      "trained", flush=True)
+                break
     print(f"\n{'seed':>4}{'steps':>6}{'bench K':>9}{'bank':>6}{'merged':>7}{'evidence':>9}{'hit rate':>9}{'teacher-student':>17}")
     for p in points:
         gap = "-" if p["teacher_minus_student"] is None else f"{p['teacher_minus_student']:+.3f}" + (
             f" ± {p['ci95']:.3f}" if p["ci95"] is not None else "")
-        print(f"{p['seed']:>4}{p['steps']:>6}{p['bench_kscore']:>9.3f}{p['bank_size']:>6}{p['merged']:>7}{p['evidence']:>9}"
+        print(f"{p['seed']:>4}{str(p['steps']) + ('c' if p.get('collapsed') else ''):>6}{p['bench_kscore']:>9.3f}{p['bank_size']:>6}{p['merged']:>7}{p['evidence']:>9}"
               f"{p['hit_rate']:>9.3f}{gap:>17}")
     out = Path(a.out or Path(__file__).parent / "results" / f"budget_curve_{Path(a.policy).name}.json")
     atomic_write_json(out, {"policy": a.policy, "budgets": budgets, "seeds": seeds, "eval_seeds": eval_seeds,

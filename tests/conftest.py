@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from _checkout_guard import guard
+from studio_browser import page, studio  # noqa: F401  (the browser tests' shared studio, one per session)
 
 ROOT = Path(__file__).resolve().parents[1]
 

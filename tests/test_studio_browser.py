@@ -1,9 +1,6 @@
-"""The studio in a real browser: Playwright drives Debian's headless Chromium against `genevolve studio`.
-
-One studio process serves the whole module, on a free port, over a copy of the sandbox world (the
-reference editor writes into it) and a fresh runs folder with a small experience bank. Each test
-saves a screenshot of its view under the module's temporary output folder (printed at the end).
-The distill test trains a one-layer random model so that steps take seconds, not minutes.
+"""The studio in a real browser (part one): trajectories, the experience editor, references, a live distill and the
+bench. The studio process and the browser are shared by the session (tests/studio_browser.py); the distill test
+trains a one-layer random model so that steps take seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -13,106 +10,16 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run"]
+from studio_browser import CHROMIUM, _fill, _free_port, _ready
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (`make test` installs it)")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def studio(tmp_path_factory, world):
-    from genevolve.experience.bank import ExperienceBank
-    from genevolve.agent.guides import oracle_slots
-    from genevolve.policies.tiny import build_tiny_model, train_tokenizer
-    from genevolve.agent.protocol import SYSTEM_PROMPT
-
-    root = tmp_path_factory.mktemp("studio-browser")
-    shutil.copytree(world.root, root / "world")
-    runs = root / "runs"
-    bank = ExperienceBank(runs / "studio-bank")
-    exps = []
-    for r in world.split("evolve")[:3]:
-        slots = oracle_slots(list(r.skills), r.track == "knowledge", 0)
-        exps.append(bank.add(r.id, r.text, slots, reward_gap=0.4, run_id="seed-run"))
-    tok = train_tokenizer([SYSTEM_PROMPT] + [r.text for r in world.split("evolve")] * 3, vocab_size=500)
-    build_tiny_model(tok, seed=0, layers=1, hidden=64).save_pretrained(root / "micro")
-    tok.save_pretrained(root / "micro")
-    shots = root / "screenshots"
-    shots.mkdir()
-
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "GRADIO_ANALYTICS_ENABLED": "False",
-           "GENEVOLVE_DATA": str(root / "data")}  # reference edits land here, not in the user's data folder
-    env.pop("GENEVOLVE_STUDIO_PASSWORD", None)
-    log = open(root / "studio.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "genevolve.cli", "studio", "--port", str(port), "--runs", str(runs),
-                             "--world", str(root / "world"), "--no-demo"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                log.close()
-                raise RuntimeError(f"studio did not start: {(root / 'studio.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-
-    from playwright.sync_api import sync_playwright
-
-    pw = sync_playwright().start()
-    browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-    try:
-        yield {"url": url, "root": root, "runs": runs, "world": root / "world", "exps": exps, "micro": root / "micro",
-               "shots": shots, "browser": browser}
-    finally:
-        browser.close()
-        pw.stop()
-        for job in runs.glob("**/studio_job.json"):  # a distill run this module started and left running
-            try:
-                os.killpg(json.loads(job.read_text())["pid"], signal.SIGKILL)
-            except (ProcessLookupError, PermissionError, ValueError, KeyError):
-                pass
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
-        print(f"\nstudio screenshots: {shots}")
-
-
-@pytest.fixture
-def page(studio):
-    pg = studio["browser"].new_page(viewport={"width": 1400, "height": 1000})
-    pg.set_default_timeout(90_000)
-    pg.goto(studio["url"] + "?view=trajectories")  # the studio opens on Start; the address opens another view
-    pg.locator("body[data-studio-ready]").wait_for(state="attached")  # what the address names is open
-    pg.locator("#traj-k").wait_for()
-    yield pg
-    pg.close()
-
-
-def _fill(page, selector: str, value: str) -> None:
-    box = page.locator(selector)
-    box.fill(value)
-    box.press("Tab")  # gradio commits a box's value on change/blur
 
 
 def test_two_rollouts_stand_side_by_side_and_a_deleted_run_is_reported(studio, page):
@@ -137,7 +44,7 @@ def test_eight_columns_fit_a_1280_px_page_and_long_trajectories_fold(studio):
     pg.set_default_timeout(90_000)
     try:
         pg.goto(studio["url"] + "?view=trajectories")
-        pg.locator("body[data-studio-ready]").wait_for(state="attached")
+        _ready(pg)
         _fill(pg, "#traj-k input[type=number]", "8")
         pg.locator("#traj-run").click()
         cols = pg.locator("#traj-columns .ge-col")
@@ -237,7 +144,7 @@ def test_edit_an_experience_reload_and_find_it_by_semantic_search(studio, page):
     page.locator("#exp-status").get_by_text("nothing changed").wait_for()
 
     page.reload()
-    page.locator("body[data-studio-ready]").wait_for(state="attached")
+    _ready(page)
     page.get_by_role("tab", name="Experiences").click()
     _fill(page, "#exp-id input", exp.id)
     page.locator("#exp-open").click()
@@ -255,41 +162,6 @@ def test_edit_an_experience_reload_and_find_it_by_semantic_search(studio, page):
     page.wait_for_function("(t => (t.match(/exp-[0-9a-f]{10}/g) || []).length === 1)(document.querySelector('#exp-table').innerText)")
     assert exp.id in page.locator("#exp-table").inner_text()
     page.screenshot(path=str(studio["shots"] / "experiences.png"), full_page=True)
-
-
-def test_consolidate_a_bank_and_see_the_key_the_merge_and_who_retrieves_it(studio, page, world):
-    """Two experiences with one trigger: Consolidate merges them; the merged one shows its retrieval key, the merged
-    experience as provenance, a version, and the sandbox requests nearest to it with what each one gets."""
-    from genevolve.experience.bank import ExperienceBank
-    from genevolve.experience.situation import CueDescriber
-    from genevolve.agent.guides import oracle_slots
-
-    reqs = [r for r in world.split("evolve") if set(r.skills) == {"quantity_counting"} and r.track == "quality"][:2]
-    trigger = CueDescriber().describe(reqs[0].text)
-    bank = ExperienceBank(studio["runs"] / "transfer-bank")
-    for r in reqs:
-        bank.add(r.id, r.text, oracle_slots(["quantity_counting"], False, 0), reward_gap=0.5,
-                 retrieval_key={"trigger": trigger, "source_prompt_summary": r.text})
-    page.get_by_role("tab", name="Experiences").click()
-    page.locator("#exp-bank input").click()
-    page.locator("#exp-bank").get_by_role("option", name="transfer-bank", exact=True).click()
-    page.locator("#exp-status").get_by_text("2 of 2 experiences").wait_for()
-    page.locator("#exp-consolidate").click()
-    page.locator("#exp-status").get_by_text("merged 2 experiences into 1").wait_for()
-    (merged,) = ExperienceBank(studio["runs"] / "transfer-bank").items.values()
-    _fill(page, "#exp-id input", merged.id)
-    page.locator("#exp-open").click()
-    page.wait_for_function("document.querySelector('#exp-trigger textarea').value.length > 0")
-    assert page.locator("#exp-trigger textarea").input_value() == trigger
-    prov = page.locator("#exp-provenance").inner_text()
-    assert "evidence 2" in prov and "merged from 1 experience(s), 2 source request(s)" in prov
-    assert [r.id for r in reqs if r.id in prov] == [r.id for r in reqs]
-    page.wait_for_function("document.querySelector('#exp-retrieving').innerText.includes('this experience (mined from it)')")
-    table = page.locator("#exp-retrieving").inner_text()
-    assert "this experience" in table and "below the gate 0.90" in table  # and why the farther ones get nothing
-    assert float(re.findall(r"^(1(?:\.0+)?|0\.\d+)$", table, re.M)[0]) == pytest.approx(1.0)  # the nearest first
-    assert "consolidated 2 experiences" in page.locator("#exp-history").inner_text()
-    page.screenshot(path=str(studio["shots"] / "experiences-merged.png"), full_page=True)
 
 
 def test_upload_a_reference_and_retrieve_it(studio, page, tmp_path):
@@ -327,6 +199,29 @@ def test_upload_a_reference_and_retrieve_it(studio, page, tmp_path):
     assert rows[-1]["id"] == "u0001" and (store / "refs" / "u0001.png").exists()
     assert not (studio["world"] / "refs" / "u0001.png").exists()
     page.screenshot(path=str(studio["shots"] / "references.png"), full_page=True)
+
+
+def _resumed_in_another_tab(studio, page) -> None:
+    """Resumed from another tab: the first tab, which saw "stopped", keeps polling and shows the run going again, its
+    phase inside the step and its curve gaining points; then it is stopped again."""
+    stopped_at = int(page.locator("#distill-status [data-points]").get_attribute("data-points"))
+    other = studio["browser"].new_page(viewport={"width": 1400, "height": 1000})
+    other.set_default_timeout(90_000)
+    other.goto(f"{studio['url']}?view=distill&run=quick-distill")
+    _ready(other)
+    other.locator("#distill-resume").click()
+    other.locator("#distill-msg").get_by_text("started pid").wait_for()
+    page.wait_for_function("document.querySelector('#distill-status [data-state]')?.getAttribute('data-state') === 'running'",
+                           timeout=60_000)
+    page.wait_for_function(r"/step \d+\/12: (rollouts \d+\/\d+|judging|mining pairs|teacher scoring and update|checkpoint)/"
+                           ".test(document.querySelector('#distill-status').innerText)", timeout=120_000)
+    page.wait_for_function(f"+document.querySelector('#distill-status [data-points]')?.getAttribute('data-points') > {stopped_at}",
+                           timeout=180_000)
+    other.locator("#distill-stop").click()
+    page.wait_for_function("['stopped','finished'].includes(document.querySelector('#distill-status [data-state]')"
+                           "?.getAttribute('data-state'))", timeout=120_000)
+    other.close()
+
 
 
 def test_quick_distill_shows_live_curves_and_student_vs_teacher_then_stops(studio, page, world):
@@ -378,7 +273,7 @@ def test_quick_distill_shows_live_curves_and_student_vs_teacher_then_stops(studi
     second = studio["browser"].new_page(viewport={"width": 1400, "height": 1000})
     second.goto(studio["url"])
     for pg in (page, second):
-        pg.locator("body[data-studio-ready]").wait_for(state="attached")
+        _ready(pg)
         pg.get_by_role("tab", name="Distill").click()
         pg.locator("#distill-msg").get_by_text("reconnected to the running run quick-distill").wait_for()
         assert pg.locator("#distill-watch input").input_value() == "quick-distill"
@@ -395,6 +290,8 @@ def test_quick_distill_shows_live_curves_and_student_vs_teacher_then_stops(studi
     out = studio["runs"] / "quick-distill"
     assert (out / "checkpoint" / "adapter").exists() and (out / "probe.json").exists()
     page.screenshot(path=str(studio["shots"] / "distill-stopped.png"), full_page=True)
+
+    _resumed_in_another_tab(studio, page)
 
     shutil.rmtree(out)  # the folder disappears while it is open
     assert page.locator("#distill-watch input").input_value() == "quick-distill"
@@ -450,19 +347,24 @@ def test_a_blank_user_name_gets_a_message(studio, tmp_path):
 
 
 def test_bench_a_policy_and_page_two_runs_side_by_side(studio, page):
+    def made(before: set) -> str:
+        return next(p.parent.name for p in studio["runs"].glob("bench-*/summary.json") if p.parent.name not in before)
+
     page.get_by_role("tab", name="Bench").click()
     _fill(page, "#bench-limit input", "4")
     _fill(page, "#bench-seeds textarea", "0,1")
+    before = {p.parent.name for p in studio["runs"].glob("bench-*/summary.json")}
     page.locator("#bench-eval").click()
     page.locator("#bench-status").get_by_text("showing bench-raw").wait_for()
     page.wait_for_function("document.querySelector('#bench-table').innerText.includes('knowledge')")
     assert page.locator("#bench-chart img, #bench-chart svg, #bench-chart canvas").count() > 0
-    first = next(p.parent.name for p in studio["runs"].glob("bench-raw-*/summary.json"))
+    first = made(before)
     page.locator("#bench-policy input").click()
     page.locator("#bench-policy").get_by_role("option", name="expert", exact=True).click()
+    before.add(first)
     page.locator("#bench-eval").click()
     page.locator("#bench-status").get_by_text("showing bench-expert").wait_for()
-    second = next(p.parent.name for p in studio["runs"].glob("bench-expert-*/summary.json"))
+    second = made(before)
     for name in (first, second):
         box = page.locator("#bench-compare-runs input")
         box.fill(name)  # typed: the list narrows to it
