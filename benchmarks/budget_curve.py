@@ -142,7 +142,8 @@ def main() -> int:
     for seed in seeds:
         for steps in budgets:
             done = next((p / "point.json" for p in (work / f"s{seed}-{steps}", *work.glob(f"s{seed}-*c"))
-                         if (p / "point.json").exists() and (p.name.endswith("c") or p.name == f"s{seed}-{steps}")), None)
+                         if (p / "point.json").exists() and (p.name == f"s{seed}-{steps}" or (
+                             p.name.endswith("c") and int(p.name.split("-")[1][:-1]) <= steps))), None)
             if done is not None:
                 row = json.loads(done.read_text())
                 if row not in points:

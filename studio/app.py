@@ -35,23 +35,38 @@ window.geMarkTrajectory = function (id) {
   const hit = cols.find(c => c.dataset.traj === id);
   if (hit) hit.scrollIntoView({block: 'nearest', inline: 'nearest'});
 };
+// j/k: the next or previous trajectory after the one the address names (the first when it names none).
+window.geWalk = function (key) {
+  const cols = [...document.querySelectorAll('#traj-columns .ge-col')];
+  if (!cols.length) return;
+  const u = new URL(window.location);
+  const at = cols.findIndex(c => c.dataset.traj === u.searchParams.get('traj'));
+  const next = at < 0 ? cols[0] : cols[Math.min(Math.max(at + (key === 'j' ? 1 : -1), 0), cols.length - 1)];
+  u.searchParams.set('traj', next.dataset.traj);
+  history.replaceState(null, '', u);
+  window.geMarkTrajectory(next.dataset.traj);
+};
+// Keys wait for the page they were pressed for: while a request is still being drawn, ←/→ and j/k are queued and
+// played in order once it is (two quick → move two requests, and a j after a → walks the new request).
+window.geNavQueue = [];
+window.geNavBusy = 0;
+window.geNavNext = function () {
+  while (window.geNavQueue.length) {
+    const key = window.geNavQueue.shift();
+    if (key === 'j' || key === 'k') { window.geWalk(key); continue; }
+    const btn = document.querySelector(key === 'ArrowLeft' ? '#traj-prev' : '#traj-next');
+    if (btn) { window.geNavBusy = Date.now(); btn.click(); return; }
+  }
+  window.geNavBusy = 0;
+};
 document.addEventListener('keydown', function (e) {
   if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest('input, textarea, select, [contenteditable="true"]')) return;
   const shown = sel => { const el = document.querySelector(sel); return el && el.offsetParent !== null ? el : null; };
-  if (!shown('#traj-columns')) return;
-  if (e.key === 'ArrowLeft' || e.key === 'ArrowRight') {
-    const btn = shown(e.key === 'ArrowLeft' ? '#traj-prev' : '#traj-next');
-    if (btn) { e.preventDefault(); btn.click(); }
-  } else if (e.key === 'j' || e.key === 'k') {
-    const cols = [...document.querySelectorAll('#traj-columns .ge-col')];
-    if (!cols.length) return;
-    const at = cols.findIndex(c => c.classList.contains('ge-focus'));
-    const next = cols[Math.min(Math.max(at + (e.key === 'j' ? 1 : -1), 0), cols.length - 1)] || cols[0];
-    const u = new URL(window.location);
-    u.searchParams.set('traj', next.dataset.traj);
-    history.replaceState(null, '', u);
-    window.geMarkTrajectory(next.dataset.traj);
-  }
+  if (!shown('#traj-columns') || !['ArrowLeft', 'ArrowRight', 'j', 'k'].includes(e.key)) return;
+  if (e.key.startsWith('Arrow') && !shown(e.key === 'ArrowLeft' ? '#traj-prev' : '#traj-next')) return;
+  e.preventDefault();
+  window.geNavQueue.push(e.key);
+  if (!window.geNavBusy || Date.now() - window.geNavBusy > 15000) window.geNavNext();  // (a lost answer frees it)
 });
 </script>
 """

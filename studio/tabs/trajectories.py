@@ -19,13 +19,19 @@ from ..tables import column_widths
 from . import Link, Refresh, StudioError, pick, safe
 
 # After a run's page is drawn: the URL names it, and the trajectory the link named (or j/k picked) is marked.
-SYNC_URL = """(run, req) => {
+SYNC_URL = """(nav) => {
+  const [run, req] = Array.isArray(nav) ? nav : [null, null];
   const u = new URL(window.location);
   if (run) { u.searchParams.set('view', 'trajectories'); u.searchParams.set('run', run); }
+  if ((req || null) !== u.searchParams.get('request')) u.searchParams.delete('traj');  // another request's trajectory
   if (req) u.searchParams.set('request', req); else u.searchParams.delete('request');
   history.replaceState(null, '', u);
-  setTimeout(() => window.geMarkTrajectory && window.geMarkTrajectory(u.searchParams.get('traj')), 50);
-  return [run, req];
+  setTimeout(() => {  // once the columns are drawn: mark what the address names now, then play any queued key
+    if (!window.geMarkTrajectory) return;
+    window.geMarkTrajectory(new URL(window.location).searchParams.get('traj'));
+    if (window.geNavBusy) window.geNavNext();
+  }, 50);
+  return nav;
 }"""
 
 
@@ -82,7 +88,9 @@ def _layout(s: Services) -> SimpleNamespace:
         cases = gr.Dataframe(headers=CASE_HEADERS, interactive=False, wrap=True, max_height=300, elem_id="cases-table")
         gaps = gr.Dataframe(headers=GAP_HEADERS, interactive=False, wrap=True, max_height=240, elem_id="cases-gaps",
                             label="Largest best–worst gaps (the pairs an experience would come from)")
-    nav = gr.State([None, None])  # what the URL should say: [run, request]
+    # What the URL should say, [run, request]: a component in the page (a gr.State lives on the server, and the page
+    # script that writes the address would not see it).
+    nav = gr.JSON([None, None], visible="hidden", elem_id="traj-nav")
     return SimpleNamespace(**{k: v for k, v in locals().items() if k != "s"})
 
 
