@@ -59,6 +59,16 @@ window.geNavNext = function () {
   }
   window.geNavBusy = 0;
 };
+// Lists refresh on focus: back in this window (from a terminal that made a run), the open view re-reads its lists.
+window.geRelistAt = 0;
+window.geRelist = function () {
+  if (document.hidden || Date.now() - window.geRelistAt < 3000) return;
+  const on = [...document.querySelectorAll('button[role=tab]')].find(b => b.getAttribute('aria-selected') === 'true');
+  const btn = on && document.getElementById('relist-' + on.textContent.trim().toLowerCase());
+  if (btn) { window.geRelistAt = Date.now(); btn.click(); }
+};
+window.addEventListener('focus', window.geRelist);
+document.addEventListener('visibilitychange', window.geRelist);
 document.addEventListener('keydown', function (e) {
   if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest('input, textarea, select, [contenteditable="true"]')) return;
   const shown = sel => { const el = document.querySelector(sel); return el && el.offsetParent !== null ? el : null; };
@@ -115,15 +125,18 @@ def build_app(services: Services) -> gr.Blocks:
             for title, view in VIEWS:
                 with gr.Tab(title, id=title.lower()) as tab:
                     made = view.tab(services) or []
+                    # clicked by the page when its window comes back into focus (FOCUS_JS): lists re-read
+                    relist = gr.Button("re-read lists", visible="hidden", elem_id=f"relist-{title.lower()}")
                 tab.select(None, None, None, js=TAB_URL % title.lower())
                 for r in made:
                     if isinstance(r, Link):
                         links.append(r)
                         continue
                     # lists re-read from disk: a run made in a terminal appears without a restart
-                    app.load(r.fn, None, r.outputs, show_progress="hidden")
+                    app.load(r.fn, r.inputs, r.outputs, show_progress="hidden")
                     if r.on_open:
-                        tab.select(r.fn, None, r.outputs, show_progress="hidden")
+                        tab.select(r.fn, r.inputs, r.outputs, show_progress="hidden")
+                        relist.click(r.fn, r.inputs, r.outputs, show_progress="hidden")
 
         def open_address(request: gr.Request):
             params = dict(request.query_params) if request is not None else {}

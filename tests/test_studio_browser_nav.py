@@ -98,6 +98,14 @@ def test_the_run_browser_lists_filters_sorts_and_opens_a_run(studio, page):
     page.wait_for_function("(t => t.includes('linked') && !t.includes('cli-made'))(document.querySelector('#runs-table').innerText)")
     table = page.locator("#runs-table").inner_text()
     assert "rollout" in table and "finished" in table and "expert" in table  # kind, status, policy
+    # A run made elsewhere (a terminal) while the page is open is listed when the window comes back into focus,
+    # under the filter that is typed.
+    import shutil
+
+    shutil.copytree(studio["runs"] / "linked", studio["runs"] / "linked-again")
+    page.evaluate("window.geRelistAt = 0; window.dispatchEvent(new Event('focus'))")
+    page.wait_for_function("(t => t.includes('linked-again') && !t.includes('cli-made'))"
+                           "(document.querySelector('#runs-table').innerText)")
     # (the table also keeps a hidden copy of its cells for sizing: the one a user sees is clicked)
     page.locator("#runs-table").get_by_text("linked", exact=True).filter(visible=True).first.click()
     page.locator("#traj-status").get_by_text("request 1 of 3").wait_for()

@@ -35,6 +35,7 @@ class Refresh:
     fn: Callable[[], Any]
     outputs: list
     on_open: bool = True  # False: only when the page loads (e.g. reconnecting to the running job)
+    inputs: list | None = None  # what ``fn`` reads from the page (a list's filter), if anything
 
 
 @dataclass

@@ -230,5 +230,8 @@ def tab(s: Services) -> list:
             return {}
         return safe(status)(show)(params["run"], params.get("request"))
 
-    return [Refresh(lambda: tuple(listing().values()) + (gr.update(choices=s.policy_choices()),), list_outputs + [pol]),
+    def relist(text="", kind="(any)", sort="newest first"):
+        return tuple(listing(text, kind, sort).values()) + (gr.update(choices=s.policy_choices()),)
+
+    return [Refresh(relist, list_outputs + [pol], inputs=[run_filter, run_kind, run_sort]),
             Link("trajectories", open_link, page_outputs, then=sync)]
