@@ -9,6 +9,7 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the studio runs offline
 
+import contextlib
 import hmac
 import json
 import math
@@ -163,39 +164,52 @@ def build_app(services: Services) -> gr.Blocks:
 
 LOGIN_HINT = "This studio is password-protected: type any user name (it cannot be blank) and the studio's password."
 BLANK_USER = "Type a user name (any name will do) as well as the password."
-
-
-class BlankUserName:
-    """ASGI middleware: a login with a blank user name is answered with a message (400, shown by the login
-    page as a failed login under the hint above) instead of the form validator's 422, which the page ignores."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].rstrip("/").endswith("/login"):
-            return await self.app(scope, receive, send)
-        from starlette.requests import Request
-        from starlette.responses import JSONResponse
-
-        from genevolve.serving.guard import replay_body
-
-        body, more = b"", True
-        while more:
-            chunk = await receive()
-            body, more = body + chunk.get("body", b""), chunk.get("more_body", False)
-
-        form = await Request(scope, replay_body(receive, body)).form()
-        if not str(form.get("username", "")).strip():
-            return await JSONResponse({"detail": BLANK_USER}, status_code=400)(scope, receive, send)
-        return await self.app(scope, replay_body(receive, body), send)
-
-
-TOO_MANY = "Too many failed logins from your address: wait {} s, then try again."
+LOGIN_MAX_BYTES = 16 * 1024  # a login form is a user name and a password: a few hundred bytes
 
 
 def _is_login(scope) -> bool:
     return scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/login")
+
+
+def _detail(status: int, message: str):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"detail": message}, status_code=status)
+
+
+class BlankUserName:
+    """ASGI middleware for logins: a body over ``max_bytes`` gets 413 before it is read whole (by Content-Length,
+    else by counting), and a blank user name is answered with a message (400, shown by the login page as a
+    failed login under the hint above) instead of the form validator's 422, which the page ignores."""
+
+    def __init__(self, app, max_bytes: int = LOGIN_MAX_BYTES):
+        from genevolve.serving.guard import BodyLimit
+
+        self.app = app
+        self.capped = BodyLimit(self._check, max_bytes, _detail)
+
+    async def __call__(self, scope, receive, send):
+        if not _is_login(scope):
+            return await self.app(scope, receive, send)
+        return await self.capped(scope, receive, send)
+
+    async def _check(self, scope, receive, send):
+        """Behind the cap, where the body arrives whole in one message."""
+        from starlette.requests import Request
+
+        from genevolve.serving.guard import replay_body
+
+        body = (await receive()).get("body", b"")
+        try:
+            form = await Request(scope, replay_body(receive, body)).form()
+        except Exception:  # a malformed form: starlette raises, and out here that would be a 500
+            return await _detail(400, "The login form could not be read.")(scope, receive, send)
+        if not str(form.get("username", "")).strip():
+            return await _detail(400, BLANK_USER)(scope, receive, send)
+        return await self.app(scope, replay_body(receive, body), send)
+
+
+TOO_MANY = "Too many failed logins from your address: wait {} s, then try again."
 
 
 class LoginThrottle:
@@ -262,20 +276,60 @@ def check_exposure(host: str, password: str | None, insecure_no_password: bool =
                          "give one, bind 127.0.0.1, or pass insecure_no_password=True")
 
 
+def check_proxies(ips: str | None) -> str:
+    """``ips`` (comma-separated proxy addresses or networks) checked and tidied; "" for none. uvicorn's ``*``
+    is refused: believing every connection's header would let any client choose the address counted."""
+    import ipaddress
+
+    items = [x.strip() for x in (ips or "").split(",") if x.strip()]
+    if "*" in items:
+        raise ValueError("--forwarded-allow-ips: '*' would believe X-Forwarded-For from anyone, so any client could "
+                         "pick the address its failed logins are counted under; name the proxy's address")
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"--forwarded-allow-ips: {item!r} is not an IP address or network (give the "
+                             "proxy's address, e.g. 127.0.0.1 or 10.0.0.0/8, comma-separated)") from None
+    return ",".join(items)
+
+
+@contextlib.contextmanager
+def trusted_proxies(ips: str | None):
+    """While the server starts, make uvicorn believe X-Forwarded-For only from ``ips`` (none by default).
+
+    Gradio builds uvicorn's config without this setting, so uvicorn reads ``$FORWARDED_ALLOW_IPS``, whose
+    default trusts loopback: then anyone connecting from this machine (or through a proxy on it that does
+    not rewrite the header) picks the client address the login throttle counts, and is never throttled."""
+    before = os.environ.get("FORWARDED_ALLOW_IPS")
+    os.environ["FORWARDED_ALLOW_IPS"] = check_proxies(ips)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("FORWARDED_ALLOW_IPS", None)
+        else:
+            os.environ["FORWARDED_ALLOW_IPS"] = before
+
+
 def launch(services: Services, host: str = "127.0.0.1", port: int = 7860, password: str | None = None, block: bool = True,
-           insecure_no_password: bool = False):
+           insecure_no_password: bool = False, forwarded_allow_ips: str | None = None):
     """Serve the studio; with a password, every visitor must give it (any user name), and repeated failed
-    logins from one address are throttled. A non-loopback ``host`` needs a password or ``insecure_no_password``."""
+    logins from one address are throttled. A non-loopback ``host`` needs a password or ``insecure_no_password``.
+    The address counted is the connection's, or the X-Forwarded-For one when the connection comes from a proxy
+    named in ``forwarded_allow_ips``."""
     from starlette.middleware import Middleware
 
     check_exposure(host, password, insecure_no_password)
+    check_proxies(forwarded_allow_ips)
     app = build_app(services)
     app.queue(default_concurrency_limit=2)
     auth = (lambda _user, pw: hmac.compare_digest(pw.encode(), password.encode())) if password else None
-    app.launch(server_name=host, server_port=port, auth=auth, auth_message=LOGIN_HINT if password else None, css=CSS,
-               head=KEYS_JS,
-               prevent_thread_lock=not block, quiet=True, ssr_mode=False, footer_links=[], max_file_size="32mb",
-               allowed_paths=[str(services.world.root), str(services.world.refs_root), str(services.runs_dir),
-                              str(start.DOCS)],
-               app_kwargs={"middleware": [Middleware(BlankUserName), Middleware(LoginThrottle)]})
+    with trusted_proxies(forwarded_allow_ips):
+        app.launch(server_name=host, server_port=port, auth=auth, auth_message=LOGIN_HINT if password else None, css=CSS,
+                   head=KEYS_JS,
+                   prevent_thread_lock=not block, quiet=True, ssr_mode=False, footer_links=[], max_file_size="32mb",
+                   allowed_paths=[str(services.world.root), str(services.world.refs_root), str(services.runs_dir),
+                                  str(start.DOCS)],
+                   app_kwargs={"middleware": [Middleware(BlankUserName), Middleware(LoginThrottle)]})
     return app

@@ -113,7 +113,7 @@ def _img(src: str | None, alt: str, cls: str = "", why: str = "image file not fo
     """An ``<img>``, or a box saying why there is no picture."""
     if src is None:
         return f'<div class="ge-missing" data-missing="{esc(why)}" title="{esc(alt)}">{esc(why)}</div>'
-    return f'<img src="{src}" alt="{esc(alt)}" class="{cls}">'
+    return f'<img src="{esc(src)}" alt="{esc(alt)}" class="{esc(cls)}">'
 
 
 def rendered_missing(traj: Trajectory, verdict: Verdict | None) -> str:
@@ -331,7 +331,8 @@ def diff_html(best: Trajectory, worst: Trajectory, best_v: Verdict | None = None
     rows = diff_rows(best, worst)
     div = first_divergence(best, worst)
     where = "they take the same actions" if div is None else f"they part ways at turn {div + 1}"
-    gap = (f" · reward {labels[0]} − {labels[1]} {best_v.reward - worst_v.reward:+.3f}"
+    a, b = (esc(x) for x in labels)
+    gap = (f" · reward {a} − {b} {best_v.reward - worst_v.reward:+.3f}"
            if best_v and worst_v and best_v.reward is not None and worst_v.reward is not None else "")
     body = []
     for r in rows:
@@ -340,7 +341,6 @@ def diff_html(best: Trajectory, worst: Trajectory, best_v: Verdict | None = None
         else:
             x, y = esc(" → ".join(r["best"]) or "—"), esc(" → ".join(r["worst"]) or "—")
         body.append(f'<tr class="{"same" if r["same"] else "differ"}"><td>{esc(r["aspect"])}</td><td>{x}</td><td>{y}</td></tr>')
-    a, b = (esc(x) for x in labels)
     out = (f'<div class="ge-diff"><p><b>{a.capitalize()} {esc(best.id)}</b> vs <b>{b} {esc(worst.id)}</b>: {where}{gap}.</p>'
            f'<table><tr><th>aspect</th><th>{a}</th><th>{b}</th></tr>{"".join(body)}</table>')
     if turns:

@@ -26,6 +26,11 @@ def studio(
     insecure_no_password: bool = typer.Option(False, "--insecure-no-password", rich_help_panel="Network",
                                               help="Serve a non-loopback address without a password: anyone who "
                                               "can reach it can use the studio and its runs."),
+    forwarded_allow_ips: Optional[str] = typer.Option(
+        None, "--forwarded-allow-ips", rich_help_panel="Network",
+        help="Comma-separated addresses (or networks) of reverse proxies whose X-Forwarded-For header is believed, "
+             "as uvicorn's setting of the same name. By default none: failed logins are counted per connecting "
+             "address, whatever the header says."),
 ):
     """The Gradio studio: trajectories side by side, experience and reference editors, distill with a live
     student-vs-teacher view, and bench comparisons, on the offline sandbox."""
@@ -49,8 +54,12 @@ def studio(
     from ..records.paths import data_dir as default_data, runs_dir
 
     runs = runs or (default_data(data_dir) / "runs" if data_dir else runs_dir())
-    serve(host=host, port=port, password=password, runs_dir=runs, data_dir=data_dir, world_dir=world, echo=typer.echo,
-          insecure_no_password=insecure_no_password, demo=demo)
+    try:
+        serve(host=host, port=port, password=password, runs_dir=runs, data_dir=data_dir, world_dir=world, echo=typer.echo,
+              insecure_no_password=insecure_no_password, demo=demo, forwarded_allow_ips=forwarded_allow_ips)
+    except ValueError as exc:  # a setting refused before the studio starts (e.g. a proxy that is not an address)
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,8 @@ the load and a dead one is skipped. Connection errors, time-outs, 429, 5xx, malf
 ``success: false`` are retried on the next URL, at most ``1 + max_retries`` attempts in all; other
 4xx fail at once (the request itself is wrong). A render that still fails raises
 :class:`~genevolve.generators.GeneratorError` naming every URL tried and why; scorers record that
-on the one case.
+on the one case. References are sent scaled down to at most 4 megapixels each (a render service takes
+16 in one request), and a returned picture over 16 megapixels is refused before it is decoded.
 """
 
 from __future__ import annotations
@@ -26,19 +27,29 @@ import httpx
 from . import GeneratorError, GeneratorTimeout
 
 
-def image_to_data_uri(image: Any) -> str:
-    """A PIL image (or numpy array) as a ``data:image/png;base64,...`` URI."""
+REF_PIXELS = 4_000_000  # a reference is sent at most this big: four fit a render service's 16 megapixels a request
+MAX_ANSWER_PIXELS = 16_000_000  # a returned picture larger than this is refused before it is decoded
+
+
+def image_to_data_uri(image: Any, max_pixels: int | None = None) -> str:
+    """A PIL image (or numpy array) as a ``data:image/png;base64,...`` URI, scaled down (aspect kept) to at
+    most ``max_pixels`` when given."""
     if not hasattr(image, "save"):
         from PIL import Image
 
         image = Image.fromarray(image)
+    image = image.convert("RGB")
+    if max_pixels and image.width * image.height > max_pixels:
+        s = (max_pixels / (image.width * image.height)) ** 0.5
+        image = image.resize((max(1, int(image.width * s)), max(1, int(image.height * s))))
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG")
+    image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def decode_image(b64: str):
-    """Base64 (or a data URI) to a PIL RGB image; ValueError when it is not a readable image."""
+def decode_image(b64: str, max_pixels: int = MAX_ANSWER_PIXELS):
+    """Base64 (or a data URI) to a PIL RGB image; ValueError when it is not a readable image or its header
+    says it has more than ``max_pixels`` (checked before decoding)."""
     from PIL import Image
 
     if b64.startswith("data:"):
@@ -51,9 +62,12 @@ def decode_image(b64: str):
         raise ValueError(f"not base64: {exc}") from exc
     try:
         with Image.open(io.BytesIO(raw)) as im:
-            return im.convert("RGB")
+            size = im.size
+            if size[0] * size[1] <= max_pixels:
+                return im.convert("RGB")
     except Exception as exc:  # PIL raises many types for corrupt bytes
         raise ValueError(f"not a readable image ({type(exc).__name__})") from exc
+    raise ValueError(f"a {size[0]}x{size[1]} picture, over {max_pixels / 1e6:g} megapixels")
 
 
 def _endpoint(url: str) -> str:
@@ -90,7 +104,8 @@ class RenderServiceGenerator:
             return self.urls[next(self._cycle)]
 
     def generate(self, prompt: str, references: Sequence[Any] = (), seed: int = 0):
-        payload = {"prompt": prompt, "image_urls": [image_to_data_uri(r) for r in list(references)[: self.max_refs]],
+        refs = [image_to_data_uri(r, REF_PIXELS) for r in list(references)[: self.max_refs]]
+        payload = {"prompt": prompt, "image_urls": refs,
                    "seed": int(seed), **self.extra}
         failures: list[str] = []
         timeouts = 0

@@ -5,13 +5,22 @@ survive one flaky request, so a failed conversation becomes ``Completion(finish_
 reason naming the URL, and :class:`AsAgentPolicy` turns that into an ``error`` termination of that
 episode only. Transient failures (connection errors, time-outs, 429, 5xx) are retried a bounded number
 of times with exponential backoff; other 4xx are the caller's mistake and fail at once.
+
+``timeout`` bounds each attempt as a whole, from connecting to the last byte: a server that trickles its
+answer is hung up on when the time is up (each request has its own connection, so the client can close
+it). An answer longer than any completion of ``max_tokens`` could need is not read past that size.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import httpx
@@ -33,6 +42,53 @@ def _is_retryable_status(code: int) -> bool:
 
 def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def response_cap(params: SamplingParams) -> int:
+    """Bytes of answer read at most: 1 MiB, or 1 KiB a token for a longer ``max_new_tokens`` (text, token ids
+    and log-probabilities together take a few hundred bytes a token)."""
+    return max(1 << 20, 1024 * params.max_new_tokens)
+
+
+class TooLong(Exception):
+    """The server's answer went past the size cap; the rest was not read."""
+
+
+@dataclass
+class Reply:
+    """A whole answer, read within the deadline and the size cap."""
+
+    status_code: int
+    content: bytes
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status_code < 300
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+def _hang_up(sockets: list[socket.socket]) -> None:
+    """Shut the connection down: a read blocked on it returns at once (closing alone would not wake it)."""
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _remember_socket(sockets: list[socket.socket]):
+    """An httpx ``trace`` hook that keeps the socket of each connection the request opens."""
+
+    def trace(event: str, info: dict[str, Any]) -> None:
+        if event == "connection.connect_tcp.complete" and info.get("return_value") is not None:
+            sock = info["return_value"].get_extra_info("socket")
+            if sock is not None:
+                sockets.append(sock)
+    return trace
 
 
 class OpenAIChatPolicy:
@@ -66,7 +122,9 @@ class OpenAIChatPolicy:
         self.logprobs = bool(logprobs)
         self.name = f"openai:{model}@{self.base_url}"
         self._url = f"{self.base_url}/chat/completions"
-        self._http = httpx.Client(transport=transport, timeout=timeout)
+        self.timeout = float(timeout)
+        # No kept-alive connections: each request opens its own, which the deadline can hang up on.
+        self._http = httpx.Client(transport=transport, timeout=timeout, limits=httpx.Limits(max_keepalive_connections=0))
 
     def close(self) -> None:
         self._http.close()
@@ -107,8 +165,35 @@ class OpenAIChatPolicy:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def _post(self, payload: dict[str, Any]) -> tuple[httpx.Response | None, str]:
-        """The bounded retry loop: ``(response, "")`` for a final response (2xx or non-retryable
+    def _send(self, payload: dict[str, Any], cap: int) -> Reply:
+        """One POST, its answer read whole within ``self.timeout`` seconds from the start and ``cap`` bytes;
+        httpx errors as httpx raises them (running out of time as :class:`httpx.ReadTimeout`), or TooLong."""
+        sockets: list[socket.socket] = []
+        deadline = time.monotonic() + self.timeout
+        timer = threading.Timer(self.timeout, _hang_up, (sockets,))
+        timer.daemon = True
+        timer.start()
+        try:
+            with self._http.stream("POST", self._url, json=payload, headers=self._headers(),
+                                   extensions={"trace": _remember_socket(sockets)}) as resp:
+                chunks, size = [], 0
+                for chunk in resp.iter_bytes():
+                    size += len(chunk)
+                    if size > cap:
+                        raise TooLong(f"the answer is over {cap} bytes (more than max_tokens can need); not read further")
+                    if time.monotonic() > deadline:  # a transport that the hang-up cannot reach
+                        raise httpx.ReadTimeout("out of time")
+                    chunks.append(chunk)
+                return Reply(resp.status_code, b"".join(chunks))
+        except httpx.TransportError:
+            if time.monotonic() < deadline:
+                raise
+            raise httpx.ReadTimeout(f"no complete answer within {self.timeout:g} s") from None
+        finally:
+            timer.cancel()
+
+    def _post(self, payload: dict[str, Any], cap: int) -> tuple[Reply | None, str]:
+        """The bounded retry loop: ``(reply, "")`` for a final answer (2xx or non-retryable
         4xx), ``(None, reason)`` when every attempt failed transiently or the request itself failed."""
         reason = ""
         attempts = self.max_retries + 1
@@ -116,11 +201,11 @@ class OpenAIChatPolicy:
             if attempt and self.backoff > 0:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                resp = self._http.post(self._url, json=payload, headers=self._headers())
+                resp = self._send(payload, cap)
             except httpx.TransportError as exc:  # connect errors, time-outs, dropped connections
                 reason = _describe(exc)
                 continue
-            except httpx.HTTPError as exc:  # e.g. too many redirects: retrying will not help
+            except (httpx.HTTPError, TooLong) as exc:  # e.g. too many redirects: retrying will not help
                 return None, _describe(exc)
             if _is_retryable_status(resp.status_code):
                 body = resp.text.strip()[:200]
@@ -130,8 +215,8 @@ class OpenAIChatPolicy:
         return None, f"{reason} after {attempts} attempts"
 
     def _complete(self, messages: list[Message], params: SamplingParams) -> Completion:
-        use_logprobs = self.logprobs
-        resp, reason = self._post(self._payload(messages, params, use_logprobs))
+        use_logprobs, cap = self.logprobs, response_cap(params)
+        resp, reason = self._post(self._payload(messages, params, use_logprobs), cap)
         if (
             resp is not None
             and use_logprobs
@@ -139,7 +224,7 @@ class OpenAIChatPolicy:
             and "logprobs" in resp.text.lower()
         ):
             self.logprobs = False
-            resp, reason = self._post(self._payload(messages, params, False))
+            resp, reason = self._post(self._payload(messages, params, False), cap)
         if resp is None:
             return self._error(reason)
         if not resp.is_success:
@@ -150,7 +235,7 @@ class OpenAIChatPolicy:
     def _error(self, reason: str) -> Completion:
         return Completion(text="", finish_reason="error", error=f"POST {self._url} failed: {reason}")
 
-    def _parse(self, resp: httpx.Response) -> Completion:
+    def _parse(self, resp: Reply) -> Completion:
         try:
             data = resp.json()
         except ValueError:

@@ -10,7 +10,9 @@ official runtime: ``SERPER_BASE_URL``) runs fully offline against it:
 
 A list of query objects (at most 64) gets a list of answers, as Serper's batch form does. ``q`` is
 clean text (no lone surrogates, no control characters) of at most 2000 characters and ``num`` a whole
-number from 1 to 100; anything else gets 400 with a message, a body over 2 MB gets 413. The store is
+number from 1 to 100; anything else gets 400 with a message, a body over 2 MB gets 413. Searches run
+one at a time, query by query in arrival order, so one request's batch never holds up another's for more
+than a query. The store is
 the sandbox world folder or any folder built by ``genevolve index``. When started with an API key,
 every request must send it as ``X-API-KEY``; the image URLs in answers carry a signature instead (a
 client fetches them as plain URLs, as Serper's are). The gateway binds to loopback unless told
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections import deque
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote
@@ -82,6 +85,30 @@ def _media_type(path: Path) -> str:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "image/webp"
     return next((t for magic, t in MEDIA_TYPES.items() if head.startswith(magic)), "application/octet-stream")
+
+
+class Turns:
+    """A lock handed over in the order it was asked for: a batch that takes it once per query lets a
+    request that arrived meanwhile in after its current query (a plain lock lets the batch take it straight
+    back, however long the other waits)."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._queue: deque[object] = deque()
+        self._held = False
+
+    def __enter__(self) -> None:
+        me = object()
+        with self._changed:
+            self._queue.append(me)
+            self._changed.wait_for(lambda: not self._held and self._queue[0] is me)
+            self._queue.popleft()
+            self._held = True
+
+    def __exit__(self, *exc: object) -> None:
+        with self._changed:
+            self._held = False
+            self._changed.notify_all()
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -148,18 +175,18 @@ def build_gateway_app(store: str | Path, embedder=None, api_key: str | None = No
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:  # 404, 405: in Serper's error shape
         return _error(exc.status_code, str(exc.detail))
 
-    searching = threading.Lock()
+    searching = Turns()
+
+    def answer(one, q: str, num: int) -> dict:
+        with searching:  # one search at a time, off the event loop: the server keeps accepting and answering
+            return one(q, num)
 
     async def run(request: Request, one) -> Any:
         body, why = read_json(await request.body())
         queries = _queries(body, max_batch) if why is None else why
         if isinstance(queries, str):
             return _error(400, f"invalid query: {queries}")
-        def answer():
-            with searching:  # one search at a time, off the event loop: the server keeps accepting and answering
-                return [one(q, num) for q, num in queries]
-
-        out = await run_in_threadpool(answer)
+        out = [await run_in_threadpool(answer, one, q, num) for q, num in queries]  # the turn is given up between queries
         return out if isinstance(body, list) else out[0]
 
     @app.get("/health")

@@ -10,9 +10,11 @@ characters) of at most 10,000 characters; ``seed`` an integer a torch generator 
 ``height`` (optional) whole numbers from 64 to 1024; at most 4 ``image_urls``, each a base64 ``data:``
 URI of a PNG, JPEG, GIF or WebP picture of at most 4096 pixels a side and 16 megapixels (the server
 never fetches URLs, and a decompression bomb is refused before it is decoded). A body over 32 MB gets
-413, anything else malformed 400 with a message. Other services' knobs (steps, ...) are accepted and
-ignored. A generator with ``width``/``height`` settings renders at the requested size; one with a fixed
-size (the sandbox's) says so in ``fixed_size`` and ``note``.
+413, and so do references of more than 16 megapixels in all (their sizes are read from the pictures'
+headers before any is decoded); anything else malformed gets 400 with a message. At most 2 requests
+decode their references at once; one that waits 30 s for its turn gets 503 with Retry-After. Other
+services' knobs (steps, ...) are accepted and ignored. A generator with ``width``/``height`` settings
+renders at the requested size; one with a fixed size (the sandbox's) says so in ``fixed_size`` and ``note``.
 
 One generator, one device: renders run one at a time under a lock. There is no authentication, so
 the server binds to loopback unless told otherwise; it serves no interactive docs pages (they load
@@ -21,12 +23,14 @@ scripts from a CDN), /openapi.json stays.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
 import sys
 import threading
 import time
+import warnings
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -40,6 +44,17 @@ from .guard import BodyLimit, is_loopback, read_json, safe, serve_until_stopped,
 MAX_PROMPT_CHARS = 10_000
 MAX_BODY_BYTES = 32 * 1024 * 1024
 SIDES = (64, 1024)
+MAX_REQUEST_PIXELS = 16_000_000  # a request's references together (each also within the reference store's bounds)
+MAX_DECODES = 2  # requests decoding references at once: a decoded picture costs 3-4 bytes a pixel, several times over
+DECODE_WAIT_S = 30.0
+
+
+class Refused(Exception):
+    """A request answered with ``status`` and ``message`` before any render."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
 
 
 class GenerateRequest(BaseModel):
@@ -63,14 +78,12 @@ class GenerateRequest(BaseModel):
         return prompt
 
 
-def _fail(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"success": False, "error": safe(message)})
+def _fail(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"success": False, "error": safe(message)}, headers=headers)
 
 
-def _reference(url: str):
-    """A data URI to an RGB picture, or ValueError saying why not (size and format checked before decoding)."""
-    from ..tools.refstore import RefStoreError, check_image
-
+def _payload(url: str) -> bytes:
+    """The bytes a base64 data URI carries, or ValueError saying why not."""
     header, comma, payload = url.partition(",")
     if not header.startswith("data:"):
         raise ValueError("is not a data: URI (this server does not fetch URLs)")
@@ -82,35 +95,75 @@ def _reference(url: str):
         raise ValueError(f"is not valid base64 ({exc})") from exc
     if not raw:
         raise ValueError("is empty")
+    return raw
+
+
+def _header_pixels(raw: bytes) -> int:
+    """Width x height as the picture's header says, without decoding it; 0 for a picture the full check
+    refuses anyway (unreadable, or over the reference store's bounds), so that check gets to say why."""
+    from PIL import Image
+
+    from ..tools.refstore import MAX_PIXELS, MAX_SIDE
+
     try:
-        return check_image(raw)
-    except RefStoreError as exc:
-        raise ValueError(str(exc).replace("upload a ", "send a ")) from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as im:
+                w, h = im.size
+    except Exception:  # PIL raises many types for bytes that are not a picture
+        return 0
+    return w * h if max(w, h) <= MAX_SIDE and w * h <= MAX_PIXELS else 0
 
 
-def _parse(body: bytes, max_refs: int, sides: tuple[int, int]) -> tuple[GenerateRequest, list] | str:
-    """The request and its decoded references, or why it is refused (cheap checks first)."""
+def _refused(i: int, exc: Exception) -> Refused:
+    why = str(exc).replace("upload a ", "send a ")
+    return Refused(400, f"invalid request: image_urls[{i}]" + (f" {why}" if why.startswith("is ") else f": {why}"))
+
+
+def _request(body: bytes, max_refs: int, sides: tuple[int, int]) -> GenerateRequest:
+    """The request with every field checked (cheap checks only: nothing is decoded)."""
     value, why = read_json(body)
+    if why is None and not isinstance(value, dict):
+        why = "the body must be a JSON object with 'prompt'"
     if why is not None:
-        return why
-    if not isinstance(value, dict):
-        return "the body must be a JSON object with 'prompt'"
+        raise Refused(400, f"invalid request: {why}")
     try:
         req = GenerateRequest.model_validate(value)
     except ValidationError as exc:
-        return "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+        why = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise Refused(400, f"invalid request: {why}") from None
     for name in ("width", "height"):
         side = getattr(req, name)
         if side is not None and not sides[0] <= side <= sides[1]:
-            return f"{name}: {side} is outside {sides[0]}-{sides[1]} pixels"
+            raise Refused(400, f"invalid request: {name}: {side} is outside {sides[0]}-{sides[1]} pixels")
     if len(req.image_urls) > max_refs:
-        return f"{len(req.image_urls)} image_urls; at most {max_refs}"
-    refs = []
+        raise Refused(400, f"invalid request: {len(req.image_urls)} image_urls; at most {max_refs}")
+    return req
+
+
+def _parse(body: bytes, max_refs: int, sides: tuple[int, int],
+           max_pixels: int = MAX_REQUEST_PIXELS) -> tuple[GenerateRequest, list]:
+    """The request and its decoded references, or :class:`Refused` saying why not. Every picture's size is
+    read from its header, and their sum checked against ``max_pixels``, before any is decoded."""
+    from ..tools.refstore import RefStoreError, check_image
+
+    req = _request(body, max_refs, sides)
+    raws = []
     for i, url in enumerate(req.image_urls):
         try:
-            refs.append(_reference(url))
+            raws.append(_payload(url))
         except ValueError as exc:
-            return f"image_urls[{i}] {exc}" if str(exc).startswith("is ") else f"image_urls[{i}]: {exc}"
+            raise _refused(i, exc) from None
+    total = sum(_header_pixels(raw) for raw in raws)
+    if total > max_pixels:
+        raise Refused(413, f"the references are too large: {total / 1e6:.1f} megapixels in all, at most "
+                           f"{max_pixels / 1e6:g} in one request; send smaller pictures")
+    refs = []
+    for i, raw in enumerate(raws):
+        try:
+            refs.append(check_image(raw))
+        except RefStoreError as exc:
+            raise _refused(i, exc) from None
     return req, refs
 
 
@@ -140,12 +193,36 @@ def _answer(generator, req: GenerateRequest, image, seconds: float) -> dict:
     return out
 
 
+class DecodeSlots:
+    """At most ``n`` requests decoding pictures at once. :meth:`take` waits for a turn by polling, so a
+    waiting request holds no thread (the event loop of whichever server or test client calls it)."""
+
+    def __init__(self, n: int):
+        self._slots = threading.BoundedSemaphore(n)
+
+    async def take(self, wait_s: float) -> bool:
+        """True once a slot is ours; False when none came free within ``wait_s`` seconds."""
+        deadline = time.monotonic() + wait_s
+        while not self._slots.acquire(blocking=False):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    def release(self) -> None:
+        self._slots.release()
+
+
 def build_render_app(generator, max_refs: int = 4, max_body_bytes: int = MAX_BODY_BYTES,
-                     sides: tuple[int, int] = SIDES) -> FastAPI:
-    """The render service over one generator: bodies over ``max_body_bytes`` get 413, and every field is
-    checked (at most ``max_refs`` references, width and height within ``sides``) before any work."""
+                     sides: tuple[int, int] = SIDES, max_pixels: int = MAX_REQUEST_PIXELS,
+                     max_decodes: int = MAX_DECODES, decode_wait_s: float = DECODE_WAIT_S) -> FastAPI:
+    """The render service over one generator: bodies over ``max_body_bytes`` and references of more than
+    ``max_pixels`` in all get 413, and every field is checked (at most ``max_refs`` references, width and
+    height within ``sides``) before any work. At most ``max_decodes`` requests decode at once; one that
+    waits ``decode_wait_s`` for its turn gets 503."""
     app = FastAPI(title=f"genevolve render-service: {generator.name}", docs_url=None, redoc_url=None)
     lock = threading.Lock()
+    decoding = DecodeSlots(max_decodes)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
@@ -164,10 +241,16 @@ def build_render_app(generator, max_refs: int = 4, max_body_bytes: int = MAX_BOD
 
     @app.post("/generate", openapi_extra=schema)
     async def generate(request: Request) -> Any:
-        parsed = await run_in_threadpool(_parse, await request.body(), max_refs, sides)  # decoding is CPU work
-        if isinstance(parsed, str):
-            return _fail(400, f"invalid request: {parsed}")
-        req, refs = parsed
+        body = await request.body()
+        if not await decoding.take(decode_wait_s):
+            return _fail(503, f"the server is busy decoding other requests' pictures (at most {max_decodes} at once); "
+                              "try again shortly", headers={"Retry-After": "1"})
+        try:
+            req, refs = await run_in_threadpool(_parse, body, max_refs, sides, max_pixels)  # decoding is CPU work
+        except Refused as exc:
+            return _fail(exc.status, exc.message)
+        finally:
+            decoding.release()
         try:
             image, seconds = await run_in_threadpool(locked, req, refs)
         except Exception as exc:  # reported to the client; the server keeps serving
