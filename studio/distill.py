@@ -256,6 +256,8 @@ def status_text(live: Live, job: dict[str, Any] | None = None) -> str:
     steps = max((len(r) for r in live.metrics.values()), default=0)
     last = next((rows[-1] for rows in live.metrics.values() if rows), None)
     parts = [f"{live.out.name}: {state}", f"steps logged {steps}" + (f"/{live.steps_planned}" if live.steps_planned else "")]
+    if state == "failed" and job and job.get("error"):
+        parts.append(job["error"])
     if state in ("running", "stopping") and (phase := phase_text(live.progress)):
         parts.append(phase)
     if last:
@@ -272,13 +274,44 @@ def status_text(live: Live, job: dict[str, Any] | None = None) -> str:
 
 
 _NOISE = re.compile(r"Loading weights|Warning|warnings\.warn|^\s*$|it/s\]|s/it\]|^\s*\^|^\s*(File|Traceback)")
+_CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
 
 
 def log_lines(text: str, n: int = 8) -> str:
     """The run's own progress lines of a log (step lines, the estimate, the comparison), without library warnings
-    and progress bars; a line a progress bar rewrote with carriage returns counts as its last state."""
+    and progress bars; a line a progress bar rewrote with carriage returns counts as its last state, and a
+    traceback its one line naming the error (the log file keeps the rest)."""
     lines = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
-    return "\n".join([line for line in lines if not _NOISE.search(line)][-n:])
+    return "\n".join([line for line in _without_tracebacks(lines) if not _NOISE.search(line)][-n:])
+
+
+def _without_tracebacks(lines: list[str]) -> list[str]:
+    """Each traceback reduced to its exception line (``ValueError: ...``), its indented body and chaining dropped."""
+    out, inside, exc_at = [], False, None
+    for line in lines:
+        if line.startswith(_CHAINED) and exc_at is not None:
+            del out[exc_at:]  # the exception another was raised from: only the last one is the run's error
+        if line.startswith(("Traceback (most recent call last)", *_CHAINED)):
+            inside, exc_at = True, None
+        elif (inside and not line.strip()) or ((inside or exc_at is not None) and line[:1].isspace()):
+            continue  # a frame, or the indented rest of the exception's message
+        else:
+            if inside:
+                exc_at = len(out)
+            elif line.strip():
+                exc_at = None
+            inside = False
+            out.append(line)
+    return out
+
+
+def failure_line(text: str) -> str | None:
+    """Why a run's command failed, in one line: its ``error: ...`` refusal, else the exception a traceback ends in."""
+    lines = [line for line in _without_tracebacks(text.splitlines()) if line.strip()]
+    refusal = next((line for line in reversed(lines) if line.startswith("error:")), None)
+    if refusal is not None:
+        return refusal
+    return next((line for line in reversed(lines) if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b", line)), None)
 
 
 def curves_figure(metrics: dict[str, list[MetricsRow]]):

@@ -57,41 +57,69 @@ class DistillJobs:
             else:
                 state = "failed"
             return {"state": state, "out": str(self._out), "pid": self._proc.pid, "returncode": rc,
-                    "command": "genevolve " + " ".join(self._args)}
+                    "command": "genevolve " + " ".join(self._args)} | ({"error": self._error()} if state == "failed" else {})
+
+    def _error(self) -> str | None:
+        """The failed command's reason, one line from the end of its log (a refusal, or a traceback's last line)."""
+        from .distill import failure_line
+
+        try:
+            with open(self._out / LOG_FILE, "rb") as fh:
+                fh.seek(max(0, fh.seek(0, os.SEEK_END) - 65536))
+                return failure_line(fh.read().decode("utf-8", errors="replace"))
+        except OSError:
+            return None
 
     # -- control -----------------------------------------------------------------
     def start(self, args: list[str], out: Path, seed_bank: Path | None = None) -> str:
-        """Start ``genevolve <args>`` writing to ``out``; refused while another run is going."""
-        from genevolve.records.live import is_running
+        """Start ``genevolve <args>`` writing to ``out``; refused, in one line, while another run is going, when
+        another process holds ``out`` or when ``out`` is another kind of folder."""
+        from genevolve.records.kinds import RunKindError
+        from genevolve.records.live import RunLockedError, is_running, run_lock
 
         out = Path(out)
         with self._lock:
             if self._running():
                 raise StudioError(f"a distill run is already running in {self._out} (pid {self._proc.pid}); "
                                   "stop it before starting another (one run at a time keeps the machine responsive)")
-            if is_running(out):
+            if is_running(out):  # held by anyone, this process included
                 raise StudioError(f"{out} is being trained by another process (a terminal run?); wait for it or stop it there")
             src = Path(seed_bank) / "experiences.jsonl" if seed_bank is not None else None
             if src is not None and not src.exists():
                 raise StudioError(f"the bank {seed_bank} has no experiences.jsonl")
-            out.mkdir(parents=True, exist_ok=True)
-            if src is not None:
-                from genevolve.records.schema import atomic_write_bytes
-
-                atomic_write_bytes(out / "bank" / "experiences.jsonl", src.read_bytes())
-            env = {**os.environ, "GENEVOLVE_WORLD": str(self.world_root), "HF_HUB_OFFLINE": "1",
-                   "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+            try:
+                with run_lock(out):  # nothing is written into a folder another process holds
+                    self._prepare(args, out, src)
+            except (RunLockedError, RunKindError) as exc:
+                raise StudioError(str(exc)) from None
             log = open(out / LOG_FILE, "ab")
             try:
-                log.write(f"\n$ genevolve {' '.join(args)}\n".encode())
-                log.flush()
                 proc = subprocess.Popen([self.python, "-m", "genevolve.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=env, cwd=str(self.runs_dir), start_new_session=True)
+                                        stdin=subprocess.DEVNULL, env=self._env(), cwd=str(self.runs_dir),
+                                        start_new_session=True)
             finally:
                 log.close()  # the child holds its own copy
             self._proc, self._out, self._args, self._stop_asked = proc, out, list(args), False
             atomic_write_json(out / JOB_FILE, {"args": list(args), "pid": proc.pid, "started": time.time()})
             return f"started pid {proc.pid}: genevolve {' '.join(args)}"
+
+    @staticmethod
+    def _prepare(args: list[str], out: Path, src: Path | None) -> None:
+        """Claim ``out`` for the command's kind (so the command finds its own kind of folder), copy the seed bank in
+        and start the log; the caller holds the folder's lock."""
+        from genevolve.records.kinds import claim
+
+        claim(out, args[0], hint="pick it under 'Watch' and use Resume, or choose another name")
+        if src is not None:
+            from genevolve.records.schema import atomic_write_bytes
+
+            atomic_write_bytes(out / "bank" / "experiences.jsonl", src.read_bytes())
+        with open(out / LOG_FILE, "ab") as log:
+            log.write(f"\n$ genevolve {' '.join(args)}\n".encode())
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "GENEVOLVE_WORLD": str(self.world_root), "HF_HUB_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
     def resume(self, out: Path) -> str:
         """Start the command recorded in ``out`` again; the trainer resumes from the folder's checkpoint."""

@@ -61,29 +61,55 @@ def bench(
                               allow_missing, limit, out, search, model, adapter, temperature, top_p, max_new_tokens, device,
                               judge_cache, rpm, world)
 
+    from ..records.runs import policy_checksum
+    from ..records.schema import atomic_write_json
     from ..world import World
 
+    if out is not None:
+        check_writable(out)  # before any work: the results are never lost to an unwritable folder
     w = World(world)
     pol = make_policy(w, policy, noise, skip_skill, p_distractor, model, adapter)
+    checksum = policy_checksum(policy, adapter, pol.name if pol else "raw", model)
+    if out is None:
+        out = _default_out(pol.name if pol else "raw", checksum, split)
+        check_writable(out)
     reqs = w.split(split)[:limit]
     guides, guide_info = _guides(w, reqs, guide, gate, leave_own_out, guide_seed, retrieval_key, describer, model)
     summary = _sandbox_bench(w, pol, reqs, seeds, search, sampling_params(temperature, top_p, max_new_tokens), guides) | {
         "adapter": adapter, "model": model, "noise": noise if policy == "expert" else None, "split": split,
-        "guide": guide, "guide_info": guide_info}
-    from ..records.runs import policy_checksum
-    from ..records.schema import atomic_write_json
-
-    summary["policy_sha256"] = checksum = policy_checksum(policy, adapter, pol.name if pol else "raw", model)
-    if out is None:  # named by policy and checksum, so runs of different policies never overwrite each other
-        import re
-
-        from ..records.paths import runs_dir
-
-        label = re.sub(r"[^A-Za-z0-9._+-]+", "-", summary["policy"]).strip("-") or "policy"
-        out = runs_dir() / f"bench-{label}-{checksum[:8]}-{split}.json"
+        "guide": guide, "guide_info": guide_info, "policy_sha256": checksum}
     atomic_write_json(out, summary)
     _print_summary(summary, len(reqs), leave_own_out)
     typer.echo(f"saved: {out}")
+
+
+def check_writable(out: Path) -> None:
+    """Refuse, in one line, a results file that could not be written: a probe file is created beside it (by the
+    same call an atomic write uses) and removed, so the answer is the file system's, whoever runs it."""
+    import os
+    import tempfile
+
+    try:
+        if out.is_dir():
+            raise IsADirectoryError(f"{out} is a folder; --out names the results file")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        typer.echo(f"error: cannot write the results to {out} ({exc.strerror or exc}): make {out.parent} writable or "
+                   "choose another --out (nothing was evaluated)", err=True)
+        raise typer.Exit(2) from None
+
+
+def _default_out(policy_name: str, checksum: str, split: str) -> Path:
+    """Named by policy and checksum, so runs of different policies never overwrite each other."""
+    import re
+
+    from ..records.paths import runs_dir
+
+    label = re.sub(r"[^A-Za-z0-9._+-]+", "-", policy_name).strip("-") or "policy"
+    return runs_dir() / f"bench-{label}-{checksum[:8]}-{split}.json"
 
 
 def _guides(w, reqs, guide, gate, leave_own_out: bool, guide_seed: int, retrieval_key: str, describer: str, model: str):
@@ -162,8 +188,11 @@ def bench_official(data: Path, policy: str, seeds: str, generator: str, judge: O
         raise typer.BadParameter("bench --data needs --judge (an OpenAI-compatible VLM URL)", param_hint="--judge")
     if missing not in MISSING_POLICIES:
         raise typer.BadParameter(f"--missing is one of {', '.join(MISSING_POLICIES)}", param_hint="--missing")
-    w = World(world)
     from ..records.paths import runs_dir
+
+    out = out or runs_dir() / f"bench-official-{Path(policy).name or 'remote'}.json"
+    check_writable(out)
+    w = World(world)
 
     vlm, pj = open_judges(judge, judge_model, judge_api_key, text_policy, judge_cache or runs_dir() / "judge-cache", rpm)
     gen = open_generator(generator, device, None, world=w)
@@ -180,9 +209,6 @@ def bench_official(data: Path, policy: str, seeds: str, generator: str, judge: O
                         sampling_params(temperature, top_p, max_new_tokens), missing, progress=typer.echo)
     summary = {"policy": pol.name if pol else "raw", "data": str(data), "generator": gen.name, "judge": vlm.name,
                "text_policy": text_policy, **res["summary"]}
-    from ..records.paths import runs_dir
-
-    out = out or runs_dir() / f"bench-official-{Path(policy).name or 'remote'}.json"
     atomic_write_json(out, summary)
     rows = score_rows(summary)
     typer.echo(f"policy: {summary['policy']}  data: {data}  generator: {gen.name}  judge: {vlm.name}  text policy: {text_policy}")

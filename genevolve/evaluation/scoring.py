@@ -13,7 +13,8 @@ judge, R = KScore and alpha is recorded as 0).
 - the *infrastructure's* failure (prefix ``generator failed`` / ``judge failed`` / ``no ground
   truth``): the render or judge call failed, or the dataset has no ground-truth image for the case.
   Those are *missing* cases: their scores are ``None``. With ``missing="exclude"`` (default) they
-  are left out of every mean; with ``missing="zero"`` they count as 0. Either way :func:`summarise` reports how many
+  are left out of every mean; with ``missing="zero"`` they count as 0 on every metric (T too, where the
+  request asks for text: :func:`asks_for_text`). Either way :func:`summarise` reports how many
   there are, their ids and reasons, and the overall KScore under the other convention as well,
   so no zero is ever mixed into an average silently.
 """
@@ -27,7 +28,7 @@ from .bench import ALPHA, MISSING_PREFIXES, UNSCORED, aggregate, is_missing, loa
 from ..records.schema import ImageStore, RenderedImage, Request, Trajectory, Verdict
 
 MISSING_POLICIES = ("exclude", "zero")
-__all__ = ["MISSING_POLICIES", "MISSING_PREFIXES", "ModelScorer", "is_missing", "summarise"]
+__all__ = ["MISSING_POLICIES", "MISSING_PREFIXES", "ModelScorer", "asks_for_text", "is_missing", "summarise"]
 
 
 class ModelScorer:
@@ -89,15 +90,27 @@ class ModelScorer:
                                  reward=reward, rationale=rationale.strip())
 
 
+def asks_for_text(request: Request, v: Verdict) -> bool:
+    """Whether T is defined for a case: it was scored, the request asks for text (the text-rendering skill, or
+    text in its scene), or the text policy gives every case a T ("half"). Otherwise T is not applicable."""
+    return (v.T is not None or "text_rendering" in request.skills or bool((request.scene or {}).get("text"))
+            or v.text_policy == "half")
+
+
+def _as_zero(request: Request, v: Verdict) -> Verdict:
+    """A missing case counted as 0 on every metric (T only where it applies)."""
+    zero = dict(F=0.0, V=0.0, T=0.0 if asks_for_text(request, v) else None, A=0.0, kscore=0.0, r_text=0.0, reward=0.0)
+    return v.model_copy(update=zero | {"failed": f"counted as 0: {v.failed}"})
+
+
 def summarise(pairs: Iterable[tuple[Request, Verdict]], missing: str = "exclude") -> dict[str, Any]:
     """:func:`~genevolve.evaluation.bench.aggregate` under the missing-case policy, with the missing cases reported."""
     if missing not in MISSING_POLICIES:
         raise ValueError(f"missing is one of {', '.join(MISSING_POLICIES)}, not {missing!r}")
     pairs = list(pairs)
     gone = [(r, v) for r, v in pairs if is_missing(v)]
-    zero = dict(F=0.0, V=0.0, A=0.0, kscore=0.0, r_text=0.0, reward=0.0)
-    kept = [(r, v.model_copy(update=zero | {"failed": f"counted as 0: {v.failed}"}) if is_missing(v) else v)
-            for r, v in pairs] if missing == "zero" else [(r, v) for r, v in pairs if not is_missing(v)]
+    kept = [(r, _as_zero(r, v) if is_missing(v) else v) for r, v in pairs] if missing == "zero" else \
+        [(r, v) for r, v in pairs if not is_missing(v)]
     out = aggregate(kept) if kept else {"overall": {}, "track": {}, "category": {}, "difficulty": {}}
     judged = [v for r, v in pairs if not is_missing(v)]
     k_excl = sum(v.kscore for v in judged) / len(judged) if judged else None

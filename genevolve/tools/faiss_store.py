@@ -3,16 +3,21 @@
 ``IndexIDMap2`` over ``IndexFlatIP`` lets callers add and remove entries by
 their own ids (the experience bank evicts, the reference editor edits), and the
 flat index is exact, which at our sizes (hundreds to a few thousand rows) costs
-nothing. The JSON sidecar records which embedder made the vectors and how many
-there are, so a loader can tell a stale index from a current one without
-reading it.
+nothing. The JSON sidecar records which embedder made the vectors, how many
+there are, and the index file's size and SHA-256, so a loader can tell a stale
+index from a current one without reading it, and a damaged file (cut short,
+overwritten) from a whole one. A damaged index is never current: the stores
+rebuild it from their rows, and :meth:`VectorIndex.load` refuses it by name.
+An older sidecar without a checksum is checked by the vector count it states.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +38,44 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
+UNREADABLE = "FAISS cannot read it: cut short or garbled"
+
+
+class IndexDamagedError(ValueError):
+    """An index file that does not match its sidecar, or that FAISS cannot read."""
+
+
+def damage(path: str | os.PathLike, meta: dict[str, Any]) -> str | None:
+    """How the index file at ``path`` differs from what its sidecar ``meta`` says (None: it matches)."""
+    import faiss
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if "bytes" in meta and len(data) != meta["bytes"]:
+        return f"{len(data)} bytes, its sidecar says {meta['bytes']}"
+    if "sha256" in meta:
+        return None if hashlib.sha256(data).hexdigest() == meta["sha256"] else "its SHA-256 differs from its sidecar's"
+    try:  # an older sidecar: the file must at least load and hold the vectors it counts
+        n = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)).ntotal
+    except RuntimeError:
+        return UNREADABLE
+    return None if n == meta.get("count") else f"{n} vectors, its sidecar says {meta.get('count')}"
+
+
 def is_current(
     path: str | os.PathLike, embedder: str, dim: int, count: int, fingerprint: str | None = None
 ) -> bool:
     """True when the index at ``path`` exists and was built by this embedder over ``count`` rows.
 
     ``fingerprint`` (a hash of the embedded texts) also catches edits that keep
-    the row count; it is only compared when the caller gives one.
+    the row count; it is only compared when the caller gives one. A file that does
+    not match its sidecar (:func:`damage`) is not current, with a warning.
     """
     meta = read_meta(path)
-    return (
+    fits = (
         Path(path).exists()
         and meta is not None
         and meta.get("embedder") == embedder
@@ -50,6 +83,12 @@ def is_current(
         and meta.get("count") == count
         and (fingerprint is None or meta.get("fingerprint") == fingerprint)
     )
+    if not fits:
+        return False
+    problem = damage(path, meta)
+    if problem is not None:  # said once here, so that a rebuilt index never passes unnoticed
+        warnings.warn(f"{path} is damaged ({problem}): it is rebuilt from its rows", stacklevel=2)
+    return problem is None
 
 
 class VectorIndex:
@@ -139,6 +178,7 @@ class VectorIndex:
             meta: dict[str, Any] = {"embedder": self.embedder, "dim": self.dim, "count": len(self)}
             if self.fingerprint:
                 meta["fingerprint"] = self.fingerprint
+            meta |= {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         atomic_write_bytes(path, data)
         atomic_write_bytes(meta_path(path), (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
 
@@ -149,10 +189,17 @@ class VectorIndex:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no index at {path}")
-        index = faiss.deserialize_index(np.frombuffer(path.read_bytes(), dtype=np.uint8))
+        meta = read_meta(path) or {}
+        problem = damage(path, meta) if meta else None
+        fix = f"delete it and its sidecar {meta_path(path).name} to rebuild it from its rows"
+        if problem is not None:
+            raise IndexDamagedError(f"{path} is damaged ({problem}): {fix}")
+        try:
+            index = faiss.deserialize_index(np.frombuffer(path.read_bytes(), dtype=np.uint8))
+        except RuntimeError:
+            raise IndexDamagedError(f"{path} is damaged ({UNREADABLE}): {fix}") from None
         if not isinstance(index, faiss.IndexIDMap2):
             raise ValueError(f"{path} holds a {type(index).__name__}, expected IndexIDMap2")
-        meta = read_meta(path) or {}
         return cls(
             index.d,
             embedder=str(meta.get("embedder", "")),

@@ -65,6 +65,9 @@ import torch
 import torch.nn.functional as F
 
 from ..records.schema import atomic_write_json, finite, replace_dir
+from .checkpoint import CheckpointError, failure_reason, read_state, write_state
+
+SFT_KEYS = ("model", "opt", "sched", "step", "rng")
 
 
 @dataclass
@@ -202,9 +205,14 @@ def _save_checkpoint(ckpt_dir: Path, model, opt, sched, step: int, epoch: int, c
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-                "epoch": epoch, "rng": torch.get_rng_state()}, tmp / "state.pt")
-    atomic_write_json(tmp / "config.json", asdict(cfg))
+    try:
+        write_state(tmp / "state.pt", {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                       "step": step, "epoch": epoch, "rng": torch.get_rng_state()})
+        atomic_write_json(tmp / "config.json", asdict(cfg))
+    except OSError as exc:  # a full disk: the previous checkpoint stays, the command ends in one line
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"run folder {ckpt_dir.parent}: the checkpoint of step {step} could not be written "
+                              f"({failure_reason(exc)}); free space and run the same command again to resume") from None
     replace_dir(tmp, ckpt_dir)  # a kill in between leaves the old checkpoint or the new one, never none
 
 
@@ -311,17 +319,25 @@ def _tokenizer_and_model(cfg: SFTConfig, work: Path, world, convs, device):
 
 
 def _restore(ckpt: Path, metrics_path: Path, model, opt, sched, device, log) -> int:
-    """Load the checkpoint (model, optimizer, schedule, RNG) and trim metrics written after it; the step it holds."""
+    """Load the checkpoint (model, optimizer, schedule, RNG; safely, see :func:`.checkpoint.read_state`) and trim
+    metrics written after it; the step it holds."""
     from ..records.schema import atomic_write_text
 
+    restart = f"delete {ckpt} to start the SFT again"
     step = 0
+    if ckpt.exists() and not (ckpt / "state.pt").exists():
+        raise CheckpointError(f"run folder {ckpt.parent}: checkpoint/ has no state.pt: {restart}")
     if (ckpt / "state.pt").exists():
-        state = torch.load(ckpt / "state.pt", map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        torch.set_rng_state(state["rng"])
-        step = state["step"]
+        state = read_state(ckpt / "state.pt", ckpt.parent, device, SFT_KEYS, restart)
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            torch.set_rng_state(state["rng"])
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+            raise CheckpointError(f"run folder {ckpt.parent}: checkpoint/state.pt does not fit this model "
+                                  f"({failure_reason(exc)}): {restart}") from None
+        step = int(state["step"])
         log(f"resumed from step {step}")
     if metrics_path.exists():  # drop metric lines written after the checkpoint (and a torn last one): no duplicates
         rows = []
