@@ -62,10 +62,10 @@ world: setup
 
 # The shipped tiny policy, in two stages (about 45 + 18 minutes on 2 CPU cores; see genevolve/training/sft.py).
 tiny-policy: setup
-	$(GE) sft --recipe tiny --out runs/tiny-stage1 --extra-requests 150 --pretrain-epochs 1 --epochs 2
-	$(GE) sft --recipe model --model runs/tiny-stage1 --out runs/tiny-stage2 --extra-requests 150 \
+	$(GE) sft --recipe tiny --out runs/tiny-stage1 --force-new --extra-requests 150 --pretrain-epochs 1 --epochs 2
+	$(GE) sft --recipe model --model runs/tiny-stage1 --out runs/tiny-stage2 --force-new --extra-requests 150 \
 		--seed 1 --epochs 1 --lr 1e-3 --guided-fraction 0.75
-	$(GE) sft --recipe model --model runs/tiny-stage2 --out assets/policy/tiny --extra-requests 150 \
+	$(GE) sft --recipe model --model runs/tiny-stage2 --out assets/policy/tiny --force-new --extra-requests 150 \
 		--seed 2 --epochs 1 --lr 1e-3 --guided-fraction 0.75 --noise blind-spots
 	for s in 1 2; do mkdir -p assets/policy/tiny/stage$$s && cp runs/tiny-stage$$s/sft_config.json \
 		runs/tiny-stage$$s/sft_result.json runs/tiny-stage$$s/metrics.jsonl runs/tiny-stage$$s/loss_curve.png \

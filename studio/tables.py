@@ -169,3 +169,10 @@ def compare_experiences_html(a: Experience, b: Experience) -> str:
     """Two experiences side by side, slot by slot."""
     return _side_by_side(f"{a.id} (from {a.source_request_id})", f"{b.id} (from {b.source_request_id})",
                          _fields(a.slots, a.retrieval_key, a.evidence), _fields(b.slots, b.retrieval_key, b.evidence))
+
+
+def conflict_html(current: Experience, mine: dict[str, str]) -> str:
+    """A refused save: the version someone else saved next to the slots the user tried to save."""
+    return _side_by_side(f"version {current.version}, saved by someone else ({current.note or 'no note'})",
+                         "yours, not saved", _fields(current.slots, current.retrieval_key, current.evidence),
+                         _fields(mine, current.retrieval_key, current.evidence))

@@ -51,7 +51,7 @@ def test_rollout_refuses_to_overwrite_a_run(tmp_path):
     out = tmp_path / "run"
     assert runner.invoke(app, ["rollout", "-r", "bench-1000", "-k", "1", "--out", str(out)]).exit_code == 0
     res = runner.invoke(app, ["rollout", "-r", "bench-1000", "-k", "1", "--out", str(out)])
-    assert res.exit_code != 0 and "already holds a run" in str(res.exception)
+    assert res.exit_code == 2 and "already holds a run" in res.output and "Traceback" not in res.output
 
 
 def strict_json(path):

@@ -98,21 +98,32 @@ def test_the_run_folder_is_held_through_the_evaluation(tmp_path, monkeypatch):
     assert seen == {"held": True} and not is_running(out)
 
 
-def test_a_cut_short_step_is_rolled_back_rows_and_bank(trained, tmp_path):
+def test_a_cut_short_step_is_rolled_back_its_rows_and_only_its_own_bank_writes(trained, tmp_path):
+    """Rows after the checkpoint go; in the bank, what the cut-short step wrote goes (it is in the trainer's journal)
+    and what anyone else wrote meanwhile stays: a studio edit is never rolled back by a resume."""
+    from genevolve.agent.guides import SLOTS
+    from genevolve.experience import journal
+    from genevolve.experience.bank import ExperienceBank
+
     out = tmp_path / "run"
     shutil.copytree(trained, out)
     sizes = {n: (out / n).stat().st_size for n in ("trajectories.jsonl", "verdicts.jsonl", "metrics.jsonl")}
-    bank = out / "bank" / "experiences.jsonl"
-    bank_before = bank.read_bytes() if bank.exists() else None
     with open(out / "trajectories.jsonl", "a") as fh:
         fh.write('{"id": "half-written')  # a kill in the middle of a row
     with open(out / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps({"step": 2}) + "\n")  # a row of a step that never reached its checkpoint
-    bank.parent.mkdir(exist_ok=True)
-    with open(bank, "a") as fh:
-        fh.write('{"schema_version": 1, "id": "exp-0000000000"}\n')
+    slots = {s: "Query spatial_layout and place each object." for s in SLOTS}
+    other = ExperienceBank(out / "bank").add("evolve-0002", "written by hand", slots)  # no journal: not the trainer's
+    before = (out / "bank" / "experiences.jsonl").read_bytes()
+    trainer = ExperienceBank(out / "bank")
+    trainer.journal = journal.Journal(out / journal.NAME, step=2)  # the cut-short step 2
+    mine = trainer.add("evolve-0001", "a request", slots, reward_gap=0.5, step=2)
+    trainer.edit(other.id, {"failure_avoidance": "Check the count twice."})  # the trainer changed theirs too
     logs = []
-    checkpoint.roll_back(out, bank, logs.append)
+    checkpoint.roll_back(out, out / "bank" / "experiences.jsonl", logs.append)
     assert {n: (out / n).stat().st_size for n in sizes} == sizes
-    assert (bank.read_bytes() if bank.exists() else None) == bank_before
-    assert "rolled back" in logs[0] and "trajectories.jsonl" in logs[0] and "the bank" in logs[0]
+    now = ExperienceBank(out / "bank")
+    assert mine.id not in now.items and now.items[other.id].version == 1  # the trainer's writes undone, exactly
+    assert (out / "bank" / "experiences.jsonl").read_bytes() == before
+    assert any("undid" in x and mine.id in x for x in logs) and any("trajectories.jsonl" in x for x in logs)
+    assert journal.entries(out / journal.NAME, 0) == []  # undone once, not again on the next resume

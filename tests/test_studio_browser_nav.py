@@ -54,6 +54,32 @@ def test_consolidate_a_bank_and_see_the_key_the_merge_and_who_retrieves_it(studi
 
 
 
+def test_two_tabs_save_one_experience_and_the_second_save_is_refused_showing_both(studio, page):
+    """Optimistic concurrency: each tab saves on the version it opened; the later save over a newer version is
+    refused with both versions shown, and the first save survives (it was once silently reverted)."""
+    from genevolve.agent.guides import SLOTS
+    from genevolve.experience.bank import ExperienceBank
+
+    e = ExperienceBank(studio["runs"] / "stale-bank").add("evolve-0001", "two editors",
+                                                          {s: "Query spatial_layout and place each object." for s in SLOTS})
+    pages = [page, studio["browser"].new_page(viewport={"width": 1280, "height": 1000})]
+    for pg in pages:
+        pg.set_default_timeout(90_000)
+        pg.goto(f"{studio['url']}?view=experiences&bank=stale-bank&exp={e.id}")
+        _ready(pg)
+        pg.wait_for_function("document.querySelector('#exp-slot-search_strategy textarea').value.length > 0")
+    _fill(pages[0], "#exp-slot-search_strategy textarea", "Search the fact first, tab one.")
+    pages[0].locator("#exp-save").click()
+    pages[0].locator("#exp-status").get_by_text("as version 2").wait_for()
+    _fill(pages[1], "#exp-slot-failure_avoidance textarea", "Never skip the count, tab two.")
+    pages[1].locator("#exp-save").click()
+    pages[1].locator("#exp-status").get_by_text("by someone else").wait_for()
+    assert "tab one" in (pages[1].locator("#exp-version-diff").text_content() or "")
+    now = ExperienceBank(studio["runs"] / "stale-bank").get(e.id)
+    assert now.version == 2 and "tab one" in now.slots["search_strategy"] and "tab two" not in now.slots["failure_avoidance"]
+    pages[1].close()
+
+
 def test_a_link_names_the_run_request_and_trajectory_and_keys_move_through_them(studio, page, world):
     """A shared address opens the run, the request and the trajectory it names; ←/→ page the requests and j/k walk
     the trajectories, each move written into the address, so a reload comes back to the same place."""

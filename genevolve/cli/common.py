@@ -219,12 +219,13 @@ def train(cfg, world, stop) -> None:
 
 
 @contextlib.contextmanager
-def holding(out: Path, force_new: bool = False):
-    """The run folder locked for the whole command, training and evaluation; with ``force_new`` an existing
-    run there is first moved aside (to ``<out>.replaced-<time>``), never deleted."""
+def holding(out: Path, force_new: bool = False, kind: str = "evolve"):
+    """The run folder claimed for a ``kind`` run (another kind of run folder is refused by name) and locked for
+    the whole command, training and evaluation; with ``force_new`` an existing folder is first moved aside (to
+    ``<out>.replaced-<time>``), never deleted."""
     import os
-    import time
 
+    from ..records.kinds import RunKindError, check, claim, move_aside
     from ..records.live import RunLockedError, run_lock
 
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun / accelerate the main process holds the folder
@@ -234,15 +235,16 @@ def holding(out: Path, force_new: bool = False):
         from ..records.live import is_running
 
         if is_running(out):
-            typer.echo(f"error: {out} is being trained by another process; stop it before replacing it", err=True)
+            typer.echo(f"error: {out} is in use by another process; stop it before replacing it", err=True)
             raise typer.Exit(2)
-        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        out.rename(aside)
-        typer.echo(f"--force-new: the earlier run is kept in {aside}")
+        typer.echo(f"--force-new: the earlier folder is kept in {move_aside(out)}")
+    hint = "choose another --out, or --force-new to move it aside and start there"
     try:
+        check(out, kind, hint=hint)  # before the lock file is made in a folder that is not ours
         with run_lock(out):
+            claim(out, kind, hint=hint)
             yield
-    except RunLockedError as exc:
+    except (RunLockedError, RunKindError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
 
@@ -251,3 +253,29 @@ def check_probe_request(w, probe_request: str | None) -> None:
     if probe_request is not None and probe_request not in {r.id for r in w.requests}:
         raise typer.BadParameter(f"{probe_request!r} is not a sandbox request id (e.g. {w.split('evolve')[0].id})",
                                  param_hint="--probe-request")
+
+
+def claim_sft(out: Path, force_new: bool) -> None:
+    """An SFT writes its model into ``out`` and its checkpoints into ``<out>.work``: each must be new, empty or an
+    SFT's own. A finished model is never replaced without ``force_new``, which moves it aside; an interrupted run
+    in the work folder is resumed either way."""
+    from ..records.kinds import RunKindError, check, claim, move_aside
+    from ..records.live import is_running
+
+    work = out.with_name(out.name + ".work")
+    hint = "choose another --out"
+    try:
+        for folder in (out, work):
+            check(folder, "sft", "sft", hint)
+        if force_new:
+            if out.exists() and any(out.iterdir()):
+                if is_running(work):
+                    raise RunKindError(f"{work} is in use by another process; stop it before replacing {out}")
+                typer.echo(f"--force-new: the earlier model is kept in {move_aside(out)}")
+        elif out.exists() and any(out.iterdir()):
+            raise RunKindError(f"{out} already holds a finished SFT model: --force-new moves it aside and trains a new "
+                               f"one, or {hint} (to fine-tune it, --recipe model --model {out})")
+        claim(work, "sft", "sft", hint)
+    except RunKindError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None

@@ -39,6 +39,12 @@ def data_import(
     out = out.resolve()  # trajectories name their pictures by path: keep it valid from any working folder
     if (out / "run.json").exists():
         raise typer.BadParameter(f"{out} already holds a run; choose another --out", param_hint="--out")
+    from ..records.kinds import RunKindError, claim
+
+    try:
+        claim(out, "import", "data import")  # before any picture is written into another kind of run folder
+    except RunKindError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--out") from None
     store = ImageStore(out / "images")
     reqs, trajs, missing = [], [], []
     try:
@@ -65,7 +71,7 @@ def data_import(
         w = RunWriter(out, RunInfo(id=new_run_id("import"), created=now_iso(), command="data import", policy="imported",
                                    k=1, seed=0, requests=[r.id for r in reqs],
                                    config={"source": str(Path(root).resolve()), "allow_missing": allow_missing}))
-    except FileExistsError as exc:
+    except (FileExistsError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--out") from exc
     write_jsonl(w.dir / "requests.jsonl", reqs)
     write_jsonl(w.dir / "trajectories.jsonl", trajs)

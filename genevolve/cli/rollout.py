@@ -59,10 +59,14 @@ def rollout(
     from ..records.paths import runs_dir
 
     out = out or runs_dir() / run_id
-    writer = RunWriter(out, RunInfo(id=run_id, created=now_iso(), command="rollout", policy=pol.name if pol else "raw",
-                                     k=k, seed=seed, requests=[r.id for r in reqs],
-                                     config={"noise": noise, "skip_skill": skip_skill, "guide": guide, "temperature": temperature,
-                                             "top_p": top_p, "max_new_tokens": max_new_tokens}))
+    try:
+        writer = RunWriter(out, RunInfo(id=run_id, created=now_iso(), command="rollout", policy=pol.name if pol else "raw",
+                                         k=k, seed=seed, requests=[r.id for r in reqs],
+                                         config={"noise": noise, "skip_skill": skip_skill, "guide": guide,
+                                                 "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}))
+    except (FileExistsError, ValueError) as exc:  # a run there already, or another kind of run folder: refused
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     for req in reqs:
         writer.add_request(req, w.gt_image(req) if req.scene else None)
     tools, scorer = make_tools(w, search), SandboxScorer(w)

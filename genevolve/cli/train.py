@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from ..evaluation import estimate as estimates
-from .common import check_probe_request, evolve_cfg, holding, micro_batch_for, stop_on_sigterm, train
+from .common import check_probe_request, claim_sft, evolve_cfg, holding, micro_batch_for, stop_on_sigterm, train
 
 REPORT_TO = typer.Option("none", "--report-to", help="Also log the run's config, every step's metrics and the final "
                          "table to 'tensorboard' (<run>/tensorboard) or 'trackio' ($TRACKIO_DIR, project genevolve); "
@@ -74,6 +74,8 @@ def sft(
     seed: int = typer.Option(0, help="Seed for data, initialisation and batching."),
     device: Optional[str] = typer.Option(None, help="Torch device (default: cuda if available, else cpu)."),
     report_to: str = REPORT_TO,
+    force_new: bool = typer.Option(False, "--force-new", help="--out already holds a finished model: move it aside (never "
+                                   "deleted) and train a new one (an interrupted run in <out>.work resumes either way)."),
 ):
     """Supervised fine-tuning with an assistant-only loss; resumes from its last checkpoint if interrupted."""
     from ..records.live import RunLockedError
@@ -87,6 +89,7 @@ def sft(
         cfg.validate()
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    claim_sft(out, force_new)
     try:
         result = train_sft(cfg, log=typer.echo)
     except (ValueError, FileNotFoundError, RunLockedError) as exc:  # bad data, an unknown model, other settings, a busy folder
@@ -255,7 +258,7 @@ def ablate(
                   SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=max_new_tokens), settings, make_cfg, teacher)
     t0 = time.time()
     try:
-        with holding(out):  # the ablation folder is held until its report is written
+        with holding(out, kind="ablate"):  # the ablation folder is held until its report is written
             report, lines = run_ablation(ab, w, lambda cfg: train(cfg, w, stop), typer.echo)
     except SettingsMismatch as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -44,12 +44,12 @@ import numpy as np
 
 from ..agent.guides import SLOTS, format_guide
 from ..records.schema import Experience, ExperienceVersion, MergedSource, RetrievalKey, atomic_write_text
+from .validate import MAX_SLOT_CHARS, ExperienceError, StaleEditError, validate_key, validate_slots  # noqa: F401
 from .mining import DELTA_MIN, MAX_PAIRS, Evidence, Pair, evidence, mine_pairs  # noqa: F401  (the bank's public API)
 
 GATE = 0.84  # the paper's gate, for raw request texts
 SITUATION_GATE = 0.90  # for situations (see default_gate)
 CAPACITY = 500
-MAX_SLOT_CHARS = 400
 KEYS = ("situation", "request")  # what retrieval compares: situations (triggers), or raw request texts
 
 
@@ -63,53 +63,6 @@ def default_gate(key: str) -> float:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-# ---------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------
-
-
-class ExperienceError(ValueError):
-    """An experience that does not fit the schema (empty or over-long slots, unknown slots)."""
-
-
-def validate_slots(slots: dict[str, Any]) -> dict[str, str]:
-    if not isinstance(slots, dict):
-        raise ExperienceError("slots must be an object with the five slot names")
-    unknown = sorted(set(slots) - set(SLOTS))
-    if unknown:
-        raise ExperienceError(f"unknown slots {unknown}; slots are {', '.join(SLOTS)}")
-    out = {}
-    for s in SLOTS:
-        v = slots.get(s, "")
-        if not isinstance(v, str):
-            raise ExperienceError(f"slot {s} must be text")
-        v = " ".join(v.split())
-        if not v:
-            raise ExperienceError(f"slot {s} is empty")
-        if len(v) > MAX_SLOT_CHARS:
-            raise ExperienceError(f"slot {s} has {len(v)} characters (at most {MAX_SLOT_CHARS})")
-        out[s] = v
-    return out
-
-
-def validate_key(key: RetrievalKey | dict | None) -> RetrievalKey | None:
-    """A retrieval key with its texts on one line: a non-empty trigger, both at most MAX_SLOT_CHARS."""
-    if key is None:
-        return None
-    if isinstance(key, dict):
-        try:
-            key = RetrievalKey(**key)
-        except ValueError as exc:
-            raise ExperienceError(f"retrieval key: {str(exc).splitlines()[0]}") from None
-    trigger, summary = " ".join(key.trigger.split()), " ".join(key.source_prompt_summary.split())
-    if not trigger:
-        raise ExperienceError("the retrieval key's trigger is empty")
-    for name, v in (("trigger", trigger), ("source_prompt_summary", summary)):
-        if len(v) > MAX_SLOT_CHARS:
-            raise ExperienceError(f"the retrieval key's {name} has {len(v)} characters (at most {MAX_SLOT_CHARS})")
-    return RetrievalKey(trigger=trigger, source_prompt_summary=summary)
 
 
 def guide_text(exp: Experience) -> str:
@@ -139,6 +92,7 @@ class ExperienceBank:
         self.items: dict[str, Experience] = {}
         self.load_errors: list[str] = []  # "<file>:<line>: <why>" of each broken line
         self._vecs: dict[str, np.ndarray] = {}
+        self.journal = None  # a trainer's :class:`~.journal.Journal`: each change recorded before it is saved
         self._load()
 
     @property
@@ -228,8 +182,24 @@ class ExperienceBank:
             fcntl.flock(lock, fcntl.LOCK_EX)  # a second writer (another process) waits here
             if self._file_sig() != self._sig:
                 self._load()  # someone else wrote since we read: change their version, not ours
+            before = self._records() if self.journal is not None else None
             yield
+            if self.journal is not None:
+                from .journal import changes
+
+                rows = changes(before, self._records())
+                if rows:
+                    self.journal(rows)  # on disk before the bank is: a resume can undo exactly this
             self._save()
+
+    def _records(self) -> list[tuple[str, str]]:
+        return [(eid, e.model_dump_json()) for eid, e in self.items.items()]
+
+    def transform(self, fn) -> None:
+        """Replace the experiences by ``fn(items)`` (an ordered ``{id: Experience}``), under the lock, on the
+        latest contents (how a resume undoes its own cut-short step: :mod:`.journal`)."""
+        with self._writing():
+            self.items = dict(fn(dict(self.items)))
 
     def _save(self) -> None:
         if self._rejected:  # broken lines leave the bank once, kept beside it
@@ -283,10 +253,12 @@ class ExperienceBank:
                                              retrieval_key=exp.retrieval_key, evidence=exp.evidence))
         exp.version, exp.note = exp.version + 1, note
 
-    def edit(self, exp_id: str, slots: dict[str, Any], note: str = "", retrieval_key: RetrievalKey | dict | None = None
-             ) -> Experience:
+    def edit(self, exp_id: str, slots: dict[str, Any], note: str = "", retrieval_key: RetrievalKey | dict | None = None,
+             base_version: int | None = None) -> Experience:
         """A new version with these slots (and this retrieval key, when given) and ``note``; the old one goes to
-        the history with its own note. A change that leaves everything as it is makes no version."""
+        the history with its own note. A change that leaves everything as it is makes no version. With
+        ``base_version`` (the version the editor opened), a save over a newer version is refused
+        (:class:`StaleEditError`): optimistic concurrency, so two editors never silently undo each other."""
         def changed(exp) -> tuple[dict, RetrievalKey | None] | None:
             clean = validate_slots({**exp.slots, **slots})
             key = validate_key(retrieval_key) if retrieval_key is not None else exp.retrieval_key
@@ -300,6 +272,8 @@ class ExperienceBank:
         with self._writing():
             exp = self.get(exp_id)  # the latest version on disk (another writer may have edited it meanwhile)
             new = changed(exp)
+            if new is not None and base_version is not None and exp.version != base_version:
+                raise StaleEditError(exp, base_version, new[0])
             if new is not None:
                 self._new_version(exp, note)
                 exp.slots, exp.retrieval_key = new

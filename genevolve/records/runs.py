@@ -45,10 +45,12 @@ def new_run_id(prefix: str = "run") -> str:
 
 class RunWriter:
     def __init__(self, out: str | Path, info: RunInfo):
+        from .kinds import COMMAND_KIND, claim
+
         self.dir = Path(out)
         if (self.dir / "run.json").exists():
             raise FileExistsError(f"{self.dir} already holds a run; choose another --out")
-        self.dir.mkdir(parents=True, exist_ok=True)
+        claim(self.dir, COMMAND_KIND.get(info.command, "rollout"), info.command)  # not another kind's folder
         self._claim(info)  # atomic: of two writers started at once into one folder, the second is refused
         self.images = ImageStore(self.dir / "images")
         self.images.root.mkdir(exist_ok=True)

@@ -140,6 +140,8 @@ def _steps(cfg: EvolveConfig, run, procs: Processes, log, on_step, stop, tracker
             log("stop requested")
             break
         timer = PhaseTimer()
+        if run.bank.journal is not None:
+            run.bank.journal.step = step + 1  # the bank writes of this step, undone if it is cut short
         batch = steps.prompts_for(run, step)
         mine = procs.share(len(batch))  # this process's prompts
         plan = steps.probe_plan(run, step, batch)  # the live probe's episodes ride in the batch

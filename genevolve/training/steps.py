@@ -109,7 +109,12 @@ def _bank(cfg, out: Path, procs: Processes):
         shutil.rmtree(bank_dir, ignore_errors=True)
         if (out / "bank").exists():
             shutil.copytree(out / "bank", bank_dir)
-    return ExperienceBank(bank_dir, capacity=cfg.capacity, gate=cfg.gate, key=cfg.retrieval_key)
+    bank = ExperienceBank(bank_dir, capacity=cfg.capacity, gate=cfg.gate, key=cfg.retrieval_key)
+    if procs.main:  # the trainer's own writes, journaled so that a resume undoes exactly those
+        from ..experience.journal import NAME, Journal
+
+        bank.journal = Journal(out / NAME)
+    return bank
 
 
 def setup(cfg, world, procs: Processes, log: Callable[[str], None]) -> Run:
@@ -377,6 +382,9 @@ def record_step(run: Run, step: int, row: MetricsRow, probe_result) -> None:
         probes.write(run.out, run.pol.tokenizer, step + 1, run.probe_req, probe_result, run.cfg.use_ved,
                      probes.GIVEN if run.cfg.probe_request else probes.AUTO)
     checkpoint.save(run.out, run.model, run.opt, step + 1, run.out / "bank" / "experiences.jsonl")
+    from ..experience import journal
+
+    journal.forget(run.out / journal.NAME, step + 1)  # checkpointed: never to be undone
 
 
 def summary_line(cfg, row: MetricsRow) -> str:

@@ -12,7 +12,7 @@ from genevolve.agent.guides import SLOT_TITLES, SLOTS
 from ..html import columns_html, message
 from ..services import EXPERT_NOISY, STUDIO_BANK
 from ..tables import (EXP_HEADERS, EXP_WIDE, HISTORY_HEADERS, RETRIEVAL_HEADERS, broken_note, column_widths,
-                      compare_experiences_html, experience_rows, filter_experiences, form_slots, history_rows, provenance_md,
+                      compare_experiences_html, conflict_html, experience_rows, filter_experiences, form_slots, history_rows, provenance_md,
                       retrieval_rows, version_diff_html)
 from . import Link, Refresh, StudioError, opt_number, pick, safe
 
@@ -38,6 +38,8 @@ def _layout(s: Services) -> SimpleNamespace:
     status = gr.HTML(elem_id="exp-status")
     with gr.Row():
         exp_id = gr.Dropdown([], value=None, label="Experience", allow_custom_value=True, scale=3, elem_id="exp-id")
+        # The version the form was opened on: a save over a newer one (another tab, another user) is refused.
+        opened = gr.Number(None, precision=0, visible="hidden", elem_id="exp-opened-version")
         open_btn = gr.Button("Open", elem_id="exp-open")
     with gr.Row():
         with gr.Column(scale=3):
@@ -89,6 +91,7 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
     try_html, source, boxes, prov, history, retrieving = pick(ui, 'try_html source boxes prov history retrieving')
     confirm, trigger, summary = pick(ui, 'confirm trigger summary')
     version, version_diff, cmp_a, cmp_b, cmp_html, bank_dd = pick(ui, 'version version_diff cmp_a cmp_b cmp_html bank_dd')
+    opened, = pick(ui, 'opened')
 
     def listing(bank_name, q, slot_text, gap, run):
         bank = s.bank(bank_name)
@@ -111,7 +114,8 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
         return {**{b: e.slots[sl] for b, sl in zip(boxes, SLOTS)}, source: f"{e.source_request_id} · {e.source_request}",
                 trigger: key.trigger if key else "", summary: key.source_prompt_summary if key else "",
                 prov: provenance_md(e), history: history_rows(e), retrieving: retrieval_rows(s.retrieval_of(bank, e.id)),
-                version: gr.update(choices=earlier, value=earlier[0] if earlier else None), version_diff: ""}
+                version: gr.update(choices=earlier, value=earlier[0] if earlier else None), version_diff: "",
+                opened: e.version}
 
     search = safe(status)(listing)
 
@@ -159,7 +163,7 @@ def _handlers(s: Services, ui: SimpleNamespace) -> SimpleNamespace:
 
 def _edit_handlers(s: Services, ui: SimpleNamespace, h: SimpleNamespace) -> SimpleNamespace:
     """Saving, creating, restoring, consolidating and deleting: each a new state of the bank, shown at once."""
-    status, exp_id, confirm = pick(ui, 'status exp_id confirm')
+    status, exp_id, confirm, version_diff = pick(ui, 'status exp_id confirm version_diff')
     listing, detail = h.listing, h.detail
 
     def form_key(trigger_text, summary_text):
@@ -175,12 +179,18 @@ def _edit_handlers(s: Services, ui: SimpleNamespace, h: SimpleNamespace) -> Simp
             raise StudioError(str(exc)) from None
 
     @safe(status)
-    def save(bank_name, q, slot_text, gap, run, eid, note_text, trigger_text, summary_text, *values):
+    def save(bank_name, q, slot_text, gap, run, eid, note_text, trigger_text, summary_text, base, *values):
+        from genevolve.experience.bank import StaleEditError
+
         if not (eid or "").strip():
             raise StudioError("open an experience before saving (or use Create new)")
         before = s.bank(bank_name).get(eid.strip()).version
-        e = s.bank(bank_name).edit(eid.strip(), form_slots(values), note=note_text or "edited in the studio",
-                                   retrieval_key=form_key(trigger_text, summary_text))
+        try:
+            e = s.bank(bank_name).edit(eid.strip(), form_slots(values), note=note_text or "edited in the studio",
+                                       retrieval_key=form_key(trigger_text, summary_text),
+                                       base_version=int(base) if base not in (None, "") else None)
+        except StaleEditError as exc:  # the form keeps the user's text; theirs is shown beside it
+            return {status: message("error", str(exc)), version_diff: conflict_html(exc.current, exc.mine)}
         if e.version == before:
             return {**detail(bank_name, e.id), status: message("info", f"nothing changed in {e.id}: no new version saved")}
         listed = listing(bank_name, q, slot_text, gap, run)  # the list shows the version just saved
@@ -264,7 +274,8 @@ def tab(s: Services) -> list[Refresh]:
     version, version_diff, cmp_a, cmp_b, cmp_html = pick(ui, 'version version_diff cmp_a cmp_b cmp_html')
     search, open_exp, pick_row, save = pick(h, 'search open_exp pick_row save')
     create, delete, try_guide, consolidate = pick(h, 'create delete try_guide consolidate')
-    detail_outputs = [*boxes, source, trigger, summary, prov, history, retrieving, version, version_diff]
+    opened, = pick(ui, 'opened')
+    detail_outputs = [*boxes, source, trigger, summary, prov, history, retrieving, version, version_diff, opened]
     list_outputs = [table, exp_id, cmp_a, cmp_b, run_filter, status]
     search_btn.click(search, [bank_dd, query, slot_filter, min_gap, run_filter], list_outputs)
     query.submit(search, [bank_dd, query, slot_filter, min_gap, run_filter], list_outputs)
@@ -272,7 +283,7 @@ def tab(s: Services) -> list[Refresh]:
     refresh.click(lambda: gr.update(choices=s.bank_choices()), None, [bank_dd])
     open_btn.click(open_exp, [bank_dd, exp_id], detail_outputs + [status])
     table.select(pick_row, [bank_dd], detail_outputs + [exp_id, status])
-    save_btn.click(save, [bank_dd, query, slot_filter, min_gap, run_filter, exp_id, note, trigger, summary, *boxes],
+    save_btn.click(save, [bank_dd, query, slot_filter, min_gap, run_filter, exp_id, note, trigger, summary, opened, *boxes],
                    detail_outputs + [table, cmp_a, cmp_b, run_filter, status])
     create_btn.click(create, [bank_dd, source, trigger, summary, *boxes], detail_outputs + list_outputs)
     consolidate_btn.click(consolidate, [bank_dd, query, slot_filter, min_gap, run_filter], list_outputs)
