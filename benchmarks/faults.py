@@ -14,6 +14,7 @@ same command again and let it finish. It counts
   ``scripts/same_numbers.py``), adapter weights byte for byte (target: all).
 
     .venv/bin/python benchmarks/faults.py --trials 10
+    .venv/bin/python benchmarks/faults.py --cases     # the integrity cases instead (benchmarks/fault_cases.py)
 
 Prints a line per trial and the totals, and saves them as JSON under benchmarks/results/.
 """
@@ -137,8 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--commands", default=",".join(COMMANDS))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "faults.json")
+    ap.add_argument("--out", type=Path, default=None, help="default: results/faults.json (results/faults_cases.json "
+                    "with --cases)")
+    ap.add_argument("--cases", action="store_true", help="run the integrity cases (benchmarks/fault_cases.py) instead "
+                    "of kill trials: each case's tests, and a table of case, before, after, test")
+    ap.add_argument("--only", default=None, help="with --cases: the cases whose name holds this")
     a = ap.parse_args(argv)
+    if a.cases:
+        from fault_cases import run_cases, save, table
+
+        rows = run_cases(a.only)
+        out = a.out or Path(__file__).parent / "results" / "faults_cases.json"
+        save(rows, out)
+        print(table(rows) + f"\nsaved: {out} and {out.with_suffix('.md')}")
+        return 0 if all(r["after"] == "fixed" for r in rows) else 1
+    a.out = a.out or Path(__file__).parent / "results" / "faults.json"
     rng = random.Random(a.seed)
     result = {}
     with tempfile.TemporaryDirectory() as tmp:

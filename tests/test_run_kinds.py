@@ -154,3 +154,24 @@ def test_control_characters_in_slots_and_keys_are_refused(tmp_path, char):
     with pytest.raises(ExperienceError, match="control character"):
         bank.add("evolve-0001", "a request", SLOT_TEXT, retrieval_key={"trigger": f"Situation: text{char}."})
     assert len(ExperienceBank(tmp_path / "bank")) == 0
+
+
+def test_every_integrity_case_names_tests_that_exist():
+    """`benchmarks/faults.py --cases` runs each case's tests: a renamed or deleted test must not turn a case into
+    one that silently runs nothing."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        from fault_cases import CASES
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    for case, _, targets in CASES:
+        for t in targets:
+            path, _, name = t.partition("::")
+            path = path.split(" -k ")[0].strip()
+            text = (root / path).read_text()
+            if name:
+                assert f"def {name.split('[')[0]}(" in text, (case, t)
