@@ -18,6 +18,11 @@ uniform number keyed by (the conversation's seed, its first user message, the to
 its stream) (:mod:`genevolve.policies.sampling`). A trajectory is then the same alone, in
 a batch of many, or next to rows that carry guides, up to floating-point differences between batch
 shapes that can flip a near-tie (``benchmarks/batch_invariance.py`` measures how often).
+
+A batch may also take conversations that arrive while it runs (``admit``, a server's new requests):
+between two steps it asks for them, gives them the next indices and idle rows (adding rows up to
+``max_batch`` when none is idle), and they are prefilled and decode with the others from the next
+step on. Without arrivals a batch computes exactly what it would without ``admit``.
 """
 
 from __future__ import annotations
@@ -132,6 +137,9 @@ class ContinuousBatch:
     runs the tool there); ``on_progress()`` is called as each conversation finishes.
     ``on_token(i, token, logprob, logits)``, when given, sees each sampled token of conversation i with
     its row's logits; returning True ends the turn there (a server's stop strings, cancellations).
+    ``admit(free)``, when given, is called between steps: it returns the seeds of the conversations
+    that join now (at most ``free``), which take the next indices; the callbacks are then called
+    with those indices too.
     ``policy`` is a :class:`~genevolve.policies.local.LocalPolicy`; its token
     streams keep, per conversation, the exact tokens seen and written, the assistant mask and the
     sampled log-probabilities.
@@ -144,12 +152,13 @@ class ContinuousBatch:
     def __init__(self, policy, n: int, next_messages: NextMessages, on_turn: OnTurn, params: SamplingParams,
                  max_batch: int = 64, join_fraction: float = 0.25, seeds: Sequence[int | None] | None = None,
                  on_progress: Callable[[], None] | None = None,
-                 on_token: Callable[[int, int, float, torch.Tensor], bool] | None = None):
-        self.p, self.params, self.on_token = policy, params, on_token
+                 on_token: Callable[[int, int, float, torch.Tensor], bool] | None = None,
+                 admit: Callable[[int], Sequence[int | None]] | None = None):
+        self.p, self.params, self.on_token, self.admit = policy, params, on_token, admit
         self.next_messages, self.on_turn, self.on_progress = next_messages, on_turn, on_progress
         self.streams = [TokenStream() for _ in range(n)]
         self.queue = list(range(n))[::-1]  # conversations not yet given a row (popped from the end)
-        self.rows = min(n, max_batch)
+        self.rows, self.max_batch = min(n, max_batch), max_batch
         self.join_fraction = join_fraction
         self.slot: list[int | None] = [None] * self.rows  # conversation each row holds
         self.turn: list[list[tuple[int, float]]] = [[] for _ in range(self.rows)]  # (token, logprob) this turn
@@ -191,6 +200,33 @@ class ContinuousBatch:
                 self.n_wait += 1
                 return
         self.slot[r], self.lengths[r] = None, 0
+
+    def _admit(self) -> None:
+        """Conversations that arrive now take the next indices and idle rows, or new rows up to ``max_batch``."""
+        free = self.max_batch - self.n_decode - self.n_wait - len(self.queue)
+        seeds = list(self.admit(free)) if free > 0 else []
+        if not seeds:
+            return
+        n, k = len(self.streams), len(seeds)
+        self.streams += [TokenStream() for _ in range(k)]
+        self.seeds += conversation_seeds(k, self.params, seeds)
+        self.keys += [None] * k
+        self.blocks += [None] * k
+        self.queue[:0] = range(n + k - 1, n - 1, -1)  # behind the conversations already queued
+        self._add_rows(min(self.max_batch, self.n_decode + self.n_wait + len(self.queue)))
+        while self.queue and self.n_decode + self.n_wait < self.rows:
+            self._assign(self.n_decode + self.n_wait)
+
+    def _add_rows(self, k: int) -> None:
+        """Grow the batch to ``k`` rows (the new ones idle, at the end)."""
+        extra = k - self.rows
+        if extra <= 0:
+            return
+        self.bufs = [torch.cat([b, b.new_zeros(extra, *b.shape[1:])]) for b in self.bufs]
+        self.slot += [None] * extra
+        self.turn += [[] for _ in range(extra)]
+        self.lengths += [0] * extra
+        self.rows = k
 
     def _extend(self, r: int, msgs: Sequence[Message]) -> None:
         i = self.slot[r]
@@ -372,6 +408,8 @@ class ContinuousBatch:
             self._assign(self.n_wait)
         with self.p.adapter_context():
             while self.n_decode or self.n_wait:
+                if self.admit is not None:
+                    self._admit()
                 if not self.queue and self.n_decode + self.n_wait <= self.rows // 2:
                     self._drop_idle_rows()
                 if self.n_wait and (not self.n_decode or self.n_wait >= max(1, self.join_fraction * self.n_decode)):

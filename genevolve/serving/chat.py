@@ -8,7 +8,8 @@ only from folders under the adapter root) and are selected per request by passin
 
 A request is read with a size cap, validated (:mod:`.chat_request`), measured against the context
 (:mod:`.chat_limits`) and queued; generation runs on one worker thread, concurrent requests batched
-together through the continuous-batching engine (:mod:`.chat_engine`). Answers are OpenAI's shapes,
+together through the continuous-batching engine (:mod:`.chat_engine`), where a new request joins a
+running batch at its next decoding step. Answers are OpenAI's shapes,
 streamed as server-sent events on request (:mod:`.chat_format`). A client that goes away has its
 generation cancelled; on SIGTERM the server stops accepting, gives running requests up to
 ``shutdown_timeout`` seconds, cancels the rest and exits 0. There is no authentication, so the server
@@ -172,7 +173,7 @@ def _add_adapter_routes(app: FastAPI, server: ChatServer) -> None:
 
 
 def _load(server: ChatServer, path: str, name: str) -> None:
-    with server.engine.lock:
+    with server.engine.exclusive():
         try:
             server.policy.load_adapter(path, name)
         except Exception as exc:  # a bad adapter folder is the caller's input, not a server crash
@@ -181,7 +182,7 @@ def _load(server: ChatServer, path: str, name: str) -> None:
 
 
 def _unload(server: ChatServer, name: str) -> None:
-    with server.engine.lock:
+    with server.engine.exclusive():
         server.engine.drop_adapter(name)
         server.policy.unload_adapter(name)
         server.loaded.discard(name)

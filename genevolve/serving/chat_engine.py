@@ -5,14 +5,21 @@ most ``max_queue`` jobs at once (running or waiting; beyond that the app answers
 thread runs them. With a local model (a policy that has ``extend_stream``, i.e.
 :class:`~genevolve.policies.local.LocalPolicy`) the waiting jobs that share an adapter, a temperature
 and a top-p run together in one :class:`~genevolve.policies.continuous.ContinuousBatch`, up to
-``max_batch`` choices; a job that arrives while a batch runs joins the next one. Each sampled token is
-seen as it is written (``on_token``): that is where stop strings, ``stop_token_ids``, each request's own
-token budget and cancellation end a choice, and where streamed text is handed out. Any other policy
-is called through ``generate``, one job at a time, and stops are applied to its finished text.
+``max_batch`` choices. A job that arrives while a batch runs joins it at the next decoding step when it
+shares the batch's adapter, temperature and top-p and its choices fit in the rows left: a short request
+is not held behind a long generation. A job that cannot join waits for the batch to end, and no job
+behind it joins either, so the batch drains and it runs next; joins also stop while an adapter load or
+unload waits for the model (:meth:`ChatEngine.exclusive`). Each sampled token is seen as it is written
+(``on_token``): that is where stop strings, ``stop_token_ids``, each request's own token budget and
+cancellation end a choice, and where streamed text is handed out. A job leaves the queue's count as soon
+as its last choice ends, not when its batch does. Any other policy is called through ``generate``, one
+job at a time, and stops are applied to its finished text.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
@@ -22,6 +29,7 @@ from .chat_request import RequestRefused
 
 Listener = Callable[[tuple], None]
 CONTEXT_IDS = 4  # ids of decoded text kept as context for decoding the next ones
+NO_BATCH_BUDGET = sys.maxsize  # a batch's turn budget: each choice ends at its own job's (Choice.add)
 
 
 @dataclass
@@ -183,11 +191,12 @@ class ChatEngine:
         self.lock = threading.Lock()  # the model: a batch, an adapter switch, a load or unload
         self._cond = threading.Condition()
         self._waiting: list[Job] = []
-        self._running: list[Job] = []
+        self._running: list[Job] = []  # jobs of the running batch not yet finished
         self._admitted = 0
         self._closed = False
+        self._exclusive = 0  # callers waiting in exclusive(): batches take no newcomers, the worker waits
         self._thread: threading.Thread | None = None
-        self.batches: list[int] = []  # jobs per batch run (for tests and logs)
+        self.batches: list[int] = []  # jobs per batch run, those that joined it included (for tests and logs)
         self.continuous = hasattr(policy, "extend_stream") and hasattr(policy, "model")
 
     # -- admission ---------------------------------------------------------------
@@ -217,6 +226,20 @@ class ChatEngine:
             for job in self._waiting + self._running:
                 job.cancel()
             self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Hold the model between batches (an adapter load or unload). The running batch takes no newcomer
+        meanwhile and the worker starts no new one, so the caller gets the model even under steady traffic."""
+        with self._cond:
+            self._exclusive += 1
+        try:
+            with self.lock:
+                yield
+        finally:
+            with self._cond:
+                self._exclusive -= 1
+                self._cond.notify_all()
 
     def drop_adapter(self, name: str) -> None:
         """Fail the waiting jobs that asked for adapter ``name`` (being unloaded; call under :attr:`lock`)."""
@@ -253,9 +276,9 @@ class ChatEngine:
         with self._cond:
             while True:
                 self._drop_cancelled()
-                if self._waiting:
+                if self._waiting and not self._exclusive:
                     return True
-                if self._closed:
+                if self._closed and not self._waiting:
                     return False
                 self._cond.wait()
 
@@ -266,17 +289,46 @@ class ChatEngine:
             if not self._waiting:
                 return []
             if not self.continuous:
-                return [self._waiting.pop(0)]
-            key = _group_key(self._waiting[0])
-            batch, rest, rows = [], [], 0
-            for j in self._waiting:
-                if _group_key(j) == key and (not batch or rows + j.n <= self.max_batch):
-                    batch.append(j)
-                    rows += j.n
-                else:
-                    rest.append(j)
-            self._waiting = rest
+                batch, self._waiting = self._waiting[:1], self._waiting[1:]
+            else:
+                key = _group_key(self._waiting[0])
+                batch, rest, rows = [], [], 0
+                for j in self._waiting:
+                    if _group_key(j) == key and (not batch or rows + j.n <= self.max_batch):
+                        batch.append(j)
+                        rows += j.n
+                    else:
+                        rest.append(j)
+                self._waiting = rest
+            self._running = list(batch)
+            self.batches.append(len(batch))
             return batch
+
+    def _join(self, jobs: list[Job], free: int) -> list[Job]:
+        """The waiting jobs that join the running batch ``jobs`` now, added to it: in arrival order, each
+        sharing the batch's adapter and sampling and fitting in the ``free`` rows left, up to the first job
+        that cannot join (it waits for the batch to end, which later arrivals then do not prolong)."""
+        with self._cond:
+            self._drop_cancelled()
+            new: list[Job] = []
+            while (self._waiting and not self._exclusive and _group_key(self._waiting[0]) == _group_key(jobs[0])
+                   and self._waiting[0].n <= free):
+                job = self._waiting.pop(0)
+                free -= job.n
+                new.append(job)
+            jobs += new
+            self._running += new
+            self.batches[-1] += len(new)
+            return new
+
+    def _settle(self, job: Job, error: str | None = None) -> None:
+        """A running job has ended: answer its client and free its place in the queue (once)."""
+        if job.done.is_set():
+            return
+        with self._cond:  # first: a client told its job is done sees it gone from the count
+            self._running = [j for j in self._running if j is not job]
+            self._admitted -= 1
+        job.finish(error)
 
     def _loop(self) -> None:
         while self._work_ahead():
@@ -284,21 +336,15 @@ class ChatEngine:
                 jobs = self._take()
                 if not jobs:
                     continue
-                self.batches.append(len(jobs))
-                with self._cond:
-                    self._running = list(jobs)
+                error = None
                 try:
                     self._select_adapter(jobs[0].adapter)
                     (self._run_continuous if self.continuous else self._run_plain)(jobs)
                 except Exception as exc:  # reported to each client; the server keeps serving
-                    for j in jobs:
-                        j.finish(f"{type(exc).__name__}: {exc}")
+                    error = f"{type(exc).__name__}: {exc}"
                 finally:
-                    for j in jobs:
-                        j.finish()
-                    with self._cond:
-                        self._running = []
-                        self._admitted -= len(jobs)
+                    for j in jobs:  # joiners included
+                        self._settle(j, error)
 
     def _select_adapter(self, adapter: str | None) -> None:
         if adapter is not None:
@@ -315,23 +361,31 @@ class ChatEngine:
                     job.finish(comp.error or "generation failed")
                     break
                 finish_from_completion(choice, comp, decode)
-            job.finish()
+            self._settle(job)
 
-    def _run_continuous(self, jobs: Sequence[Job]) -> None:
+    def _run_continuous(self, jobs: list[Job]) -> None:
         from ..policies.continuous import ContinuousBatch
 
-        rows = [c for j in jobs for c in j.choices]
+        rows = [c for j in jobs for c in j.choices]  # conversation i of the batch is choice rows[i]
         seeds = [s for j in jobs for s in j.seeds()]
         handed = [False] * len(rows)
         tok = self.policy.tokenizer
         decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
         end_ids = set(self.policy.stop_ids)
 
+        def settle_if_done(job: Job) -> None:
+            if all(c.finish_reason is not None for c in job.choices):
+                self._settle(job)
+
         def next_messages(i: int):
-            if handed[i] or rows[i].job.cancelled.is_set():
-                return None
+            choice, first = rows[i], not handed[i]
             handed[i] = True
-            return rows[i].job.messages
+            if first and not choice.job.cancelled.is_set():
+                return choice.job.messages
+            if first:  # cancelled before it had a row
+                choice.finish_reason = "cancelled"
+                settle_if_done(choice.job)
+            return None
 
         def on_token(i: int, t: int, lp: float, logits) -> bool:
             choice = rows[i]
@@ -342,13 +396,20 @@ class ChatEngine:
             if choice.finish_reason is None:
                 choice.finish_reason = comp.finish_reason or "stop"
                 choice._flush(final=True)
-            if all(c.finish_reason is not None for c in choice.job.choices):
-                choice.job.finish()
+            settle_if_done(choice.job)
 
-        budget = max(j.params.max_new_tokens for j in jobs)
-        params = replace(jobs[0].params, max_new_tokens=budget, seed=None)
+        def admit(free: int) -> list[int | None]:
+            new = self._join(jobs, free)
+            for job in new:
+                rows.extend(job.choices)
+                handed.extend([False] * job.n)
+            return [s for job in new for s in job.seeds()]
+
+        # Each choice ends at its own job's budget (Choice.add), so a job that joins later may have a
+        # larger one than the jobs the batch started with: the batch itself sets none.
+        params = replace(jobs[0].params, max_new_tokens=NO_BATCH_BUDGET, seed=None)
         ContinuousBatch(self.policy, len(rows), next_messages, on_turn, params, max_batch=self.max_batch,
-                        seeds=seeds, on_token=on_token).run()
+                        join_fraction=0.0, seeds=seeds, on_token=on_token, admit=admit).run()
 
 
 def _group_key(job: Job) -> tuple:
