@@ -24,7 +24,7 @@ re-reads the student's own tokens, and Visual Experience Distillation pulls the 
 The student never sees the experience: it learns to act as if it had."""
 
 STEPS = ("request", "trajectory", "render", "judge", "experience", "teacher", "student")
-NOTES = ("a text", "search · image search · skill cards → program", "the generator", "KScore against the truth",
+NOTES = ("a text", "search, skills → program", "the generator", "KScore against the truth",
          "best vs worst, by situation", "same weights + the guide", "VED + GRPO on a LoRA")
 
 
