@@ -38,8 +38,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from same_numbers import fingerprint  # noqa: E402  (the same normalisation as the refactoring check)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-IGNORED = ("checkpoint/state.pt", "estimate.json", "start.json", "progress.json", ".html")  # sizes and times of the run
-# itself (the live progress file holds wall-clock times; the HTML report prints times, like report.md)
+IGNORED = ("checkpoint/state.pt", "estimate.json", "start.json", "progress.json", ".kind", ".html")  # sizes and times of
+# the run itself (the live progress file holds wall-clock times, the kind mark when the folder was claimed; the HTML
+# report prints times, like report.md)
 
 COMMANDS = {
     "evolve": ["evolve", "--train-only", "--steps", "3", "-B", "2", "-K", "2", "--max-new-tokens", "96", "--no-probe",
