@@ -20,16 +20,26 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
-def test_evolve_killed_at_random_moments_resumes_to_the_same_numbers(tmp_path):
+def _killed_and_resumed(tmp_path, n: int, seed: int) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import faults
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    result = faults.trials("evolve", 2, random.Random(7), tmp_path)
-    assert result["kills"] == 2 and result["survived"] == 2
+    result = faults.trials("evolve", n, random.Random(seed), tmp_path)
+    assert result["kills"] == n and result["survived"] == n
     assert result["rows_lost"] == 0 and result["rows_duplicated"] == 0
-    assert result["equal"] == 2, [t["files_differing"] for t in result["trials"]]
+    assert result["equal"] == n, [t["files_differing"] for t in result["trials"]]
+
+
+def test_evolve_killed_at_a_random_moment_resumes_to_the_same_numbers(tmp_path):
+    """One kill -9 at a random moment (the default suite's short twin of the campaign below)."""
+    _killed_and_resumed(tmp_path, 1, 7)
+
+
+@pytest.mark.slow
+def test_evolve_killed_at_random_moments_resumes_to_the_same_numbers(tmp_path):
+    _killed_and_resumed(tmp_path, 3, 11)
 
 
 def _args(out: Path, *extra: str) -> list[str]:
