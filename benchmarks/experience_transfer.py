@@ -31,10 +31,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
-from policy_headroom import arm_row, bench, paired_gain, paired_track_gains, pm, policy_args
+from policy_headroom import arm_row, paired_gain, paired_track_gains, pm, policy_args, bench_arms
 
 from genevolve.records.schema import atomic_write_json
 
@@ -173,17 +172,7 @@ def run_arms(a, keys: list[str], summary: dict) -> int:
                                          "--gate", repr(summary["keys"][key]["gate"])]
     arms[f"shuffled ({keys[0]} key)"] = ["--guide", f"shuffled:{a.bank}", "--retrieval-key", keys[0]]
     arms["oracle guide"] = ["--guide", "oracle"]
-    res = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(a.work) if a.work else Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        for name, extra in arms.items():
-            print(f"running {name} ...", flush=True)
-            slug = "".join(c if c.isalnum() else "_" for c in name)
-            try:
-                res[name] = bench([*common, *extra], work / f"{slug}.json", reuse=a.work is not None)
-            except Exception as exc:  # e.g. too few distinct experiences to shuffle: say so, keep the other arms
-                summary["notes"].append(f"{name}: genevolve bench failed ({exc}); see its error above")
+    res = bench_arms(arms, common, a.work, summary["notes"])
     if "no guide" not in res:
         print("the no-guide arm failed: nothing to compare with", file=sys.stderr)
         return 1

@@ -45,6 +45,25 @@ def bench(args: list[str], out: Path, reuse: bool = False) -> dict:
     return json.loads(out.read_text()) | {"seconds": seconds}
 
 
+def bench_arms(arms: dict[str, list[str]], common: list[str], work: str | None, notes: list[str]) -> dict[str, dict]:
+    """Each arm's ``genevolve bench`` (``common`` + its own arguments), its JSON kept in ``work`` and reused there
+    (a temporary folder without one). An arm that fails is named in ``notes`` and the others still run."""
+    import tempfile
+
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(work) if work else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, extra in arms.items():
+            print(f"running {name} ...", flush=True)
+            slug = "".join(c if c.isalnum() else "_" for c in name)
+            try:
+                res[name] = bench([*common, *extra], folder / f"{slug}.json", reuse=work is not None)
+            except Exception as exc:  # e.g. too few distinct experiences to shuffle: say so, keep the other arms
+                notes.append(f"{name}: genevolve bench failed ({exc}); see its error above")
+    return res
+
+
 def policy_args(policy: str, adapter: str | None = None) -> list[str]:
     return ["--policy", policy] + (["--adapter", adapter] if adapter else [])
 

@@ -21,10 +21,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-from policy_headroom import arm_row, bench, paired_gain, paired_track_gains, pm, policy_args
+from policy_headroom import arm_row, bench_arms, paired_gain, paired_track_gains, pm, policy_args
 
 from genevolve.records.schema import atomic_write_json
 
@@ -82,16 +81,7 @@ def main() -> int:
             ap.error(f"--arms takes a comma-separated subset of {', '.join(short)} that includes none, not {a.arms!r}")
         arms = {k: v for k, v in arms.items() if k in {short[x] for x in want}}
     common = [*policy_args(a.policy, a.adapter), "--seeds", a.seeds, "--limit", str(a.requests), "--split", "bench"]
-    res = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(a.work) if a.work else Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        for name, extra in arms.items():
-            print(f"running {name} ...", flush=True)
-            try:
-                res[name] = bench([*common, *extra], work / f"{name.replace(' ', '_')}.json", reuse=a.work is not None)
-            except Exception as exc:  # e.g. a bank whose experiences cannot be shuffled: say so, keep the other arms
-                notes.append(f"{name}: genevolve bench failed ({exc}); see its error above")
+    res = bench_arms(arms, common, a.work, notes)
     if "no guide" not in res:
         print("the no-guide arm failed: nothing to compare with", file=sys.stderr)
         return 1

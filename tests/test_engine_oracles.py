@@ -5,42 +5,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import pytest
-
 from genevolve.agent.loop import Tools
-from genevolve.agent.protocol import SYSTEM_PROMPT
 from genevolve.agent.rollout import rollout
 from genevolve.policies.base import SamplingParams
-from genevolve.policies.local import LocalPolicy
-from genevolve.policies.tiny import build_tiny_model, train_tokenizer
 from genevolve.records.schema import Request
-from genevolve.tools.base import ImageHit
+from test_local_policy import FakeTools, policy  # noqa: F401  (the tiny random model, a module fixture)
 
-TEXTS = [SYSTEM_PROMPT, "Draw three gold stars above a red circle.", "<think>I search.</think><tool_call>{\"name\": \"search\"}</tool_call>",
-         "--- search result for [x] ---\n1. title: y\n  snippet: z\n--- end of search result ---"] * 20
 REQS = [Request(id="r1", text="Draw a red circle."), Request(id="r2", text="Draw two blue squares above a star.")]
-
-
-class _Tools:
-    def search(self, queries, top_k=5):
-        return "--- search result for [q] ---\n--- end of search result ---"
-
-    def image_search(self, query, top_k=5):
-        return [ImageHit(title="t", url="u", local_path="/tmp/x.png")]
-
-    def query(self, skill_name):
-        return "card"
-
-
-TOOLS = Tools(_Tools(), _Tools(), _Tools())
-
-
-@pytest.fixture(scope="module")
-def policy():
-    tok = train_tokenizer(TEXTS, vocab_size=400)
-    model = build_tiny_model(tok, seed=0, layers=2, hidden=64)
-    model.eval()
-    return LocalPolicy(model, tok, name="tiny-random")
+TOOLS = Tools(FakeTools(), FakeTools(), FakeTools())
 
 
 def _sampled_positions(t) -> list[int]:

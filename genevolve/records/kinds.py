@@ -23,7 +23,6 @@ COMMAND_KIND = {"rollout": "rollout", "bench": "bench", "data import": "import"}
 SEEDS = {"evolve": {"bank"}, "ablate": {"bank"}}  # what a user may put in first: a bank to start from
 # What a command (or the studio, for the command it starts) writes before it claims its folder.
 PREAMBLE = {"estimate.json", "studio.log", "studio_job.json"}
-ARTICLE = {"rollout": "a", "bench": "a", "import": "an", "evolve": "an", "ablate": "an", "sft": "an"}
 
 
 class RunKindError(ValueError):
@@ -69,7 +68,7 @@ def _kind_from_files(folder: Path) -> str | None:
 
 
 def describe(kind: str) -> str:
-    return f"{ARTICLE[kind]} {kind} run folder"
+    return f"{'an' if kind[0] in 'aeis' else 'a'} {kind} run folder"  # "an sft": said ess-eff-tee
 
 
 def check(folder: str | os.PathLike, kind: str, command: str | None = None, hint: str = "choose another --out") -> None:

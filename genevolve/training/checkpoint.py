@@ -1,7 +1,7 @@
 """A trainer's checkpoint: the LoRA adapter, the optimizer state, the step, the RNG state, the sizes of the
-run's append-only files and a copy of the experience bank, swapped in whole.
+run's append-only files, swapped in whole.
 
-``<out>/checkpoint/`` holds ``adapter/``, ``state.pt``, ``bank.jsonl`` and, written last, ``complete.json``.
+``<out>/checkpoint/`` holds ``adapter/``, ``state.pt`` and, written last, ``complete.json``.
 A new checkpoint is written to ``checkpoint.tmp/`` and swapped in by renames (the previous one waits as
 ``checkpoint.old/`` until the new one is in place), so a kill at any moment leaves one whole checkpoint:
 :func:`recover` puts it back. A folder without the adapter or without ``state.pt`` is not a checkpoint:
@@ -11,8 +11,7 @@ resuming from it is refused, never silently restarted.
 that cannot be read, does not fit the run, or cannot be written (a full disk) raises :class:`CheckpointError`
 with one line naming the file and what to do; a failed save leaves the previous checkpoint in place.
 
-A fresh run first writes ``start.json`` and ``bank.start.jsonl`` (the files and the bank it starts
-from; the bank copies are kept for inspection). Resuming rolls every append-only file back to the checkpoint's
+A fresh run first writes ``start.json`` (the sizes of the files it starts from). Resuming rolls every append-only file back to the checkpoint's
 sizes (or the start's) and undoes the trainer's own bank writes after the checkpoint, from its journal
 (:mod:`genevolve.experience.journal`), so a step that was cut short leaves no rows behind and the resumed run
 writes the same rows an uninterrupted one does, while the bank keeps every change made by anyone else (a
@@ -153,15 +152,13 @@ def _sizes(out: Path) -> dict[str, int]:
     return {name: (out / name).stat().st_size if (out / name).exists() else 0 for name in APPEND_FILES}
 
 
-def mark_start(out: Path, bank_jsonl: Path) -> None:
-    """A fresh run: remember the files and the bank it starts from (kept until the run folder is removed)."""
+def mark_start(out: Path) -> None:
+    """A fresh run: remember the sizes of the files it starts from (kept until the run folder is removed)."""
     from ..records.schema import atomic_write_json
 
     if (out / START).exists() or (out / "checkpoint").exists():
         return
-    if bank_jsonl.exists():
-        shutil.copy2(bank_jsonl, out / "bank.start.jsonl")
-    atomic_write_json(out / START, {"files": _sizes(out), "bank": bank_jsonl.exists()})
+    atomic_write_json(out / START, {"files": _sizes(out)})
 
 
 def _start_sizes(out: Path) -> dict[str, int]:
@@ -221,14 +218,14 @@ def restore(ckpt: Path, opt: torch.optim.Optimizer, device, log: Callable[[str],
     return step
 
 
-def save(out: Path, model, opt: torch.optim.Optimizer, step: int, bank_jsonl: Path | None = None) -> None:
-    """Write ``<out>/checkpoint`` for ``step`` (adapter, optimizer, step, RNG, file sizes, bank) and swap it in."""
+def save(out: Path, model, opt: torch.optim.Optimizer, step: int) -> None:
+    """Write ``<out>/checkpoint`` for ``step`` (adapter, optimizer, step, RNG, file sizes) and swap it in."""
     tmp, ckpt, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     for leftover in (tmp, old):
         if leftover.exists():
             shutil.rmtree(leftover)
     try:
-        _write(tmp, out, model, opt, step, bank_jsonl)
+        _write(tmp, out, model, opt, step)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if not _disk_error(exc):
@@ -250,13 +247,10 @@ def _disk_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or (isinstance(exc, SafetensorError) and "IoError" in str(exc))
 
 
-def _write(tmp: Path, out: Path, model, opt: torch.optim.Optimizer, step: int, bank_jsonl: Path | None) -> None:
-    """The new checkpoint's files in ``tmp``: adapter, bank copy, state, and ``complete.json`` last."""
+def _write(tmp: Path, out: Path, model, opt: torch.optim.Optimizer, step: int) -> None:
+    """The new checkpoint's files in ``tmp``: adapter, state, and ``complete.json`` last."""
     tmp.mkdir()
     model.save_pretrained(tmp / "adapter")
-    has_bank = bank_jsonl is not None and bank_jsonl.exists()
-    if has_bank:
-        shutil.copy2(bank_jsonl, tmp / "bank.jsonl")
     write_state(tmp / "state.pt", {"opt": opt.state_dict(), "step": step, "rng": torch.get_rng_state(),
-                                   "files": _sizes(out), "bank": has_bank})
+                                   "files": _sizes(out)})
     (tmp / COMPLETE).write_text(json.dumps({"step": step}))

@@ -132,7 +132,7 @@ def setup(cfg, world, procs: Processes, log: Callable[[str], None]) -> Run:
         check_same_config(out, cfg)
         checkpoint.recover(out, log)
         checkpoint.roll_back(out, out / "bank" / "experiences.jsonl", log)  # a cut-short step leaves nothing behind
-        checkpoint.mark_start(out, out / "bank" / "experiences.jsonl")
+        checkpoint.mark_start(out)
         atomic_write_json(out / "config.json", asdict(cfg))
     procs.barrier()  # the other processes copy the bank once it is rolled back
     random.seed(cfg.seed)
@@ -381,7 +381,7 @@ def record_step(run: Run, step: int, row: MetricsRow, probe_result) -> None:
     if probe_result is not None:
         probes.write(run.out, run.pol.tokenizer, step + 1, run.probe_req, probe_result, run.cfg.use_ved,
                      probes.GIVEN if run.cfg.probe_request else probes.AUTO)
-    checkpoint.save(run.out, run.model, run.opt, step + 1, run.out / "bank" / "experiences.jsonl")
+    checkpoint.save(run.out, run.model, run.opt, step + 1)
     from ..experience import journal
 
     journal.forget(run.out / journal.NAME, step + 1)  # checkpointed: never to be undone
