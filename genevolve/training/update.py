@@ -10,7 +10,8 @@ For each micro-batch of trajectories:
 - every forward computes the output layer and the softmax only on the assistant tokens, the only
   ones a loss reads;
 - the losses of :mod:`.losses`, weighted so that the step's loss is a mean over all its assistant
-  tokens (GRPO) and over all its trajectories that have a teacher (VED), then ``backward``.
+  tokens (GRPO) and over all its trajectories that have a teacher, each the mean over its selected
+  tokens (VED), whatever the micro-batches; then ``backward``.
 
 The optimizer step is the caller's (data parallelism sums the gradients first). The trainer, the
 step-cost benchmark and the CUDA check all call :func:`accumulate_gradients`.
@@ -191,18 +192,22 @@ def _micro_batch(model, mb: list[Scored], loss: LossSettings, device, pad_id: in
         for k, v in (("grpo", gs.pg_loss), ("kl", gs.kl), ("clip_low", gs.clip_low_frac), ("clip_high", gs.clip_high_frac)):
             stats[k] += v * weight
     if loss.use_ved and tmb:
-        rows = [i for i in range(len(mb)) if teach[i] is not None]
-        logq = torch.zeros_like(logp)
-        vmask = torch.zeros_like(mask)
-        for i in rows:
+        # One row at a time: VED is a mean over the step's teacher rows of each row's mean over its selected
+        # tokens, so rows that select more tokens do not weigh more, and the micro-batching changes nothing.
+        per_row = []
+        for i in tmb:
             # The teacher's stream is longer only by its system block: positions line up after it.
             L = min(len(teach[i]), len(mb[i].ids))
-            logq[i, :L] = teach[i][:L]
-            vmask[i, :L] = mask[i, :L]
-        terms_ved, vs = ved_loss(logp, logq, logp_old, vmask, loss.top_frac)
-        stats["ved"] += vs.loss * len(rows) / max(n_teacher, 1)
-        stats["ved_tokens"] += vs.selected
-        stats["mean_gap"] += vs.mean_gap * len(rows) / max(n_teacher, 1)
+            logq = torch.zeros_like(logp[i : i + 1])
+            vmask = torch.zeros_like(mask[i : i + 1])
+            logq[0, :L] = teach[i][:L]
+            vmask[0, :L] = mask[i, :L]
+            term, vs = ved_loss(logp[i : i + 1], logq, logp_old[i : i + 1], vmask, loss.top_frac)
+            per_row.append(term)
+            stats["ved"] += vs.loss / max(n_teacher, 1)
+            stats["ved_tokens"] += vs.selected
+            stats["mean_gap"] += vs.mean_gap / max(n_teacher, 1)
+        terms_ved = torch.stack(per_row).mean()
     if terms_grpo is None and terms_ved is None:
         return
     loss_grpo = terms_grpo * weight if terms_grpo is not None else None
