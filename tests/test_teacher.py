@@ -58,5 +58,5 @@ def test_the_teacher_reads_the_students_tokens_behind_its_own_system_block(tiny_
     assert t_ids[: len(t_ids) - len(student) + n_sys] == system_block(tok, guide)
     assert offset == len(system_block(tok, guide)) - n_sys > 0
     assert all(t_ids[i + offset] == student[i] for i in range(n_sys, len(student)))  # aligned after the block
-    with pytest.raises(ValueError, match="does not start with the rendered system block"):
+    with pytest.raises(ValueError, match=r"^the token stream does not start with the rendered system block$"):
         teacher_stream(tok, guide, SYSTEM_PROMPT, student[1:])
