@@ -10,7 +10,12 @@ selected test reaches ("no tests") counts as survived. A surviving mutant listed
 ``benchmarks/mutation_equivalent.toml`` (module, mutant name, the mutated line, the reason) is
 *equivalent*: no test can tell it from the original, so it is left out of the score. An entry whose
 mutated line no longer matches the mutant's diff is reported as stale and the mutant counts as survived.
-The raw score, with the equivalent mutants counted as survived, is reported beside it.
+The raw score, with the equivalent mutants counted as survived, is reported beside it. An entry with
+``kind = "gpu-only"`` names a mutant on a line that only runs on a CUDA device (the CPU suite cannot reach
+it): it is left out of the score the same way and listed apart, so that a GPU run can check it.
+
+mutmut does not mutate module-level constants (thresholds, gates, caps, id patterns): the constants that set
+results are tested directly, where they act, in ``tests/test_constants.py``.
 
 Only some functions of ``genevolve/evaluation/report.py`` are mutated (its aggregation; plotting, example
 images and file writing are left out, see ``MODULES``).
@@ -60,6 +65,18 @@ MODULES: dict[str, Module] = {
                           "teacher_section and ablation_run_record (files and report text) and adapter_distance "
                           "(a diagnostic read from adapter files) are not mutated"),
     "sampling": Module("genevolve/policies/sampling.py", ["tests/test_oracle_sampling.py", "tests/test_sampling_nucleus.py"]),
+    "update": Module("genevolve/training/update.py", ["tests/test_training_oracles.py", "tests/test_update.py"]),
+    "steps": Module("genevolve/training/steps.py", ["tests/test_training_oracles.py", "tests/test_steps.py"],
+                    functions=["prompts_for", "probe_seed", "judge", "record_cases", "groups_of", "mine_and_summarise",
+                               "advantages", "update_targets", "update", "_mean", "_std", "metrics_row", "record_step",
+                               "summary_line", "check_same_config"],
+                    note="the step's arithmetic and records; setup, collect_rollouts, probe_plan and probe (they build "
+                         "the student, its tools and the live probe, and are run whole by tests/test_evolve.py, whose "
+                         "50 s per mutant would make the module's run take hours) are not mutated"),
+    "teacher": Module("genevolve/agent/teacher.py", ["tests/test_teacher.py", "tests/test_training_oracles.py"]),
+    "continuous": Module("genevolve/policies/continuous.py", ["tests/test_engine_oracles.py", "tests/test_local_policy.py",
+                                                             "tests/test_serve_join.py"]),
+    "runs": Module("genevolve/records/runs.py", ["tests/test_records.py", "tests/test_runs.py"]),
 }
 # Files near the core that are not mutated, and why.
 NOT_MUTATED = {
@@ -89,7 +106,7 @@ def project_files(folders: tuple[str, ...]) -> list[str]:
 
 def prepare_copy(name: str, mod: Module, tmp: Path) -> None:
     """The project's code, tests and world in ``tmp``, with mutmut configured for one module."""
-    for rel in project_files(("genevolve", "tests", "assets/world")):
+    for rel in project_files(("genevolve", "tests", "assets/world", "benchmarks")):
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         try:
             shutil.copy2(ROOT / rel, tmp / rel)
@@ -100,7 +117,7 @@ def prepare_copy(name: str, mod: Module, tmp: Path) -> None:
     cfg = {
         "source_paths": ["genevolve"],
         "only_mutate": [mod.path],
-        "also_copy": ["assets/world"],
+        "also_copy": ["assets/world", "benchmarks"],  # tests that run a benchmark script end to end
         "pytest_add_cli_args_test_selection": mod.tests,
         "pytest_add_cli_args": ["-p", "no:cacheprovider", "-W", "ignore"],
         "use_git_change_detection": False,
@@ -180,7 +197,7 @@ def score(name: str, mod: Module, found: dict, equivalent: dict[str, dict]) -> d
         diff = diffs.get(k, "")
         row = {"mutant": short, "status": s, "diff": diff}
         if entry and " ".join(entry["line"].split()) in [" ".join(x.split()) for x in added_lines(diff)]:
-            equiv.append(row | {"reason": entry["reason"]})
+            equiv.append(row | {"reason": entry["reason"], "kind": entry.get("kind", "equivalent")})
         else:
             if entry:
                 stale.append(short)
@@ -189,7 +206,8 @@ def score(name: str, mod: Module, found: dict, equivalent: dict[str, dict]) -> d
     tested = killed + n_survived
     return {
         "module": mod.path, "tests": mod.tests, "functions": mod.functions or "all", "note": mod.note,
-        "mutants": len(status), "killed": killed, "survived": len(survivors), "equivalent": len(equiv),
+        "mutants": len(status), "killed": killed, "survived": len(survivors),
+        "equivalent": sum(e["kind"] != "gpu-only" for e in equiv), "gpu_only": sum(e["kind"] == "gpu-only" for e in equiv),
         "by_status": counts,
         "score": round(killed / (killed + len(survivors)), 4) if killed + len(survivors) else None,
         "raw_score": round(killed / tested, 4) if tested else None,
@@ -202,19 +220,28 @@ def markdown(results: dict[str, dict], seconds: dict[str, float] | None = None) 
     lines = ["# Mutation testing of the core", "",
              "`make mutate` (scripts/mutate.py, mutmut 3.8.1). Score = killed / (killed + survived), timeouts counted "
              "as killed and mutants no test reaches as survived; equivalent mutants (benchmarks/mutation_equivalent.toml) "
-             "are left out of the score and counted as survived in the raw score.", "",
-             "| module | file | mutants | killed | survived | equivalent | score | raw score |" + (" seconds |" if seconds else ""),
-             "| --- " * (9 if seconds else 8) + "|"]
+             "are left out of the score and counted as survived in the raw score; so are GPU-only mutants, on lines "
+             "that only run on a CUDA device.", "",
+             "mutmut does not mutate module-level constants (gates, thresholds, caps, id patterns): the constants that "
+             "set results are tested directly, where they act, in `tests/test_constants.py`.", "",
+             "| module | file | mutants | killed | survived | equivalent | GPU-only | score | raw score |"
+             + (" seconds |" if seconds else ""),
+             "| --- " * (10 if seconds else 9) + "|"]
     pct = lambda x: "-" if x is None else f"{100 * x:.1f} %"  # noqa: E731
     for name, r in results.items():
         lines.append(f"| {name} | `{r['module']}` | {r['mutants']} | {r['killed']} | {r['survived']} | {r['equivalent']} "
+                     f"| {r.get('gpu_only', 0)} "
                      f"| {pct(r['score'])} | {pct(r['raw_score'])} |" + (f" {seconds[name]:.0f} |" if seconds else ""))
     lines += [""] + [f"Not mutated: `{path}`: {why}." for path, why in NOT_MUTATED.items()]
     for name, r in results.items():
         lines += ["", f"## {name}: `{r['module']}`", "", "Tests: " + ", ".join(f"`{t}`" for t in r["tests"]) + "."]
         if r["note"]:
             lines += ["", f"Mutated: {r['note']}."]
-        for title, rows in (("Surviving mutants", r["survivors"]), ("Equivalent mutants", r["equivalents"])):
+        groups = (("Surviving mutants", r["survivors"]),
+                  ("Equivalent mutants", [e for e in r["equivalents"] if e.get("kind") != "gpu-only"]),
+                  ("GPU-only mutants (lines the CPU suite cannot reach)",
+                   [e for e in r["equivalents"] if e.get("kind") == "gpu-only"]))
+        for title, rows in groups:
             lines += ["", f"### {title} ({len(rows)})"]
             for row in rows:
                 why = f" — {row['reason']}" if row.get("reason") else ""
@@ -252,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
         r = results[name]
-        print(f"=== {name}: {r['killed']} killed, {r['survived']} survived, {r['equivalent']} equivalent of "
+        print(f"=== {name}: {r['killed']} killed, {r['survived']} survived, {r['equivalent']} equivalent, "
+              f"{r['gpu_only']} GPU-only of "
               f"{r['mutants']} mutants: score {100 * (r['score'] or 0):.1f} % ({seconds[name]:.0f} s)", flush=True)
         results = {k: results[k] for k in MODULES if k in results}
         out_json.write_text(json.dumps(results, indent=1) + "\n", "utf-8")

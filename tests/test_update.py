@@ -60,12 +60,13 @@ def _stats_by_hand(model, rows, kw):
 
 
 @pytest.mark.parametrize("micro_batch", [1, 2, 3])
-def test_every_statistic_equals_its_value_from_plain_forwards(lora_model, micro_batch):
-    model, rows = lora_model, _two_teachers()
+@pytest.mark.parametrize("teachers", [1, 2])
+def test_every_statistic_equals_its_value_from_plain_forwards(lora_model, micro_batch, teachers):
+    model, rows = lora_model, _two_teachers() if teachers == 2 else _rows()
     want = _stats_by_hand(model, rows, LOSS_KW)
     model.zero_grad()
     got = accumulate_gradients(model, rows, LossSettings(micro_batch=micro_batch, **LOSS_KW), "cpu", 0,
-                               n_tokens=sum(sum(r.mask) for r in rows), n_teacher=2)
+                               n_tokens=sum(sum(r.mask) for r in rows), n_teacher=teachers)
     model.zero_grad()
     assert set(got) == set(update.STAT_KEYS)
     for k in ("grpo", "kl", "ved", "mean_gap", "g2_grpo", "g2_ved"):
@@ -187,13 +188,19 @@ def test_token_logprobs_equal_a_plain_forward_with_and_without_the_needed_positi
         full = token_logprobs(model, seqs, "cpu", 0)
         part = token_logprobs(model, seqs, "cpu", 3, masks)
         rows_ = row_logprobs(model, seqs, "cpu", 0, masks)
+        rows_full = row_logprobs(model, seqs, "cpu", 0)
         one = row_logprobs(model, seqs[:1], "cpu", 0)
+        one_part = row_logprobs(model, seqs[:1], "cpu", 0, masks[:1])
     for p, f, q, r, m in zip(plain, full, part, rows_, masks):
         assert f.shape == p.shape and torch.allclose(f, p, atol=1e-5)
         m = torch.tensor(m).bool()
         assert torch.allclose(q[m], p[m], atol=1e-5) and bool((q[~m] == 0).all())
         assert torch.allclose(r, q, atol=1e-5)
+    for p, f in zip(plain, rows_full):
+        assert torch.allclose(f, p, atol=1e-5)
     assert torch.allclose(one[0], plain[0], atol=1e-5) and full[0][0] == 0
+    m0 = torch.tensor(masks[0]).bool()
+    assert torch.allclose(one_part[0][m0], plain[0][m0], atol=1e-5) and bool((one_part[0][~m0] == 0).all())
 
 
 class _Scaled(torch.nn.Module):
@@ -255,3 +262,71 @@ def test_grpo_statistics_use_the_advantage_sign(lora_model):
     assert s["grpo"] == pytest.approx(-sum(r.advantage * sum(r.mask) for r in rows) / n, rel=1e-5)
     loss, gs = grpo_loss(torch.zeros(1, 2), torch.zeros(1, 2), None, torch.tensor([1.0]), torch.ones(1, 2))
     assert gs.pg_loss == pytest.approx(-1.0)
+
+
+def test_the_clock_adds_up_over_micro_batches(lora_model, monkeypatch):
+    """Frozen-forward and update seconds are sums over the micro-batches (a clock that ticks 1 s per reading)."""
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(update.time, "time", lambda: float(next(ticks)))
+    rows = _two_teachers()
+    _, s = _grads(lora_model, rows, micro_batch=1)
+    assert s["teacher_seconds"] == 3.0 and s["update_seconds"] == 3.0
+
+
+def test_arms_without_a_loss_skip_its_forwards(lora_model, monkeypatch):
+    """GRPO without a KL term reads no reference, and an arm without VED reads no teacher: one forward per row."""
+    seen = []
+    real = update.row_logprobs
+    monkeypatch.setattr(update, "row_logprobs", lambda model, seqs, *a, **k: seen.append(len(seqs)) or real(model, seqs, *a, **k))
+    _grads(lora_model, _two_teachers(), use_ved=False, beta=0.0)
+    assert seen == [3]  # the student's forward only
+    seen.clear()
+    _grads(lora_model, _two_teachers(), beta=0.0)
+    assert seen == [2, 3]  # the two teacher rows, then the student
+
+
+def test_one_assistant_token_is_the_whole_steps_mean():
+    """A step of one assistant token: GRPO's value is minus its advantage (weight 1 / max(n_tokens, 1))."""
+    from genevolve.policies.tiny import build_tiny_model, train_tokenizer
+    from peft import LoraConfig, get_peft_model
+    from genevolve.training.checkpoint import LORA_TARGETS
+
+    tok = train_tokenizer(["a b c d e f g"] * 20, vocab_size=60)
+    model = get_peft_model(build_tiny_model(tok, seed=0, layers=1, hidden=32),
+                           LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    row = update.Scored([5, 6, 7], [0, 0, 1], 0, 0.75)
+    stats = accumulate_gradients(model, [row], LossSettings(use_ved=False, beta=0.0), "cpu", 0, n_tokens=1, n_teacher=0)
+    assert stats["grpo"] == pytest.approx(-0.75)
+
+
+class _Offset(torch.nn.Module):
+    """A model whose logits are its head's output plus ``delta`` (head: a zero weight and a bias of ``bias``)."""
+
+    def __init__(self, delta, bias):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.delta = delta
+        self.head = torch.nn.Linear(4, 10)
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.fill_(bias)
+        self.config = SimpleNamespace(get_text_config=lambda: SimpleNamespace(vocab_size=10))
+        self.dec = lambda input_ids, attention_mask=None: SimpleNamespace(
+            last_hidden_state=torch.zeros(*input_ids.shape, 4))
+
+    def forward(self, input_ids, attention_mask=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.head(self.dec(input_ids).last_hidden_state) + self.delta)
+
+    def get_decoder(self):
+        return self.dec
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+@pytest.mark.parametrize("delta,bias,ok", [(5e-5, 0.0, True), (5e-3, 100.0, True), (5e-3, 0.0, False), (0.5, 100.0, False)])
+def test_the_split_head_check_allows_rounding_of_1e_4_absolute_plus_1e_4_relative(delta, bias, ok):
+    assert update._split_head_ok(_Offset(delta, bias), "cpu") is ok
