@@ -39,7 +39,7 @@ demo: setup
 	$(GE) rollout --request "Draw the flag of the 2031 Aurora Cup champion above exactly three gold stars" -k 4
 
 test: setup chromium
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

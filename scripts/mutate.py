@@ -47,6 +47,7 @@ class Module:
     tests: list[str]
     functions: list[str] = field(default_factory=list)  # mutate only these (all when empty)
     note: str = ""
+    deselect: list[str] = field(default_factory=list)  # tests of the files above not run per mutant (slow, end to end)
 
 
 MODULES: dict[str, Module] = {
@@ -75,7 +76,11 @@ MODULES: dict[str, Module] = {
                          "50 s per mutant would make the module's run take hours) are not mutated"),
     "teacher": Module("genevolve/agent/teacher.py", ["tests/test_teacher.py", "tests/test_training_oracles.py"]),
     "continuous": Module("genevolve/policies/continuous.py", ["tests/test_engine_oracles.py", "tests/test_local_policy.py",
-                                                             "tests/test_serve_join.py"]),
+                                                             "tests/test_serve_join.py", "tests/test_continuous.py"],
+                         deselect=["tests/test_serve_join.py::test_the_benchmark_runs_end_to_end_over_http",
+                                   "tests/test_serve_join.py::test_short_requests_answer_within_2_s_beside_a_700_token_generation_of_the_tiny_policy"],
+                         note="every function; two end-to-end serving tests (an HTTP server, a 700-token generation) are "
+                              "not run per mutant: the join tests beside them drive the same batch directly"),
     "runs": Module("genevolve/records/runs.py", ["tests/test_records.py", "tests/test_runs.py"]),
 }
 # Files near the core that are not mutated, and why.
@@ -119,7 +124,7 @@ def prepare_copy(name: str, mod: Module, tmp: Path) -> None:
         "only_mutate": [mod.path],
         "also_copy": ["assets/world", "benchmarks"],  # tests that run a benchmark script end to end
         "pytest_add_cli_args_test_selection": mod.tests,
-        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-W", "ignore"],
+        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-W", "ignore", *(f"--deselect={t}" for t in mod.deselect)],
         "use_git_change_detection": False,
     }
     body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in cfg.items())
