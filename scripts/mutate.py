@@ -54,6 +54,8 @@ MODULES: dict[str, Module] = {
     "losses": Module("genevolve/training/losses.py", ["tests/test_oracle_losses.py", "tests/test_losses.py"]),
     "bank": Module("genevolve/experience/bank.py", ["tests/test_oracle_bank.py", "tests/test_experience.py",
                                                    "tests/test_transfer.py"]),
+    "validate": Module("genevolve/experience/validate.py", ["tests/test_validate.py", "tests/test_experience.py",
+                                                           "tests/test_oracle_bank.py"]),
     "mining": Module("genevolve/experience/mining.py", ["tests/test_oracle_bank.py", "tests/test_experience.py"]),
     "judge": Module("genevolve/world/judge.py", ["tests/test_oracle_judge.py", "tests/test_oracle_judge_edges.py"]),
     "scoring": Module("genevolve/evaluation/scoring.py", ["tests/test_oracle_scoring.py", "tests/test_judges.py"]),
