@@ -403,3 +403,22 @@ def test_a_conversation_whose_history_changes_is_re_encoded_and_read_from_scratc
     last = [p for p, m in enumerate(st.mask) if m][-5:]  # the second turn's sampled tokens
     want = [float(logp[p - 1, st.ids[p]]) for p in last]
     assert [st.logprobs[p] for p in last] == pytest.approx(want, abs=1e-4)
+
+
+def test_a_next_turn_prefills_only_the_tokens_the_conversation_gained(local, monkeypatch):
+    """Between turns a row keeps its cache: the second turn's prefill runs the observation and the new prompt only."""
+    shapes = []
+    real = ContinuousBatch._forward
+
+    def forward(self, lo, hi, x, keep):
+        if keep is not None:
+            shapes.append((x.shape[1], len(self.streams[self.slot[lo]].ids), self.lengths[lo]))
+        return real(self, lo, hi, x, keep)
+
+    monkeypatch.setattr(ContinuousBatch, "_forward", forward)
+    d = _Driver(1)
+    d.needed = {0: 2}
+    (st,) = d.run(local, admit=False)
+    assert len(shapes) == 2 and shapes[0][2] == 0 and shapes[0][0] == shapes[0][1]  # the first turn: everything
+    new, total, held = shapes[1]
+    assert held > 0 and new == total - held < total // 2  # the second: only what was added
