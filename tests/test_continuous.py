@@ -226,7 +226,7 @@ def test_the_default_batch_holds_at_most_64_rows(local):
     assert b.rows == 64 and b.max_batch == 64 and len(b.queue) == 70
 
 
-@pytest.mark.parametrize("need", [1, 255, 256, 257, 1000])
+@pytest.mark.parametrize("need", [100, 513, 768, 1000, 2049])
 def test_capacity_grows_to_a_multiple_of_256_with_256_to_511_spare_and_keeps_what_the_buffers_held(local, need):
     b = ContinuousBatch(local, 2, lambda i: None, lambda i, c: None, PARAMS)
     b._ensure_capacity(3)
@@ -343,7 +343,9 @@ def test_a_block_exactly_min_shared_prefix_long_is_shared(local, monkeypatch):
 
 def test_prefill_calls_hold_as_many_rows_as_prefill_scores_allows(local, monkeypatch):
     """Each prefill call's attention scores (rows x new tokens x width x heads) stay within PREFILL_SCORES unless
-    it is one row, and the next row would not have fitted: as few calls as the bound allows."""
+    it is one row, and the next row would not have fitted: as few calls as the bound allows. The bound is set to
+    exactly the two longest rows' scores, so that every two neighbours fit together (the longest exactly at the
+    bound) and no three do."""
     monkeypatch.setattr(continuous, "MIN_SHARED_PREFIX", 10**9)  # every row prefilled from its first token
     calls = []
     real = ContinuousBatch._forward
@@ -351,31 +353,30 @@ def test_prefill_calls_hold_as_many_rows_as_prefill_scores_allows(local, monkeyp
     def forward(self, lo, hi, x, keep):
         if keep is not None:  # a prefill call
             calls.append((lo, hi, [len(self.streams[self.slot[r]].ids) - self.lengths[r] for r in range(lo, hi)],
-                          [self.lengths[r] for r in range(lo, hi)], self.heads))
+                          [self.lengths[r] for r in range(lo, hi)]))
         return real(self, lo, hi, x, keep)
 
     monkeypatch.setattr(ContinuousBatch, "_forward", forward)
     convs = [[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "draw " + "a red fox " * k}]
              for k in range(1, 7)]
-    n_tokens = len(local.tokenizer(local.tokenizer.apply_chat_template(convs[2], tokenize=False))["input_ids"])
     heads = local.model.config.num_attention_heads
-    bound = 2 * n_tokens * n_tokens * heads  # two middle-sized rows fit, three do not
-    monkeypatch.setattr(continuous, "PREFILL_SCORES", bound)
-    with_bound = [s.ids for s in _Driver(6, convs=convs).run(local, admit=False)]
-    first = calls[: next(i for i, c in enumerate(calls) if c[1] == 6) + 1]  # the first prefill, of all six rows
 
     def scores(news, lengths):
         return len(news) * max(news) * max(a + b for a, b in zip(lengths, news)) * heads
 
-    assert len(first) >= 2 and [c[0] for c in first] == [0] + [c[1] for c in first[:-1]]  # consecutive, from row 0
+    monkeypatch.setattr(continuous, "PREFILL_SCORES", 2**40)
+    unbounded = [s.ids for s in _Driver(6, convs=convs).run(local, admit=False)]
+    assert calls[0][:2] == (0, 6)  # unbounded: one call
+    bound = scores(calls[0][2][4:], calls[0][3][4:])
+    monkeypatch.setattr(continuous, "PREFILL_SCORES", bound)
+    calls.clear()
+    assert [s.ids for s in _Driver(6, convs=convs).run(local, admit=False)] == unbounded
+    first = calls[: next(i for i, c in enumerate(calls) if c[1] == 6) + 1]  # the first prefill, of all six rows
+    assert [c[:2] for c in first] == [(0, 2), (2, 4), (4, 6)]
     for c in first:
         assert len(c[2]) == 1 or scores(c[2], c[3]) <= bound
-    for a, b in zip(first, first[1:]):  # the first row of the next call did not fit in this one
-        assert scores(a[2] + b[2][:1], a[3] + b[3][:1]) > bound
-    monkeypatch.setattr(continuous, "PREFILL_SCORES", 2**40)
-    calls.clear()
-    assert [s.ids for s in _Driver(6, convs=convs).run(local, admit=False)] == with_bound
-    assert calls[0][:2] == (0, 6)  # unbounded: one call
+    for x, y in zip(first, first[1:]):  # the first row of the next call did not fit in this one
+        assert scores(x[2] + y[2][:1], x[3] + y[3][:1]) > bound
 
 
 # --- a stream re-encoded from scratch -------------------------------------------------------------------------
