@@ -100,13 +100,32 @@ def measure(snap: Path, policy: str, requests: int, eval_seeds: list[int]) -> di
     return row
 
 
-def plot(points: list[dict], path: Path) -> None:
+def training_rows(work: Path, seeds: list[int]) -> dict[str, list[dict]]:
+    """Each seed's training run, step by step: protocol-valid share, reward, KL to the reference, bank size."""
+    out = {}
+    for seed in seeds:
+        path = work / f"evolve-s{seed}" / "metrics.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+        out[str(seed)] = [{k: r.get(k) for k in ("step", "protocol_valid", "reward_mean", "kl_ref", "bank_size", "seconds")}
+                          for r in rows]
+    return out
+
+
+def plot(points: list[dict], path: Path, training: dict[str, list[dict]] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    fig, axes = plt.subplots(1, 5 if training else 4, figsize=(19 if training else 15, 3.4))
+    if training:
+        ax = axes[-1]
+        for seed, rows in training.items():
+            ax.plot([r["step"] for r in rows], [r["protocol_valid"] for r in rows], "-", label=f"seed {seed}")
+        ax.set_title("protocol-valid rollouts (training)")
+        ax.set_xlabel("step")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
     for ax, (key, title) in zip(axes, (("bench_kscore", "bench KScore (student)"), ("bank_size", "bank size"),
                                        ("hit_rate", "bench hit rate"), ("teacher_minus_student", "teacher − student (hits)"))):
         for seed in sorted({p["seed"] for p in points}):
@@ -179,10 +198,11 @@ def main() -> int:
         print(f"{p['seed']:>4}{str(p['steps']) + ('c' if p.get('collapsed') else ''):>6}{p['bench_kscore']:>9.3f}{p['bank_size']:>6}{p['merged']:>7}{p['evidence']:>9}"
               f"{p['hit_rate']:>9.3f}{gap:>17}")
     out = Path(a.out or Path(__file__).parent / "results" / f"budget_curve_{Path(a.policy).name}.json")
+    training = training_rows(work, seeds)
     atomic_write_json(out, {"policy": a.policy, "budgets": budgets, "seeds": seeds, "eval_seeds": eval_seeds,
                             "requests": a.requests, "B": 8, "K": 6, "points": points, "seconds": time.time() - t0,
-                            "command": "benchmarks/budget_curve.py " + " ".join(sys.argv[1:])})
-    plot(points, out.with_suffix(".png"))
+                            "command": "benchmarks/budget_curve.py " + " ".join(sys.argv[1:]), "training": training})
+    plot(points, out.with_suffix(".png"), training)
     print(f"saved {out} and {out.with_suffix('.png')}")
     return 0
 
