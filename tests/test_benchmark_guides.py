@@ -54,6 +54,7 @@ def test_paired_gain_needs_every_seed():
     assert paired_gain({"per_seed": [0.5]}, {"per_seed": [0.4, 0.3]}, 2)["mean"] is None
 
 
+@pytest.mark.slow  # about 50 s on 2 cores (calibration over both splits); tests/test_transfer.py covers the logic
 def test_experience_transfer_runs_small(tmp_path, world):
     from genevolve.experience.bank import ExperienceBank
     from genevolve.agent.guides import oracle_slots

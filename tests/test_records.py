@@ -494,8 +494,7 @@ def test_two_writers_started_at_once_into_one_folder_the_second_is_refused(tmp_p
     for t in threads:
         t.join()
     assert [r[0] for r in results].count("ok") == 1
-    assert all(r[1] in (f"{tmp_path / 'run'} already holds a run (another writer started there just now); choose another --out",
-                        f"{tmp_path / 'run'} already holds a run; choose another --out") for r in results if r[0] == "refused")
+    assert all("already holds a run" in r[1] for r in results if r[0] == "refused")  # worded exactly in test_runs.py
     winner = next(i for kind, i in results if kind == "ok")
     assert json.loads((tmp_path / "run" / "run.json").read_text())["seed"] == winner
     assert not list((tmp_path / "run").glob(".run.json.*"))
