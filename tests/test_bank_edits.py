@@ -98,3 +98,61 @@ def test_triggers_are_grouped_without_case_or_spacing(tmp_path):
     bank.add("r3", "z", _slots("Count"), retrieval_key={"trigger": "a request that names exact counts"})
     merged = bank.consolidate()
     assert len(merged) == 1 and merged[0].evidence == 2 and len(bank) == 2
+
+
+def test_two_banks_on_one_folder_read_each_others_writes_before_consolidating_or_restoring(tmp_path):
+    mine, theirs = ExperienceBank(tmp_path / "b"), ExperienceBank(tmp_path / "b")
+    e = theirs.add("r1", "x", _slots("Count"), retrieval_key=KEY)
+    theirs.add("r2", "y", _slots("Count"), retrieval_key=KEY)
+    assert len(mine.consolidate()) == 1 and len(mine) == 1  # it saw both before merging
+    theirs2 = ExperienceBank(tmp_path / "b")
+    theirs2.edit(e.id, {SLOTS[0]: "Search first."})  # version 3, made elsewhere
+    back = mine.restore(e.id, 2)
+    assert back.version == 4 and back.slots == _slots("Count")
+
+
+def test_votes_tie_on_evidence_then_go_to_the_larger_summed_gap(tmp_path):
+    bank = ExperienceBank(tmp_path / "b")
+    a, b = _slots("Count") | {SLOTS[0]: "Search once."}, _slots("Count") | {SLOTS[0]: "Search twice."}
+    for slots, gap in ((a, 0.3), (b, 0.01), (a, 0.1), (b, 0.35)):  # a: 0.4 in all, b: 0.36; the last b is the newest
+        bank.add("r", "x", slots, reward_gap=gap, retrieval_key=KEY)
+    (m,) = bank.consolidate()
+    assert m.slots[SLOTS[0]] == "Search once."
+
+
+def test_every_dropped_lesson_is_named_and_a_merged_sources_evidence_is_kept(tmp_path):
+    bank = ExperienceBank(tmp_path / "b")
+    keep = bank.add("r1", "x", _slots("Count"), retrieval_key=KEY, evidence=3)
+    other = bank.add("r2", "y", _slots("Count") | {SLOTS[0]: "Skip it.", SLOTS[1]: "Guess."}, retrieval_key=KEY,
+                     evidence=2)
+    (m,) = bank.consolidate()
+    assert m.id == keep.id and m.evidence == 5 and m.history[-1].evidence == 3
+    assert [(s.id, s.evidence) for s in m.merged_from] == [(other.id, 2)]
+    assert m.note == (f"consolidated 2 experiences with this trigger (evidence 5); dropped as contradicted by "
+                      f"better-supported lessons: {SLOTS[0]} 'Skip it.' (evidence 2); {SLOTS[1]} 'Guess.' (evidence 2)")
+
+
+def test_the_index_embeds_triggers_as_situations_or_source_requests_as_text(tmp_path):
+    from genevolve.experience.situation import situation_vector
+    import numpy as np
+
+    sit, raw = ExperienceBank(tmp_path / "s"), ExperienceBank(tmp_path / "r", key="request")
+    exp = sit.add("r1", "Draw the Veloria flag above three gold stars", _slots("Count"),
+                  retrieval_key={"trigger": "names an exact count; names an entity to look up; places objects"})
+    t = exp.retrieval_key.trigger
+    assert sit.key_text(exp) == t and raw.key_text(exp) == exp.source_request
+    bare = exp.model_copy(update={"retrieval_key": None})
+    assert sit.key_text(bare) == sit.describer.describe(exp.source_request)
+    assert np.allclose(sit._vector(t), situation_vector(t, sit._embed))
+    assert np.allclose(raw._vector(t), raw._embed(t)) and not np.allclose(sit._vector(t), raw._vector(t))
+
+
+def test_ranked_lists_every_experience_for_each_text_and_transform_replaces_them(tmp_path):
+    bank = ExperienceBank(tmp_path / "b", gate=-1.0)
+    a = bank.add("r1", "x", _slots("Count"), retrieval_key=KEY)
+    b = bank.add("r2", "y", _slots("Look"), retrieval_key={"trigger": "a request that names a place"})
+    ranked = bank.ranked(["Draw three gold stars", "Draw the harbour of Veloria"])
+    assert [len(r) for r in ranked] == [2, 2] and {e.id for _, e in ranked[0]} == {a.id, b.id}
+    assert all(r[0][0] >= r[1][0] for r in ranked)
+    bank.transform(lambda items: {k: v for k, v in items.items() if k != a.id})
+    assert list(bank.items) == [b.id] and list(ExperienceBank(tmp_path / "b").items) == [b.id]
