@@ -7,8 +7,9 @@ Measured here, in one run (on an idle machine: nothing else heavy may run while 
   and the shapes of a SmolLM2 decode step at each row count (rows x hidden -> the projections' widths);
 - the bound of one decode step at R rows: the larger of (weight bytes + the rows' KV bytes) / bandwidth and
   FLOPs / matmul peak, as tokens per second (R tokens per step);
-- the bound of one update token: the forward and backward FLOPs (6 x parameters per token for the student,
-  2 x parameters for each frozen forward, the reference and the teacher) over the bfloat16 peak;
+- the bound of one update token: its FLOPs over the bfloat16 peak. The student's forward and backward cost
+  4 x parameters per token (the base weights are frozen: the backward computes activation gradients only, not
+  weight gradients; the LoRA's own are negligible), each frozen forward (the reference, the teacher) 2 x;
 - with ``--achieved``: the project's own decode steps (the rollout engine, :class:`ContinuousBatch`, each
   ``_decode`` call timed, prefill excluded) at each row count, and one GRPO+VED update
   (:func:`accumulate_gradients`) on SmolLM2, each as a fraction of its bound.
@@ -159,7 +160,7 @@ def achieved_update(policy: str, dtype: str, rows: int, length: int) -> dict:
     secs = time.perf_counter() - t
     params = sum(p.numel() for p in model.parameters())
     tokens = rows * length
-    flops = tokens * 6 * params + tokens * 2 * params + rows * (length + 8) * 2 * params  # student, reference, teacher
+    flops = tokens * 4 * params + tokens * 2 * params + rows * (length + 8) * 2 * params  # student, reference, teacher
     return {"rows": rows, "length": length, "seconds": secs, "tokens_per_s": tokens / secs, "flops": flops,
             "flops_per_s": flops / secs}
 
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = mm[a.dtype]["peak_flops_per_s"]
     bounds = [decode_bound(shape, r, a.context, bytes_per, bw_best, peak) for r in rows]
     update_params = shape["params"]
-    update_bound = {"flops_per_token": 10 * update_params, "tokens_per_s": peak / (10 * update_params)}
+    update_bound = {"flops_per_token": 8 * update_params, "tokens_per_s": peak / (8 * update_params)}
     result = {"policy": a.policy, "dtype": a.dtype, "machine": {"cpu": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__}, "shape": shape, "bandwidth": bw,
               "matmul": mm, "decode_bounds": bounds, "update_bound": update_bound,
