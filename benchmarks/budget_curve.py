@@ -39,11 +39,11 @@ from genevolve.records.schema import atomic_write_json
 def collapsed(run: Path, window: int = 3, floor: float = 0.1) -> int | None:
     """The step at which a run has collapsed: its last ``window`` steps all below ``floor`` protocol-valid rollouts
     (the student no longer answers in the protocol); None while it has not."""
-    path = run / "metrics.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-    last = rows[-window:]
+    from genevolve.records.live import read_metrics
+
+    last = read_metrics(run / "metrics.jsonl")[-window:]
     if len(last) == window and all((r.get("protocol_valid") or 0) < floor for r in last):
-        return last[-1]["step"]
+        return last[-1].step
     return None
 
 
@@ -102,13 +102,11 @@ def measure(snap: Path, policy: str, requests: int, eval_seeds: list[int]) -> di
 
 def training_rows(work: Path, seeds: list[int]) -> dict[str, list[dict]]:
     """Each seed's training run, step by step: protocol-valid share, reward, KL to the reference, bank size."""
-    out = {}
-    for seed in seeds:
-        path = work / f"evolve-s{seed}" / "metrics.jsonl"
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-        out[str(seed)] = [{k: r.get(k) for k in ("step", "protocol_valid", "reward_mean", "kl_ref", "bank_size", "seconds")}
-                          for r in rows]
-    return out
+    from genevolve.records.live import read_metrics
+
+    keys = ("step", "protocol_valid", "reward_mean", "kl_ref", "bank_size", "seconds")
+    return {str(seed): [{k: r.get(k) for k in keys} for r in read_metrics(work / f"evolve-s{seed}" / "metrics.jsonl")]
+            for seed in seeds}
 
 
 def plot(points: list[dict], path: Path, training: dict[str, list[dict]] | None = None) -> None:

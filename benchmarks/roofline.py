@@ -27,6 +27,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
+import functools
 import platform
 import sys
 import time
@@ -97,15 +98,20 @@ def decode_bound(shape: dict, rows: int, context: int, bytes_per: int, bw: float
             "tokens_per_s": rows / max(t_mem, t_comp)}
 
 
+@functools.lru_cache(maxsize=None)
+def _policy(policy: str, dtype: str):
+    """The policy, loaded once for every timing of a run."""
+    from genevolve.policies.resolve import resolve_policy
+
+    return resolve_policy(policy, device="cpu", dtype=dtype)
+
+
 def achieved_decode(policy: str, dtype: str, rows: int, new_tokens: int) -> dict:
     """Tokens/s of the engine's decode steps (prefill excluded) with ``rows`` single-turn conversations."""
     from genevolve.agent.protocol import SYSTEM_PROMPT
     from genevolve.policies.base import SamplingParams
     from genevolve.policies.continuous import ContinuousBatch
-    from genevolve.policies.resolve import resolve_policy
-
-    pol = achieved_decode.cache.get((policy, dtype)) or resolve_policy(policy, device="cpu", dtype=dtype)
-    achieved_decode.cache[(policy, dtype)] = pol
+    pol = _policy(policy, dtype)
     steps: list[tuple[int, float]] = []
     real = ContinuousBatch._decode
 
@@ -129,20 +135,13 @@ def achieved_decode(policy: str, dtype: str, rows: int, new_tokens: int) -> dict
     return {"rows": rows, "steps": len(full), "tokens_per_s": toks / secs, "step_ms": 1000 * secs / len(full)}
 
 
-achieved_decode.cache = {}
-
 
 def achieved_update(policy: str, dtype: str, rows: int, length: int) -> dict:
     """One GRPO+VED update (reference and teacher on every row) on ``rows`` sequences of ``length`` tokens."""
     from genevolve.training.checkpoint import attach_adapter
     from genevolve.training.update import LossSettings, Scored, accumulate_gradients
 
-    pol = achieved_decode.cache.get((policy, dtype))
-    if pol is None:
-        from genevolve.policies.resolve import resolve_policy
-
-        pol = resolve_policy(policy, device="cpu", dtype=dtype)
-    model = attach_adapter(pol.model, Path(os.devnull) / "no-checkpoint", rank=16, alpha=32)  # a fresh LoRA
+    model = attach_adapter(_policy(policy, dtype).model, Path(os.devnull) / "no-checkpoint", rank=16, alpha=32)  # a fresh LoRA
     g = torch.Generator().manual_seed(0)
     vocab = model.config.get_text_config().vocab_size
     scored = []

@@ -114,7 +114,7 @@ def project_files(folders: tuple[str, ...]) -> list[str]:
 
 def prepare_copy(name: str, mod: Module, tmp: Path) -> None:
     """The project's code, tests and world in ``tmp``, with mutmut configured for one module."""
-    for rel in project_files(("genevolve", "tests", "assets/world", "benchmarks")):
+    for rel in project_files(("genevolve", "tests", "assets/world")):
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         try:
             shutil.copy2(ROOT / rel, tmp / rel)
@@ -125,7 +125,7 @@ def prepare_copy(name: str, mod: Module, tmp: Path) -> None:
     cfg = {
         "source_paths": ["genevolve"],
         "only_mutate": [mod.path],
-        "also_copy": ["assets/world", "benchmarks"],  # tests that run a benchmark script end to end
+        "also_copy": ["assets/world"],
         "pytest_add_cli_args_test_selection": mod.tests,
         "pytest_add_cli_args": ["-p", "no:cacheprovider", "-W", "ignore", *(f"--deselect={t}" for t in mod.deselect)],
         "use_git_change_detection": False,
