@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .base import (Completion, Message, ModelCallError, NextMessages, OnTurn, SamplingParams, TokenStream,
                    conversation_seeds)
+from .lean import lean_decoder
 from .sampling import sample_tokens, stream_key, uniform
 
 __all__ = ["ContinuousBatch", "ModelCallError", "PREFILL_SCORES"]
@@ -98,6 +99,7 @@ class _RowCache(Cache):
 
     def __init__(self, kbufs: list[torch.Tensor], vbufs: list[torch.Tensor], lengths: torch.Tensor):
         self.writes = _Writes()
+        self.kbufs, self.vbufs = kbufs, vbufs
         super().__init__(layers=[_RowLayer(k, v, self.writes) for k, v in zip(kbufs, vbufs)])
         self.lengths = lengths  # (rows,) tokens each row holds
 
@@ -172,6 +174,7 @@ class ContinuousBatch:
         self._rendered: dict[str, tuple[int, ...] | None] = {}  # system text -> its block, rendered once per batch
         n_layers, self.heads, kv, dim = _kv_shape(policy.model.config)
         self.cache_keyword = _cache_keyword(policy.model)
+        self.lean = lean_decoder(policy.model)
         self.capacity = 0
         self.bufs = [torch.zeros(self.rows, kv, 0, dim, device=self.dev, dtype=policy.model.dtype)
                      for _ in range(2 * n_layers)]  # keys and values of each layer
@@ -285,13 +288,7 @@ class ContinuousBatch:
         n, half = len(block), len(self.bufs) // 2
         bufs = [torch.zeros(1, b.shape[1], n, b.shape[3], device=self.dev, dtype=b.dtype) for b in self.bufs]
         cache = _RowCache(bufs[:half], bufs[half:], torch.zeros(1, dtype=torch.long, device=self.dev))
-        mask = cache.prepare(n)
-        x = torch.tensor([block], device=self.dev)
-        try:
-            self.p.model(input_ids=x, position_ids=cache.write_cols, attention_mask=mask, use_cache=True,
-                         logits_to_keep=1, **{self.cache_keyword: cache})
-        except Exception as exc:
-            raise ModelCallError(f"{type(exc).__name__}: {exc}", self.streams) from exc
+        self._call(torch.tensor([block], device=self.dev), cache, 1)
         return [b[0] for b in bufs]
 
     def _drop_idle_rows(self) -> None:
@@ -343,13 +340,20 @@ class ContinuousBatch:
         self._ensure_capacity(int(lengths.max()) + n)
         half = len(self.bufs) // 2
         cache = _RowCache([b[lo:hi] for b in self.bufs[:half]], [b[lo:hi] for b in self.bufs[half:]], lengths)
-        mask = cache.prepare(n)
+        return self._call(x, cache, keep if keep is not None else 1)[:, -1]
+
+    def _call(self, x: torch.Tensor, cache: "_RowCache", keep: torch.Tensor | int) -> torch.Tensor:
+        """The model's logits at ``keep`` for tokens ``x``, their keys and values written into ``cache``'s rows:
+        through the lean forward where it applies (the same numbers, less overhead), else the model's own."""
+        mask = cache.prepare(x.shape[1])
         try:
+            if self.lean is not None:
+                return self.lean.forward(x, cache.kbufs, cache.vbufs, cache.write_cols, mask, keep)
             out = self.p.model(input_ids=x, position_ids=cache.write_cols, attention_mask=mask, use_cache=True,
-                               logits_to_keep=keep if keep is not None else 1, **{self.cache_keyword: cache})
+                               logits_to_keep=keep, **{self.cache_keyword: cache})
         except Exception as exc:
             raise ModelCallError(f"{type(exc).__name__}: {exc}", self.streams) from exc
-        return out.logits[:, -1]
+        return out.logits
 
     def _prefill(self) -> None:
         """Prefill every waiting row's new tokens, in as few calls as the memory bound allows."""
