@@ -49,10 +49,18 @@ def rows(kind: str, v: int, g: torch.Generator) -> torch.Tensor:
         x = x * 4
         x[:, 100 : 100 + 3 * NUCLEUS_K] = 25.0
         return x
+    if kind == "bf16":  # logits as a bf16 model writes them: thousands of exact ties, at the edge and inside
+        return (x * 3).bfloat16()
+    if kind == "bf16 tie at the nucleus end":  # the nucleus's last value is shared with the candidates' edge
+        x = (x * 3).bfloat16()
+        x[:, :NUCLEUS_K + 40] = -1.0
+        x[:, :3] = 4.0
+        return x
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["peaked", "flat", "tied edge", "tied inside", "tied top"])
+@pytest.mark.parametrize("kind", ["peaked", "flat", "tied edge", "tied inside", "tied top", "bf16",
+                                  "bf16 tie at the nucleus end"])
 @pytest.mark.parametrize("top_p", [0.95, 0.5])
 def test_the_nucleus_shortcut_draws_the_token_a_whole_sort_draws(kind, top_p):
     g = torch.Generator().manual_seed(len(kind) * 7 + int(top_p * 100))
@@ -136,3 +144,22 @@ def test_top_p_one_keeps_a_tail_the_candidates_leave_out():
     assert tok.item() == v - 1
     vals, _ = _sorted_nucleus(torch.softmax(logits, -1), 1.0)
     assert vals.shape[-1] == v
+
+
+def test_bf16_ties_at_the_edge_do_not_force_a_whole_sort():
+    """The speed contract for bf16 logits: ties at the candidates' edge are common there, and when the nucleus
+    closes above the edge the candidates are the head of the whole stable sort, ids and values."""
+    g = torch.Generator().manual_seed(12)
+    v = 64 * NUCLEUS_K
+    x = torch.randn(8, v, generator=g) * 2
+    x[:, :5] += 16  # a few likely tokens over a bf16-quantised tail
+    probs = torch.softmax(x.bfloat16().float() / 0.7, dim=-1)
+    edge_ties = (probs >= probs.topk(NUCLEUS_K, dim=-1).values[:, -1:]).sum(-1) > NUCLEUS_K
+    assert bool(edge_ties.all())  # every row has a tie at the edge
+    vals, idx = _sorted_nucleus(probs, 0.9)
+    assert vals.shape == (8, NUCLEUS_K)
+    want_p, want_i = probs.sort(dim=-1, descending=True, stable=True)
+    kept = (want_p.cumsum(-1) - want_p < 0.9).sum(-1)
+    assert bool((kept < NUCLEUS_K).all())
+    for r in range(8):
+        assert torch.equal(idx[r, : kept[r]], want_i[r, : kept[r]]) and torch.equal(vals[r, : kept[r]], want_p[r, : kept[r]])

@@ -84,8 +84,15 @@ def _sorted_nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, to
     vals, idx = vals.gather(-1, order), idx.gather(-1, order)
     vals, o2 = vals.sort(dim=-1, descending=True, stable=True)
     idx = idx.gather(-1, o2)
-    edge = vals[:, -1:]
-    exact = ((probs >= edge).sum(dim=-1) == NUCLEUS_K) & (vals.cumsum(dim=-1)[:, -1] >= top_p)
+    # The candidates stand for the whole sort where the nucleus closes within them and its smallest
+    # probability is above their edge: every token left out is then below the nucleus, and ties inside it
+    # are all among the candidates, in index order. (bf16 logits tie often: an edge tie alone is no reason
+    # to sort the vocabulary.)
+    cum = vals.cumsum(dim=-1)
+    size = (cum - vals < top_p).sum(dim=-1, keepdim=True)  # the nucleus's length within the candidates
+    smallest = vals.gather(-1, (size - 1).clamp(min=0, max=NUCLEUS_K - 1))
+    exact = (cum[:, -1] >= top_p) & ((smallest > vals[:, -1:]).squeeze(-1)
+                                  | ((probs >= vals[:, -1:]).sum(dim=-1) == NUCLEUS_K))
     if bool(exact.all()):
         return vals, idx
     full_p, full_i = probs[~exact].sort(dim=-1, descending=True, stable=True)
