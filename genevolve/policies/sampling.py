@@ -50,11 +50,12 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, u: Sequence[floa
     rows (a shared random generator would make a trajectory depend on the batch it ran in). Returns
     (tokens, their log-probabilities under the raw model distribution).
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    lf = logits.float()
+    logp = torch.log_softmax(lf, dim=-1)
     if params.temperature == 0:
         tok = logits.argmax(dim=-1)
     else:
-        probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+        probs = torch.softmax(lf / params.temperature, dim=-1)
         sorted_p, idx = _sorted_nucleus(probs, params.top_p)
         if params.top_p < 1.0:
             sorted_p = sorted_p * (sorted_p.cumsum(dim=-1) - sorted_p < params.top_p)
@@ -91,8 +92,9 @@ def _sorted_nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, to
     cum = vals.cumsum(dim=-1)
     size = (cum - vals < top_p).sum(dim=-1, keepdim=True)  # the nucleus's length within the candidates
     smallest = vals.gather(-1, (size - 1).clamp(min=0, max=NUCLEUS_K - 1))
-    exact = (cum[:, -1] >= top_p) & ((smallest > vals[:, -1:]).squeeze(-1)
-                                  | ((probs >= vals[:, -1:]).sum(dim=-1) == NUCLEUS_K))
+    exact = (cum[:, -1] >= top_p) & (smallest > vals[:, -1:]).squeeze(-1)
+    if not bool(exact.all()):  # no tie at the edge at all: the candidates are exactly the head (a pass over the vocabulary)
+        exact |= (cum[:, -1] >= top_p) & ((probs >= vals[:, -1:]).sum(dim=-1) == NUCLEUS_K)
     if bool(exact.all()):
         return vals, idx
     full_p, full_i = probs[~exact].sort(dim=-1, descending=True, stable=True)
