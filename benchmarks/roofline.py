@@ -58,12 +58,30 @@ def bandwidth(mb: int, repeats: int) -> dict:
     return {"bytes": n * 4, "copy_GBps": 2 * n * 4 / t_copy / 1e9, "read_GBps": n * 4 / t_read / 1e9}
 
 
-def matmul_flops(m: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> float:
-    """FLOP/s of an (m, k) x (k, n) product."""
-    x, w = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+def matmul_flops(m: int, k: int, n: int, dtype: torch.dtype, repeats: int, packed: bool = False) -> float:
+    """FLOP/s of an (m, k) x (k, n) product; ``packed``: against a weight packed once in oneDNN's layout, as the
+    engine's lean forward runs bf16 (:mod:`genevolve.policies.lean`)."""
+    x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
     reps = max(1, int(2e8 // (2 * m * k * n)))  # small products repeated so that one timing is ~0.2 GFLOP
-    t = _best(lambda: [x @ w for _ in range(reps)], repeats)
+    if packed:
+        from genevolve.policies.lean import PACK_ROWS
+
+        pw = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+        t = _best(lambda: [torch.ops.mkldnn._linear_pointwise(x, pw, None, "none", [None], "") for _ in range(reps)], repeats)
+    else:
+        t = _best(lambda: [torch.nn.functional.linear(x, w) for _ in range(reps)], repeats)
     return 2 * m * k * n * reps / t
+
+
+def shape_time(shape: dict, rows: int, rates: list[dict]) -> float:
+    """Seconds of one decode step's products at the throughput measured for each of its shapes (weights in cache)."""
+    per = {(d["k"], d["n"]): d["flops_per_s"] for d in rates if d["m"] == rows}
+    # projections: q, k and v (two of this shape), o, gate and up (two), down, the output layer (once per step)
+    times = [shape["layers"], 2 * shape["layers"], shape["layers"], 2 * shape["layers"], shape["layers"], 1]
+    t = 0.0
+    for (k, n), c in zip(shape["projections"], times):
+        t += c * 2 * rows * k * n / per[(k, n)]
+    return t
 
 
 def smollm2_shape(policy: str) -> dict:
@@ -106,8 +124,26 @@ def _policy(policy: str, dtype: str):
     return resolve_policy(policy, device="cpu", dtype=dtype)
 
 
-def achieved_decode(policy: str, dtype: str, rows: int, new_tokens: int) -> dict:
-    """Tokens/s of the engine's decode steps (prefill excluded) with ``rows`` single-turn conversations."""
+def achieved_decode(policy: str, dtype: str, rows: int, new_tokens: int, repeats: int = 3, lean: bool = True) -> dict:
+    """Tokens/s of the engine's decode steps (prefill excluded) with ``rows`` single-turn conversations: the median
+    of ``repeats`` runs (after one warm-up run), through the lean forward or (``lean=False``) transformers' own."""
+    old = os.environ.get("GENEVOLVE_LEAN")
+    os.environ["GENEVOLVE_LEAN"] = "1" if lean else "0"
+    try:
+        _decode_run(policy, dtype, rows, new_tokens)
+        runs = [_decode_run(policy, dtype, rows, new_tokens) for _ in range(repeats)]
+    finally:
+        if old is None:
+            os.environ.pop("GENEVOLVE_LEAN", None)
+        else:
+            os.environ["GENEVOLVE_LEAN"] = old
+    runs.sort(key=lambda r: r["tokens_per_s"])
+    med = dict(runs[len(runs) // 2])
+    med.update(engine="lean" if lean else "transformers", repeats=[r["tokens_per_s"] for r in runs])
+    return med
+
+
+def _decode_run(policy: str, dtype: str, rows: int, new_tokens: int) -> dict:
     from genevolve.agent.protocol import SYSTEM_PROMPT
     from genevolve.policies.base import SamplingParams
     from genevolve.policies.continuous import ContinuousBatch
@@ -172,16 +208,18 @@ def plot(result: dict, path: Path) -> None:
 
     rows = [b["rows"] for b in result["decode_bounds"]]
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
-    ax[0].plot(rows, [b["tokens_per_s"] for b in result["decode_bounds"]], "o-", label="bound")
-    if result.get("decode_achieved"):
-        ax[0].plot([a["rows"] for a in result["decode_achieved"]], [a["tokens_per_s"] for a in result["decode_achieved"]],
-                   "s-", label="engine (decode steps)")
+    ax[0].plot(rows, [b["tokens_per_s"] for b in result["decode_bounds"]], "o-", label="bound (bandwidth, peak)")
+    ax[0].plot(rows, [b["tokens_per_s_at_shapes"] for b in result["decode_bounds"]], "o--",
+               label="bound (bandwidth, products at their shapes)")
+    for key, label in (("decode_achieved", "engine, lean forward"), ("decode_transformers", "engine, transformers' forward")):
+        if result.get(key):
+            ax[0].plot([a["rows"] for a in result[key]], [a["tokens_per_s"] for a in result[key]], "s-", label=label)
     ax[0].set_xscale("log", base=2)
     ax[0].set_yscale("log")
     ax[0].set_xlabel("rows")
     ax[0].set_ylabel("tokens/s")
     ax[0].set_title(f"decode, {result['dtype']}")
-    ax[0].legend()
+    ax[0].legend(fontsize=7)
     ax[0].grid(alpha=0.3)
     mm = result["matmul"][result["dtype"]]["decode_shapes"]
     for shape in sorted({(m["k"], m["n"]) for m in mm}):
@@ -209,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--achieved", action="store_true", help="also time the engine's decode and one update")
     ap.add_argument("--new-tokens", type=int, default=48, help="tokens per row in the achieved decode runs")
+    ap.add_argument("--decode-repeats", type=int, default=3, help="timed decode runs per row count (the median is kept)")
+    ap.add_argument("--compare", action="store_true", help="also time decode through transformers' own forward")
     ap.add_argument("--update-rows", type=int, default=4)
     ap.add_argument("--update-length", type=int, default=256)
     ap.add_argument("--out", type=Path)
@@ -227,10 +267,20 @@ def main(argv: list[str] | None = None) -> int:
         mm[name] = {"peak_flops_per_s": peak, "decode_shapes": dec}
         print(f"matmul {name}: peak {peak / 1e9:.0f} GFLOP/s; at decode shapes "
               + ", ".join(f"{r} rows {max(d['flops_per_s'] for d in dec if d['m'] == r) / 1e9:.0f}" for r in rows), flush=True)
+        if dt == torch.bfloat16 and torch.backends.mkldnn.is_available():
+            mm[name]["decode_shapes_packed"] = [{"m": r, "k": k, "n": n, "flops_per_s": matmul_flops(r, k, n, dt, a.repeats, True)}
+                                                for r in rows for k, n in shape["projections"]]
+            print("  packed weights: " + ", ".join(
+                f"{r} rows {max(d['flops_per_s'] for d in mm[name]['decode_shapes_packed'] if d['m'] == r) / 1e9:.0f}"
+                for r in rows), flush=True)
     bytes_per = 2 if a.dtype == "bfloat16" else 4
     bw_best = max(bw["copy_GBps"], bw["read_GBps"]) * 1e9
     peak = mm[a.dtype]["peak_flops_per_s"]
     bounds = [decode_bound(shape, r, a.context, bytes_per, bw_best, peak) for r in rows]
+    for b in bounds:  # the second bound: each product at the throughput its own shape reaches (the better kernel)
+        sets = [mm[a.dtype]["decode_shapes"]] + ([mm[a.dtype]["decode_shapes_packed"]] if "decode_shapes_packed" in mm[a.dtype] else [])
+        b["t_compute_at_shapes"] = min(shape_time(shape, b["rows"], rates) for rates in sets)
+        b["tokens_per_s_at_shapes"] = b["rows"] / max(b["t_memory"], b["t_compute_at_shapes"])
     update_params = shape["params"]
     update_bound = {"flops_per_token": 8 * update_params, "tokens_per_s": peak / (8 * update_params)}
     result = {"policy": a.policy, "dtype": a.dtype, "machine": {"cpu": platform.processor() or platform.machine(),
@@ -238,23 +288,27 @@ def main(argv: list[str] | None = None) -> int:
               "matmul": mm, "decode_bounds": bounds, "update_bound": update_bound,
               "command": "benchmarks/roofline.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     if a.achieved:
-        result["decode_achieved"] = []
+        result["decode_achieved"], result["decode_transformers"] = [], []
         for b in bounds:
-            got = achieved_decode(a.policy, a.dtype, b["rows"], a.new_tokens)
-            got["fraction_of_bound"] = got["tokens_per_s"] / b["tokens_per_s"]
-            result["decode_achieved"].append(got)
-            print(f"  decode {b['rows']:>3} rows: {got['tokens_per_s']:8.1f} tok/s of {b['tokens_per_s']:8.1f} "
-                  f"({b['bound']}-bound): {100 * got['fraction_of_bound']:.0f} %", flush=True)
+            for lean, key in ((True, "decode_achieved"), (False, "decode_transformers")) if a.compare else ((True, "decode_achieved"),):
+                got = achieved_decode(a.policy, a.dtype, b["rows"], a.new_tokens, a.decode_repeats, lean)
+                got["fraction_of_bound"] = got["tokens_per_s"] / b["tokens_per_s"]
+                got["fraction_of_bound_at_shapes"] = got["tokens_per_s"] / b["tokens_per_s_at_shapes"]
+                result[key].append(got)
+                print(f"  decode {b['rows']:>3} rows ({got['engine']}): {got['tokens_per_s']:8.1f} tok/s of "
+                      f"{b['tokens_per_s']:8.1f} ({b['bound']}-bound): {100 * got['fraction_of_bound']:.0f} %; of "
+                      f"{b['tokens_per_s_at_shapes']:.0f} at its shapes: {100 * got['fraction_of_bound_at_shapes']:.0f} %", flush=True)
         up = achieved_update(a.policy, a.dtype, a.update_rows, a.update_length)
         up["fraction_of_peak"] = up["flops_per_s"] / peak
         result["update_achieved"] = up
         print(f"  update: {up['tokens_per_s']:.1f} tok/s, {up['flops_per_s'] / 1e9:.0f} GFLOP/s = "
               f"{100 * up['fraction_of_peak']:.1f} % of the {a.dtype} peak", flush=True)
-    print(f"\n{'rows':>5}{'bound tok/s':>13}{'by':>9}{'achieved':>10}{'fraction':>10}")
+    print(f"\n{'rows':>5}{'bound tok/s':>13}{'by':>9}{'at shapes':>11}{'achieved':>10}{'fraction':>10}{'at shapes':>11}")
     for i, b in enumerate(bounds):
-        got = result.get("decode_achieved", [None] * len(bounds))[i]
-        print(f"{b['rows']:>5}{b['tokens_per_s']:>13.0f}{b['bound']:>9}"
-              + (f"{got['tokens_per_s']:>10.1f}{100 * got['fraction_of_bound']:>9.0f}%" if got else ""))
+        got = (result.get("decode_achieved") or [None] * len(bounds))[i]
+        print(f"{b['rows']:>5}{b['tokens_per_s']:>13.0f}{b['bound']:>9}{b['tokens_per_s_at_shapes']:>11.0f}"
+              + (f"{got['tokens_per_s']:>10.1f}{100 * got['fraction_of_bound']:>9.0f}%"
+                 f"{100 * got['fraction_of_bound_at_shapes']:>10.0f}%" if got else ""))
     out = a.out or RESULTS / f"roofline_{Path(a.policy).name}_{a.dtype}.json"
     from genevolve.records.schema import atomic_write_json
 

@@ -163,3 +163,34 @@ def test_bf16_ties_at_the_edge_do_not_force_a_whole_sort():
     assert bool((kept < NUCLEUS_K).all())
     for r in range(8):
         assert torch.equal(idx[r, : kept[r]], want_i[r, : kept[r]]) and torch.equal(vals[r, : kept[r]], want_p[r, : kept[r]])
+
+
+@pytest.mark.parametrize("kind", ["wide", "wide bf16", "wider than wide", "one of each"])
+def test_the_wide_tier_draws_the_token_a_whole_sort_draws(kind):
+    """Rows whose nucleus runs past NUCLEUS_K but closes within NUCLEUS_WIDE take the second tier; rows flatter
+    than that are sorted whole; a batch may mix all three."""
+    from genevolve.policies.sampling import NUCLEUS_WIDE
+
+    g = torch.Generator().manual_seed(len(kind))
+    v = 4 * NUCLEUS_WIDE + 33
+    wide = kind in ("wide", "wide bf16")
+    x = torch.randn(4, v, generator=g) * (0.5 if kind != "wider than wide" else 0.1)
+    if wide:
+        x[:, 7 : 7 + NUCLEUS_WIDE // 2] += 4.0  # about 2,000 likely tokens
+    if kind == "wide bf16":
+        x = x.bfloat16()
+    if kind == "one of each":
+        x[0] *= 16  # peaked
+        x[2:] *= 0.2  # flat
+        x[1, 7 : 7 + NUCLEUS_WIDE // 2] += 4.0  # wide; rows 2 and 3 flat
+    params = SamplingParams(temperature=0.7, top_p=0.95)
+    probs = torch.softmax(x.float() / 0.7, -1)
+    kept = (probs.sort(-1, descending=True).values.cumsum(-1) - probs.sort(-1, descending=True).values < 0.95).sum(-1)
+    if wide:
+        assert bool(((kept > NUCLEUS_K) & (kept < NUCLEUS_WIDE)).all())
+        assert _sorted_nucleus(probs, 0.95)[0].shape[-1] == NUCLEUS_WIDE  # the whole vocabulary was not sorted
+    if kind == "wider than wide":
+        assert bool((kept > NUCLEUS_WIDE).all())
+    for us in ([0.0] * 4, [1 - 2**-53] * 4, torch.rand(4, generator=g).tolist()):
+        tok, _ = sample_tokens(x, params, us)
+        assert tok.tolist() == whole_sort(x, params, us).tolist()

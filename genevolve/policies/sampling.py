@@ -68,37 +68,58 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, u: Sequence[floa
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
-NUCLEUS_K = 256  # candidates taken before sorting; a row whose nucleus does not close within them is sorted whole
+NUCLEUS_K = 256  # candidates taken before sorting; a row whose nucleus does not close within them tries NUCLEUS_WIDE
+NUCLEUS_WIDE = 4096  # the second tier (a flat row); past it the row is sorted whole
 
 
-def _sorted_nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The probabilities in the order of a stable descending sort and their token ids, as far as the
-    top-p nucleus needs: the first ``NUCLEUS_K`` when the nucleus closes within them (no tie at their
-    edge), else the whole vocabulary. Sampling reads nothing past the nucleus, so the token drawn is the
-    one a sort of the whole vocabulary gives; sorting a few hundred candidates instead of every token
-    is what makes a large vocabulary cheap."""
-    v = probs.shape[-1]
-    if top_p >= 1.0 or v <= 2 * NUCLEUS_K:
-        return probs.sort(dim=-1, descending=True, stable=True)
-    vals, idx = probs.topk(NUCLEUS_K, dim=-1)
+def _head(probs: torch.Tensor, k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``k`` most likely tokens of each row in stable descending order, and which rows they stand for exactly.
+
+    They stand for the whole sort where the nucleus closes within them and either its smallest probability is
+    above their edge (every token left out is then below the nucleus, and ties inside it are all among the
+    candidates, in index order) or no token left out ties with the edge. bf16 logits tie often: an edge tie
+    alone is no reason to sort the vocabulary."""
+    vals, idx = probs.topk(k, dim=-1)
     order = idx.argsort(dim=-1)  # ties in index order, as the stable sort leaves them
     vals, idx = vals.gather(-1, order), idx.gather(-1, order)
     vals, o2 = vals.sort(dim=-1, descending=True, stable=True)
     idx = idx.gather(-1, o2)
-    # The candidates stand for the whole sort where the nucleus closes within them and its smallest
-    # probability is above their edge: every token left out is then below the nucleus, and ties inside it
-    # are all among the candidates, in index order. (bf16 logits tie often: an edge tie alone is no reason
-    # to sort the vocabulary.)
     cum = vals.cumsum(dim=-1)
     size = (cum - vals < top_p).sum(dim=-1, keepdim=True)  # the nucleus's length within the candidates
-    smallest = vals.gather(-1, (size - 1).clamp(min=0, max=NUCLEUS_K - 1))
-    exact = (cum[:, -1] >= top_p) & (smallest > vals[:, -1:]).squeeze(-1)
+    smallest = vals.gather(-1, (size - 1).clamp(min=0, max=k - 1))
+    closes = cum[:, -1] >= top_p
+    exact = closes & (smallest > vals[:, -1:]).squeeze(-1)
     if not bool(exact.all()):  # no tie at the edge at all: the candidates are exactly the head (a pass over the vocabulary)
-        exact |= (cum[:, -1] >= top_p) & ((probs >= vals[:, -1:]).sum(dim=-1) == NUCLEUS_K)
+        exact |= closes & ((probs >= vals[:, -1:]).sum(dim=-1) == k)
+    return vals, idx, exact
+
+
+def _sorted_nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probabilities in the order of a stable descending sort and their token ids, as far as the
+    top-p nucleus needs: the first ``NUCLEUS_K`` when every row's nucleus closes within them, else as many
+    columns as the widest row needed (``NUCLEUS_WIDE`` or the whole vocabulary; shorter rows padded with
+    probability 0). Sampling reads nothing past the nucleus, so the token drawn is the one a sort of the
+    whole vocabulary gives; sorting a few hundred candidates instead of every token is what makes a large
+    vocabulary cheap."""
+    v = probs.shape[-1]
+    if top_p >= 1.0 or v <= 2 * NUCLEUS_K:
+        return probs.sort(dim=-1, descending=True, stable=True)
+    vals, idx, exact = _head(probs, NUCLEUS_K, top_p)
     if bool(exact.all()):
         return vals, idx
-    full_p, full_i = probs[~exact].sort(dim=-1, descending=True, stable=True)
-    out_p, out_i = torch.zeros_like(probs), torch.zeros_like(probs, dtype=idx.dtype)
+    rest = (~exact).nonzero().squeeze(-1)
+    if v > 2 * NUCLEUS_WIDE:
+        wide_p, wide_i, wide_exact = _head(probs[rest], NUCLEUS_WIDE, top_p)
+    else:
+        wide_exact = torch.zeros(len(rest), dtype=torch.bool, device=probs.device)
+    width = NUCLEUS_WIDE if bool(wide_exact.all()) else v
+    out_p = torch.zeros(probs.shape[0], width, dtype=probs.dtype, device=probs.device)
+    out_i = torch.zeros(probs.shape[0], width, dtype=idx.dtype, device=probs.device)
     out_p[exact, :NUCLEUS_K], out_i[exact, :NUCLEUS_K] = vals[exact], idx[exact]
-    out_p[~exact], out_i[~exact] = full_p, full_i
+    if bool(wide_exact.any()):
+        rows = rest[wide_exact]
+        out_p[rows, :NUCLEUS_WIDE], out_i[rows, :NUCLEUS_WIDE] = wide_p[wide_exact], wide_i[wide_exact]
+    whole = rest[~wide_exact]
+    if len(whole):
+        out_p[whole], out_i[whole] = probs[whole].sort(dim=-1, descending=True, stable=True)
     return out_p, out_i
