@@ -90,46 +90,16 @@ def _packed(cache: dict, w: torch.Tensor) -> torch.Tensor | None:
     return packed
 
 
-TILE_ROWS = 16  # bf16 products over a long input run in tiles of at most this many rows ...
-TILE_MIN_WIDTH = 1024  # ... when the input is at least this wide
-
-
-def _tiles_needed(w: torch.Tensor) -> bool:
-    """Whether bf16 products with ``w`` run in row tiles, so that a row's result never depends on the batch.
-
-    oneDNN's bf16 products give each row the same numbers at any row count up to 16 and for inputs up to 576
-    wide at any count; with a 1,536-wide input (SmolLM2's down projection) some rows change from 31 rows on,
-    its blocking changes with the row count. In bf16 one changed rounding is a whole bf16 step and can flip a
-    sampled token: trajectories then depended on their batch (2 of 6 SmolLM2 trajectories identical alone vs
-    together). Tiles of 16 rows keep every row's numbers those of the row alone
-    (``benchmarks/batch_invariance.py``); ``GENEVOLVE_BF16_TILES=0`` turns them off."""
-    return (w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.shape[-1] >= TILE_MIN_WIDTH
-            and os.environ.get("GENEVOLVE_BF16_TILES", "1") != "0")
-
-
-def _tiled(fn: Callable[[torch.Tensor], torch.Tensor], x2: torch.Tensor) -> torch.Tensor:
-    if x2.shape[0] <= TILE_ROWS:
-        return fn(x2)
-    return torch.cat([fn(x2[i : i + TILE_ROWS]) for i in range(0, x2.shape[0], TILE_ROWS)])
-
-
 def _linear(cache: dict | None, w: torch.Tensor, b: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``F.linear(x, w, b)``, through a packed weight where that applies (``cache`` not None and a bf16 CPU weight),
-    in row tiles where :func:`_tiles_needed`."""
+    """``F.linear(x, w, b)``, through a packed weight where that applies (``cache`` not None and a bf16 CPU weight)."""
     packed = _packed(cache, w) if cache is not None and _packable(w) else None
-    tiles = _tiles_needed(w)
-    if packed is None and not tiles:
-        return lambda x: F.linear(x, w, b)
     if packed is None:
-        product = lambda x2: F.linear(x2, w, b)  # noqa: E731
-    else:
-        product = lambda x2: torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [None], "")  # noqa: E731
+        return lambda x: F.linear(x, w, b)
 
     def linear(x: torch.Tensor) -> torch.Tensor:
         if x.dtype != w.dtype:
             return F.linear(x, w, b)
-        x2 = x.reshape(-1, x.shape[-1])
-        out = _tiled(product, x2) if tiles else product(x2)
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, b, "none", [None], "")
         return out.view(*x.shape[:-1], out.shape[-1])
 
     return linear
@@ -159,8 +129,7 @@ def _projection(mod: nn.Module, cache: dict | None = None) -> Callable[[torch.Te
         dtype = result.dtype
         for a, bw, scaling, _ in adapters:
             x = x if x.dtype == a.dtype else x.to(dtype=a.dtype)
-            down = _linear(None, a, None)(x)  # in row tiles where the base product is
-            result = result + F.linear(down, bw) * scaling
+            result = result + F.linear(F.linear(x, a), bw) * scaling
         return result.to(dtype)
 
     return lora

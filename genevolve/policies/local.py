@@ -37,7 +37,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     """``dtype`` when given, else ``$GENEVOLVE_DTYPE`` when set, else bf16 on a CUDA GPU that has it and float32 otherwise.
 
-    On a CPU with AMX (``lscpu`` lists amx_bf16) ``GENEVOLVE_DTYPE=bfloat16`` runs a model's matrix products
+    On a CPU with bf16 matrix instructions (``lscpu`` lists avx512_bf16 or amx_bf16) ``GENEVOLVE_DTYPE=bfloat16`` runs a model's matrix products
     several times faster: 8 bench rollouts of the SmolLM2 student took 54 s instead of 78 s on 2 cores
     (``benchmarks/results/cpu_dtype_smollm2.json``). float32 stays the CPU default so that saved figures keep
     reproducing: in bf16 a trajectory depends on the batch it runs in, a product rounding differently in another
