@@ -86,3 +86,26 @@ def test_a_failing_lean_forward_is_a_model_call_error(tiny_folder, monkeypatch):
     with pytest.raises(ModelCallError, match="kernel fault"):
         _run(policy, monkeypatch, True)
     assert isinstance(ContinuousBatch(policy, 1, lambda i: None, lambda i, c: None, PARAMS).lean, lean.LeanDecoder)
+
+
+@pytest.mark.parametrize("arch", ["Qwen2", "Mistral"])
+def test_other_supported_architectures_match_too(tiny_folder, tmp_path, monkeypatch, arch):
+    import transformers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_folder)
+    cfg = getattr(transformers, f"{arch}Config")(vocab_size=len(tok), hidden_size=64, intermediate_size=160,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 max_position_embeddings=2048, tie_word_embeddings=True,
+                                                 **({"sliding_window": None} if arch == "Mistral" else {}))
+    torch.manual_seed(1)
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg)
+    if arch == "Qwen2":
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.bias"):  # Qwen2's q/k/v projections carry biases: make them matter
+                p.data.normal_(0, 0.5)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    policy = _policy(tmp_path, "float32")
+    assert lean.supported(policy.model) is None
+    assert _run(policy, monkeypatch, True) == _run(policy, monkeypatch, False)
