@@ -9,13 +9,15 @@
 The fingerprint holds one hash per output file: JSON and JSONL are hashed after dropping what may
 differ between two identical runs (wall-clock times, throughputs, creation stamps, experience ids,
 which hash the creation time, the output folder's and the checkout's paths); images and adapter weights are hashed byte for byte; Markdown reports, which
-print times, are left out (their numbers are in the JSON beside them). ``compare`` prints every file
+print times, and HTML reports are left out (their numbers are in the JSON beside them); a checkpoint's
+``state.pt`` is hashed without its record of log-file sizes. ``compare`` prints every file
 whose hash differs, with the first differing values, and exits 1 when any does; a JSON file that keeps
 every earlier value and only adds fields counts as the same numbers (and says which fields it added).
 
     .venv/bin/python scripts/same_numbers.py capture /tmp/before      # on the old code
     .venv/bin/python scripts/same_numbers.py capture /tmp/after       # on the new code
     .venv/bin/python scripts/same_numbers.py compare /tmp/before /tmp/after
+    .venv/bin/python scripts/same_numbers.py refingerprint /tmp/before   # after changing these rules
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-VOLATILE = re.compile(r"^(seconds|t_.*|tokens_per_s|created|wall.*|time.*|.*_seconds|elapsed.*)$")
+VOLATILE = re.compile(r"^(seconds|t_.*|tokens_per_s|created|claimed|saved|step_started|updated|seconds_per_.*|wall.*|time.*|.*_seconds|elapsed.*)$")
 EXPERIENCE_ID = re.compile(r"\bexp-[0-9a-f]{10}\b")  # hashed with the creation time: differs between identical runs
 CHECKOUT = re.compile(r"[^\s\"']*/(?=assets/)")  # the checkout the code ran from (its shipped world and policy)
-SKIP_SUFFIXES = (".md", ".lock", ".log", ".tmp")
+SKIP_SUFFIXES = (".md", ".html", ".lock", ".log", ".tmp")
 SKIP_NAMES = {"fingerprint.json", "commands.json", ".lock"}
 
 COMMANDS = {
@@ -63,6 +65,20 @@ def load(path: Path, root: str) -> Any:
     return normalise(json.loads(text), root)
 
 
+def _state_blob(path: Path) -> bytes:
+    """A training checkpoint's state without ``files`` (the byte sizes of the run's logs when it was saved, which
+    change with the digits of their wall-clock times), serialised the same way whatever the run."""
+    import io
+
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state.pop("files", None) if isinstance(state, dict) else None
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
 def fingerprint(folder: Path) -> dict[str, str]:
     root = str(folder.resolve())
     out: dict[str, str] = {}
@@ -70,8 +86,10 @@ def fingerprint(folder: Path) -> dict[str, str]:
         rel = str(path.relative_to(folder))
         if not path.is_file() or path.name in SKIP_NAMES or path.suffix in SKIP_SUFFIXES or "/.ranks/" in f"/{rel}":
             continue
-        if path.suffix in (".json", ".jsonl"):
+        if path.suffix in (".json", ".jsonl") or path.name == ".kind":
             blob = json.dumps(load(path, root), sort_keys=True).encode()
+        elif path.name == "state.pt":  # a checkpoint's optimizer and RNG states; its record of file sizes is not a number
+            blob = _state_blob(path)
         else:
             blob = path.read_bytes()
         out[rel] = hashlib.sha256(blob).hexdigest()
@@ -153,6 +171,8 @@ def compare(before: Path, after: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("refingerprint", help="recompute a capture's fingerprint.json with this script's rules")
+    r.add_argument("folder", type=Path)
     c = sub.add_parser("capture")
     c.add_argument("folder", type=Path)
     c.add_argument("--only", default=",".join(COMMANDS), help="comma-separated: evolve, bench, ablate")
@@ -162,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "capture":
         capture(args.folder, [x for x in args.only.split(",") if x])
+        return 0
+    if args.cmd == "refingerprint":
+        prints = fingerprint(args.folder)
+        (args.folder / "fingerprint.json").write_text(json.dumps(prints, indent=1, sort_keys=True))
+        print(f"{len(prints)} files fingerprinted -> {args.folder / 'fingerprint.json'}")
         return 0
     return compare(args.before, args.after)
 
