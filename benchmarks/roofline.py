@@ -172,7 +172,7 @@ def _decode_run(policy: str, dtype: str, rows: int, new_tokens: int) -> dict:
 
 
 
-def achieved_update(policy: str, dtype: str, rows: int, length: int) -> dict:
+def achieved_update(policy: str, dtype: str, rows: int, length: int, repeats: int = 3) -> dict:
     """One GRPO+VED update (reference and teacher on every row) on ``rows`` sequences of ``length`` tokens."""
     from genevolve.training.checkpoint import attach_adapter
     from genevolve.training.update import LossSettings, Scored, accumulate_gradients
@@ -189,15 +189,18 @@ def achieved_update(policy: str, dtype: str, rows: int, length: int) -> dict:
     loss = LossSettings(beta=1e-3, micro_batch=rows)
     model.zero_grad()
     accumulate_gradients(model, scored[:1], loss, "cpu", 0, n_tokens, rows)  # warm-up
-    model.zero_grad()
-    t = time.perf_counter()
-    accumulate_gradients(model, scored, loss, "cpu", 0, n_tokens, rows)
-    secs = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        model.zero_grad()
+        t = time.perf_counter()
+        accumulate_gradients(model, scored, loss, "cpu", 0, n_tokens, rows)
+        times.append(time.perf_counter() - t)
+    secs = sorted(times)[len(times) // 2]
     params = sum(p.numel() for p in model.parameters())
     tokens = rows * length
     flops = tokens * 4 * params + tokens * 2 * params + rows * (length + 8) * 2 * params  # student, reference, teacher
-    return {"rows": rows, "length": length, "seconds": secs, "tokens_per_s": tokens / secs, "flops": flops,
-            "flops_per_s": flops / secs}
+    return {"rows": rows, "length": length, "seconds": secs, "repeats": times, "tokens_per_s": tokens / secs,
+            "flops": flops, "flops_per_s": flops / secs}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -224,12 +227,18 @@ def plot(result: dict, path: Path) -> None:
     mm = result["matmul"][result["dtype"]]["decode_shapes"]
     for shape in sorted({(m["k"], m["n"]) for m in mm}):
         pts = [m for m in mm if (m["k"], m["n"]) == shape]
-        ax[1].plot([m["m"] for m in pts], [m["flops_per_s"] / 1e9 for m in pts], "o-", label=f"{shape[0]}x{shape[1]}")
+        ax[1].plot([m["m"] for m in pts], [m["flops_per_s"] / 1e9 for m in pts], "o-", color=f"C{len(ax[1].lines)}",
+                   label=f"{shape[0]}x{shape[1]}")
+    packed = result["matmul"][result["dtype"]].get("decode_shapes_packed") or []
+    for i, shape in enumerate(sorted({(m["k"], m["n"]) for m in packed})):
+        pts = [m for m in packed if (m["k"], m["n"]) == shape]
+        ax[1].plot([m["m"] for m in pts], [m["flops_per_s"] / 1e9 for m in pts], "^:", color=f"C{i}",
+                   label="packed" if i == 0 else None)
     ax[1].axhline(result["matmul"][result["dtype"]]["peak_flops_per_s"] / 1e9, color="k", ls="--", label="peak")
     ax[1].set_xscale("log", base=2)
     ax[1].set_xlabel("rows (m)")
     ax[1].set_ylabel("GFLOP/s")
-    ax[1].set_title("matmul throughput at decode shapes")
+    ax[1].set_title("matmul throughput at decode shapes (dotted: weights packed)")
     ax[1].legend(fontsize=7)
     ax[1].grid(alpha=0.3)
     fig.tight_layout()
@@ -249,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=48, help="tokens per row in the achieved decode runs")
     ap.add_argument("--decode-repeats", type=int, default=3, help="timed decode runs per row count (the median is kept)")
     ap.add_argument("--compare", action="store_true", help="also time decode through transformers' own forward")
+    ap.add_argument("--update-only", action="store_true", help="with --achieved: time the update, not decode")
     ap.add_argument("--update-rows", type=int, default=4)
     ap.add_argument("--update-length", type=int, default=256)
     ap.add_argument("--out", type=Path)
@@ -289,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": "benchmarks/roofline.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     if a.achieved:
         result["decode_achieved"], result["decode_transformers"] = [], []
-        for b in bounds:
+        for b in bounds if not a.update_only else []:
             for lean, key in ((True, "decode_achieved"), (False, "decode_transformers")) if a.compare else ((True, "decode_achieved"),):
                 got = achieved_decode(a.policy, a.dtype, b["rows"], a.new_tokens, a.decode_repeats, lean)
                 got["fraction_of_bound"] = got["tokens_per_s"] / b["tokens_per_s"]
@@ -298,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  decode {b['rows']:>3} rows ({got['engine']}): {got['tokens_per_s']:8.1f} tok/s of "
                       f"{b['tokens_per_s']:8.1f} ({b['bound']}-bound): {100 * got['fraction_of_bound']:.0f} %; of "
                       f"{b['tokens_per_s_at_shapes']:.0f} at its shapes: {100 * got['fraction_of_bound_at_shapes']:.0f} %", flush=True)
-        up = achieved_update(a.policy, a.dtype, a.update_rows, a.update_length)
+        up = achieved_update(a.policy, a.dtype, a.update_rows, a.update_length, a.decode_repeats)
         up["fraction_of_peak"] = up["flops_per_s"] / peak
         result["update_achieved"] = up
         print(f"  update: {up['tokens_per_s']:.1f} tok/s, {up['flops_per_s'] / 1e9:.0f} GFLOP/s = "
