@@ -238,7 +238,7 @@ def plot(result: dict, path: Path) -> None:
     ax[1].set_xscale("log", base=2)
     ax[1].set_xlabel("rows (m)")
     ax[1].set_ylabel("GFLOP/s")
-    ax[1].set_title("matmul throughput at decode shapes (dotted: weights packed)")
+    ax[1].set_title("matmul at decode shapes (dotted: packed weights)")
     ax[1].legend(fontsize=7)
     ax[1].grid(alpha=0.3)
     fig.tight_layout()
