@@ -78,16 +78,31 @@ def plan_ablate(arms: list[str], seeds: int, steps: int, b: int, k: int, probe: 
 
 
 def weight_bytes(policy: str) -> int | None:
-    """Bytes of the policy's weights on disk (safetensors or GGUF), None when they cannot be found."""
+    """Bytes of the policy's weights as they run (safetensors on disk; a GGUF file's tensors dequantised to
+    float32, as transformers loads them), None when they cannot be found."""
     from ..policies.resolve import model_source
 
     try:
         folder, gguf = model_source(policy)
     except (FileNotFoundError, ValueError, OSError):
         return None
-    files = [Path(folder) / gguf] if gguf else list(Path(folder).glob("*.safetensors")) + list(Path(folder).glob("*.bin"))
+    if gguf:
+        return _gguf_float32_bytes(Path(folder) / gguf)
+    files = list(Path(folder).glob("*.safetensors")) + list(Path(folder).glob("*.bin"))
     size = sum(f.stat().st_size for f in files if f.exists())
     return size or None
+
+
+def _gguf_float32_bytes(path: Path) -> int | None:
+    """4 bytes per weight of a GGUF file (its quantised size on disk is 5 to 8 times smaller than what runs)."""
+    if not path.exists():
+        return None
+    try:
+        from gguf import GGUFReader
+
+        return 4 * sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors) or None
+    except Exception:  # noqa: an unreadable header: the file size, scaled as for 4- to 5-bit weights
+        return int(path.stat().st_size * 6.4) or None
 
 
 def history(runs_dir: Path, policy: str) -> list[float]:
