@@ -71,3 +71,16 @@ def test_the_eta_moves_inside_a_step_and_says_when_the_run_is_behind():
     assert comparing.seconds == pytest.approx(est.EVAL_SHARE * 20 / 18 * 72 - 10)
     assert est.eta_progress(None, [], "rollouts") is None
     assert est.eta_progress(e, [20.0, 20.0], "done").seconds == pytest.approx(est.EVAL_SHARE * 20 / 18 * 72)
+
+
+def test_a_gguf_policy_counts_its_weights_as_they_run():
+    """A quantised GGUF file is dequantised to float32 on load: its size on disk would make runs look 5x cheaper."""
+    from genevolve.evaluation.estimate import weight_bytes
+    from genevolve.policies.resolve import smollm2_path
+
+    try:
+        folder, name = smollm2_path()
+    except FileNotFoundError:
+        pytest.skip("SmolLM2 is not installed")
+    on_disk = (folder / name).stat().st_size
+    assert weight_bytes("smollm2") == pytest.approx(4 * 134_515_008, rel=0.01) and weight_bytes("smollm2") > 4 * on_disk
