@@ -55,6 +55,7 @@ def test_same_streams_with_lora_on_and_off(tiny_folder, monkeypatch):
         if "lora_B" in name:  # a fresh adapter is a no-op (B = 0): make it change the numbers
             p.data.normal_(0, 0.5)
     policy.model.eval()
+    assert lean.lean_decoder(policy.model) is not None  # the adapter's layers run through the lean path
     with_adapter = _run(policy, monkeypatch, False)
     assert _run(policy, monkeypatch, True) == with_adapter
     policy.disable_adapter()
@@ -74,6 +75,11 @@ def test_unsupported_models_use_their_own_forward(tiny_folder, monkeypatch):
     monkeypatch.delenv("GENEVOLVE_LEAN")
     monkeypatch.setattr(policy.model, "forward", policy.model.forward)  # a forward replaced on the instance is run
     assert lean.lean_decoder(policy.model) is None
+    monkeypatch.undo()
+    assert lean.lean_decoder(policy.model) is not None
+    handle = policy.model.lm_head.register_forward_hook(lambda m, a, out: out)  # hooks must run: no lean path
+    assert "hooks" in lean.supported(policy.model) and lean.lean_decoder(policy.model) is None
+    handle.remove()
 
 
 def test_a_failing_lean_forward_is_a_model_call_error(tiny_folder, monkeypatch):

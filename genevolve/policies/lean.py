@@ -11,7 +11,7 @@ numbers bit for bit (``tests/test_lean.py`` compares them on the tiny policy, fp
 Supported: ``LlamaForCausalLM``, ``MistralForCausalLM`` (no sliding window) and ``Qwen2ForCausalLM``
 (no sliding window) with default RoPE, SiLU MLP and SDPA attention, bare or wrapped by PEFT with
 vanilla LoRA adapters on their linear layers. Anything else (another architecture, RoPE scaling,
-DoRA, another attention implementation) returns ``None`` from :func:`lean_decoder` and the engine
+DoRA, another attention implementation, forward hooks on any module) returns ``None`` from :func:`lean_decoder` and the engine
 calls the model's own forward, as it does when ``forward`` was replaced on the model object (a wrapper or a
 test double). ``GENEVOLVE_LEAN=0`` turns the lean path off.
 """
@@ -52,6 +52,8 @@ def supported(model) -> str | None:
     if getattr(base.model.rotary_emb, "attention_scaling", 1.0) != 1.0:
         return "scaled rotary embedding"
     for mod in base.modules():
+        if mod._forward_hooks or mod._forward_pre_hooks:  # an instrumented module: its hooks must run
+            return f"forward hooks on {type(mod).__name__}"
         if hasattr(mod, "lora_A") and (getattr(mod, "lora_variant", None) or getattr(mod, "use_dora", {}) and any(mod.use_dora.values())):
             return "a LoRA variant (DoRA or another) on a layer"
     return None
