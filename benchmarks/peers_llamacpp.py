@@ -153,7 +153,7 @@ class LlamaCppPolicy:
 
 
 class Capped:
-    """Our policy with its batch capped at ``rows`` rows (the row count being compared)."""
+    """A rollout policy with its batch capped at ``rows`` rows (ours) or client threads (the peer's)."""
 
     needs_exclusive_device = True
 
@@ -170,26 +170,12 @@ def run_arm(mode: str, side, reqs, tools, args, params, seed: int, rows: int) ->
     t0 = time.perf_counter()
     if mode == "single-turn":
         eps = [Episode(r, tools, seed=seed * 1000 + i, max_turns=args.max_turns) for r in reqs for i in range(args.k)]
-        first_turns(pol, eps, params) if not isinstance(side, LlamaCppPolicy) else \
-            pol.run_conversations(len(eps), _first_turn(eps), lambda i, c: None, params, max_batch=rows,
-                                  seeds=[e.traj.seed for e in eps])
+        first_turns(pol, eps, params)
     else:
         rollout(reqs, pol, tools, k=args.k, params=params, seed=seed, max_turns=args.max_turns, max_batch=rows)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "generated_tokens": pol.tokens, "turns": pol.turns,
             "trajectories": len(reqs) * args.k, "peak_gib": None}
-
-
-def _first_turn(eps):
-    asked = [False] * len(eps)
-
-    def next_messages(i):
-        if asked[i]:
-            return None
-        asked[i] = True
-        return eps[i].messages
-
-    return next_messages
 
 
 def measure(args) -> dict:
@@ -209,7 +195,7 @@ def measure(args) -> dict:
         reqs = (bench * (1 + n // len(bench)))[:n]
         server = LlamaServer(Path(args.server), folder / gguf, rows, args.ctx_per_slot, args.threads, log)
         try:
-            sides = {"ours": Capped(local, rows), "llama_cpp": LlamaCppPolicy(server, local, eot)}
+            sides = {"ours": Capped(local, rows), "llama_cpp": Capped(LlamaCppPolicy(server, local, eot), rows)}
             res_rows = {}
             for mode in [m for m in ("single-turn", "multi-turn") if args.mode in (m, "both")]:
                 for side in sides.values():  # untimed warm-up

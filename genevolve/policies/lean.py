@@ -18,6 +18,7 @@ test double). ``GENEVOLVE_LEAN=0`` turns the lean path off.
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from typing import Callable
@@ -71,9 +72,15 @@ def lean_decoder(model) -> "LeanDecoder | None":
 PACK_ROWS = 16  # the row count oneDNN's packed layout is tuned for (1 to 64 rows run within a few % of their best)
 
 
+@functools.lru_cache(maxsize=1)
+def _onednn_bf16() -> bool:
+    """Whether this CPU build packs and multiplies bf16 weights with oneDNN (asked once per process)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _packable(w: torch.Tensor) -> bool:
-    return (w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.dim() == 2 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.dim() == 2 and _onednn_bf16()
 
 
 def _packed(cache: dict, w: torch.Tensor) -> torch.Tensor | None:
@@ -158,7 +165,6 @@ class LeanDecoder:
     keys and values written at ``write_cols`` of its buffers (see :mod:`genevolve.policies.continuous`)."""
 
     def __init__(self, model):
-        self.model = model
         base = _base(model)
         self.cfg = base.config
         self.inner = base.model
@@ -203,13 +209,13 @@ class LeanDecoder:
         cos, sin = self._rope(h, write_cols)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         row_idx = torch.arange(rows, device=ids.device)[:, None]
-        hq, hkv = (rows, n, -1, self.head_dim), (rows, n, -1, self.head_dim)
+        heads_shape = (rows, n, -1, self.head_dim)
         for (norm1, q_proj, k_proj, v_proj, o_proj, norm2, gate, up, down), kb, vb in zip(self._plan(), kbufs, vbufs):
             res = h
             x = norm1(h)
-            q = q_proj(x).view(hq).transpose(1, 2)
-            k = k_proj(x).view(hkv).transpose(1, 2)
-            v = v_proj(x).view(hkv).transpose(1, 2)
+            q = q_proj(x).view(heads_shape).transpose(1, 2)
+            k = k_proj(x).view(heads_shape).transpose(1, 2)
+            v = v_proj(x).view(heads_shape).transpose(1, 2)
             q = (q * cos) + (_rotate_half(q) * sin)
             k = (k * cos) + (_rotate_half(k) * sin)
             kb[row_idx, :, write_cols] = k.transpose(1, 2)
