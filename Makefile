@@ -5,7 +5,7 @@ GE := $(VENV)/bin/genevolve
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup studio lab notebooks chromium demo test test-slow bench mutate world tiny-policy smollm2-policy cuda-check clean
+.PHONY: setup studio lab notebooks chromium demo test test-slow bench mutate world tiny-policy tiny-control smollm2-policy smollm2-guided-policy cuda-check clean
 
 setup: $(VENV)/.installed
 
@@ -60,27 +60,55 @@ mutate: setup
 world: setup
 	$(GE) world build --seed 0 --out assets/world
 
-# The shipped tiny policy, in two stages (about 45 + 18 minutes on 2 CPU cores; see genevolve/training/sft.py).
+# The shipped tiny policy, in three stages (about 45 + 18 + 15 minutes on 2 CPU cores; see genevolve/training/sft.py).
+TINY_STAGE1 := $(GE) sft --recipe tiny --out runs/tiny-stage1 --extra-requests 150 --pretrain-epochs 1 --epochs 2
+TINY_STAGE2 := $(GE) sft --recipe model --model runs/tiny-stage1 --out runs/tiny-stage2 --extra-requests 150 \
+	--seed 1 --epochs 1 --lr 1e-3 --guided-fraction 0.75
+TINY_STAGE3 := $(GE) sft --recipe model --model runs/tiny-stage2 --extra-requests 150 --seed 2 --epochs 1 --lr 1e-3 \
+	--guided-fraction 0.75
 tiny-policy: setup
-	$(GE) sft --recipe tiny --out runs/tiny-stage1 --force-new --extra-requests 150 --pretrain-epochs 1 --epochs 2
-	$(GE) sft --recipe model --model runs/tiny-stage1 --out runs/tiny-stage2 --force-new --extra-requests 150 \
-		--seed 1 --epochs 1 --lr 1e-3 --guided-fraction 0.75
-	$(GE) sft --recipe model --model runs/tiny-stage2 --out assets/policy/tiny --force-new --extra-requests 150 \
-		--seed 2 --epochs 1 --lr 1e-3 --guided-fraction 0.75 --noise blind-spots
+	$(TINY_STAGE1) --force-new
+	$(TINY_STAGE2) --force-new
+	$(TINY_STAGE3) --out assets/policy/tiny --force-new --noise blind-spots
 	for s in 1 2; do mkdir -p assets/policy/tiny/stage$$s && cp runs/tiny-stage$$s/sft_config.json \
 		runs/tiny-stage$$s/sft_result.json runs/tiny-stage$$s/metrics.jsonl runs/tiny-stage$$s/loss_curve.png \
 		assets/policy/tiny/stage$$s/; done
+
+# The control for the tiny policy's guide use: its last stage exactly as tiny-policy trains it, but with cold-start
+# noise instead of blind spots (no skill skipped more often than another), into runs/tiny-control. Stages 1 and 2
+# are trained first when runs/ lacks them; every stage resumes after a kill (run it again).
+tiny-control: runs/tiny-control/sft_result.json
+
+runs/tiny-stage1/sft_result.json: | $(VENV)/.installed
+	$(TINY_STAGE1)
+
+runs/tiny-stage2/sft_result.json: runs/tiny-stage1/sft_result.json
+	$(TINY_STAGE2)
+
+runs/tiny-control/sft_result.json: runs/tiny-stage2/sft_result.json
+	$(TINY_STAGE3) --out runs/tiny-control --noise cold-start
 
 # SmolLM2-135M-Instruct as the student: a guide-free cold start (no guided rows, cold-start noise), full
 # fine-tuning for one epoch over the sft split (720 conversations, 513k tokens, about 150 steps of 4096
 # padded tokens). Measured: 64-78 CPU-seconds per step of about 3,500 tokens, so about 80-95 minutes on two
 # free cores (genevolve/training/sft.py has the measurements). It checkpoints every 10 steps: after a
 # crash, run it again to resume. Done once runs/smollm2-sft/sft_result.json exists; use it as --policy runs/smollm2-sft.
+SMOLLM2_SFT := $(GE) sft --recipe model --model smollm2 --epochs 1 --lr 1e-4 --warmup-steps 10 --batch-tokens 4096 \
+	--max-len 2048 --save-every 10
 smollm2-policy: runs/smollm2-sft/sft_result.json
 
 runs/smollm2-sft/sft_result.json: | $(VENV)/.installed
-	$(GE) sft --recipe model --model smollm2 --out runs/smollm2-sft --guided-fraction 0 --epochs 1 --lr 1e-4 \
-		--warmup-steps 10 --batch-tokens 4096 --max-len 2048 --save-every 10
+	$(SMOLLM2_SFT) --out runs/smollm2-sft --guided-fraction 0
+
+# A guide-literate SmolLM2 cold start: the same recipe, but FRACTION of the requests also get a conversation whose
+# system prompt carries the request's decision guide and whose expert does what it says. Cold-start noise, no blind
+# spots. Into runs/smollm2-guided-FRACTION (its RECIPE.md records the fraction and the command); resumes after a
+# kill. The extra conversations make it longer: about (1 + FRACTION) times the guide-free run.
+FRACTION ?= 0.3
+smollm2-guided-policy: runs/smollm2-guided-$(FRACTION)/sft_result.json
+
+runs/smollm2-guided-%/sft_result.json: | $(VENV)/.installed
+	$(SMOLLM2_SFT) --out runs/smollm2-guided-$* --guided-fraction $* --noise cold-start
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

@@ -48,6 +48,13 @@ def test_tiny_sft_learns_and_writes_a_loadable_model(tmp_path, small_data, world
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
     assert (out / "loss_curve.png").stat().st_size > 1000 and (out / "sft_config.json").exists()
     assert not (tmp_path / "model.work").exists()
+    # The folder records its recipe: the command again, and how many conversations carried a guide.
+    convs = [json.loads(line)["messages"] for line in small_data.read_text().splitlines()]
+    guided = sum(any("Current-Task Decision Guide" in m["content"] for m in c if m["role"] == "system") for c in convs)
+    assert 0 < guided < len(convs) and res["guided_conversations"] == guided and res["conversations"] == len(convs)
+    recipe = (out / "RECIPE.md").read_text()
+    assert f"--data {small_data}" in recipe and "--epochs 3" in recipe and "--lr 0.003" in recipe
+    assert f"{len(convs)}, of which {guided} carry a decision guide" in recipe
     from genevolve.policies.local import LocalPolicy
 
     pol = LocalPolicy.load(out)

@@ -64,7 +64,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..records.schema import atomic_write_json, finite, replace_dir
+from ..records.schema import atomic_write_json, atomic_write_text, finite, replace_dir
 from .checkpoint import CheckpointError, failure_reason, read_state, write_state
 
 SFT_KEYS = ("model", "opt", "sched", "step", "rng")
@@ -351,6 +351,40 @@ def _restore(ckpt: Path, metrics_path: Path, model, opt, sched, device, log) -> 
     return step
 
 
+CLI_FLAGS = ("recipe", "model", "data", "epochs", "pretrain_epochs", "guided_fraction", "noise", "extra_requests", "lr",
+             "batch_tokens", "max_len", "warmup_steps", "save_every", "lora_rank", "seed")
+
+
+def has_guide(conversation: list[dict]) -> bool:
+    """Whether a conversation's system prompt carries a decision guide."""
+    from ..agent.protocol import GUIDE_HEADER
+
+    return bool(conversation) and conversation[0].get("role") == "system" and f"## {GUIDE_HEADER}" in str(conversation[0].get("content", ""))
+
+
+def recipe_text(cfg: SFTConfig, result: dict) -> str:
+    """The policy folder's RECIPE.md: the command that trains it again and what its data held (how many
+    conversations carry a decision guide, which expert noise the unguided ones have)."""
+    import shlex
+
+    flags = []
+    for key in CLI_FLAGS:  # every setting `genevolve sft` takes, spelled out (never left to a default that may change)
+        value = getattr(cfg, key)
+        if value is not None:
+            flags += [f"--{key.replace('_', '-')}", str(value)]
+    cmd = shlex.join(["genevolve", "sft", "--out", cfg.out, *flags])
+    n, guided = result.get("conversations"), result.get("guided_conversations")
+    data = (f"the data file {cfg.data}" if cfg.data else
+            f"the scripted expert's cold-start data, noise {cfg.noise!r}"
+            + (" (three skills mostly skipped unless a guide names them)" if cfg.noise == "blind-spots" else
+               " (no skill is skipped more often than another)" if cfg.noise == "cold-start" else "")
+            + f", guided fraction {cfg.guided_fraction} (that share of requests also gets a guide-following trajectory)")
+    share = f" ({guided / n:.1%})" if n and guided is not None else ""
+    return (f"# Recipe\n\n```\n{cmd}\n```\n\n- data: {data}\n- conversations: {n}, of which {guided} carry a decision "
+            f"guide{share}\n- recipe {cfg.recipe!r}" + (f" on {cfg.model}" if cfg.model else "")
+            + f", {cfg.epochs} epoch(s), lr {cfg.lr}, seed {cfg.seed}\n- every setting: sft_config.json\n")
+
+
 def _finish(cfg: SFTConfig, out: Path, work: Path, model, tok, result: dict) -> None:
     """The final folder: model, tokenizer, config, metrics and curve, swapped in atomically; the work folder goes."""
     model.eval()
@@ -364,6 +398,7 @@ def _finish(cfg: SFTConfig, out: Path, work: Path, model, tok, result: dict) -> 
         tok.init_kwargs.pop(key, None)
     tok.save_pretrained(final_tmp)
     atomic_write_json(final_tmp / "sft_config.json", asdict(cfg))
+    atomic_write_text(final_tmp / "RECIPE.md", recipe_text(cfg, result))
     shutil.copy(work / "metrics.jsonl", final_tmp / "metrics.jsonl")
     plot_curve(work / "metrics.jsonl", final_tmp / "loss_curve.png")
     if (work / "tensorboard").is_dir():  # --report-to tensorboard: the event files stay with the model
@@ -449,7 +484,8 @@ def _train_sft_locked(cfg: SFTConfig, world, log: Callable[[str], None], progres
             _save_checkpoint(ckpt, model, opt, sched, step, e, cfg)
     bar.close()
     tracker.finish()
-    result = {"steps": step, "final_loss": finite(loss_val), "conversations": len(examples), "tokens": n_tokens}
+    result = {"steps": step, "final_loss": finite(loss_val), "conversations": len(examples), "tokens": n_tokens,
+              "guided_conversations": sum(map(has_guide, convs))}
     _finish(cfg, out, work, model, tok, result)
     log(f"saved {out} (final loss {loss_val:.3f}); curve: {out / 'loss_curve.png'}")
     return result
