@@ -52,3 +52,36 @@ def test_two_cold_starts_unguided_scores_are_paired_seed_by_seed():
         premise.compare_no_guide(mine, other | {"seeds": "0,1"}, 3)
     with pytest.raises(ValueError, match="nothing to pair"):
         premise.compare_no_guide(mine, other | {"requests": 60}, 3)
+
+
+def _premise(no_guide, gains, bank="B"):
+    arms = {"no guide": {"kscore": sum(no_guide) / 3, "per_seed": no_guide}}
+    for arm, per_seed in gains.items():
+        arms[arm] = {"gain_over_no_guide": _gain(per_seed), "gain_by_track": {}}
+    return {"policy": "p", "requests": 120, "seeds": "0,1,2", "bank": bank, "arms": arms, "gate": None}
+
+
+def _ablation(sft, ved):
+    def arm(per_seed):
+        return {"overall": {"all": {"kscore": {"mean": sum(per_seed) / 3, "ci95": 0.1, "per_seed": per_seed}}},
+                "track": {"quality": {"kscore": {"per_seed": per_seed}}}}
+
+    return {"sft": arm(sft), "ved": arm(ved)}
+
+
+def test_the_tiny_control_pairs_each_gain_of_the_two_policies_seed_by_seed():
+    import tiny_control
+
+    shipped = _premise([0.5, 0.5, 0.5], {"oracle guide": [0.3, 0.2, 0.25], "shuffled experience": [0.0, -0.1, 0.0]})
+    control = _premise([0.6, 0.5, 0.4], {"oracle guide": [0.1, 0.1, 0.05], "shuffled experience": [0.0, 0.0, 0.0]})
+    res = tiny_control.compare(shipped, control, _ablation([0.5, 0.5, 0.5], [0.6, 0.55, 0.6]),
+                               _ablation([0.5, 0.4, 0.5], [0.5, 0.45, 0.5]))
+    assert res["premise"]["no guide"]["shipped_minus_control"]["per_seed"] == pytest.approx([-0.1, 0.0, 0.1])
+    assert res["premise"]["oracle guide"]["shipped_minus_control"]["per_seed"] == pytest.approx([0.2, 0.1, 0.2])
+    assert "retrieved experience" not in res["premise"]  # an arm one of them lacks is left out, not invented
+    ab = res["ablation"]
+    assert ab["shipped"]["gain"]["per_seed"] == pytest.approx([0.1, 0.05, 0.1])
+    assert ab["control"]["gain"]["per_seed"] == pytest.approx([0.0, 0.05, 0.0])
+    assert ab["ved_gain_shipped_minus_control"]["mean"] == pytest.approx(0.2 / 3)
+    with pytest.raises(ValueError, match="nothing to pair"):
+        tiny_control.compare(shipped, control | {"bank": "other"}, None, None)
