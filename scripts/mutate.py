@@ -85,6 +85,7 @@ MODULES: dict[str, Module] = {
                          note="every function; two end-to-end serving tests (an HTTP server, a 700-token generation) are "
                               "not run per mutant: the join tests beside them drive the same batch directly"),
     "runs": Module("genevolve/records/runs.py", ["tests/test_records.py", "tests/test_runs.py"]),
+    "lean": Module("genevolve/policies/lean.py", ["tests/test_lean.py"]),
 }
 # Files near the core that are not mutated, and why.
 NOT_MUTATED = {
