@@ -118,6 +118,11 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     res["inputs"] = vars(a) | {"shipped_policy": shipped["policy"], "control_policy": control["policy"]}
+    res["note"] = ("Made by: make tiny-control (runs/tiny-control and runs/tiny-blind-spots from one stage 2); "
+                   "benchmarks/premise.py --policy runs/tiny-blind-spots --bank BANK --make-bank; benchmarks/premise.py "
+                   "--policy runs/tiny-control --bank BANK --compare-to benchmarks/results/premise_tiny-blind-spots.json; "
+                   "genevolve ablate --policy P --arms sft,ved --seeds 0,1,2 --eval-samples 2 --out DIR for each; then "
+                   "this script. Float32 on a CPU; gains paired by seed, 95 % CI with Student's t.")
     print_table(res)
     atomic_write_json(a.out, res)
     print(f"saved {a.out}")
