@@ -98,6 +98,47 @@ def compare_no_guide(mine: dict, other: dict, n_seeds: int) -> dict:
             "difference_by_track": paired_track_gains(mine["full"]["no guide"], other["full"]["no guide"])}
 
 
+def plan_arms(bank: str | None, gate: float | None, want: list[str]) -> dict[str, list[str]]:
+    """Each wanted arm's ``genevolve bench`` arguments (the own arm brings its no-guide baseline on the same evolve
+    requests); without a bank, no retrieved or own arm, and the shuffled arm shuffles oracle guides."""
+    g = ["--gate", repr(gate)] if gate is not None else []
+    bench, train = ["--split", "bench"], ["--split", "evolve"]
+    arms = {"no guide": bench, "oracle guide": [*bench, "--guide", "oracle"]}
+    if bank:
+        arms["retrieved experience"] = [*bench, "--guide", f"bank:{bank}", "--leave-own-out", *g]
+    arms["shuffled experience"] = [*bench, "--guide", f"shuffled:{bank}" if bank else "shuffled"]
+    if bank:
+        arms[TRAIN_BASE] = train
+        arms[SHORT["own"]] = [*train, "--guide", f"bank:{bank}", *g]
+    keep = {SHORT[x] for x in want} | ({TRAIN_BASE} if "own" in want else set())
+    return {k: v for k, v in arms.items() if k in keep}
+
+
+def arm_rows(res: dict[str, dict], n_seeds: int, notes: list[str]) -> dict[str, dict]:
+    """Each arm's row: its scores, what guided it (hits, and for the own arm how many read their own experience),
+    and its gain over the no-guide arm on the same split, paired by seed."""
+    rows = {name: arm_row(r) for name, r in res.items()}
+    for name, row in rows.items():
+        info = res[name].get("guide_info") or {}
+        row["split"] = res[name].get("split")
+        row["guide"] = res[name]["guide"]
+        row["seconds"] = res[name].get("seconds")
+        row["n_guided"] = info.get("n_guided", 0)
+        row["guide_source"] = info.get("source")
+        if info.get("kind") == "bank":
+            row.update(gate=info["gate"], hits=info["hits"], hit_rate=info["hit_rate"], similarity=info["similarity"])
+            if not info["leave_own_out"]:
+                row["own_hits"] = sum(1 for x in info["per_request"] if x["hit"] and x["request"] in x["sources"])
+            if not info["hits"]:
+                notes.append(f"{name}: no request passes gate {info['gate']}, so this arm is the no-guide arm again")
+        base = TRAIN_BASE if name == SHORT["own"] else "no guide"
+        row["paired_with"] = None if name in ("no guide", TRAIN_BASE) else base
+        paired = name not in ("no guide", TRAIN_BASE) and base in rows
+        row["gain_over_no_guide"] = paired_gain(row, rows[base], n_seeds) if paired else None
+        row["gain_by_track"] = paired_track_gains(res[name], res[base]) if paired else None
+    return rows
+
+
 def print_table(rows: dict, res: dict, notes: list[str]) -> None:
     """The premise table: each arm's guided count, valid rate, KScore overall and by track, and its paired gain."""
     tracks = sorted({t for r in rows.values() for t in r["by_track"]})
@@ -162,41 +203,13 @@ def main() -> int:
     if not has_bank:
         notes.append((f"no experience bank at {a.bank!r}" if a.bank else "no --bank") + ": the retrieved and own arms are "
                      "skipped and the shuffled arm uses other requests' oracle guides")
-    gate = ["--gate", repr(a.gate)] if a.gate is not None else []
-    bench, train = ["--split", "bench"], ["--split", "evolve"]
-    arms = {"no guide": bench, "oracle guide": [*bench, "--guide", "oracle"]}
-    if has_bank:
-        arms["retrieved experience"] = [*bench, "--guide", f"bank:{a.bank}", "--leave-own-out", *gate]
-    arms["shuffled experience"] = [*bench, "--guide", f"shuffled:{a.bank}" if has_bank else "shuffled"]
-    if has_bank:
-        arms[TRAIN_BASE] = train
-        arms[SHORT["own"]] = [*train, "--guide", f"bank:{a.bank}", *gate]
-    keep = {SHORT[x] for x in want} | ({TRAIN_BASE} if "own" in want else set())
-    arms = {k: v for k, v in arms.items() if k in keep}
+    arms = plan_arms(a.bank if has_bank else None, a.gate, want)
     common = [*policy_args(a.policy, a.adapter), "--seeds", a.seeds, "--limit", str(a.requests)]
     res = bench_arms(arms, common, a.work, notes)
     if "no guide" not in res:
         print("the no-guide arm failed: nothing to compare with", file=sys.stderr)
         return 1
-    rows = {name: arm_row(r) for name, r in res.items()}
-    for name, row in rows.items():
-        info = res[name].get("guide_info") or {}
-        row["split"] = res[name].get("split")
-        row["guide"] = res[name]["guide"]
-        row["seconds"] = res[name].get("seconds")
-        row["n_guided"] = info.get("n_guided", 0)
-        row["guide_source"] = info.get("source")
-        if info.get("kind") == "bank":
-            row.update(gate=info["gate"], hits=info["hits"], hit_rate=info["hit_rate"], similarity=info["similarity"])
-            if not info["leave_own_out"]:
-                row["own_hits"] = sum(1 for x in info["per_request"] if x["hit"] and x["request"] in x["sources"])
-            if not info["hits"]:
-                notes.append(f"{name}: no request passes gate {info['gate']}, so this arm is the no-guide arm again")
-        base = TRAIN_BASE if name == SHORT["own"] else "no guide"
-        row["paired_with"] = None if name in ("no guide", TRAIN_BASE) else base
-        paired = name not in ("no guide", TRAIN_BASE) and base in rows
-        row["gain_over_no_guide"] = paired_gain(row, rows[base], n_seeds) if paired else None
-        row["gain_by_track"] = paired_track_gains(res[name], res[base]) if paired else None
+    rows = arm_rows(res, n_seeds, notes)
     summary = {"policy": a.policy, "adapter": a.adapter, "bank": a.bank, "bank_made_by": bank_info, "seeds": a.seeds,
                "requests": a.requests,
                "dtype": os.environ.get("GENEVOLVE_DTYPE") or "default (float32 on a CPU, bf16 on a CUDA GPU that has it)",

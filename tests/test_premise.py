@@ -85,3 +85,15 @@ def test_the_tiny_control_pairs_each_gain_of_the_two_policies_seed_by_seed():
     assert ab["ved_gain_shipped_minus_control"]["mean"] == pytest.approx(0.2 / 3)
     with pytest.raises(ValueError, match="nothing to pair"):
         tiny_control.compare(shipped, control | {"bank": "other"}, None, None)
+
+
+def test_the_arms_without_a_bank_shuffle_oracle_guides_and_the_own_arm_brings_its_own_baseline():
+    every = list(premise.SHORT)
+    plain = premise.plan_arms(None, None, every)
+    assert list(plain) == ["no guide", "oracle guide", "shuffled experience"]
+    assert plain["shuffled experience"][-2:] == ["--guide", "shuffled"]
+    banked = premise.plan_arms("B", 0.8, every)
+    assert banked[premise.TRAIN_BASE] == ["--split", "evolve"]
+    assert banked["own experience (training)"] == ["--split", "evolve", "--guide", "bank:B", "--gate", "0.8"]
+    assert "--leave-own-out" in banked["retrieved experience"] and banked["shuffled experience"][-1] == "shuffled:B"
+    assert premise.TRAIN_BASE not in premise.plan_arms("B", None, ["none", "oracle"])
