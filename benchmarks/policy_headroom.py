@@ -79,30 +79,32 @@ def arm_row(r: dict) -> dict:
             "quality": by["track"].get("quality", {}).get("kscore", {}).get("mean")}
 
 
-def paired_gain(arm: dict, base: dict, n_seeds: int) -> dict:
-    """Arm minus base, seed by seed (same seeds, same requests): mean and 95 % CI over seeds; null when a seed
-    has no score in one of them (then the per-seed lists no longer line up)."""
+def paired_diff(a: list[float] | None, b: list[float] | None) -> dict | None:
+    """``a`` minus ``b`` seed by seed: mean, 95 % CI over seeds and the differences; None when the two lists do not
+    line up (one is missing, or a seed has no score in one of them)."""
     from genevolve.evaluation.bench import mean_ci
 
-    if not (len(arm["per_seed"]) == len(base["per_seed"]) == n_seeds):
-        return {"mean": None, "ci95": None, "per_seed": None, "note": "a seed has no score: nothing to pair"}
-    d = [a - b for a, b in zip(arm["per_seed"], base["per_seed"])]
+    if not a or not b or len(a) != len(b):
+        return None
+    d = [x - y for x, y in zip(a, b)]
     m, ci = mean_ci(d)
     return {"mean": m, "ci95": ci, "per_seed": d}
 
 
+def paired_gain(arm: dict, base: dict, n_seeds: int) -> dict:
+    """Arm minus base, seed by seed (same seeds, same requests): mean and 95 % CI over seeds; null when a seed
+    has no score in one of them (then the per-seed lists no longer line up)."""
+    d = paired_diff(arm["per_seed"], base["per_seed"]) if len(arm["per_seed"]) == n_seeds else None
+    return d or {"mean": None, "ci95": None, "per_seed": None, "note": "a seed has no score: nothing to pair"}
+
+
 def paired_track_gains(arm: dict, base: dict) -> dict:
     """Arm minus base by track, seed by seed, from two ``genevolve bench`` results: mean and 95 % CI over seeds."""
-    from genevolve.evaluation.bench import mean_ci
-
     out = {}
     for track, row in arm["by"]["track"].items():
-        a, b = row["kscore"]["per_seed"], base["by"]["track"].get(track, {}).get("kscore", {}).get("per_seed")
-        if b is None or len(a) != len(b):
-            out[track] = {"mean": None, "ci95": None, "note": "a seed has no score: nothing to pair"}
-            continue
-        m, ci = mean_ci([x - y for x, y in zip(a, b)])
-        out[track] = {"mean": m, "ci95": ci}
+        d = paired_diff(row["kscore"]["per_seed"], base["by"]["track"].get(track, {}).get("kscore", {}).get("per_seed"))
+        out[track] = {"mean": d["mean"], "ci95": d["ci95"]} if d else \
+            {"mean": None, "ci95": None, "note": "a seed has no score: nothing to pair"}
     return out
 
 

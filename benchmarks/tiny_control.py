@@ -24,9 +24,8 @@ import json
 import sys
 from pathlib import Path
 
-from policy_headroom import pm
+from policy_headroom import paired_diff, pm
 
-from genevolve.evaluation.bench import mean_ci
 from genevolve.records.schema import atomic_write_json
 
 PREMISE_ARMS = ("oracle guide", "shuffled experience", "retrieved experience", "own experience (training)")
@@ -34,11 +33,7 @@ PREMISE_ARMS = ("oracle guide", "shuffled experience", "retrieved experience", "
 
 def _diff(a: list[float] | None, b: list[float] | None) -> dict:
     """a − b seed by seed: mean and 95 % CI; null when the seeds do not line up."""
-    if not a or not b or len(a) != len(b):
-        return {"mean": None, "ci95": None, "per_seed": None}
-    d = [x - y for x, y in zip(a, b)]
-    m, ci = mean_ci(d)
-    return {"mean": m, "ci95": ci, "per_seed": d}
+    return paired_diff(a, b) or {"mean": None, "ci95": None, "per_seed": None}
 
 
 def ablation_gains(ablation: dict, arm: str = "ved") -> dict:

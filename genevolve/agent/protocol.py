@@ -82,6 +82,15 @@ def system_prompt(guide: str | None = None, base: str = SYSTEM_PROMPT) -> str:
     return f"{base}\n\n## {GUIDE_HEADER}\n{guide.strip()}"
 
 
+def split_guide(text: str) -> tuple[str, str | None]:
+    """A system prompt made by :func:`system_prompt` back into its base and its decision guide (None without one)."""
+    marker = f"\n\n## {GUIDE_HEADER}\n"
+    if marker not in text:
+        return text, None
+    base, guide = text.split(marker, 1)
+    return base, guide
+
+
 @dataclass
 class ParsedTurn:
     think: str | None
@@ -271,11 +280,7 @@ def trajectory_from_messages(messages: list[dict[str, Any]], traj_id: str = "imp
         raise ValueError("an SFT record starts with a system message (role and text content)")
     if len(messages) < 2 or not _plain(messages[1], "user"):
         raise ValueError("an SFT record's second message is the user request (role and text content)")
-    sys_prompt = messages[0]["content"]
-    guide = None
-    marker = f"\n\n## {GUIDE_HEADER}\n"
-    if marker in sys_prompt:
-        sys_prompt, guide = sys_prompt.split(marker, 1)
+    sys_prompt, guide = split_guide(messages[0]["content"])
     traj = Trajectory(id=traj_id, request_id=request_id, request_text=messages[1]["content"],
                       system_prompt=sys_prompt, guide=guide, policy="imported")
     forced_at = None

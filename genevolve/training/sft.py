@@ -357,9 +357,10 @@ CLI_FLAGS = ("recipe", "model", "data", "epochs", "pretrain_epochs", "guided_fra
 
 def has_guide(conversation: list[dict]) -> bool:
     """Whether a conversation's system prompt carries a decision guide."""
-    from ..agent.protocol import GUIDE_HEADER
+    from ..agent.protocol import split_guide
 
-    return bool(conversation) and conversation[0].get("role") == "system" and f"## {GUIDE_HEADER}" in str(conversation[0].get("content", ""))
+    first = conversation[0] if conversation else {}
+    return first.get("role") == "system" and split_guide(str(first.get("content", "")))[1] is not None
 
 
 def recipe_text(cfg: SFTConfig, result: dict) -> str:
@@ -435,8 +436,10 @@ def _train_sft_locked(cfg: SFTConfig, world, log: Callable[[str], None], progres
         world = World()
     convs = _conversations(cfg, work, world, log)
     tok, model = _tokenizer_and_model(cfg, work, world, convs, device)
-    examples = [(ids[: cfg.max_len], mask[: cfg.max_len]) for ids, mask in (encode_conversation(tok, c) for c in convs)]
-    examples = [(ids, mask) for ids, mask in examples if sum(mask)]
+    encoded = [(c, *encode_conversation(tok, c)) for c in convs]
+    kept = [(c, ids[: cfg.max_len], mask[: cfg.max_len]) for c, ids, mask in encoded if sum(mask[: cfg.max_len])]
+    examples = [(ids, mask) for _, ids, mask in kept]
+    n_guided = sum(has_guide(c) for c, _, _ in kept)  # counted over the conversations trained on
     n_tokens = sum(len(x) for x, _ in examples)
     log(f"SFT: {len(examples)} conversations, {n_tokens} tokens ({sum(sum(m) for _, m in examples)} assistant), "
         f"vocab {len(tok)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
@@ -485,7 +488,7 @@ def _train_sft_locked(cfg: SFTConfig, world, log: Callable[[str], None], progres
     bar.close()
     tracker.finish()
     result = {"steps": step, "final_loss": finite(loss_val), "conversations": len(examples), "tokens": n_tokens,
-              "guided_conversations": sum(map(has_guide, convs))}
+              "guided_conversations": n_guided}
     _finish(cfg, out, work, model, tok, result)
     log(f"saved {out} (final loss {loss_val:.3f}); curve: {out / 'loss_curve.png'}")
     return result
