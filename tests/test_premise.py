@@ -97,3 +97,21 @@ def test_the_arms_without_a_bank_shuffle_oracle_guides_and_the_own_arm_brings_it
     assert banked["own experience (training)"] == ["--split", "evolve", "--guide", "bank:B", "--gate", "0.8"]
     assert "--leave-own-out" in banked["retrieved experience"] and banked["shuffled experience"][-1] == "shuffled:B"
     assert premise.TRAIN_BASE not in premise.plan_arms("B", None, ["none", "oracle"])
+
+
+def test_the_premise_table_puts_each_policy_in_a_column_and_marks_an_arm_it_lacks():
+    import premise_table
+
+    a = _premise([0.5, 0.5, 0.5], {"oracle guide": [0.3, 0.2, 0.25], "shuffled experience": [0.0, -0.1, 0.0]})
+    a["gate"] = {"passes": True, "oracle_worst_seed_gain": 0.2, "shuffled_mean_gain": -0.033}
+    b = _premise([0.6, 0.5, 0.4], {"oracle guide": [0.1, 0.0, 0.05]})
+    b["policy"] = "q"
+    b["no_guide_vs"] = {"other_policy": "p", "difference": {"mean": 0.0, "ci95": 0.1, "per_seed": [0.1, 0.0, -0.1]}}
+    text = premise_table.table([a, b], ["p", "q"])
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in text.splitlines() if line.startswith("| ")}
+    assert rows["oracle guide, gain"][0].startswith("+0.250 ± 0.100") and "seeds +0.300 / +0.200 / +0.250" in rows["oracle guide, gain"][0]
+    assert rows["oracle guide, gain"][1].startswith("+0.050")
+    assert rows["shuffled experience, gain"][1].strip(" |") == "-"  # q never ran it: marked, not invented
+    assert rows["premise gate"][0].startswith("passes") and rows["premise gate"][1].strip(" |") == "-"
+    assert "vs `p`" in rows["no guide, minus the compared policy's (paired)"][1]
+    assert rows["no guide, KScore"][0].startswith("0.500")
