@@ -61,6 +61,14 @@ class CompiledDecoder(lean.LeanDecoder):
             return self._step(self, ids, kbufs, vbufs, write_cols, mask, keep)
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the checkout where it lies inside it (results stay readable on another machine)."""
+    try:
+        return str(path.resolve().relative_to(RESULTS.parent.parent))
+    except ValueError:
+        return str(path)
+
+
 def _decode(policy: str, dtype: str, rows: int, new_tokens: int, repeats: int) -> dict:
     t = time.perf_counter()
     roofline._decode_run(policy, dtype, rows, new_tokens)  # warm-up: where the compile happens
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     inductor_config.freezing = True
     result = {"policy": a.policy, "dtype": a.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "bounds_from": str(bounds_path) if bounds else None, "rows": [],
+              "bounds_from": _shown(bounds_path) if bounds else None, "rows": [],
               "command": "benchmarks/compiled_decode.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     real = continuous.lean_decoder
     for r in rows:
