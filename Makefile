@@ -5,7 +5,7 @@ GE := $(VENV)/bin/genevolve
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup studio lab notebooks chromium demo test test-slow bench mutate world tiny-policy tiny-control smollm2-policy smollm2-guided-policy cuda-check clean
+.PHONY: setup studio lab notebooks chromium demo test test-slow bench mutate world tiny-policy tiny-control smollm2-policy smollm2-guided-policy smollm2-premise cuda-check clean
 
 setup: $(VENV)/.installed
 
@@ -115,6 +115,27 @@ smollm2-guided-policy: runs/smollm2-guided-$(FRACTION)/sft_result.json
 
 runs/smollm2-guided-%/sft_result.json: | $(VENV)/.installed
 	$(SMOLLM2_SFT) --out runs/smollm2-guided-$* --guided-fraction $* --noise cold-start
+
+# The premise of each SmolLM2 cold start (benchmarks/premise.py: no guide, oracle, shuffled, retrieved, own; 120
+# bench requests, 3 seeds, float32), one bank for all (mined from the scripted expert on first use), each guided
+# start's unguided score paired with the guide-free one's; then one table (runs/premise_smollm2.md). Trains the
+# policies it lacks first. Every arm is kept under runs/premise_*.work: run it again after a kill to resume.
+# Hours on 2 CPU cores (about 15 minutes an arm, 6 arms a policy, besides the training).
+.PRECIOUS: runs/smollm2-guided-%/sft_result.json runs/premise_smollm2-guided-%.json  # never removed as intermediates
+SMOLLM2_STARTS ?= smollm2-sft smollm2-guided-0.3 smollm2-guided-0.6
+PREMISE_BANK ?= runs/premise-bank
+PREMISE := $(PY) benchmarks/premise.py --bank $(PREMISE_BANK) --make-bank
+smollm2-premise: runs/premise_smollm2.md
+
+runs/premise_smollm2.md: $(foreach p,$(SMOLLM2_STARTS),runs/premise_$(p).json)
+	$(PY) benchmarks/premise_table.py $^ --out $@
+
+runs/premise_smollm2-sft.json: runs/smollm2-sft/sft_result.json
+	$(PREMISE) --policy runs/smollm2-sft --work runs/premise_smollm2-sft.work --out $@
+
+runs/premise_smollm2-guided-%.json: runs/smollm2-guided-%/sft_result.json runs/premise_smollm2-sft.json
+	$(PREMISE) --policy runs/smollm2-guided-$* --work runs/premise_smollm2-guided-$*.work \
+		--compare-to runs/premise_smollm2-sft.json --out $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs
