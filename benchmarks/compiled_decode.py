@@ -27,7 +27,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -69,17 +68,6 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _decode(policy: str, dtype: str, rows: int, new_tokens: int, repeats: int) -> dict:
-    t = time.perf_counter()
-    roofline._decode_run(policy, dtype, rows, new_tokens)  # warm-up: where the compile happens
-    warm = time.perf_counter() - t
-    runs = sorted((roofline._decode_run(policy, dtype, rows, new_tokens) for _ in range(repeats)),
-                  key=lambda r: r["tokens_per_s"])
-    med = dict(runs[len(runs) // 2])
-    med.update(repeats=[r["tokens_per_s"] for r in runs], warmup_seconds=warm)
-    return med
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", default="smollm2")
@@ -105,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, make in (("eager", real), ("compiled", lambda m: CompiledDecoder(m) if lean.supported(m) is None else None)):
             continuous.lean_decoder = make
             try:
-                got = _decode(a.policy, a.dtype, r, a.new_tokens, a.repeats)
+                got = roofline.achieved_decode(a.policy, a.dtype, r, a.new_tokens, a.repeats)
             finally:
                 continuous.lean_decoder = real
             if row["bound_tokens_per_s"]:
